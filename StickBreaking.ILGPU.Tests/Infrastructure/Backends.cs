@@ -1,0 +1,77 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+using ILGPU;
+using ILGPU.Runtime;
+using ILGPU.Runtime.CPU;
+using ILGPU.Runtime.Cuda;
+using ILGPU.Runtime.OpenCL;
+
+namespace StickBreaking.ILGPU.Tests.Infrastructure;
+
+/// <summary>
+/// The backends every test runs on, and how to open each. Two environment variables steer a run:
+/// <c>STICKBREAKING_BACKENDS</c> (comma-separated among Cpu, OpenCL, Cuda) limits which run, the others
+/// showing as skipped; <c>STICKBREAKING_REQUIRE</c> names backends that must be present, so that a run that
+/// set up a device fails, rather than skips, when the device is not found.
+/// </summary>
+internal static class Backends
+{
+    public const string Cpu = "Cpu", OpenCL = "OpenCL", Cuda = "Cuda";
+
+    /// <summary>The fixture parameters: every backend, always (absent ones skip with the reason).</summary>
+    public static readonly string[] All = [Cpu, OpenCL, Cuda];
+
+    public static IReadOnlySet<string>? Selected => Parse("STICKBREAKING_BACKENDS");
+
+    public static IReadOnlySet<string> Required => Parse("STICKBREAKING_REQUIRE") ?? new HashSet<string>();
+
+    private static HashSet<string>? Parse(string variable)
+    {
+        string? value = Environment.GetEnvironmentVariable(variable);
+        if (string.IsNullOrWhiteSpace(value))
+            return null;
+        var names = value.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        foreach (var name in names)
+        {
+            if (!All.Contains(name, StringComparer.OrdinalIgnoreCase))
+                throw new InvalidOperationException($"{variable}={value}: '{name}' is not one of {string.Join(", ", All)}.");
+        }
+        return new HashSet<string>(names.Select(n => All.First(a => a.Equals(n, StringComparison.OrdinalIgnoreCase))));
+    }
+
+    /// <summary>
+    /// Opens the backend's first device that ILGPU accepts, in a context of that backend alone built with
+    /// EnableAlgorithms(); null with the reason when there is none.
+    /// </summary>
+    public static (Context? Context, Accelerator? Accelerator, string Reason) Open(string backend)
+    {
+        Context? context = null;
+        try
+        {
+            context = backend switch
+            {
+                Cpu => Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms()),
+                OpenCL => Context.Create(b => b.OpenCL().EnableAlgorithms()),
+                Cuda => Context.Create(b => b.Cuda().EnableAlgorithms()),
+                _ => throw new ArgumentOutOfRangeException(nameof(backend), backend, "unknown backend"),
+            };
+            // Pick by type: a context with no accepted device of its own kind still lists the CPU device.
+            var type = backend switch { Cpu => AcceleratorType.CPU, OpenCL => AcceleratorType.OpenCL, _ => AcceleratorType.Cuda };
+            var device = context.Devices.FirstOrDefault(d => d.AcceleratorType == type);
+            if (device is null)
+            {
+                context.Dispose();
+                return (null, null, backend == OpenCL
+                    ? "no OpenCL device accepted by ILGPU here (it needs OpenCL C 2.0 generic address space, e.g. PoCL 5 or 6, and the unversioned libOpenCL.so)"
+                    : $"no {backend} device found");
+            }
+            return (context, device.CreateAccelerator(context), "");
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            context?.Dispose();
+            return (null, null, $"{backend} could not be opened: {ex.GetType().Name}: {ex.Message}");
+        }
+    }
+}

@@ -1,0 +1,149 @@
+using System;
+using ILGPU;
+
+namespace StickBreaking.ILGPU.Kernels;
+
+/// <summary>Arguments of <see cref="BackwardKeyKernel"/>.</summary>
+internal struct BackwardKeyArgs
+{
+    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
+    /// <summary>The forward's acc per (row, key tile) (read).</summary>
+    public ArrayView<float> AccSnapshots;
+    /// <summary>Pass 1's P per (row, key tile) (read).</summary>
+    public ArrayView<float> PrefixSnapshots;
+    public ArrayView<float> DK, DV;
+    public int Length, HeadDim, AttendCurrent, SnapshotTiles, ColumnsPerGroup;
+    public float Scale;
+}
+
+/// <summary>
+/// Backward pass 2 (SPEC section 2): one group per (head, key tile of <see cref="Snapshots.KeyTile"/> keys,
+/// slice of dk/dv columns). Walks the blocks of query rows that see the tile, rebuilds A and dz from
+/// both snapshots and accumulates dk = s sum_i dz_ij q_i and dv = sum_i A_ij dO_i in fp32. Each group
+/// owns its keys: no atomics, no spin locks, bitwise deterministic.
+/// </summary>
+internal static class BackwardKeyKernel
+{
+    /// <summary>Query rows per step of the walk.</summary>
+    public const int BlockRows = 16;
+    private const int KeyTile = Snapshots.KeyTile;
+    private const int DimChunk = TileLoad.DimChunk, ChunkStride = TileLoad.ChunkStride;
+
+    /// <summary>Static shared memory in bytes, besides the dynamic dk and dv accumulators.</summary>
+    public const int StaticSharedBytes = 4 * (2 * BlockRows * ChunkStride + 2 * KeyTile * ChunkStride
+        + 4 * BlockRows * KeyTile);
+    /// <summary>Dynamic shared floats per dk/dv column (both accumulators).</summary>
+    public const int DynamicFloatsPerColumn = 2 * KeyTile;
+
+    public static void Kernel(BackwardKeyArgs a)
+    {
+        int tid = Group.IdxX, groupSize = Group.DimX;
+        int head = Grid.IdxX;
+        int tile = Grid.IdxY;                     // tile 0 has the most rows: launched first
+        int T = a.Length, D = a.HeadDim;
+        int key0 = tile * KeyTile;
+        int col0 = Grid.IdxZ * a.ColumnsPerGroup;
+        int cols = Math.Min(a.ColumnsPerGroup, D - col0);
+        long headBase = (long)head * T * D;
+
+        var qChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
+        var doChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
+        var kChunk = SharedMemory.Allocate<float>(KeyTile * ChunkStride);
+        var vChunk = SharedMemory.Allocate<float>(KeyTile * ChunkStride);
+        var z = SharedMemory.Allocate<float>(BlockRows * KeyTile);    // q.k, then dz
+        var g = SharedMemory.Allocate<float>(BlockRows * KeyTile);    // dO.v, then a
+        var w = SharedMemory.Allocate<float>(BlockRows * KeyTile);    // (1 - beta) a
+        var weights = SharedMemory.Allocate<float>(BlockRows * KeyTile);
+        var acc = SharedMemory.GetDynamic<float>();                   // dk [KeyTile, cols], then dv
+        int dvBase = KeyTile * a.ColumnsPerGroup;
+
+        for (int e = tid; e < 2 * KeyTile * a.ColumnsPerGroup; e += groupSize)
+            acc[e] = 0f;
+
+        for (int row0 = key0 - key0 % BlockRows; row0 < T; row0 += BlockRows)
+        {
+            for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
+            {
+                z[e] = 0f;
+                g[e] = 0f;
+            }
+            for (int c0 = 0; c0 < D; c0 += DimChunk)
+            {
+                Group.Barrier();
+                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                Group.Barrier();
+                for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
+                {
+                    int r = e / KeyTile, j = e - r * KeyTile;
+                    float qk = z[e], dov = g[e];
+                    for (int dd = 0; dd < DimChunk; dd++)
+                    {
+                        qk += qChunk[r * ChunkStride + dd] * kChunk[j * ChunkStride + dd];
+                        dov += doChunk[r * ChunkStride + dd] * vChunk[j * ChunkStride + dd];
+                    }
+                    z[e] = qk;
+                    g[e] = dov;
+                }
+            }
+            Group.Barrier();
+
+            for (int r = tid; r < BlockRows; r += groupSize)
+            {
+                int row = row0 + r;
+                if (row < T && key0 <= row)
+                {
+                    long snap = Snapshots.Index(head, row, tile, T, a.SnapshotTiles);
+                    long at = (long)head * T + row;
+                    float dRemRem = a.DRem[at] * MathF.Exp(a.LogRem[at]);
+                    BackwardRowScan.Run(z, g, w, weights, true, r, row, key0, T, a.AttendCurrent,
+                        a.Scale, a.AccSnapshots[snap], a.PrefixSnapshots[snap], dRemRem);
+                }
+                else
+                {
+                    BackwardRowScan.Clear(z, weights, true, r);
+                }
+            }
+
+            // dk += dz^T q, dv += A^T dO over this group's columns.
+            for (int c = 0; c < cols; c += DimChunk)
+            {
+                Group.Barrier();
+                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, col0 + c, tid, groupSize);
+                TileLoad.Rows(a.DO, doChunk, headBase, row0, BlockRows, T, D, col0 + c, tid, groupSize);
+                Group.Barrier();
+                for (int e = tid; e < KeyTile * DimChunk; e += groupSize)
+                {
+                    int j = e / DimChunk, dd = e - j * DimChunk;
+                    if (c + dd < cols)
+                    {
+                        int slot = j * a.ColumnsPerGroup + c + dd;
+                        float dk = acc[slot], dv = acc[dvBase + slot];
+                        for (int r = 0; r < BlockRows; r++)
+                        {
+                            dk += z[r * KeyTile + j] * qChunk[r * ChunkStride + dd];
+                            dv += weights[r * KeyTile + j] * doChunk[r * ChunkStride + dd];
+                        }
+                        acc[slot] = dk;
+                        acc[dvBase + slot] = dv;
+                    }
+                }
+            }
+            Group.Barrier();
+        }
+
+        for (int e = tid; e < KeyTile * cols; e += groupSize)
+        {
+            int j = e / cols, c = e - j * cols;
+            int key = key0 + j;
+            if (key < T)
+            {
+                long at = headBase + (long)key * D + col0 + c;
+                a.DK[at] = a.Scale * acc[j * a.ColumnsPerGroup + c];
+                a.DV[at] = acc[dvBase + j * a.ColumnsPerGroup + c];
+            }
+        }
+    }
+}

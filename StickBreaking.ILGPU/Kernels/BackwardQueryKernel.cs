@@ -1,0 +1,151 @@
+using System;
+using ILGPU;
+
+namespace StickBreaking.ILGPU.Kernels;
+
+/// <summary>Arguments of <see cref="BackwardQueryKernel"/>.</summary>
+internal struct BackwardQueryArgs
+{
+    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
+    /// <summary>The forward's acc per (row, key tile) (read).</summary>
+    public ArrayView<float> AccSnapshots;
+    /// <summary>P per (row, key tile) before that tile (written by the column-slice-0 groups).</summary>
+    public ArrayView<float> PrefixSnapshots;
+    public ArrayView<float> DQ;
+    public int Length, HeadDim, AttendCurrent, SnapshotTiles, ColumnsPerGroup, RowBlocks;
+    public float Scale;
+}
+
+/// <summary>
+/// Backward pass 1 (SPEC section 2): one group per (head, block of <see cref="BlockRows"/> query rows,
+/// slice of dq columns). Walks the key tiles from key 0 toward the diagonal so that the prefix P grows
+/// naturally, reads the forward's acc snapshots (never peeling tile sums off LogRem), accumulates
+/// dq = s sum_j dz_ij k_j and writes P per (row, key tile) for pass 2. Each group owns its outputs:
+/// no atomics, bitwise deterministic.
+/// </summary>
+internal static class BackwardQueryKernel
+{
+    /// <summary>Query rows per group.</summary>
+    public const int BlockRows = 32;
+    private const int KeyTile = Snapshots.KeyTile;
+    private const int DimChunk = TileLoad.DimChunk, ChunkStride = TileLoad.ChunkStride;
+
+    /// <summary>Static shared memory in bytes, besides the dynamic dq accumulator.</summary>
+    public const int StaticSharedBytes = 4 * (2 * BlockRows * ChunkStride + 2 * KeyTile * ChunkStride
+        + 3 * BlockRows * KeyTile + 2 * BlockRows);
+    /// <summary>Dynamic shared floats per dq column.</summary>
+    public const int DynamicFloatsPerColumn = BlockRows;
+
+    public static void Kernel(BackwardQueryArgs a)
+    {
+        int tid = Group.IdxX, groupSize = Group.DimX;
+        int head = Grid.IdxX;
+        int rowBlock = a.RowBlocks - 1 - Grid.IdxY;
+        int T = a.Length, D = a.HeadDim;
+        int row0 = rowBlock * BlockRows;
+        int col0 = Grid.IdxZ * a.ColumnsPerGroup;
+        int cols = Math.Min(a.ColumnsPerGroup, D - col0);
+        long headBase = (long)head * T * D;
+
+        var qChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
+        var doChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
+        var kChunk = SharedMemory.Allocate<float>(KeyTile * ChunkStride);
+        var vChunk = SharedMemory.Allocate<float>(KeyTile * ChunkStride);
+        var z = SharedMemory.Allocate<float>(BlockRows * KeyTile);    // q.k, then dz
+        var g = SharedMemory.Allocate<float>(BlockRows * KeyTile);    // dO.v, then a
+        var w = SharedMemory.Allocate<float>(BlockRows * KeyTile);    // (1 - beta) a
+        var prefix = SharedMemory.Allocate<float>(BlockRows);         // P carried across tiles
+        var dRemRem = SharedMemory.Allocate<float>(BlockRows);
+        var dqAcc = SharedMemory.GetDynamic<float>();                 // [BlockRows, ColumnsPerGroup]
+
+        for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
+            dqAcc[e] = 0f;
+        for (int r = tid; r < BlockRows; r += groupSize)
+        {
+            int row = row0 + r;
+            prefix[r] = 0f;
+            dRemRem[r] = row < T ? a.DRem[(long)head * T + row] * MathF.Exp(a.LogRem[(long)head * T + row]) : 0f;
+        }
+
+        int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
+        int lastTile = lastKey / KeyTile;
+        for (int tile = 0; tile <= lastTile; tile++)
+        {
+            int key0 = tile * KeyTile;
+
+            for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
+            {
+                z[e] = 0f;
+                g[e] = 0f;
+            }
+            for (int c0 = 0; c0 < D; c0 += DimChunk)
+            {
+                Group.Barrier();
+                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                Group.Barrier();
+                for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
+                {
+                    int r = e / KeyTile, j = e - r * KeyTile;
+                    float qk = z[e], dov = g[e];
+                    for (int dd = 0; dd < DimChunk; dd++)
+                    {
+                        qk += qChunk[r * ChunkStride + dd] * kChunk[j * ChunkStride + dd];
+                        dov += doChunk[r * ChunkStride + dd] * vChunk[j * ChunkStride + dd];
+                    }
+                    z[e] = qk;
+                    g[e] = dov;
+                }
+            }
+            Group.Barrier();
+
+            for (int r = tid; r < BlockRows; r += groupSize)
+            {
+                int row = row0 + r;
+                if (row < T && key0 <= row)
+                {
+                    long snap = Snapshots.Index(head, row, tile, T, a.SnapshotTiles);
+                    if (Grid.IdxZ == 0)
+                        a.PrefixSnapshots[snap] = prefix[r];
+                    prefix[r] = BackwardRowScan.Run(z, g, w, w, false, r, row, key0, T, a.AttendCurrent,
+                        a.Scale, a.AccSnapshots[snap], prefix[r], dRemRem[r]);
+                }
+                else
+                {
+                    BackwardRowScan.Clear(z, w, false, r);
+                }
+            }
+
+            // dq += dz k over this group's columns.
+            for (int c = 0; c < cols; c += DimChunk)
+            {
+                Group.Barrier();
+                TileLoad.Rows(a.K, kChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
+                Group.Barrier();
+                for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
+                {
+                    int r = e / DimChunk, dd = e - r * DimChunk;
+                    if (c + dd < cols)
+                    {
+                        int slot = r * a.ColumnsPerGroup + c + dd;
+                        float dq = dqAcc[slot];
+                        for (int j = 0; j < KeyTile; j++)
+                            dq += z[r * KeyTile + j] * kChunk[j * ChunkStride + dd];
+                        dqAcc[slot] = dq;
+                    }
+                }
+            }
+            Group.Barrier();
+        }
+
+        for (int e = tid; e < BlockRows * cols; e += groupSize)
+        {
+            int r = e / cols, c = e - r * cols;
+            int row = row0 + r;
+            if (row < T)
+                a.DQ[headBase + (long)row * D + col0 + c] = a.Scale * dqAcc[r * a.ColumnsPerGroup + c];
+        }
+    }
+}

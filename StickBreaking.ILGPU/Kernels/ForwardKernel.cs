@@ -1,0 +1,154 @@
+using System;
+using ILGPU;
+
+namespace StickBreaking.ILGPU.Kernels;
+
+/// <summary>Arguments of <see cref="ForwardKernel"/>; all tensors contiguous [B, H, T, D] / [B, H, T].</summary>
+internal struct ForwardArgs
+{
+    public ArrayView<float> Q, K, V;
+    public ArrayView<float> O, Rem, LogRem;
+    /// <summary>acc per (row, key tile) before that tile; written only when <see cref="WriteSnapshots"/> != 0.</summary>
+    public ArrayView<float> AccSnapshots;
+    public int Length, HeadDim, AttendCurrent, WriteSnapshots, SnapshotTiles;
+    public float Scale;
+    /// <summary>Output columns per group: each group owns O[rows, ColumnsPerGroup * Grid.IdxZ ..].</summary>
+    public int ColumnsPerGroup;
+    public int RowBlocks;
+}
+
+/// <summary>
+/// The portable tiled forward (SPEC section 1, "The tiled forward"). One group per (head, block of
+/// <see cref="BlockRows"/> query rows, slice of output columns). It walks the key tiles from the
+/// diagonal back to key 0 and keeps per row the running log-stick sum <c>acc</c> and the output
+/// accumulator. Shared memory and barriers only, so it builds for CUDA, OpenCL and the CPU accelerator;
+/// any group size works (every loop strides by the group).
+/// </summary>
+internal static class ForwardKernel
+{
+    /// <summary>Query rows per group.</summary>
+    public const int BlockRows = 32;
+    /// <summary>Keys per tile (the snapshot tile).</summary>
+    public const int KeyTile = Snapshots.KeyTile;
+    private const int DimChunk = TileLoad.DimChunk, ChunkStride = TileLoad.ChunkStride;
+
+    /// <summary>Static shared memory in bytes, besides the dynamic output accumulator.</summary>
+    public const int StaticSharedBytes = 4 * (BlockRows * ChunkStride + KeyTile * ChunkStride + BlockRows * KeyTile + BlockRows);
+    /// <summary>Dynamic shared floats per output column (the output accumulator).</summary>
+    public const int DynamicFloatsPerColumn = BlockRows;
+
+    public static void Kernel(ForwardArgs a)
+    {
+        int tid = Group.IdxX, groupSize = Group.DimX;
+        int head = Grid.IdxX;
+        int rowBlock = a.RowBlocks - 1 - Grid.IdxY;   // heaviest blocks (near the end) first
+        int T = a.Length, D = a.HeadDim;
+        int row0 = rowBlock * BlockRows;
+        int col0 = Grid.IdxZ * a.ColumnsPerGroup;
+        int cols = Math.Min(a.ColumnsPerGroup, D - col0);
+        long headBase = (long)head * T * D;
+
+        var qChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
+        var kvChunk = SharedMemory.Allocate<float>(KeyTile * ChunkStride);
+        var p = SharedMemory.Allocate<float>(BlockRows * KeyTile);   // q.k, then the weights A
+        var acc = SharedMemory.Allocate<float>(BlockRows);
+        var outAcc = SharedMemory.GetDynamic<float>();              // [BlockRows, ColumnsPerGroup]
+
+        for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
+            outAcc[e] = 0f;
+        for (int r = tid; r < BlockRows; r += groupSize)
+            acc[r] = 0f;
+
+        int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
+        for (int tile = lastKey / KeyTile; tile >= 0; tile--)
+        {
+            int key0 = tile * KeyTile;
+
+            // 1. q.k for the tile, over chunks of the head dimension.
+            for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
+                p[e] = 0f;
+            for (int c0 = 0; c0 < D; c0 += DimChunk)
+            {
+                Group.Barrier();
+                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows(a.K, kvChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                Group.Barrier();
+                for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
+                {
+                    int r = e / KeyTile, j = e - r * KeyTile;
+                    float s = p[e];
+                    for (int dd = 0; dd < DimChunk; dd++)
+                        s += qChunk[r * ChunkStride + dd] * kvChunk[j * ChunkStride + dd];
+                    p[e] = s;
+                }
+            }
+            Group.Barrier();
+
+            // 2.-3. Per row, nearest key first: suffix of log(1 - beta) inside the tile, then the weights.
+            for (int r = tid; r < BlockRows; r += groupSize)
+            {
+                int row = row0 + r;
+                float rowAcc = acc[r];
+                if (a.WriteSnapshots != 0 && Grid.IdxZ == 0 && row < T)
+                    a.AccSnapshots[Snapshots.Index(head, row, tile, T, a.SnapshotTiles)] = rowAcc;
+                float suffix = 0f;   // sum of lb over the visible keys of this tile nearer than j
+                for (int j = KeyTile - 1; j >= 0; j--)
+                {
+                    float weight = 0f;
+                    if (StickMath.Visible(row, key0 + j, T, a.AttendCurrent))
+                    {
+                        float z = a.Scale * p[r * KeyTile + j];
+                        StickMath.Logs(z, out float lb, out float logBeta);
+                        weight = MathF.Exp(logBeta + rowAcc + suffix);
+                        suffix += lb;
+                    }
+                    p[r * KeyTile + j] = weight;
+                }
+                acc[r] = rowAcc + suffix;
+            }
+
+            // 4. out += A v, over chunks of this group's output columns.
+            for (int c = 0; c < cols; c += DimChunk)
+            {
+                Group.Barrier();
+                TileLoad.Rows(a.V, kvChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
+                Group.Barrier();
+                for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
+                {
+                    int r = e / DimChunk, dd = e - r * DimChunk;
+                    if (c + dd < cols)
+                    {
+                        int slot = r * a.ColumnsPerGroup + c + dd;
+                        float o = outAcc[slot];
+                        for (int j = 0; j < KeyTile; j++)
+                            o += p[r * KeyTile + j] * kvChunk[j * ChunkStride + dd];
+                        outAcc[slot] = o;
+                    }
+                }
+            }
+            Group.Barrier();
+        }
+
+        for (int e = tid; e < BlockRows * cols; e += groupSize)
+        {
+            int r = e / cols, c = e - r * cols;
+            int row = row0 + r;
+            if (row < T)
+                a.O[headBase + (long)row * D + col0 + c] = outAcc[r * a.ColumnsPerGroup + c];
+        }
+        if (Grid.IdxZ == 0)
+        {
+            for (int r = tid; r < BlockRows; r += groupSize)
+            {
+                int row = row0 + r;
+                if (row < T)
+                {
+                    long at = (long)head * T + row;
+                    a.LogRem[at] = acc[r];
+                    a.Rem[at] = MathF.Exp(acc[r]);
+                }
+            }
+        }
+    }
+
+}

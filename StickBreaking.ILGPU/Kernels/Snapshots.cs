@@ -1,0 +1,19 @@
+namespace StickBreaking.ILGPU.Kernels;
+
+/// <summary>
+/// The granularity of the backward's snapshots (SPEC section 2): the forward writes its running log-stick
+/// sum <c>acc</c> per (row, key tile) and the first backward pass writes the prefix <c>P</c> per (row, key
+/// tile). Every kernel that reads or writes them walks keys in tiles of this size, aligned at key 0.
+/// </summary>
+internal static class Snapshots
+{
+    /// <summary>Keys per tile; a snapshot costs one float per row per tile.</summary>
+    public const int KeyTile = 32;
+
+    /// <summary>Number of key tiles for a sequence of <paramref name="length"/> tokens.</summary>
+    public static int TileCount(int length) => (length + KeyTile - 1) / KeyTile;
+
+    /// <summary>Index of snapshot (row, tile) of head <paramref name="head"/>.</summary>
+    public static long Index(int head, int row, int tile, int length, int tiles) =>
+        ((long)head * length + row) * tiles + tile;
+}

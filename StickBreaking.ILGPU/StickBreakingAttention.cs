@@ -1,0 +1,360 @@
+using System;
+using ILGPU;
+using ILGPU.Runtime;
+using StickBreaking.ILGPU.Kernels;
+
+namespace StickBreaking.ILGPU;
+
+/// <summary>
+/// Stick-breaking attention (Tan et al., arXiv 2410.17980) on one ILGPU accelerator: a tiled fp32 forward
+/// that returns o, rem and ln(rem), and a deterministic backward for dq, dk, dv.
+/// </summary>
+/// <remarks>
+/// Two levels of API. The host-level <see cref="Forward(ReadOnlySpan{float}, ReadOnlySpan{float}, ReadOnlySpan{float}, AttentionShape, StickBreakingOptions?)"/>
+/// and <see cref="Backward(ReadOnlySpan{float}, ReadOnlySpan{float}, ReadOnlySpan{float}, ReadOnlySpan{float}, ReadOnlySpan{float}, AttentionShape, StickBreakingOptions?)"/>
+/// copy host arrays in and out. The device-level overloads take views already on the accelerator, enqueue on
+/// a given stream and allocate nothing once the kernels are compiled (the first call on an accelerator
+/// compiles them). The accelerator's context must be built with <c>EnableAlgorithms()</c> (ILGPU.Algorithms)
+/// for GPU backends; launch shapes follow the accelerator's group-size, shared-memory and grid limits.
+/// The instance uses the accelerator it is given and never picks a device itself. Not thread-safe.
+/// </remarks>
+public sealed class StickBreakingAttention : IDisposable
+{
+    private readonly Accelerator accelerator;
+    private readonly LaunchPlan plan;
+    private Action<AcceleratorStream, KernelConfig, ForwardArgs>? forward;
+    private Action<AcceleratorStream, KernelConfig, BackwardQueryArgs>? backwardQuery;
+    private Action<AcceleratorStream, KernelConfig, BackwardKeyArgs>? backwardKey;
+    private bool disposed;
+
+    /// <summary>Binds the kernels to <paramref name="accelerator"/>.</summary>
+    /// <param name="accelerator">The accelerator to run on; it stays owned by the caller.</param>
+    /// <exception cref="InvalidOperationException">The accelerator's context lacks <c>EnableAlgorithms()</c>, or the accelerator's limits cannot hold the kernels.</exception>
+    public StickBreakingAttention(Accelerator accelerator)
+    {
+        ArgumentNullException.ThrowIfNull(accelerator);
+        this.accelerator = accelerator;
+        plan = new LaunchPlan(accelerator);
+        CheckContext(accelerator);
+    }
+
+    /// <summary>The accelerator this instance runs on.</summary>
+    public Accelerator Accelerator => accelerator;
+
+    /// <summary>Threads per group used on this accelerator.</summary>
+    public int GroupSize => plan.GroupSize;
+
+    // ------------------------------------------------------------------------------------------------
+    // Host level
+
+    /// <summary>
+    /// Runs the forward on host arrays, row-major <c>[B, H, T, D]</c>; returns o <c>[B, H, T, D]</c>, rem and
+    /// LogRem = ln(rem) <c>[B, H, T]</c>. Blocks until the result is on the host.
+    /// </summary>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    public StickBreakingOutput Forward(ReadOnlySpan<float> q, ReadOnlySpan<float> k, ReadOnlySpan<float> v,
+        AttentionShape shape, StickBreakingOptions? options = null)
+    {
+        ThrowIfDisposed();
+        shape.Validate(nameof(shape));
+        CheckHost(q, shape.TensorLength, nameof(q), shape);
+        CheckHost(k, shape.TensorLength, nameof(k), shape);
+        CheckHost(v, shape.TensorLength, nameof(v), shape);
+        options?.Validate(nameof(options));
+
+        using var dq = Upload(q);
+        using var dk = Upload(k);
+        using var dv = Upload(v);
+        using var o = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var rem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
+        var stream = accelerator.DefaultStream;
+        Forward(stream, shape, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options);
+        stream.Synchronize();
+        return new StickBreakingOutput(o.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D());
+    }
+
+    /// <summary>
+    /// Gradients dq, dk, dv of L = sum dO . o + sum dRem . rem, from host arrays. Recomputes the forward it
+    /// needs. <paramref name="dRem"/> may be all zeros.
+    /// </summary>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dRem">dL/drem, <c>[B, H, T]</c>.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    public StickBreakingGradients Backward(ReadOnlySpan<float> q, ReadOnlySpan<float> k, ReadOnlySpan<float> v,
+        ReadOnlySpan<float> dO, ReadOnlySpan<float> dRem, AttentionShape shape, StickBreakingOptions? options = null)
+    {
+        ThrowIfDisposed();
+        shape.Validate(nameof(shape));
+        CheckHost(q, shape.TensorLength, nameof(q), shape);
+        CheckHost(k, shape.TensorLength, nameof(k), shape);
+        CheckHost(v, shape.TensorLength, nameof(v), shape);
+        CheckHost(dO, shape.TensorLength, nameof(dO), shape);
+        CheckHost(dRem, shape.RowCount, nameof(dRem), shape);
+        options?.Validate(nameof(options));
+
+        using var workspace = new StickBreakingWorkspace(accelerator, shape);
+        using var bq = Upload(q);
+        using var bk = Upload(k);
+        using var bv = Upload(v);
+        using var bdO = Upload(dO);
+        using var bdRem = Upload(dRem);
+        using var o = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var rem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var gq = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var gk = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var gv = accelerator.Allocate1D<float>(shape.TensorLength);
+        var stream = accelerator.DefaultStream;
+        Forward(stream, shape, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace);
+        Backward(stream, shape, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
+            gq.View, gk.View, gv.View, options);
+        stream.Synchronize();
+        return new StickBreakingGradients(gq.GetAsArray1D(), gk.GetAsArray1D(), gv.GetAsArray1D());
+    }
+
+    // ------------------------------------------------------------------------------------------------
+    // Device level
+
+    /// <summary>
+    /// Enqueues the forward on <paramref name="stream"/> for views on this accelerator. Allocates nothing once
+    /// the kernel is compiled. With a <paramref name="workspace"/> (a training forward) it also writes the
+    /// snapshots that <see cref="Backward(AcceleratorStream, AttentionShape, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingWorkspace, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingOptions?)"/>
+    /// reads; an inference forward passes none and writes none.
+    /// </summary>
+    /// <param name="stream">A stream of this accelerator.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="o">Output o, <c>[B, H, T, D]</c>.</param>
+    /// <param name="rem">Output rem, <c>[B, H, T]</c>.</param>
+    /// <param name="logRem">Output ln(rem), <c>[B, H, T]</c>: what the backward needs.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    /// <param name="workspace">Where to write the backward's snapshots; <c>null</c> for inference.</param>
+    public void Forward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> o, ArrayView<float> rem, ArrayView<float> logRem,
+        StickBreakingOptions? options = null, StickBreakingWorkspace? workspace = null)
+    {
+        ThrowIfDisposed();
+        CheckStream(stream);
+        shape.Validate(nameof(shape));
+        CheckView(q, shape.TensorLength, nameof(q), shape);
+        CheckView(k, shape.TensorLength, nameof(k), shape);
+        CheckView(v, shape.TensorLength, nameof(v), shape);
+        CheckView(o, shape.TensorLength, nameof(o), shape);
+        CheckView(rem, shape.RowCount, nameof(rem), shape);
+        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
+        if (workspace is not null)
+            CheckWorkspace(workspace, shape);
+
+        int D = shape.HeadDim, T = shape.Length;
+        int columns = plan.ColumnsPerGroup("forward", D, ForwardKernel.StaticSharedBytes, ForwardKernel.DynamicFloatsPerColumn);
+        int rowBlocks = (T + ForwardKernel.BlockRows - 1) / ForwardKernel.BlockRows;
+        var config = plan.Config("forward", shape.HeadCount, rowBlocks, D, columns, ForwardKernel.DynamicFloatsPerColumn);
+        float scale = options.ScaleFor(D);
+        var args = new ForwardArgs
+        {
+            Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
+            AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
+            WriteSnapshots = workspace is null ? 0 : 1,
+            SnapshotTiles = Snapshots.TileCount(T),
+            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+            ColumnsPerGroup = columns, RowBlocks = rowBlocks,
+        };
+        forward ??= Load<ForwardArgs>(ForwardKernel.Kernel);
+        forward(stream, config, args);
+        if (workspace is not null)
+            workspace.FilledBy = (shape, scale, options.AttendCurrent);
+    }
+
+    /// <summary>
+    /// Enqueues the backward on <paramref name="stream"/>: dq, dk, dv of L = sum dO . o + sum dRem . rem.
+    /// <paramref name="workspace"/> must hold the snapshots of the training forward of the same inputs
+    /// (<see cref="Forward(AcceleratorStream, AttentionShape, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingOptions?, StickBreakingWorkspace?)"/>
+    /// with that workspace), and <paramref name="logRem"/> that forward's LogRem. Bitwise deterministic:
+    /// every output element is summed in a fixed order by one group. Allocates nothing once compiled.
+    /// </summary>
+    /// <param name="stream">A stream of this accelerator.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dRem">dL/drem, <c>[B, H, T]</c>; may be all zeros.</param>
+    /// <param name="logRem">The forward's LogRem, <c>[B, H, T]</c>.</param>
+    /// <param name="workspace">The workspace the forward filled; the backward also writes its prefix snapshots there.</param>
+    /// <param name="dq">Output dL/dq, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dk">Output dL/dk, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dv">Output dL/dv, <c>[B, H, T, D]</c>.</param>
+    /// <param name="options">The options the forward ran with.</param>
+    public void Backward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> dO, ArrayView<float> dRem, ArrayView<float> logRem,
+        StickBreakingWorkspace workspace,
+        ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv,
+        StickBreakingOptions? options = null)
+    {
+        ThrowIfDisposed();
+        CheckStream(stream);
+        shape.Validate(nameof(shape));
+        CheckView(q, shape.TensorLength, nameof(q), shape);
+        CheckView(k, shape.TensorLength, nameof(k), shape);
+        CheckView(v, shape.TensorLength, nameof(v), shape);
+        CheckView(dO, shape.TensorLength, nameof(dO), shape);
+        CheckView(dRem, shape.RowCount, nameof(dRem), shape);
+        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        CheckView(dq, shape.TensorLength, nameof(dq), shape);
+        CheckView(dk, shape.TensorLength, nameof(dk), shape);
+        CheckView(dv, shape.TensorLength, nameof(dv), shape);
+        ArgumentNullException.ThrowIfNull(workspace);
+        CheckWorkspace(workspace, shape);
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
+        int D = shape.HeadDim, T = shape.Length;
+        float scale = options.ScaleFor(D);
+        if (workspace.FilledBy != (shape, scale, options.AttendCurrent))
+            throw new ArgumentException(
+                $"workspace holds no snapshots of a forward with shape {shape}, scale {scale} and AttendCurrent={options.AttendCurrent} " +
+                $"(it holds {(workspace.FilledBy is { } f ? $"{f.Shape}, scale {f.Scale}, AttendCurrent={f.AttendCurrent}" : "none")}): " +
+                "run Forward with this workspace first.", nameof(workspace));
+
+        int tiles = Snapshots.TileCount(T);
+        int attend = options.AttendCurrent ? 1 : 0;
+
+        int qColumns = plan.ColumnsPerGroup("backward dq", D, BackwardQueryKernel.StaticSharedBytes, BackwardQueryKernel.DynamicFloatsPerColumn);
+        int rowBlocks = (T + BackwardQueryKernel.BlockRows - 1) / BackwardQueryKernel.BlockRows;
+        var qConfig = plan.Config("backward dq", shape.HeadCount, rowBlocks, D, qColumns, BackwardQueryKernel.DynamicFloatsPerColumn);
+        int kColumns = plan.ColumnsPerGroup("backward dk/dv", D, BackwardKeyKernel.StaticSharedBytes, BackwardKeyKernel.DynamicFloatsPerColumn);
+        var kConfig = plan.Config("backward dk/dv", shape.HeadCount, tiles, D, kColumns, BackwardKeyKernel.DynamicFloatsPerColumn);
+
+        var accSnapshots = workspace.AccFor(shape);
+        var prefixSnapshots = workspace.PrefixFor(shape);
+        backwardQuery ??= Load<BackwardQueryArgs>(BackwardQueryKernel.Kernel);
+        backwardKey ??= Load<BackwardKeyArgs>(BackwardKeyKernel.Kernel);
+        backwardQuery(stream, qConfig, new BackwardQueryArgs
+        {
+            Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
+            AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DQ = dq,
+            Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles,
+            ColumnsPerGroup = qColumns, RowBlocks = rowBlocks, Scale = scale,
+        });
+        backwardKey(stream, kConfig, new BackwardKeyArgs
+        {
+            Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
+            AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DK = dk, DV = dv,
+            Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles,
+            ColumnsPerGroup = kColumns, Scale = scale,
+        });
+    }
+
+    /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
+    public void Dispose()
+    {
+        disposed = true;
+        forward = null;
+        backwardQuery = null;
+        backwardKey = null;
+    }
+
+    // ------------------------------------------------------------------------------------------------
+
+    private Action<AcceleratorStream, KernelConfig, TArgs> Load<TArgs>(Action<TArgs> kernel)
+        where TArgs : struct
+    {
+        try
+        {
+            return accelerator.LoadKernel(kernel);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            throw new InvalidOperationException(
+                $"ILGPU could not compile the {kernel.Method.DeclaringType?.Name} kernel for accelerator '{accelerator.Name}' " +
+                $"({accelerator.AcceleratorType}): {ex.Message}", ex);
+        }
+    }
+
+    private static void Probe(ArrayView<float> x) => x[0] = MathF.Exp(x[0]) + MathF.Log(x[0]);
+
+    /// <summary>Compiles a two-line kernel with Exp and Log: without EnableAlgorithms() GPU backends refuse it.</summary>
+    private static void CheckContext(Accelerator accelerator)
+    {
+        if (accelerator.AcceleratorType == AcceleratorType.CPU)
+            return;   // the CPU accelerator runs .NET's own MathF
+        try
+        {
+            accelerator.LoadKernel<ArrayView<float>>(Probe);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            throw new InvalidOperationException(
+                $"Accelerator '{accelerator.Name}' ({accelerator.AcceleratorType}) cannot compile exp/log: its ILGPU context " +
+                "needs the ILGPU.Algorithms intrinsics. Build the context with EnableAlgorithms(), e.g. " +
+                "Context.Create(builder => builder.Default().EnableAlgorithms()) (using ILGPU.Algorithms ... " +
+                "namespace ILGPU). ILGPU said: " + ex.Message, ex);
+        }
+    }
+
+    private MemoryBuffer1D<float, Stride1D.Dense> Upload(ReadOnlySpan<float> data)
+    {
+        var buffer = accelerator.Allocate1D<float>(data.Length);
+        buffer.View.CopyFromCPU(accelerator.DefaultStream, data);
+        return buffer;
+    }
+
+    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(disposed, this);
+
+    private void CheckStream(AcceleratorStream stream)
+    {
+        ArgumentNullException.ThrowIfNull(stream);
+        if (!ReferenceEquals(stream.Accelerator, accelerator))
+            throw new ArgumentException(
+                $"stream belongs to accelerator '{stream.Accelerator.Name}', not to '{accelerator.Name}' that this instance runs on.",
+                nameof(stream));
+    }
+
+    private void CheckWorkspace(StickBreakingWorkspace workspace, AttentionShape shape)
+    {
+        if (!ReferenceEquals(workspace.Accelerator, accelerator))
+            throw new ArgumentException(
+                $"workspace lives on accelerator '{workspace.Accelerator.Name}', not on '{accelerator.Name}'.", nameof(workspace));
+        if (!workspace.Fits(shape))
+            throw new ArgumentException(
+                $"workspace was sized for {workspace.Capacity} ({StickBreakingWorkspace.SnapshotFloats(workspace.Capacity)} snapshot floats); " +
+                $"shape {shape} needs {StickBreakingWorkspace.SnapshotFloats(shape)}.", nameof(workspace));
+    }
+
+    /// <summary>The buffer behind a view, read through the interface without boxing the view.</summary>
+    private static MemoryBuffer BufferOf<TView>(TView view) where TView : IArrayView => view.Buffer;
+
+    private static void CheckHost(ReadOnlySpan<float> data, long expected, string name, AttentionShape shape)
+    {
+        if (data.Length != expected)
+            throw new ArgumentException(
+                $"{name} has {data.Length} floats; shape {shape} needs {expected}.", name);
+    }
+
+    private void CheckView(ArrayView<float> view, long expected, string name, AttentionShape shape)
+    {
+        if (!view.IsValid)
+            throw new ArgumentException($"{name} is an empty or default view; shape {shape} needs {expected} floats.", name);
+        var owner = BufferOf(view).Accelerator;
+        if (!ReferenceEquals(owner, accelerator))
+            throw new ArgumentException(
+                $"{name} is a view on accelerator '{owner.Name}' ({owner.AcceleratorType}), not on '{accelerator.Name}' " +
+                $"({accelerator.AcceleratorType}) that this instance runs on.", name);
+        if (view.Length != expected)
+            throw new ArgumentException($"{name} has {view.Length} floats; shape {shape} needs {expected}.", name);
+    }
+}

@@ -1,0 +1,32 @@
+using System;
+
+namespace StickBreaking.ILGPU;
+
+/// <summary>Options of a stick-breaking attention call. The defaults are the paper's.</summary>
+public sealed record StickBreakingOptions
+{
+    /// <summary>The default options: scale 1/sqrt(D), keys strictly before the query.</summary>
+    public static StickBreakingOptions Default { get; } = new();
+
+    /// <summary>
+    /// The scale s in z = s (q . k). <c>null</c> means 1 / sqrt(HeadDim). Must be finite.
+    /// </summary>
+    public float? InvTemperature { get; init; }
+
+    /// <summary>
+    /// <c>false</c> (default): query i sees keys j &lt; i, so query 0 sees nothing (o = 0, rem = 1).
+    /// <c>true</c>: query i also sees its own key (j &lt;= i).
+    /// </summary>
+    public bool AttendCurrent { get; init; }
+
+    /// <summary>The scale this call uses for the given head dimension.</summary>
+    /// <param name="headDim">The head dimension D.</param>
+    public float ScaleFor(int headDim) => InvTemperature ?? 1f / MathF.Sqrt(headDim);
+
+    internal void Validate(string paramName)
+    {
+        if (InvTemperature is float s && !float.IsFinite(s))
+            throw new ArgumentOutOfRangeException(paramName, s,
+                $"{paramName}.{nameof(InvTemperature)} must be finite (got {s}).");
+    }
+}
