@@ -17,10 +17,14 @@ internal sealed class LaunchPlan
     public const int PreferredCpuGroupSize = 32;
 
     private readonly Accelerator accelerator;
+    private readonly long sharedMemory;
 
-    public LaunchPlan(Accelerator accelerator)
+    /// <param name="accelerator">The accelerator whose limits apply.</param>
+    /// <param name="sharedMemoryLimit">A lower cap on shared memory per group than the accelerator's own (tests).</param>
+    public LaunchPlan(Accelerator accelerator, int? sharedMemoryLimit = null)
     {
         this.accelerator = accelerator;
+        sharedMemory = Math.Min(accelerator.MaxSharedMemoryPerGroup, sharedMemoryLimit ?? int.MaxValue);
         int preferred = accelerator.AcceleratorType == AcceleratorType.CPU ? PreferredCpuGroupSize : PreferredGroupSize;
         GroupSize = Math.Min(preferred, accelerator.MaxNumThreadsPerGroup);
         if (GroupSize < 1)
@@ -38,14 +42,14 @@ internal sealed class LaunchPlan
     /// </summary>
     public int ColumnsPerGroup(string kernel, int headDim, int staticBytes, int floatsPerColumn)
     {
-        long available = (long)accelerator.MaxSharedMemoryPerGroup - staticBytes;
+        long available = sharedMemory - staticBytes;
         long fit = available / (4L * floatsPerColumn);
         if (fit >= headDim)
             return headDim;
         int columns = (int)(fit / TileLoad.DimChunk) * TileLoad.DimChunk;
         if (columns < TileLoad.DimChunk)
             throw new InvalidOperationException(
-                $"Accelerator '{accelerator.Name}' offers {accelerator.MaxSharedMemoryPerGroup} bytes of shared memory per group; " +
+                $"Accelerator '{accelerator.Name}' offers {sharedMemory} bytes of shared memory per group; " +
                 $"the {kernel} kernel needs at least {staticBytes + 4L * floatsPerColumn * TileLoad.DimChunk}.");
         return columns;
     }

@@ -31,10 +31,16 @@ public sealed class StickBreakingAttention : IDisposable
     /// <param name="accelerator">The accelerator to run on; it stays owned by the caller.</param>
     /// <exception cref="InvalidOperationException">The accelerator's context lacks <c>EnableAlgorithms()</c>, or the accelerator's limits cannot hold the kernels.</exception>
     public StickBreakingAttention(Accelerator accelerator)
+        : this(accelerator, sharedMemoryLimit: null)
+    {
+    }
+
+    /// <summary>As the public constructor, with the shared memory per group capped (tests the column slices on any device).</summary>
+    internal StickBreakingAttention(Accelerator accelerator, int? sharedMemoryLimit)
     {
         ArgumentNullException.ThrowIfNull(accelerator);
         this.accelerator = accelerator;
-        plan = new LaunchPlan(accelerator);
+        plan = new LaunchPlan(accelerator, sharedMemoryLimit);
         CheckContext(accelerator);
     }
 
