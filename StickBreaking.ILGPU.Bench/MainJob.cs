@@ -1,0 +1,94 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+using StickBreaking.ILGPU.Tests.Infrastructure;
+using StickBreaking.ILGPU.Tests.Reference;
+
+namespace StickBreaking.ILGPU.Bench;
+
+/// <summary>
+/// The README's main job: on every available accelerator, verify the forward and backward against the
+/// float64 reference on a small shape, then time them (a shape sized to the backend), and print a table.
+/// </summary>
+internal static class MainJob
+{
+    private static readonly AttentionShape VerifyShape = new(1, 2, 100, 64);
+
+    public static int Run()
+    {
+        var rows = new List<string[]>();
+        bool allGood = true;
+        foreach (string backend in Backends.All)
+        {
+            var (context, accelerator, reason) = Backends.Open(backend);
+            if (accelerator is null)
+            {
+                Console.WriteLine($"{backend}: skipped ({reason})");
+                continue;
+            }
+            using (context)
+            using (accelerator)
+            using (var attention = new StickBreakingAttention(accelerator))
+            {
+                Console.WriteLine($"{backend}: {accelerator.Name}, group size {attention.GroupSize}");
+                var (forwardError, gradientError) = Verify(attention);
+                bool good = forwardError <= 2e-5 && gradientError <= 2e-5;
+                allGood &= good;
+                var timed = backend == Backends.Cpu ? new[] { new AttentionShape(1, 2, 128, 64) }
+                    : new[] { new AttentionShape(4, 12, 1024, 128), new AttentionShape(4, 12, 4096, 128) };
+                foreach (var shape in timed)
+                {
+                    var inputs = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
+                    using var run = new DeviceRun(attention, shape, inputs);
+                    int reps = backend == Backends.Cpu ? 3 : 10;
+                    double fwd = run.MedianMs(() => run.Forward(training: false), reps);
+                    run.Forward(training: true);
+                    double bwd = run.MedianMs(run.Backward, reps);
+                    rows.Add([backend, shape.ToString(), "forward", $"{fwd:F3}", $"{run.ForwardFlops / fwd / 1e9:G3}", $"{forwardError:E1}", good ? "ok" : "FAIL"]);
+                    rows.Add([backend, shape.ToString(), "backward", $"{bwd:F3}", $"{run.BackwardFlops / bwd / 1e9:G3}", $"{gradientError:E1}", good ? "ok" : "FAIL"]);
+                }
+            }
+        }
+        Print(["backend", "shape", "pass", "ms", "TFLOP/s", "max error", "verified"], rows);
+        Console.WriteLine($"error: forward max abs error of o and rem, backward max relative RMS of dq, dk, dv, both against float64 at {VerifyShape}; tolerance 2e-5.");
+        return allGood ? 0 : 1;
+    }
+
+    /// <summary>Max abs error of o and rem, and the largest relative RMS error of dq, dk, dv.</summary>
+    private static (double Forward, double Gradients) Verify(StickBreakingAttention attention)
+    {
+        var s = VerifyShape;
+        var x = TestInputs.Standard(s.Batch, s.Heads, s.Length, s.HeadDim, seed: 42);
+        double scale = StickBreakingOptions.Default.ScaleFor(s.HeadDim);
+        double[] q = TestInputs.ToDouble(x.Q), k = TestInputs.ToDouble(x.K), v = TestInputs.ToDouble(x.V);
+        var expected = Float64Reference.Forward(q, k, v, s.Batch, s.Heads, s.Length, s.HeadDim, scale, false);
+        var expectedGrads = Float64Reference.Backward(q, k, v, TestInputs.ToDouble(x.DO), TestInputs.ToDouble(x.DRem),
+            s.Batch, s.Heads, s.Length, s.HeadDim, scale, false);
+        var output = attention.Forward(x.Q, x.K, x.V, s);
+        var grads = attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, s);
+        double forward = Math.Max(MaxAbs(output.O, expected.O), MaxAbs(output.Rem, expected.Rem));
+        double gradients = new[] { RelRms(grads.DQ, expectedGrads.DQ), RelRms(grads.DK, expectedGrads.DK), RelRms(grads.DV, expectedGrads.DV) }.Max();
+        return (forward, gradients);
+    }
+
+    private static double MaxAbs(float[] a, double[] e) =>
+        a.Zip(e, (x, y) => Math.Abs(x - y)).Aggregate(0.0, (m, d) => double.IsNaN(d) ? double.PositiveInfinity : Math.Max(m, d));
+
+    private static double RelRms(float[] a, double[] e)
+    {
+        double diff = a.Zip(e, (x, y) => (x - y) * (x - y)).Sum(), norm = e.Sum(y => y * y);
+        return double.IsNaN(diff) ? double.PositiveInfinity : Math.Sqrt(diff / Math.Max(norm, double.Epsilon));
+    }
+
+    private static void Print(string[] header, List<string[]> rows)
+    {
+        var all = rows.Prepend(header).ToList();
+        int[] widths = Enumerable.Range(0, header.Length).Select(c => all.Max(r => r[c].Length)).ToArray();
+        foreach (var (row, i) in all.Select((r, i) => (r, i)))
+        {
+            Console.WriteLine("| " + string.Join(" | ", row.Select((cell, c) => cell.PadRight(widths[c]))) + " |");
+            if (i == 0)
+                Console.WriteLine("|" + string.Join("|", widths.Select(w => new string('-', w + 2))) + "|");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+using System;
+using System.Linq;
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Jobs;
+using BenchmarkDotNet.Running;
+using BenchmarkDotNet.Toolchains.InProcess.Emit;
+using StickBreaking.ILGPU.Bench;
+
+// dotnet run -c Release --project StickBreaking.ILGPU.Bench                 verify + time on every accelerator
+// ... -- --throughput Cuda 4 12 128 1024 4096                               JSON lines for peers.py's comparison
+// ... -- --bdn [BenchmarkDotNet arguments, e.g. --filter '*']                the BenchmarkDotNet suites, in process
+if (args.Length == 0)
+    return MainJob.Run();
+if (args[0] == "--throughput")
+    return Throughput.Run(args[1..]);
+if (args[0] == "--bdn")
+{
+    var config = DefaultConfig.Instance.AddJob(Job.Default.WithToolchain(InProcessEmitToolchain.Instance));
+    BenchmarkSwitcher.FromAssembly(typeof(MainJob).Assembly).Run(args[1..], config);
+    return 0;
+}
+Console.Error.WriteLine($"unknown arguments: {string.Join(' ', args)}; see Program.cs for the modes.");
+return 2;

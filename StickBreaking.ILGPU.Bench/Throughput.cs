@@ -1,0 +1,63 @@
+using System;
+using System.Globalization;
+using System.Linq;
+using System.Text.Json;
+using StickBreaking.ILGPU.Tests.Infrastructure;
+using StickBreaking.ILGPU.Tests.Reference;
+
+namespace StickBreaking.ILGPU.Bench;
+
+/// <summary>
+/// <c>--throughput BACKEND B H D T [T ...]</c>: one JSON object a line per length, for the GPU box where
+/// <c>python3 .gpu/peers.py B H D T ...</c> prints the peers in the same call.
+/// </summary>
+internal static class Throughput
+{
+    public static int Run(string[] args)
+    {
+        if (args.Length < 5)
+        {
+            Console.Error.WriteLine("usage: --throughput Cuda|OpenCL|Cpu B H D T [T ...]");
+            return 2;
+        }
+        string backend = args[0];
+        int[] n = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
+        var (context, accelerator, reason) = Backends.Open(backend);
+        if (accelerator is null)
+        {
+            Console.Error.WriteLine($"{backend}: {reason}");
+            return 3;
+        }
+        using (context)
+        using (accelerator)
+        using (var attention = new StickBreakingAttention(accelerator))
+        {
+            foreach (int t in n.Skip(3))
+            {
+                var shape = new AttentionShape(n[0], n[1], t, n[2]);
+                var inputs = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
+                using var run = new DeviceRun(attention, shape, inputs);
+                int reps = t >= 8192 ? 5 : 10;
+                double fwd = run.MedianMs(() => run.Forward(training: false), reps);
+                double fwdTrain = run.MedianMs(() => run.Forward(training: true), reps);
+                double bwd = run.MedianMs(run.Backward, reps);
+                Console.WriteLine(JsonSerializer.Serialize(new
+                {
+                    project = "StickBreaking.ILGPU",
+                    backend,
+                    device = accelerator.Name,
+                    dtype = "float32",
+                    B = shape.Batch, H = shape.Heads, T = t, D = shape.HeadDim,
+                    fwd_ms = fwd,
+                    fwd_tflops = run.ForwardFlops / fwd / 1e9,
+                    fwd_training_ms = fwdTrain,
+                    bwd_ms = bwd,
+                    bwd_tflops = run.BackwardFlops / bwd / 1e9,
+                    fwdbwd_ms = fwdTrain + bwd,
+                    workspace_mib = StickBreakingWorkspace.BytesFor(shape) / 1048576.0,
+                }));
+            }
+        }
+        return 0;
+    }
+}
