@@ -55,9 +55,12 @@ internal sealed class LaunchPlan
     }
 
     /// <summary>The launch configuration of a (heads, blocks, column slices) grid, checked against the accelerator's grid limits.</summary>
-    public KernelConfig Config(string kernel, long heads, int blocks, int headDim, int columnsPerGroup, int floatsPerColumn)
+    public KernelConfig Config(string kernel, long heads, int blocks, int headDim, int columnsPerGroup, int floatsPerColumn) =>
+        GridConfig(kernel, heads, blocks, (headDim + columnsPerGroup - 1) / columnsPerGroup, GroupSize, floatsPerColumn * columnsPerGroup);
+
+    /// <summary>A (heads, blocks, slices) grid of groups of <paramref name="groupSize"/> threads with <paramref name="dynamicFloats"/> of dynamic shared memory.</summary>
+    public KernelConfig GridConfig(string kernel, long heads, int blocks, int slices, int groupSize, int dynamicFloats)
     {
-        int slices = (headDim + columnsPerGroup - 1) / columnsPerGroup;
         var max = accelerator.MaxGridSize;
         if (heads > max.X || blocks > max.Y || slices > max.Z)
             throw new ArgumentOutOfRangeException("shape", heads,
@@ -65,7 +68,7 @@ internal sealed class LaunchPlan
                 $"({max.X}, {max.Y}, {max.Z}) of accelerator '{accelerator.Name}': split the batch.");
         return new KernelConfig(
             new Index3D((int)heads, blocks, slices),
-            new Index3D(GroupSize, 1, 1),
-            SharedMemoryConfig.RequestDynamic<float>(floatsPerColumn * columnsPerGroup));
+            new Index3D(groupSize, 1, 1),
+            SharedMemoryConfig.RequestDynamic<float>(dynamicFloats));
     }
 }

@@ -1,7 +1,9 @@
 using System;
 using ILGPU;
 using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Cuda;
 
 namespace StickBreaking.ILGPU;
 
@@ -20,9 +22,22 @@ namespace StickBreaking.ILGPU;
 /// </remarks>
 public sealed class StickBreakingAttention : IDisposable
 {
+    /// <summary>Which kernels an instance runs.</summary>
+    internal enum KernelChoice
+    {
+        /// <summary>The CUDA kernels on a CUDA device that can hold them, the portable ones elsewhere.</summary>
+        Auto,
+        /// <summary>The portable kernels everywhere.</summary>
+        Portable,
+        /// <summary>The CUDA kernels' code on any accelerator (the CPU accelerator runs it as plain ILGPU code).</summary>
+        Cuda,
+    }
+
     private readonly Accelerator accelerator;
     private readonly LaunchPlan plan;
     private Action<AcceleratorStream, KernelConfig, ForwardArgs>? forward;
+    private Action<AcceleratorStream, KernelConfig, ForwardArgs>? cudaForward;
+    private readonly bool cudaKernels;
     private Action<AcceleratorStream, KernelConfig, BackwardQueryArgs>? backwardQuery;
     private Action<AcceleratorStream, KernelConfig, BackwardKeyArgs>? backwardKey;
     private bool disposed;
@@ -36,13 +51,31 @@ public sealed class StickBreakingAttention : IDisposable
     }
 
     /// <summary>As the public constructor, with the shared memory per group capped (tests the column slices on any device).</summary>
-    internal StickBreakingAttention(Accelerator accelerator, int? sharedMemoryLimit)
+    /// <param name="accelerator">The accelerator to run on.</param>
+    /// <param name="sharedMemoryLimit">A cap on shared memory per group below the accelerator's own.</param>
+    /// <param name="kernels">Which kernels to run: tests run the CUDA kernels' code on the CPU accelerator too.</param>
+    internal StickBreakingAttention(Accelerator accelerator, int? sharedMemoryLimit, KernelChoice kernels = KernelChoice.Auto)
     {
         ArgumentNullException.ThrowIfNull(accelerator);
         this.accelerator = accelerator;
         plan = new LaunchPlan(accelerator, sharedMemoryLimit);
         CheckContext(accelerator);
+        cudaKernels = kernels switch
+        {
+            KernelChoice.Portable => false,
+            KernelChoice.Cuda => true,
+            _ => accelerator is CudaAccelerator cuda && CudaKernels.MaxOptInSharedBytes(cuda) >= 4 * CudaForwardKernel.SharedFloats,
+        };
+        if (cudaKernels && accelerator.MaxNumThreadsPerGroup < CudaForwardKernel.GroupSize)
+            throw new InvalidOperationException(
+                $"The CUDA kernels need {CudaForwardKernel.GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}.");
     }
+
+    /// <summary>
+    /// Whether the CUDA-only kernels (register tiles, more than 48 KB of shared memory) serve the head
+    /// dimensions they cover (D up to 128); otherwise, and on other backends, the portable kernels run.
+    /// </summary>
+    public bool UsesCudaKernels => cudaKernels;
 
     /// <summary>The accelerator this instance runs on.</summary>
     public Accelerator Accelerator => accelerator;
@@ -166,9 +199,6 @@ public sealed class StickBreakingAttention : IDisposable
             CheckWorkspace(workspace, shape);
 
         int D = shape.HeadDim, T = shape.Length;
-        int columns = plan.ColumnsPerGroup("forward", D, ForwardKernel.StaticSharedBytes, ForwardKernel.DynamicFloatsPerColumn);
-        int rowBlocks = (T + ForwardKernel.BlockRows - 1) / ForwardKernel.BlockRows;
-        var config = plan.Config("forward", shape.HeadCount, rowBlocks, D, columns, ForwardKernel.DynamicFloatsPerColumn);
         float scale = options.ScaleFor(D);
         var args = new ForwardArgs
         {
@@ -177,10 +207,28 @@ public sealed class StickBreakingAttention : IDisposable
             WriteSnapshots = workspace is null ? 0 : 1,
             SnapshotTiles = Snapshots.TileCount(T),
             Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
-            ColumnsPerGroup = columns, RowBlocks = rowBlocks,
         };
-        forward ??= Load<ForwardArgs>(ForwardKernel.Kernel);
-        forward(stream, config, args);
+        if (cudaKernels && D <= CudaForwardKernel.MaxHeadDim)
+        {
+            args.RowBlocks = (T + CudaForwardKernel.BlockRows - 1) / CudaForwardKernel.BlockRows;
+            args.ColumnsPerGroup = D;
+            var cudaConfig = plan.GridConfig("CUDA forward", shape.HeadCount, args.RowBlocks, slices: 1,
+                CudaForwardKernel.GroupSize, CudaForwardKernel.SharedFloats);
+            cudaForward ??= accelerator is CudaAccelerator cuda
+                ? CudaKernels.Load<ForwardArgs>(cuda, CudaForwardKernel.Kernel,
+                    CudaForwardKernel.GroupSize, minGroupsPerMultiprocessor: 2, 4 * CudaForwardKernel.SharedFloats)
+                : Load<ForwardArgs>(CudaForwardKernel.Kernel);
+            cudaForward(stream, cudaConfig, args);
+        }
+        else
+        {
+            int columns = plan.ColumnsPerGroup("forward", D, ForwardKernel.StaticSharedBytes, ForwardKernel.DynamicFloatsPerColumn);
+            args.RowBlocks = (T + ForwardKernel.BlockRows - 1) / ForwardKernel.BlockRows;
+            args.ColumnsPerGroup = columns;
+            var config = plan.Config("forward", shape.HeadCount, args.RowBlocks, D, columns, ForwardKernel.DynamicFloatsPerColumn);
+            forward ??= Load<ForwardArgs>(ForwardKernel.Kernel);
+            forward(stream, config, args);
+        }
         if (workspace is not null)
             workspace.FilledBy = (shape, scale, options.AttendCurrent);
     }
@@ -270,6 +318,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         disposed = true;
         forward = null;
+        cudaForward = null;
         backwardQuery = null;
         backwardKey = null;
     }

@@ -1,0 +1,71 @@
+using System;
+using System.Reflection;
+using System.Text.RegularExpressions;
+using ILGPU;
+using ILGPU.Backends.EntryPoints;
+using ILGPU.Backends.PTX;
+using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
+using NUnit.Framework;
+using StickBreaking.ILGPU.Kernels;
+
+namespace StickBreaking.ILGPU.Tests;
+
+/// <summary>
+/// Compiles the CUDA kernels to PTX for SM_90 without a GPU (ILGPU's PTX backend runs anywhere), so that CI
+/// holds what the GPU box measures: the hot kernels keep everything in registers and shared memory (no
+/// <c>.local</c> state space, the spills of ILGPU's non-unrolled arrays).
+/// </summary>
+[TestFixture]
+public sealed class PtxTests
+{
+    private Context context = null!;
+
+    [OneTimeSetUp]
+    public void CreateContext() => context = Context.Create(b => b.Cuda().EnableAlgorithms());
+
+    [OneTimeTearDown]
+    public void DisposeContext() => context.Dispose();
+
+    public static readonly object[] Kernels =
+    [
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel) },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel) },
+    ];
+
+    [TestCaseSource(nameof(Kernels))]
+    public void KernelUsesNoLocalMemory(Type type, string method)
+    {
+        string ptx = CompileForSm90(type.GetMethod(method, BindingFlags.Public | BindingFlags.Static)!);
+        Assert.That(ptx, Does.Contain(".entry"), "the PTX holds the kernel");
+        var local = Regex.Matches(ptx, @"\.local\b");
+        Assert.That(local, Is.Empty, $"{type.Name} uses local memory:\n" + string.Join("\n", Regex.Matches(ptx, @".*\.local.*")));
+    }
+
+    /// <summary>The check itself: a kernel with a dynamically indexed local array does show <c>.local</c>.</summary>
+    [Test]
+    public void CheckSeesLocalMemoryWhereThereIsSome()
+    {
+        string ptx = CompileForSm90(typeof(PtxTests).GetMethod(nameof(SpillingKernel), BindingFlags.NonPublic | BindingFlags.Static)!);
+        Assert.That(Regex.Matches(ptx, @"\.local\b"), Is.Not.Empty);
+    }
+
+    private static void SpillingKernel(ArrayView<float> x)
+    {
+        var scratch = LocalMemory.Allocate<float>(64);
+        for (int i = 0; i < 64; i++)
+            scratch[(i * 7 + global::ILGPU.Group.IdxX) % 64] = x[i];
+        x[global::ILGPU.Group.IdxX] = scratch[global::ILGPU.Group.IdxX % 64];
+    }
+
+    private string CompileForSm90(MethodInfo kernel)
+    {
+        var backend = new PTXBackend(context, new CudaCapabilityContext(CudaArchitecture.SM_90),
+            CudaArchitecture.SM_90, CudaInstructionSet.ISA_88, null);
+        var entry = EntryPointDescription.FromExplicitlyGroupedKernel(kernel);
+        var compiled = (PTXCompiledKernel)backend.Compile(entry, KernelSpecialization.Empty);
+        return compiled.PTXAssembly;
+    }
+}

@@ -1,0 +1,229 @@
+using System;
+using ILGPU;
+
+namespace StickBreaking.ILGPU.Kernels.Cuda;
+
+/// <summary>
+/// The CUDA forward for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 1, tiled): one group of
+/// <see cref="GroupSize"/> threads per (head, block of <see cref="BlockRows"/> query rows), key tiles of
+/// <see cref="KeyTile"/> from the diagonal back to key 0. Register tiles: each thread owns a 4 x 4 block of
+/// z = s q.k (rows ty*4+i, keys tx*4+j) and a 4 x 8 block of the output (rows ty*4+i, columns tx+16c).
+/// The in-tile reverse cumulative sum is split: each thread sums its 4 keys, the 16 segment sums of a row
+/// meet in shared memory. The Q block stays in shared memory; K and V tiles take turns in one buffer.
+/// Shared memory is dynamic and above 48 KB (set through cuFuncSetAttribute by the loader).
+/// Writes the backward's acc snapshots per 32-key tile when asked.
+/// </summary>
+internal static class CudaForwardKernel
+{
+    public const int GroupSize = 256;
+    public const int BlockRows = 64;
+    public const int KeyTile = 64;
+    public const int MaxHeadDim = 128;
+    /// <summary>Segments (of 4 keys) per row of a key tile: the 16 threads of a row.</summary>
+    private const int Segments = 16;
+    /// <summary>Row stride of the transposed Q and K tiles [d][row or key], padded against bank conflicts.</summary>
+    private const int TransposedStride = 65;
+    private const int PStride = 65;
+    private const int SegStride = Segments + 1;
+
+    private const int QOffset = 0;
+    private const int KvOffset = QOffset + MaxHeadDim * TransposedStride;
+    private const int POffset = KvOffset + MaxHeadDim * TransposedStride;   // >= KeyTile * MaxHeadDim (V)
+    private const int SegOffset = POffset + BlockRows * PStride;
+    /// <summary>Dynamic shared memory, in floats.</summary>
+    public const int SharedFloats = SegOffset + BlockRows * SegStride;
+
+    public static void Kernel(ForwardArgs a)
+    {
+        int tid = Group.IdxX;
+        int ty = tid / Segments, tx = tid - ty * Segments;
+        int head = Grid.IdxX;
+        int rowBlock = a.RowBlocks - 1 - Grid.IdxY;
+        int T = a.Length, D = a.HeadDim;
+        int row0 = rowBlock * BlockRows;
+        long headBase = (long)head * T * D;
+        var shared = SharedMemory.GetDynamic<float>();
+
+        // Q block, transposed: Qs[d][row].
+        for (int e = tid; e < BlockRows * MaxHeadDim; e += GroupSize)
+        {
+            int r = e / MaxHeadDim, d = e - r * MaxHeadDim;
+            int row = row0 + r;
+            shared[QOffset + d * TransposedStride + r] = row < T && d < D ? a.Q[headBase + (long)row * D + d] : 0f;
+        }
+
+        var acc = new F4();          // acc of rows ty*4 + i
+        F8 o0 = new(), o1 = new(), o2 = new(), o3 = new();
+        int firstRow = row0 + ty * 4;
+        int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
+        for (int tile = lastKey / KeyTile; tile >= 0; tile--)
+        {
+            int key0 = tile * KeyTile;
+            Group.Barrier();
+            // K tile, transposed and swizzled: key tx*4+j at column j*16+tx.
+            for (int e = tid; e < KeyTile * MaxHeadDim; e += GroupSize)
+            {
+                int kk = e / MaxHeadDim, d = e - kk * MaxHeadDim;
+                int kKey = key0 + kk;
+                int column = (kk & 3) * Segments + (kk >> 2);
+                shared[KvOffset + d * TransposedStride + column] = kKey < T && d < D ? a.K[headBase + (long)kKey * D + d] : 0f;
+            }
+            Group.Barrier();
+
+            // z = q.k, 4 x 4 per thread.
+            F4 s0 = new(), s1 = new(), s2 = new(), s3 = new();
+            for (int d = 0; d < D; d++)
+            {
+                int qAt = QOffset + d * TransposedStride + ty * 4;
+                int kAt = KvOffset + d * TransposedStride + tx;
+                var k = new F4(shared[kAt], shared[kAt + Segments], shared[kAt + 2 * Segments], shared[kAt + 3 * Segments]);
+                s0 = s0.Fma(shared[qAt], k);
+                s1 = s1.Fma(shared[qAt + 1], k);
+                s2 = s2.Fma(shared[qAt + 2], k);
+                s3 = s3.Fma(shared[qAt + 3], k);
+            }
+
+            // log(1 - beta) and log(beta) per element; each thread's 4-key segment sums.
+            int key = key0 + tx * 4;
+            var lb0 = Logs(s0, a, firstRow, key, out var logBeta0);
+            var lb1 = Logs(s1, a, firstRow + 1, key, out var logBeta1);
+            var lb2 = Logs(s2, a, firstRow + 2, key, out var logBeta2);
+            var lb3 = Logs(s3, a, firstRow + 3, key, out var logBeta3);
+            int segAt = SegOffset + ty * 4 * SegStride + tx;
+            shared[segAt] = Sum(lb0);
+            shared[segAt + SegStride] = Sum(lb1);
+            shared[segAt + 2 * SegStride] = Sum(lb2);
+            shared[segAt + 3 * SegStride] = Sum(lb3);
+            Group.Barrier();
+
+            // V tile over the K tile: Vs[key][d].
+            for (int e = tid; e < KeyTile * MaxHeadDim; e += GroupSize)
+            {
+                int kk = e / MaxHeadDim, d = e - kk * MaxHeadDim;
+                int vKey = key0 + kk;
+                shared[KvOffset + e] = vKey < T && d < D ? a.V[headBase + (long)vKey * D + d] : 0f;
+            }
+
+            // Weights: exp(log beta + acc + sum of lb over the nearer keys), into Ps.
+            int pAt = POffset + ty * 4 * PStride + tx * 4;
+            acc.X0 = Weights(shared, lb0, logBeta0, acc.X0, ty * 4, tx, pAt, a, firstRow, tile);
+            acc.X1 = Weights(shared, lb1, logBeta1, acc.X1, ty * 4 + 1, tx, pAt + PStride, a, firstRow + 1, tile);
+            acc.X2 = Weights(shared, lb2, logBeta2, acc.X2, ty * 4 + 2, tx, pAt + 2 * PStride, a, firstRow + 2, tile);
+            acc.X3 = Weights(shared, lb3, logBeta3, acc.X3, ty * 4 + 3, tx, pAt + 3 * PStride, a, firstRow + 3, tile);
+            Group.Barrier();
+
+            // out += A v, 4 x 8 per thread.
+            for (int kk = 0; kk < KeyTile; kk++)
+            {
+                int vAt = KvOffset + kk * MaxHeadDim + tx;
+                var v = new F8(
+                    new F4(shared[vAt], shared[vAt + 16], shared[vAt + 32], shared[vAt + 48]),
+                    new F4(shared[vAt + 64], shared[vAt + 80], shared[vAt + 96], shared[vAt + 112]));
+                int p = POffset + ty * 4 * PStride + kk;
+                o0 = o0.Fma(shared[p], v);
+                o1 = o1.Fma(shared[p + PStride], v);
+                o2 = o2.Fma(shared[p + 2 * PStride], v);
+                o3 = o3.Fma(shared[p + 3 * PStride], v);
+            }
+        }
+
+        Store(a, headBase, firstRow, tx, o0, acc.X0);
+        Store(a, headBase, firstRow + 1, tx, o1, acc.X1);
+        Store(a, headBase, firstRow + 2, tx, o2, acc.X2);
+        Store(a, headBase, firstRow + 3, tx, o3, acc.X3);
+    }
+
+    /// <summary>lb = log(1 - beta) per key of one row's segment (0 where not visible), logBeta = log(beta).</summary>
+    private static F4 Logs(F4 dots, ForwardArgs a, int row, int key, out F4 logBeta)
+    {
+        var lb = new F4();
+        logBeta = new F4();
+        Element(dots.X0, a, row, key, out lb.X0, out logBeta.X0);
+        Element(dots.X1, a, row, key + 1, out lb.X1, out logBeta.X1);
+        Element(dots.X2, a, row, key + 2, out lb.X2, out logBeta.X2);
+        Element(dots.X3, a, row, key + 3, out lb.X3, out logBeta.X3);
+        return lb;
+    }
+
+    private static void Element(float dot, ForwardArgs a, int row, int key, out float lb, out float logBeta)
+    {
+        if (StickMath.Visible(row, key, a.Length, a.AttendCurrent))
+        {
+            StickMath.Logs(a.Scale * dot, out lb, out logBeta);
+        }
+        else
+        {
+            lb = 0f;
+            logBeta = float.NegativeInfinity;   // weight exp(-inf) = 0
+        }
+    }
+
+    private static float Sum(F4 x) => x.X3 + x.X2 + x.X1 + x.X0;
+
+    /// <summary>
+    /// One row's weights for this thread's 4 keys, written to Ps; returns the row's acc after the tile. Also
+    /// writes the acc snapshots of the two 32-key tiles inside this 64-key tile.
+    /// </summary>
+    private static float Weights(ArrayView<float> shared, F4 lb, F4 logBeta, float rowAcc, int r, int tx, int pAt,
+        ForwardArgs a, int row, int tile)
+    {
+        int segRow = SegOffset + r * SegStride;
+        float nearer = 0f;        // sum of lb over the segments right of this thread's
+        float total = 0f;
+        for (int seg = Segments - 1; seg >= 0; seg--)
+        {
+            if (seg == tx)
+                nearer = total;
+            total += shared[segRow + seg];
+        }
+        float suffix = rowAcc + nearer;
+        float w3 = MathF.Exp(logBeta.X3 + suffix);
+        suffix += lb.X3;
+        float w2 = MathF.Exp(logBeta.X2 + suffix);
+        suffix += lb.X2;
+        float w1 = MathF.Exp(logBeta.X1 + suffix);
+        suffix += lb.X1;
+        float w0 = MathF.Exp(logBeta.X0 + suffix);
+        shared[pAt] = w0;
+        shared[pAt + 1] = w1;
+        shared[pAt + 2] = w2;
+        shared[pAt + 3] = w3;
+
+        if (a.WriteSnapshots != 0 && row < a.Length)
+        {
+            int half = 2 * tile;
+            if (tx == Segments / 2 - 1)   // nearer = keys 32..63 of the tile: acc before the lower 32-key tile
+                a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half, a.Length, a.SnapshotTiles)] = rowAcc + nearer;
+            if (tx == Segments - 1 && half + 1 < a.SnapshotTiles)
+                a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc;
+        }
+        return rowAcc + total;
+    }
+
+    private static void Store(ForwardArgs a, long headBase, int row, int tx, F8 o, float rowAcc)
+    {
+        if (row >= a.Length)
+            return;
+        long at = headBase + (long)row * a.HeadDim;
+        StoreColumn(a, at, tx, o.Lo.X0);
+        StoreColumn(a, at, tx + 16, o.Lo.X1);
+        StoreColumn(a, at, tx + 32, o.Lo.X2);
+        StoreColumn(a, at, tx + 48, o.Lo.X3);
+        StoreColumn(a, at, tx + 64, o.Hi.X0);
+        StoreColumn(a, at, tx + 80, o.Hi.X1);
+        StoreColumn(a, at, tx + 96, o.Hi.X2);
+        StoreColumn(a, at, tx + 112, o.Hi.X3);
+        if (tx == 0)
+        {
+            long stat = (long)Grid.IdxX * a.Length + row;
+            a.LogRem[stat] = rowAcc;
+            a.Rem[stat] = MathF.Exp(rowAcc);
+        }
+    }
+
+    private static void StoreColumn(ForwardArgs a, long rowAt, int column, float value)
+    {
+        if (column < a.HeadDim)
+            a.O[rowAt + column] = value;
+    }
+}
