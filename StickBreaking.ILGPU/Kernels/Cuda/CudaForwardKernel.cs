@@ -61,13 +61,7 @@ internal static class CudaForwardKernel
             int key0 = tile * KeyTile;
             Group.Barrier();
             // K tile, transposed and swizzled: key tx*4+j at column j*16+tx.
-            for (int e = tid; e < KeyTile * MaxHeadDim; e += GroupSize)
-            {
-                int kk = e / MaxHeadDim, d = e - kk * MaxHeadDim;
-                int kKey = key0 + kk;
-                int column = (kk & 3) * Segments + (kk >> 2);
-                shared[KvOffset + d * TransposedStride + column] = kKey < T && d < D ? a.K[headBase + (long)kKey * D + d] : 0f;
-            }
+            LoadTile(a.K, shared, headBase, key0, T, D, tid, transpose: true);
             Group.Barrier();
 
             // z = q.k, 4 x 4 per thread.
@@ -97,12 +91,7 @@ internal static class CudaForwardKernel
             Group.Barrier();
 
             // V tile over the K tile: Vs[key][d].
-            for (int e = tid; e < KeyTile * MaxHeadDim; e += GroupSize)
-            {
-                int kk = e / MaxHeadDim, d = e - kk * MaxHeadDim;
-                int vKey = key0 + kk;
-                shared[KvOffset + e] = vKey < T && d < D ? a.V[headBase + (long)vKey * D + d] : 0f;
-            }
+            LoadTile(a.V, shared, headBase, key0, T, D, tid, transpose: false);
 
             // Weights: exp(log beta + acc + sum of lb over the nearer keys), into Ps.
             int pAt = POffset + ty * 4 * PStride + tx * 4;
@@ -131,6 +120,49 @@ internal static class CudaForwardKernel
         Store(a, headBase, firstRow + 1, tx, o1, acc.X1);
         Store(a, headBase, firstRow + 2, tx, o2, acc.X2);
         Store(a, headBase, firstRow + 3, tx, o3, acc.X3);
+    }
+
+    /// <summary>
+    /// Stages a 64-key tile of K (transposed and swizzled) or V (row-major) in the shared K/V buffer. Each
+    /// thread owns one dimension d = tid % 128 and keys tid / 128 + 2m; the 32 loads go out 8 at a time before
+    /// their stores, so that 8 global loads per thread are in flight (ILGPU does not unroll the loop itself).
+    /// </summary>
+    private static void LoadTile(ArrayView<float> x, ArrayView<float> shared, long headBase, int key0, int T, int D,
+        int tid, bool transpose)
+    {
+        int d = tid % MaxHeadDim, firstKey = tid / MaxHeadDim;
+        bool column = d < D;
+        for (int m = 0; m < KeyTile / 2; m += 8)
+        {
+            int kk = firstKey + 2 * m;
+            float v0 = Element(x, headBase, key0 + kk, T, D, d, column);
+            float v1 = Element(x, headBase, key0 + kk + 2, T, D, d, column);
+            float v2 = Element(x, headBase, key0 + kk + 4, T, D, d, column);
+            float v3 = Element(x, headBase, key0 + kk + 6, T, D, d, column);
+            float v4 = Element(x, headBase, key0 + kk + 8, T, D, d, column);
+            float v5 = Element(x, headBase, key0 + kk + 10, T, D, d, column);
+            float v6 = Element(x, headBase, key0 + kk + 12, T, D, d, column);
+            float v7 = Element(x, headBase, key0 + kk + 14, T, D, d, column);
+            Put(shared, kk, d, v0, transpose);
+            Put(shared, kk + 2, d, v1, transpose);
+            Put(shared, kk + 4, d, v2, transpose);
+            Put(shared, kk + 6, d, v3, transpose);
+            Put(shared, kk + 8, d, v4, transpose);
+            Put(shared, kk + 10, d, v5, transpose);
+            Put(shared, kk + 12, d, v6, transpose);
+            Put(shared, kk + 14, d, v7, transpose);
+        }
+    }
+
+    private static float Element(ArrayView<float> x, long headBase, int key, int T, int D, int d, bool column) =>
+        column && key < T ? x[headBase + (long)key * D + d] : 0f;
+
+    private static void Put(ArrayView<float> shared, int kk, int d, float value, bool transpose)
+    {
+        if (transpose)
+            shared[KvOffset + d * TransposedStride + (kk & 3) * Segments + (kk >> 2)] = value;
+        else
+            shared[KvOffset + kk * MaxHeadDim + d] = value;
     }
 
     /// <summary>lb = log(1 - beta) per key of one row's segment (0 where not visible), logBeta = log(beta).</summary>
