@@ -56,9 +56,29 @@ internal static class BackwardKeyKernel
         var weights = SharedMemory.Allocate<float>(BlockRows * KeyTile);
         var acc = SharedMemory.GetDynamic<float>();                   // dk [KeyTile, cols], then dv
         int dvBase = KeyTile * a.ColumnsPerGroup;
+        // On OpenCL the (unscaled) dk and the dv accumulators are DK and DV themselves (see OutputAccumulator):
+        // never a select between the views.
+        bool inOutput = OutputAccumulator.InOutput;
+        long outBase = headBase + (long)key0 * D + col0;              // DK/DV[key0, col0] of this group
 
-        for (int e = tid; e < 2 * KeyTile * a.ColumnsPerGroup; e += groupSize)
-            acc[e] = 0f;
+        if (inOutput)
+        {
+            for (int e = tid; e < KeyTile * cols; e += groupSize)
+            {
+                int j = e / cols, c = e - j * cols;
+                if (key0 + j < T)
+                {
+                    long at = outBase + (long)j * D + c;
+                    a.DK[at] = 0f;
+                    a.DV[at] = 0f;
+                }
+            }
+        }
+        else
+        {
+            for (int e = tid; e < 2 * KeyTile * a.ColumnsPerGroup; e += groupSize)
+                acc[e] = 0f;
+        }
 
         for (int row0 = key0 - key0 % BlockRows; row0 < T; row0 += BlockRows)
         {
@@ -117,17 +137,27 @@ internal static class BackwardKeyKernel
                 for (int e = tid; e < KeyTile * DimChunk; e += groupSize)
                 {
                     int j = e / DimChunk, dd = e - j * DimChunk;
-                    if (c + dd < cols)
+                    if (c + dd < cols && (!inOutput || key0 + j < T))
                     {
                         int slot = j * a.ColumnsPerGroup + c + dd;
-                        float dk = acc[slot], dv = acc[dvBase + slot];
+                        long outAt = outBase + (long)j * D + c + dd;
+                        float dk = inOutput ? a.DK[outAt] : acc[slot];
+                        float dv = inOutput ? a.DV[outAt] : acc[dvBase + slot];
                         for (int r = 0; r < BlockRows; r++)
                         {
                             dk += z[r * KeyTile + j] * qChunk[r * ChunkStride + dd];
                             dv += weights[r * KeyTile + j] * doChunk[r * ChunkStride + dd];
                         }
-                        acc[slot] = dk;
-                        acc[dvBase + slot] = dv;
+                        if (inOutput)
+                        {
+                            a.DK[outAt] = dk;
+                            a.DV[outAt] = dv;
+                        }
+                        else
+                        {
+                            acc[slot] = dk;
+                            acc[dvBase + slot] = dv;
+                        }
                     }
                 }
             }
@@ -141,8 +171,15 @@ internal static class BackwardKeyKernel
             if (key < T)
             {
                 long at = headBase + (long)key * D + col0 + c;
-                a.DK[at] = a.Scale * acc[j * a.ColumnsPerGroup + c];
-                a.DV[at] = acc[dvBase + j * a.ColumnsPerGroup + c];
+                if (inOutput)
+                {
+                    a.DK[at] = a.Scale * a.DK[at];   // in place; DV already holds dv
+                }
+                else
+                {
+                    a.DK[at] = a.Scale * acc[j * a.ColumnsPerGroup + c];
+                    a.DV[at] = acc[dvBase + j * a.ColumnsPerGroup + c];
+                }
             }
         }
     }

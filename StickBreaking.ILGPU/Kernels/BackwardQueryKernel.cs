@@ -57,9 +57,24 @@ internal static class BackwardQueryKernel
         var prefix = SharedMemory.Allocate<float>(BlockRows);         // P carried across tiles
         var dRemRem = SharedMemory.Allocate<float>(BlockRows);
         var dqAcc = SharedMemory.GetDynamic<float>();                 // [BlockRows, ColumnsPerGroup]
+        // On OpenCL the (unscaled) dq accumulator is DQ itself (see OutputAccumulator): never a select between the two views.
+        bool inOutput = OutputAccumulator.InOutput;
+        long outBase = headBase + (long)row0 * D + col0;              // DQ[row0, col0] of this group
 
-        for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
-            dqAcc[e] = 0f;
+        if (inOutput)
+        {
+            for (int e = tid; e < BlockRows * cols; e += groupSize)
+            {
+                int r = e / cols, c = e - r * cols;
+                if (row0 + r < T)
+                    a.DQ[outBase + (long)r * D + c] = 0f;
+            }
+        }
+        else
+        {
+            for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
+                dqAcc[e] = 0f;
+        }
         for (int r = tid; r < BlockRows; r += groupSize)
         {
             int row = row0 + r;
@@ -127,13 +142,17 @@ internal static class BackwardQueryKernel
                 for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
                 {
                     int r = e / DimChunk, dd = e - r * DimChunk;
-                    if (c + dd < cols)
+                    if (c + dd < cols && (!inOutput || row0 + r < T))
                     {
                         int slot = r * a.ColumnsPerGroup + c + dd;
-                        float dq = dqAcc[slot];
+                        long outAt = outBase + (long)r * D + c + dd;
+                        float dq = inOutput ? a.DQ[outAt] : dqAcc[slot];
                         for (int j = 0; j < KeyTile; j++)
                             dq += z[r * KeyTile + j] * kChunk[j * ChunkStride + dd];
-                        dqAcc[slot] = dq;
+                        if (inOutput)
+                            a.DQ[outAt] = dq;
+                        else
+                            dqAcc[slot] = dq;
                     }
                 }
             }
@@ -145,7 +164,10 @@ internal static class BackwardQueryKernel
             int r = e / cols, c = e - r * cols;
             int row = row0 + r;
             if (row < T)
-                a.DQ[headBase + (long)row * D + col0 + c] = a.Scale * dqAcc[r * a.ColumnsPerGroup + c];
+            {
+                long at = headBase + (long)row * D + col0 + c;
+                a.DQ[at] = a.Scale * (inOutput ? a.DQ[at] : dqAcc[r * a.ColumnsPerGroup + c]);   // in place on OpenCL
+            }
         }
     }
 }

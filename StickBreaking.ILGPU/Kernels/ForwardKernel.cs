@@ -53,9 +53,24 @@ internal static class ForwardKernel
         var p = SharedMemory.Allocate<float>(BlockRows * KeyTile);   // q.k, then the weights A
         var acc = SharedMemory.Allocate<float>(BlockRows);
         var outAcc = SharedMemory.GetDynamic<float>();              // [BlockRows, ColumnsPerGroup]
+        // On OpenCL the output accumulator is O itself (see OutputAccumulator): never a select between the two views.
+        bool inOutput = OutputAccumulator.InOutput;
+        long outBase = headBase + (long)row0 * D + col0;            // O[row0, col0] of this group
 
-        for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
-            outAcc[e] = 0f;
+        if (inOutput)
+        {
+            for (int e = tid; e < BlockRows * cols; e += groupSize)
+            {
+                int r = e / cols, c = e - r * cols;
+                if (row0 + r < T)
+                    a.O[outBase + (long)r * D + c] = 0f;
+            }
+        }
+        else
+        {
+            for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
+                outAcc[e] = 0f;
+        }
         for (int r = tid; r < BlockRows; r += groupSize)
             acc[r] = 0f;
 
@@ -116,25 +131,32 @@ internal static class ForwardKernel
                 for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
                 {
                     int r = e / DimChunk, dd = e - r * DimChunk;
-                    if (c + dd < cols)
+                    if (c + dd < cols && (!inOutput || row0 + r < T))
                     {
                         int slot = r * a.ColumnsPerGroup + c + dd;
-                        float o = outAcc[slot];
+                        long outAt = outBase + (long)r * D + c + dd;
+                        float o = inOutput ? a.O[outAt] : outAcc[slot];
                         for (int j = 0; j < KeyTile; j++)
                             o += p[r * KeyTile + j] * kvChunk[j * ChunkStride + dd];
-                        outAcc[slot] = o;
+                        if (inOutput)
+                            a.O[outAt] = o;
+                        else
+                            outAcc[slot] = o;
                     }
                 }
             }
             Group.Barrier();
         }
 
-        for (int e = tid; e < BlockRows * cols; e += groupSize)
+        if (!inOutput)   // on OpenCL O already holds the result
         {
-            int r = e / cols, c = e - r * cols;
-            int row = row0 + r;
-            if (row < T)
-                a.O[headBase + (long)row * D + col0 + c] = outAcc[r * a.ColumnsPerGroup + c];
+            for (int e = tid; e < BlockRows * cols; e += groupSize)
+            {
+                int r = e / cols, c = e - r * cols;
+                int row = row0 + r;
+                if (row < T)
+                    a.O[headBase + (long)row * D + col0 + c] = outAcc[r * a.ColumnsPerGroup + c];
+            }
         }
         if (Grid.IdxZ == 0)
         {

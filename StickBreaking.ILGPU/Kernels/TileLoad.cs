@@ -1,4 +1,5 @@
 using ILGPU;
+using ILGPU.Runtime;
 
 namespace StickBreaking.ILGPU.Kernels;
 
@@ -24,4 +25,40 @@ internal static class TileLoad
             chunk[r * ChunkStride + dd] = row < length && d < headDim ? x[headBase + (long)row * headDim + d] : 0f;
         }
     }
+}
+
+/// <summary>
+/// Where the kernels keep their per-group output accumulators (forward O, backward dq, dk and dv).
+/// <para>
+/// CUDA and the CPU accelerator: in the dynamic shared memory the host requests. OpenCL: directly in the
+/// group's own slice of the output tensor in global memory, because ILGPU 1.5.3's OpenCL backend cannot give
+/// a work-group its dynamic shared memory safely. It declares one program-scope variable
+/// <c>local float* shared_var_N;</c> (a single instance in global memory, shared by every work-group),
+/// each work-group stores its own <c>dynamic_shared_memory</c> kernel argument into it on entry, and every
+/// access reads the pointer back from it. Where work-groups run concurrently (PoCL's CPU device runs one per
+/// worker thread, each with its own local buffer) a group picks up another group's pointer and accumulates
+/// into that group's local memory: wrong, run-to-run different outputs as soon as two groups overlap. Static
+/// shared arrays (<see cref="SharedMemory.Allocate{T}(int)"/> in the kernel itself) are declared inside the
+/// kernel function and are not affected.
+/// </para>
+/// <para>
+/// The output slices of the groups are disjoint (each group owns its rows or keys and its column slice), each
+/// group zeroes its slice before accumulating, and the zeroing, every accumulation step and the final pass
+/// are separated by <see cref="Group.Barrier"/>, which ILGPU emits on OpenCL as
+/// <c>work_group_barrier(CLK_GLOBAL_MEM_FENCE)</c>: the fence global memory needs. On a CPU OpenCL device
+/// global and local memory are the same RAM.
+/// </para>
+/// <para>
+/// ILGPU does not fold <see cref="Accelerator.CurrentType"/> in its IR (the PTX and the OpenCL C compare two
+/// constants; ptxas and the OpenCL compiler fold them), so the kernels branch on <see cref="InOutput"/> around
+/// each accumulator access and never select between a global and a shared view: a select would make every
+/// CUDA access generic (<c>cvta</c> + <c>ld</c>) instead of <c>ld.shared</c>. The shared branch also keeps the
+/// dynamic allocation in the OpenCL kernel, which ILGPU requires since the host requests dynamic shared
+/// memory on every backend.
+/// </para>
+/// </summary>
+internal static class OutputAccumulator
+{
+    /// <summary>True where the accumulators live in the output tensors (OpenCL); a constant per backend.</summary>
+    public static bool InOutput => Accelerator.CurrentType == AcceleratorType.OpenCL;
 }
