@@ -1,4 +1,6 @@
 using System;
+using System.Collections.Generic;
+using System.Linq;
 using BenchmarkDotNet.Attributes;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
@@ -13,9 +15,18 @@ public abstract class SuiteBase
     private StickBreakingAttention? attention;
     private protected DeviceRun? Run;
 
-    /// <summary>Backend to time; an absent one fails the set-up with the reason.</summary>
-    [Params(Backends.Cuda)]
-    public string Backend { get; set; } = Backends.Cuda;
+    /// <summary>The backends present on this machine.</summary>
+    public static IEnumerable<string> PresentBackends() => Backends.All.Where(b =>
+    {
+        var (context, accelerator, _) = Backends.Open(b);
+        accelerator?.Dispose();
+        context?.Dispose();
+        return accelerator is not null;
+    }).ToList();
+
+    /// <summary>Backend to time: every one present.</summary>
+    [ParamsSource(nameof(PresentBackends))]
+    public string Backend { get; set; } = Backends.Cpu;
 
     /// <summary>Sequence length.</summary>
     [Params(1024, 4096)]
@@ -28,7 +39,9 @@ public abstract class SuiteBase
         if (accelerator is null)
             throw new InvalidOperationException($"{Backend}: {reason}");
         attention = new StickBreakingAttention(accelerator);
-        var shape = Backend == Backends.Cpu ? new AttentionShape(1, 2, Math.Min(T, 256), 64) : new AttentionShape(4, 12, T, 128);
+        // GPU backends: the shape of the peers' figures; the CPU accelerator and PoCL's CPU device: a small one.
+        var shape = accelerator.AcceleratorType == global::ILGPU.Runtime.AcceleratorType.Cuda
+            ? new AttentionShape(4, 12, T, 128) : new AttentionShape(1, 2, T / 8, 64);
         Run = new DeviceRun(attention, shape, TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1));
         Run.Forward(training: true);
         Run.Synchronize();
@@ -44,7 +57,7 @@ public abstract class SuiteBase
     }
 }
 
-/// <summary>The inference forward (no snapshots), B=4 H=12 D=128 on GPUs.</summary>
+/// <summary>The inference forward (no snapshots): B=4 H=12 D=128 on CUDA, B=1 H=2 T/8 D=64 elsewhere.</summary>
 public class ForwardSuite : SuiteBase
 {
     [Benchmark]
@@ -55,7 +68,7 @@ public class ForwardSuite : SuiteBase
     }
 }
 
-/// <summary>The backward (dq, dk, dv) after a training forward, B=4 H=12 D=128 on GPUs.</summary>
+/// <summary>The backward (dq, dk, dv) after a training forward, shapes as <see cref="ForwardSuite"/>.</summary>
 public class BackwardSuite : SuiteBase
 {
     [Benchmark]
