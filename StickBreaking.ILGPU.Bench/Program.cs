@@ -18,7 +18,8 @@ if (args[0] == "--report")
     return Report.Run(args[1..]);
 if (args[0] == "--bdn")
 {
-    var config = DefaultConfig.Instance.AddJob(Job.Default.WithToolchain(InProcessEmitToolchain.Instance));
+    // AsDefault: jobs given on the command line (--job short, --job dry) inherit the in-process toolchain, so no SDK is needed.
+    var config = DefaultConfig.Instance.AddJob(Job.Default.WithToolchain(InProcessEmitToolchain.Instance).AsDefault());
     BenchmarkSwitcher.FromAssembly(typeof(MainJob).Assembly).Run(args[1..], config);
     return 0;
 }

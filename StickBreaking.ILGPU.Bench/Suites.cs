@@ -15,8 +15,8 @@ public abstract class SuiteBase
     private StickBreakingAttention? attention;
     private protected DeviceRun? Run;
 
-    /// <summary>The backends present on this machine.</summary>
-    public static IEnumerable<string> PresentBackends() => Backends.All.Where(b =>
+    /// <summary>The backends present on this machine (limited by STICKBREAKING_BACKENDS where set).</summary>
+    public static IEnumerable<string> PresentBackends() => Backends.All.Where(b => Backends.Selected?.Contains(b) ?? true).Where(b =>
     {
         var (context, accelerator, _) = Backends.Open(b);
         accelerator?.Dispose();
