@@ -64,17 +64,14 @@ internal static class CudaForwardKernel
             LoadTile(a.K, shared, headBase, key0, T, D, tid, transpose: true);
             Group.Barrier();
 
-            // z = q.k, 4 x 4 per thread.
+            // z = q.k, 4 x 4 per thread; four dimensions per iteration (the staged tiles are zero past D).
             F4 s0 = new(), s1 = new(), s2 = new(), s3 = new();
-            for (int d = 0; d < D; d++)
+            for (int d = 0; d < D; d += 4)
             {
-                int qAt = QOffset + d * TransposedStride + ty * 4;
-                int kAt = KvOffset + d * TransposedStride + tx;
-                var k = new F4(shared[kAt], shared[kAt + Segments], shared[kAt + 2 * Segments], shared[kAt + 3 * Segments]);
-                s0 = s0.Fma(shared[qAt], k);
-                s1 = s1.Fma(shared[qAt + 1], k);
-                s2 = s2.Fma(shared[qAt + 2], k);
-                s3 = s3.Fma(shared[qAt + 3], k);
+                Dot(shared, d, ty, tx, ref s0, ref s1, ref s2, ref s3);
+                Dot(shared, d + 1, ty, tx, ref s0, ref s1, ref s2, ref s3);
+                Dot(shared, d + 2, ty, tx, ref s0, ref s1, ref s2, ref s3);
+                Dot(shared, d + 3, ty, tx, ref s0, ref s1, ref s2, ref s3);
             }
 
             // log(1 - beta) and log(beta) per element; each thread's 4-key segment sums.
@@ -101,18 +98,11 @@ internal static class CudaForwardKernel
             acc.X3 = Weights(shared, lb3, logBeta3, acc.X3, ty * 4 + 3, tx, pAt + 3 * PStride, a, firstRow + 3, tile);
             Group.Barrier();
 
-            // out += A v, 4 x 8 per thread.
-            for (int kk = 0; kk < KeyTile; kk++)
+            // out += A v, 4 x 8 per thread, two keys per iteration.
+            for (int kk = 0; kk < KeyTile; kk += 2)
             {
-                int vAt = KvOffset + kk * MaxHeadDim + tx;
-                var v = new F8(
-                    new F4(shared[vAt], shared[vAt + 16], shared[vAt + 32], shared[vAt + 48]),
-                    new F4(shared[vAt + 64], shared[vAt + 80], shared[vAt + 96], shared[vAt + 112]));
-                int p = POffset + ty * 4 * PStride + kk;
-                o0 = o0.Fma(shared[p], v);
-                o1 = o1.Fma(shared[p + PStride], v);
-                o2 = o2.Fma(shared[p + 2 * PStride], v);
-                o3 = o3.Fma(shared[p + 3 * PStride], v);
+                Accumulate(shared, kk, ty, tx, ref o0, ref o1, ref o2, ref o3);
+                Accumulate(shared, kk + 1, ty, tx, ref o0, ref o1, ref o2, ref o3);
             }
         }
 
@@ -120,6 +110,33 @@ internal static class CudaForwardKernel
         Store(a, headBase, firstRow + 1, tx, o1, acc.X1);
         Store(a, headBase, firstRow + 2, tx, o2, acc.X2);
         Store(a, headBase, firstRow + 3, tx, o3, acc.X3);
+    }
+
+    /// <summary>One step of z += q k^T: dimension d for the thread's 4 rows and 4 keys.</summary>
+    private static void Dot(ArrayView<float> shared, int d, int ty, int tx, ref F4 s0, ref F4 s1, ref F4 s2, ref F4 s3)
+    {
+        int qAt = QOffset + d * TransposedStride + ty * 4;
+        int kAt = KvOffset + d * TransposedStride + tx;
+        var k = new F4(shared[kAt], shared[kAt + Segments], shared[kAt + 2 * Segments], shared[kAt + 3 * Segments]);
+        var q = new F4(shared[qAt], shared[qAt + 1], shared[qAt + 2], shared[qAt + 3]);
+        s0 = s0.Fma(q.X0, k);
+        s1 = s1.Fma(q.X1, k);
+        s2 = s2.Fma(q.X2, k);
+        s3 = s3.Fma(q.X3, k);
+    }
+
+    /// <summary>One step of out += A v: key kk for the thread's 4 rows and 8 columns.</summary>
+    private static void Accumulate(ArrayView<float> shared, int kk, int ty, int tx, ref F8 o0, ref F8 o1, ref F8 o2, ref F8 o3)
+    {
+        int vAt = KvOffset + kk * MaxHeadDim + tx;
+        var v = new F8(
+            new F4(shared[vAt], shared[vAt + 16], shared[vAt + 32], shared[vAt + 48]),
+            new F4(shared[vAt + 64], shared[vAt + 80], shared[vAt + 96], shared[vAt + 112]));
+        int p = POffset + ty * 4 * PStride + kk;
+        o0 = o0.Fma(shared[p], v);
+        o1 = o1.Fma(shared[p + PStride], v);
+        o2 = o2.Fma(shared[p + 2 * PStride], v);
+        o3 = o3.Fma(shared[p + 3 * PStride], v);
     }
 
     /// <summary>
