@@ -44,6 +44,72 @@ public sealed class CudaKernelOnCpuTests
     public void ForwardMatchesReference(InputKind kind, int batch, int length, int headDim, bool attendCurrent) =>
         CheckForward(kind, new AttentionShape(batch, 1, length, headDim), attendCurrent);
 
+    /// <summary>
+    /// The CUDA backward passes (64 x 64 tiles made of two 32-key snapshot tiles): D = 1 and D = 128, exact and
+    /// partial 64-tiles, both visibilities, dRem zero and non-zero, the hard input families.
+    /// </summary>
+    [TestCase(InputKind.Standard, 1, 2, 128, 1, false, true)]
+    [TestCase(InputKind.UsedUp, 1, 1, 140, 128, true, false)]
+    [TestCase(InputKind.Saturated, 1, 1, 100, 50, false, true)]
+    [TestCase(InputKind.LongRange, 2, 1, 70, 100, true, true)]
+    public void GradientsMatchReference(InputKind kind, int batch, int heads, int length, int headDim, bool attendCurrent, bool zeroDRem)
+    {
+        var shape = new AttentionShape(batch, heads, length, headDim);
+        var options = new StickBreakingOptions { AttendCurrent = attendCurrent };
+        var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 5 * length + headDim);
+        if (zeroDRem)
+            x = x.WithZeroDRem();
+        CheckGradients(attention, attention, x, shape, options);
+    }
+
+    /// <summary>
+    /// Both kinds of kernels read and write the same 32-key snapshots: the portable backward runs on a CUDA
+    /// forward's workspace, and the CUDA backward on a portable forward's.
+    /// </summary>
+    [TestCase(false)]
+    [TestCase(true)]
+    public void SnapshotsAreSharedWithThePortableKernels(bool cudaForward)
+    {
+        var shape = new AttentionShape(1, 1, 97, 24);
+        var options = new StickBreakingOptions { AttendCurrent = cudaForward };
+        var x = TestInputs.Create(InputKind.LongRange, 1, 1, shape.Length, shape.HeadDim, seed: 11);
+        using var portable = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Portable);
+        CheckGradients(cudaForward ? attention : portable, cudaForward ? portable : attention, x, shape, options);
+    }
+
+    private void CheckGradients(StickBreakingAttention forward, StickBreakingAttention backward, AttentionInputs x,
+        AttentionShape shape, StickBreakingOptions options)
+    {
+        using var workspace = new StickBreakingWorkspace(accelerator, shape);
+        using var q = accelerator.Allocate1D(x.Q);
+        using var k = accelerator.Allocate1D(x.K);
+        using var v = accelerator.Allocate1D(x.V);
+        using var dO = accelerator.Allocate1D(x.DO);
+        using var dRem = accelerator.Allocate1D(x.DRem);
+        using var o = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var rem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var dq = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var dk = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var dv = accelerator.Allocate1D<float>(shape.TensorLength);
+        var stream = accelerator.DefaultStream;
+        forward.Forward(stream, shape, q.View, k.View, v.View, o.View, rem.View, logRem.View, options, workspace);
+        backward.Backward(stream, shape, q.View, k.View, v.View, dO.View, dRem.View, logRem.View, workspace,
+            dq.View, dk.View, dv.View, options);
+        stream.Synchronize();
+
+        double scale = options.ScaleFor(shape.HeadDim);
+        var expected = Float64Reference.Backward(TestInputs.ToDouble(x.Q), TestInputs.ToDouble(x.K), TestInputs.ToDouble(x.V),
+            TestInputs.ToDouble(x.DO), TestInputs.ToDouble(x.DRem),
+            shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, options.AttendCurrent);
+        Assert.Multiple(() =>
+        {
+            Assert.That(Errors.RelativeRms(dq.GetAsArray1D(), expected.DQ), Is.LessThanOrEqualTo(2e-5), "DQ");
+            Assert.That(Errors.RelativeRms(dk.GetAsArray1D(), expected.DK), Is.LessThanOrEqualTo(2e-5), "DK");
+            Assert.That(Errors.RelativeRms(dv.GetAsArray1D(), expected.DV), Is.LessThanOrEqualTo(2e-5), "DV");
+        });
+    }
+
     private void CheckForward(InputKind kind, AttentionShape shape, bool attendCurrent)
     {
         var options = new StickBreakingOptions { AttendCurrent = attendCurrent };
@@ -57,7 +123,7 @@ public sealed class CudaKernelOnCpuTests
             Assert.That(Errors.MaxAbs(output.O, expected.O), Is.LessThanOrEqualTo(2e-5), "O");
             Assert.That(Errors.MaxAbs(output.Rem, expected.Rem), Is.LessThanOrEqualTo(2e-5), "Rem");
         });
-        // A training forward's snapshots feed the (portable) backward: its gradients must match too.
+        // A training forward's snapshots feed the backward (the CUDA passes up to D = 128): its gradients must match too.
         var grads = attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, shape, options);
         var expectedGrads = Float64Reference.Backward(q, k, v, TestInputs.ToDouble(x.DO), TestInputs.ToDouble(x.DRem),
             shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, attendCurrent);

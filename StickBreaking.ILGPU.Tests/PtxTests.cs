@@ -33,6 +33,8 @@ public sealed class PtxTests
         new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel) },
         new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel) },
         new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel) },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel.Kernel) },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel.Kernel) },
     ];
 
     [TestCaseSource(nameof(Kernels))]

@@ -40,6 +40,9 @@ public sealed class StickBreakingAttention : IDisposable
     private readonly bool cudaKernels;
     private Action<AcceleratorStream, KernelConfig, BackwardQueryArgs>? backwardQuery;
     private Action<AcceleratorStream, KernelConfig, BackwardKeyArgs>? backwardKey;
+    private Action<AcceleratorStream, KernelConfig, CudaBackwardQueryArgs>? cudaBackwardQuery;
+    private Action<AcceleratorStream, KernelConfig, CudaBackwardKeyArgs>? cudaBackwardKey;
+    private bool? cudaBackwardFits;
     private bool disposed;
 
     /// <summary>Binds the kernels to <paramref name="accelerator"/>.</summary>
@@ -286,6 +289,42 @@ public sealed class StickBreakingAttention : IDisposable
 
         int tiles = Snapshots.TileCount(T);
         int attend = options.AttendCurrent ? 1 : 0;
+        var accSnapshots = workspace.AccFor(shape);
+        var prefixSnapshots = workspace.PrefixFor(shape);
+
+        // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is
+        // between the two runs the CUDA forward and the portable backward (the snapshots are the same).
+        cudaBackwardFits ??= accelerator is not CudaAccelerator cudaDevice
+            || CudaKernels.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats);
+        if (cudaKernels && D <= CudaBackwardQueryKernel.MaxHeadDim && cudaBackwardFits == true)
+        {
+            int blocks = (T + CudaBackwardQueryKernel.BlockRows - 1) / CudaBackwardQueryKernel.BlockRows;
+            var cudaQueryConfig = plan.GridConfig("CUDA backward dq", shape.HeadCount, blocks, slices: 1,
+                CudaBackwardQueryKernel.GroupSize, CudaBackwardQueryKernel.SharedFloats);
+            var cudaKeyConfig = plan.GridConfig("CUDA backward dk/dv", shape.HeadCount, blocks, slices: 1,
+                CudaBackwardKeyKernel.GroupSize, CudaBackwardKeyKernel.SharedFloats);
+            cudaBackwardQuery ??= accelerator is CudaAccelerator cudaQuery
+                ? CudaKernels.Load<CudaBackwardQueryArgs>(cudaQuery, CudaBackwardQueryKernel.Kernel,
+                    CudaBackwardQueryKernel.GroupSize, minGroupsPerMultiprocessor: 2, 4 * CudaBackwardQueryKernel.SharedFloats)
+                : Load<CudaBackwardQueryArgs>(CudaBackwardQueryKernel.Kernel);
+            cudaBackwardKey ??= accelerator is CudaAccelerator cudaKey
+                ? CudaKernels.Load<CudaBackwardKeyArgs>(cudaKey, CudaBackwardKeyKernel.Kernel,
+                    CudaBackwardKeyKernel.GroupSize, minGroupsPerMultiprocessor: 2, 4 * CudaBackwardKeyKernel.SharedFloats)
+                : Load<CudaBackwardKeyArgs>(CudaBackwardKeyKernel.Kernel);
+            cudaBackwardQuery(stream, cudaQueryConfig, new CudaBackwardQueryArgs
+            {
+                Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
+                AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DQ = dq,
+                Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles, RowBlocks = blocks, Scale = scale,
+            });
+            cudaBackwardKey(stream, cudaKeyConfig, new CudaBackwardKeyArgs
+            {
+                Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
+                AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DK = dk, DV = dv,
+                Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles, RowBlocks = blocks, Scale = scale,
+            });
+            return;
+        }
 
         int qColumns = plan.ColumnsPerGroup("backward dq", D, BackwardQueryKernel.StaticSharedBytes, BackwardQueryKernel.DynamicFloatsPerColumn);
         int rowBlocks = (T + BackwardQueryKernel.BlockRows - 1) / BackwardQueryKernel.BlockRows;
@@ -293,8 +332,6 @@ public sealed class StickBreakingAttention : IDisposable
         int kColumns = plan.ColumnsPerGroup("backward dk/dv", D, BackwardKeyKernel.StaticSharedBytes, BackwardKeyKernel.DynamicFloatsPerColumn);
         var kConfig = plan.Config("backward dk/dv", shape.HeadCount, tiles, D, kColumns, BackwardKeyKernel.DynamicFloatsPerColumn);
 
-        var accSnapshots = workspace.AccFor(shape);
-        var prefixSnapshots = workspace.PrefixFor(shape);
         backwardQuery ??= Load<BackwardQueryArgs>(BackwardQueryKernel.Kernel);
         backwardKey ??= Load<BackwardKeyArgs>(BackwardKeyKernel.Kernel);
         backwardQuery(stream, qConfig, new BackwardQueryArgs
@@ -321,6 +358,8 @@ public sealed class StickBreakingAttention : IDisposable
         cudaForward = null;
         backwardQuery = null;
         backwardKey = null;
+        cudaBackwardQuery = null;
+        cudaBackwardKey = null;
     }
 
     // ------------------------------------------------------------------------------------------------
