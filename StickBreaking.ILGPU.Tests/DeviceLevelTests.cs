@@ -2,6 +2,8 @@ using System;
 using ILGPU;
 using ILGPU.Runtime;
 using NUnit.Framework;
+using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Cuda;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 
@@ -66,6 +68,89 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         stream.Synchronize();
         Assert.That(o2.GetAsArray1D(), Is.EqualTo(o1.GetAsArray1D()).AsCollection);
     }
+
+    /// <summary>
+    /// The device-level calls allocate nothing of their own once warm: a forward (one kernel launch) and a
+    /// backward (two) allocate no more managed memory than launches of empty kernels with the same argument
+    /// structs (ILGPU's own launch cost: a task holding the arguments per launch on the CPU accelerator).
+    /// </summary>
+    [Test]
+    public void DeviceLevelCallsAllocateNothingOfTheirOwn()
+    {
+        var shape = new AttentionShape(1, 1, 40, 16);
+        using var x = Accelerator.Allocate1D<float>(shape.TensorLength);
+        using var rows = Accelerator.Allocate1D<float>(shape.RowCount);
+        using var g = Accelerator.Allocate1D<float>(shape.TensorLength);
+        using var workspace = new StickBreakingWorkspace(Accelerator, shape);
+        var stream = Accelerator.DefaultStream;
+        var emptyForward = Accelerator.LoadKernel<ForwardArgs>(Empty);
+        // The kernels this instance runs take these argument structs (CUDA ones on CUDA with D <= 128).
+        var emptyQuery = Attention.UsesCudaKernels
+            ? Launcher(Accelerator.LoadKernel<CudaBackwardQueryArgs>(Empty))
+            : Launcher(Accelerator.LoadKernel<BackwardQueryArgs>(Empty));
+        var emptyKey = Attention.UsesCudaKernels
+            ? Launcher(Accelerator.LoadKernel<CudaBackwardKeyArgs>(Empty))
+            : Launcher(Accelerator.LoadKernel<BackwardKeyArgs>(Empty));
+        var config = new KernelConfig(1, 1);
+        void Forward() => Attention.Forward(stream, shape, x.View, x.View, x.View, x.View, rows.View, rows.View, null, workspace);
+        void Backward() => Attention.Backward(stream, shape, x.View, x.View, x.View, x.View, rows.View, rows.View, workspace, g.View, g.View, g.View);
+        void LaunchForward() => emptyForward(stream, config, default);
+        void LaunchBackward()
+        {
+            emptyQuery(stream, config);
+            emptyKey(stream, config);
+        }
+
+        const int Calls = 20;
+        long forwardLaunch = AllocatedPerCall(LaunchForward, Calls);
+        long backwardLaunches = AllocatedPerCall(LaunchBackward, Calls);
+        long forward = AllocatedPerCall(Forward, Calls);
+        long backward = AllocatedPerCall(Backward, Calls);
+        TestContext.Out.WriteLine($"{Backend}: bytes per call: forward {forward} (empty launch {forwardLaunch}), " +
+            $"backward {backward} (empty launches {backwardLaunches})");
+        Assert.Multiple(() =>
+        {
+            Assert.That(forward, Is.LessThanOrEqualTo(forwardLaunch), "forward");
+            Assert.That(backward, Is.LessThanOrEqualTo(backwardLaunches), "backward");
+        });
+
+        long AllocatedPerCall(Action call, int calls)
+        {
+            for (int i = 0; i < 3; i++)
+                call();   // warm: kernels compiled and cached
+            stream.Synchronize();
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            for (int i = 0; i < calls; i++)
+                call();
+            long after = GC.GetAllocatedBytesForCurrentThread();
+            stream.Synchronize();
+            return (after - before) / calls;
+        }
+    }
+
+    private static void Empty(ForwardArgs args)
+    {
+    }
+
+    private static void Empty(BackwardQueryArgs args)
+    {
+    }
+
+    private static void Empty(BackwardKeyArgs args)
+    {
+    }
+
+    private static void Empty(CudaBackwardQueryArgs args)
+    {
+    }
+
+    private static void Empty(CudaBackwardKeyArgs args)
+    {
+    }
+
+    /// <summary>A launch of an empty kernel with default arguments, as a closure created once (outside the measurement).</summary>
+    private static Action<AcceleratorStream, KernelConfig> Launcher<TArgs>(Action<AcceleratorStream, KernelConfig, TArgs> kernel)
+        where TArgs : struct => (stream, config) => kernel(stream, config, default);
 
     [Test]
     public void WorkspaceSizeIsTwoFloatsPerRowPerKeyTile()

@@ -42,18 +42,19 @@ internal static class Backends
 
     /// <summary>
     /// Opens the backend's first device that ILGPU accepts, in a context of that backend alone built with
-    /// EnableAlgorithms(); null with the reason when there is none.
+    /// EnableAlgorithms() (unless told otherwise); null with the reason when there is none.
     /// </summary>
-    public static (Context? Context, Accelerator? Accelerator, string Reason) Open(string backend)
+    public static (Context? Context, Accelerator? Accelerator, string Reason) Open(string backend, bool enableAlgorithms = true)
     {
         Context? context = null;
         try
         {
+            Context.Builder Algorithms(Context.Builder b) => enableAlgorithms ? b.EnableAlgorithms() : b;
             context = backend switch
             {
-                Cpu => Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms()),
-                OpenCL => Context.Create(b => b.OpenCL().EnableAlgorithms()),
-                Cuda => Context.Create(b => b.Cuda().EnableAlgorithms()),
+                Cpu => Context.Create(b => Algorithms(b.CPU(CPUDeviceKind.Nvidia))),
+                OpenCL => Context.Create(b => Algorithms(b.OpenCL())),
+                Cuda => Context.Create(b => Algorithms(b.Cuda())),
                 _ => throw new ArgumentOutOfRangeException(nameof(backend), backend, "unknown backend"),
             };
             // Pick by type: a context with no accepted device of its own kind still lists the CPU device.
