@@ -3,7 +3,6 @@ using ILGPU;
 using ILGPU.Runtime;
 using NUnit.Framework;
 using StickBreaking.ILGPU.Kernels;
-using StickBreaking.ILGPU.Kernels.Cuda;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 
@@ -84,21 +83,15 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         using var workspace = new StickBreakingWorkspace(Accelerator, shape);
         var stream = Accelerator.DefaultStream;
         var emptyForward = Accelerator.LoadKernel<ForwardArgs>(Empty);
-        // The kernels this instance runs take these argument structs (CUDA ones on CUDA with D <= 128).
-        var emptyQuery = Attention.UsesCudaKernels
-            ? Launcher(Accelerator.LoadKernel<CudaBackwardQueryArgs>(Empty))
-            : Launcher(Accelerator.LoadKernel<BackwardQueryArgs>(Empty));
-        var emptyKey = Attention.UsesCudaKernels
-            ? Launcher(Accelerator.LoadKernel<CudaBackwardKeyArgs>(Empty))
-            : Launcher(Accelerator.LoadKernel<BackwardKeyArgs>(Empty));
+        var emptyBackward = Accelerator.LoadKernel<BackwardArgs>(Empty);
         var config = new KernelConfig(1, 1);
         void Forward() => Attention.Forward(stream, shape, x.View, x.View, x.View, x.View, rows.View, rows.View, null, workspace);
         void Backward() => Attention.Backward(stream, shape, x.View, x.View, x.View, x.View, rows.View, rows.View, workspace, g.View, g.View, g.View);
         void LaunchForward() => emptyForward(stream, config, default);
         void LaunchBackward()
         {
-            emptyQuery(stream, config);
-            emptyKey(stream, config);
+            emptyBackward(stream, config, default);
+            emptyBackward(stream, config, default);
         }
 
         const int Calls = 20;
@@ -132,25 +125,9 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
     {
     }
 
-    private static void Empty(BackwardQueryArgs args)
+    private static void Empty(BackwardArgs args)
     {
     }
-
-    private static void Empty(BackwardKeyArgs args)
-    {
-    }
-
-    private static void Empty(CudaBackwardQueryArgs args)
-    {
-    }
-
-    private static void Empty(CudaBackwardKeyArgs args)
-    {
-    }
-
-    /// <summary>A launch of an empty kernel with default arguments, as a closure created once (outside the measurement).</summary>
-    private static Action<AcceleratorStream, KernelConfig> Launcher<TArgs>(Action<AcceleratorStream, KernelConfig, TArgs> kernel)
-        where TArgs : struct => (stream, config) => kernel(stream, config, default);
 
     [Test]
     public void WorkspaceSizeIsTwoFloatsPerRowPerKeyTile()

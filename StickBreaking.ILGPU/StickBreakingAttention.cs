@@ -38,10 +38,10 @@ public sealed class StickBreakingAttention : IDisposable
     private Action<AcceleratorStream, KernelConfig, ForwardArgs>? forward;
     private Action<AcceleratorStream, KernelConfig, ForwardArgs>? cudaForward;
     private readonly bool cudaKernels;
-    private Action<AcceleratorStream, KernelConfig, BackwardQueryArgs>? backwardQuery;
-    private Action<AcceleratorStream, KernelConfig, BackwardKeyArgs>? backwardKey;
-    private Action<AcceleratorStream, KernelConfig, CudaBackwardQueryArgs>? cudaBackwardQuery;
-    private Action<AcceleratorStream, KernelConfig, CudaBackwardKeyArgs>? cudaBackwardKey;
+    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? backwardQuery;
+    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? backwardKey;
+    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? cudaBackwardQuery;
+    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? cudaBackwardKey;
     private bool? cudaBackwardFits;
     private bool disposed;
 
@@ -217,10 +217,7 @@ public sealed class StickBreakingAttention : IDisposable
             args.ColumnsPerGroup = D;
             var cudaConfig = plan.GridConfig("CUDA forward", shape.HeadCount, args.RowBlocks, slices: 1,
                 CudaForwardKernel.GroupSize, CudaForwardKernel.SharedFloats);
-            cudaForward ??= accelerator is CudaAccelerator cuda
-                ? CudaKernels.Load<ForwardArgs>(cuda, CudaForwardKernel.Kernel,
-                    CudaForwardKernel.GroupSize, minGroupsPerMultiprocessor: 2, 4 * CudaForwardKernel.SharedFloats)
-                : Load<ForwardArgs>(CudaForwardKernel.Kernel);
+            cudaForward ??= LoadTiled<ForwardArgs>(CudaForwardKernel.Kernel, CudaForwardKernel.GroupSize, CudaForwardKernel.SharedFloats);
             cudaForward(stream, cudaConfig, args);
         }
         else
@@ -288,9 +285,13 @@ public sealed class StickBreakingAttention : IDisposable
                 "run Forward with this workspace first.", nameof(workspace));
 
         int tiles = Snapshots.TileCount(T);
-        int attend = options.AttendCurrent ? 1 : 0;
-        var accSnapshots = workspace.AccFor(shape);
-        var prefixSnapshots = workspace.PrefixFor(shape);
+        var args = new BackwardArgs
+        {
+            Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
+            AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
+            DQ = dq, DK = dk, DV = dv,
+            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, SnapshotTiles = tiles, Scale = scale,
+        };
 
         // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is
         // between the two runs the CUDA forward and the portable backward (the snapshots are the same).
@@ -298,56 +299,29 @@ public sealed class StickBreakingAttention : IDisposable
             || CudaKernels.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats);
         if (cudaKernels && D <= CudaBackwardQueryKernel.MaxHeadDim && cudaBackwardFits == true)
         {
-            int blocks = (T + CudaBackwardQueryKernel.BlockRows - 1) / CudaBackwardQueryKernel.BlockRows;
-            var cudaQueryConfig = plan.GridConfig("CUDA backward dq", shape.HeadCount, blocks, slices: 1,
+            args.RowBlocks = (T + CudaBackwardQueryKernel.BlockRows - 1) / CudaBackwardQueryKernel.BlockRows;
+            args.ColumnsPerGroup = D;
+            var cudaQueryConfig = plan.GridConfig("CUDA backward dq", shape.HeadCount, args.RowBlocks, slices: 1,
                 CudaBackwardQueryKernel.GroupSize, CudaBackwardQueryKernel.SharedFloats);
-            var cudaKeyConfig = plan.GridConfig("CUDA backward dk/dv", shape.HeadCount, blocks, slices: 1,
+            var cudaKeyConfig = plan.GridConfig("CUDA backward dk/dv", shape.HeadCount, args.RowBlocks, slices: 1,
                 CudaBackwardKeyKernel.GroupSize, CudaBackwardKeyKernel.SharedFloats);
-            cudaBackwardQuery ??= accelerator is CudaAccelerator cudaQuery
-                ? CudaKernels.Load<CudaBackwardQueryArgs>(cudaQuery, CudaBackwardQueryKernel.Kernel,
-                    CudaBackwardQueryKernel.GroupSize, minGroupsPerMultiprocessor: 2, 4 * CudaBackwardQueryKernel.SharedFloats)
-                : Load<CudaBackwardQueryArgs>(CudaBackwardQueryKernel.Kernel);
-            cudaBackwardKey ??= accelerator is CudaAccelerator cudaKey
-                ? CudaKernels.Load<CudaBackwardKeyArgs>(cudaKey, CudaBackwardKeyKernel.Kernel,
-                    CudaBackwardKeyKernel.GroupSize, minGroupsPerMultiprocessor: 2, 4 * CudaBackwardKeyKernel.SharedFloats)
-                : Load<CudaBackwardKeyArgs>(CudaBackwardKeyKernel.Kernel);
-            cudaBackwardQuery(stream, cudaQueryConfig, new CudaBackwardQueryArgs
-            {
-                Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
-                AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DQ = dq,
-                Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles, RowBlocks = blocks, Scale = scale,
-            });
-            cudaBackwardKey(stream, cudaKeyConfig, new CudaBackwardKeyArgs
-            {
-                Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
-                AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DK = dk, DV = dv,
-                Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles, RowBlocks = blocks, Scale = scale,
-            });
+            cudaBackwardQuery ??= LoadTiled<BackwardArgs>(CudaBackwardQueryKernel.Kernel, CudaBackwardQueryKernel.GroupSize, CudaBackwardQueryKernel.SharedFloats);
+            cudaBackwardKey ??= LoadTiled<BackwardArgs>(CudaBackwardKeyKernel.Kernel, CudaBackwardKeyKernel.GroupSize, CudaBackwardKeyKernel.SharedFloats);
+            cudaBackwardQuery(stream, cudaQueryConfig, args);
+            cudaBackwardKey(stream, cudaKeyConfig, args);
             return;
         }
 
         int qColumns = plan.ColumnsPerGroup("backward dq", D, BackwardQueryKernel.StaticSharedBytes, BackwardQueryKernel.DynamicFloatsPerColumn);
-        int rowBlocks = (T + BackwardQueryKernel.BlockRows - 1) / BackwardQueryKernel.BlockRows;
-        var qConfig = plan.Config("backward dq", shape.HeadCount, rowBlocks, D, qColumns, BackwardQueryKernel.DynamicFloatsPerColumn);
+        args.RowBlocks = (T + BackwardQueryKernel.BlockRows - 1) / BackwardQueryKernel.BlockRows;
+        var qConfig = plan.Config("backward dq", shape.HeadCount, args.RowBlocks, D, qColumns, BackwardQueryKernel.DynamicFloatsPerColumn);
         int kColumns = plan.ColumnsPerGroup("backward dk/dv", D, BackwardKeyKernel.StaticSharedBytes, BackwardKeyKernel.DynamicFloatsPerColumn);
         var kConfig = plan.Config("backward dk/dv", shape.HeadCount, tiles, D, kColumns, BackwardKeyKernel.DynamicFloatsPerColumn);
 
-        backwardQuery ??= Load<BackwardQueryArgs>(BackwardQueryKernel.Kernel);
-        backwardKey ??= Load<BackwardKeyArgs>(BackwardKeyKernel.Kernel);
-        backwardQuery(stream, qConfig, new BackwardQueryArgs
-        {
-            Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
-            AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DQ = dq,
-            Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles,
-            ColumnsPerGroup = qColumns, RowBlocks = rowBlocks, Scale = scale,
-        });
-        backwardKey(stream, kConfig, new BackwardKeyArgs
-        {
-            Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
-            AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots, DK = dk, DV = dv,
-            Length = T, HeadDim = D, AttendCurrent = attend, SnapshotTiles = tiles,
-            ColumnsPerGroup = kColumns, Scale = scale,
-        });
+        backwardQuery ??= Load<BackwardArgs>(BackwardQueryKernel.Kernel);
+        backwardKey ??= Load<BackwardArgs>(BackwardKeyKernel.Kernel);
+        backwardQuery(stream, qConfig, args with { ColumnsPerGroup = qColumns });
+        backwardKey(stream, kConfig, args with { ColumnsPerGroup = kColumns });
     }
 
     /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
@@ -378,6 +352,16 @@ public sealed class StickBreakingAttention : IDisposable
                 $"({accelerator.AcceleratorType}): {ex.Message}", ex);
         }
     }
+
+    /// <summary>
+    /// A CUDA kernel (register tiles, large dynamic shared memory): with launch bounds for two groups per SM and
+    /// its shared-memory limit raised on a CUDA device; as plain ILGPU code elsewhere (tests on the CPU accelerator).
+    /// </summary>
+    private Action<AcceleratorStream, KernelConfig, TArgs> LoadTiled<TArgs>(Action<TArgs> kernel, int groupSize, int sharedFloats)
+        where TArgs : struct =>
+        accelerator is CudaAccelerator cuda
+            ? CudaKernels.Load(cuda, kernel, groupSize, minGroupsPerMultiprocessor: 2, 4 * sharedFloats)
+            : Load(kernel);
 
     private static void Probe(ArrayView<float> x) => x[0] = MathF.Exp(x[0]) + MathF.Log(x[0]);
 

@@ -3,19 +3,6 @@ using ILGPU;
 
 namespace StickBreaking.ILGPU.Kernels;
 
-/// <summary>Arguments of <see cref="BackwardKeyKernel"/>.</summary>
-internal struct BackwardKeyArgs
-{
-    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
-    /// <summary>The forward's acc per (row, key tile) (read).</summary>
-    public ArrayView<float> AccSnapshots;
-    /// <summary>Pass 1's P per (row, key tile) (read).</summary>
-    public ArrayView<float> PrefixSnapshots;
-    public ArrayView<float> DK, DV;
-    public int Length, HeadDim, AttendCurrent, SnapshotTiles, ColumnsPerGroup;
-    public float Scale;
-}
-
 /// <summary>
 /// Backward pass 2 (SPEC section 2): one group per (head, key tile of <see cref="Snapshots.KeyTile"/> keys,
 /// slice of dk/dv columns). Walks the blocks of query rows that see the tile, rebuilds A and dz from
@@ -35,7 +22,7 @@ internal static class BackwardKeyKernel
     /// <summary>Dynamic shared floats per dk/dv column (both accumulators).</summary>
     public const int DynamicFloatsPerColumn = 2 * KeyTile;
 
-    public static void Kernel(BackwardKeyArgs a)
+    public static void Kernel(BackwardArgs a)
     {
         int tid = Group.IdxX, groupSize = Group.DimX;
         int head = Grid.IdxX;

@@ -3,19 +3,6 @@ using ILGPU;
 
 namespace StickBreaking.ILGPU.Kernels;
 
-/// <summary>Arguments of <see cref="BackwardQueryKernel"/>.</summary>
-internal struct BackwardQueryArgs
-{
-    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
-    /// <summary>The forward's acc per (row, key tile) (read).</summary>
-    public ArrayView<float> AccSnapshots;
-    /// <summary>P per (row, key tile) before that tile (written by the column-slice-0 groups).</summary>
-    public ArrayView<float> PrefixSnapshots;
-    public ArrayView<float> DQ;
-    public int Length, HeadDim, AttendCurrent, SnapshotTiles, ColumnsPerGroup, RowBlocks;
-    public float Scale;
-}
-
 /// <summary>
 /// Backward pass 1 (SPEC section 2): one group per (head, block of <see cref="BlockRows"/> query rows,
 /// slice of dq columns). Walks the key tiles from key 0 toward the diagonal so that the prefix P grows
@@ -36,7 +23,7 @@ internal static class BackwardQueryKernel
     /// <summary>Dynamic shared floats per dq column.</summary>
     public const int DynamicFloatsPerColumn = BlockRows;
 
-    public static void Kernel(BackwardQueryArgs a)
+    public static void Kernel(BackwardArgs a)
     {
         int tid = Group.IdxX, groupSize = Group.DimX;
         int head = Grid.IdxX;

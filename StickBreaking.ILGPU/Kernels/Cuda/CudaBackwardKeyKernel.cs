@@ -3,19 +3,6 @@ using ILGPU;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
-/// <summary>Arguments of <see cref="CudaBackwardKeyKernel"/>.</summary>
-internal struct CudaBackwardKeyArgs
-{
-    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
-    /// <summary>The forward's acc per (row, 32-key tile) (read).</summary>
-    public ArrayView<float> AccSnapshots;
-    /// <summary>Pass 1's P per (row, 32-key tile) (read).</summary>
-    public ArrayView<float> PrefixSnapshots;
-    public ArrayView<float> DK, DV;
-    public int Length, HeadDim, AttendCurrent, SnapshotTiles, RowBlocks;
-    public float Scale;
-}
-
 /// <summary>
 /// Backward pass 2 on CUDA for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 2): one group of
 /// <see cref="GroupSize"/> threads per (head, block of <see cref="KeyTile"/> keys), walking the blocks of
@@ -53,7 +40,7 @@ internal static class CudaBackwardKeyKernel
     /// <summary>Dynamic shared memory, in floats.</summary>
     public const int SharedFloats = SegAOffset + CudaBackwardTile.SegFloats;
 
-    public static void Kernel(CudaBackwardKeyArgs a)
+    public static void Kernel(BackwardArgs a)
     {
         int tid = Group.IdxX;
         int ty = tid / Segments, tx = tid - ty * Segments;
@@ -214,7 +201,7 @@ internal static class CudaBackwardKeyKernel
     private static F4 RowDz(ArrayView<float> shared, int aRow, int tx, float halfPrefix, float dRemRem, F4 weighted, F4 lb, F4 logBeta) =>
         CudaBackwardTile.Dz(weighted, lb, logBeta, CudaBackwardTile.PrefixInHalf(shared, aRow, tx, halfPrefix), dRemRem);
 
-    private static void Store(CudaBackwardKeyArgs a, long headBase, int key, int tx, F8 dk, F8 dv)
+    private static void Store(BackwardArgs a, long headBase, int key, int tx, F8 dk, F8 dv)
     {
         if (key >= a.Length)
             return;

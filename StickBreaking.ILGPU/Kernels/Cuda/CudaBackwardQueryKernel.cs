@@ -3,19 +3,6 @@ using ILGPU;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
-/// <summary>Arguments of <see cref="CudaBackwardQueryKernel"/>.</summary>
-internal struct CudaBackwardQueryArgs
-{
-    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
-    /// <summary>The forward's acc per (row, 32-key tile) (read).</summary>
-    public ArrayView<float> AccSnapshots;
-    /// <summary>P per (row, 32-key tile) before that tile (written).</summary>
-    public ArrayView<float> PrefixSnapshots;
-    public ArrayView<float> DQ;
-    public int Length, HeadDim, AttendCurrent, SnapshotTiles, RowBlocks;
-    public float Scale;
-}
-
 /// <summary>
 /// Backward pass 1 on CUDA for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 2): one group of
 /// <see cref="GroupSize"/> threads per (head, block of <see cref="BlockRows"/> query rows), key tiles of
@@ -50,7 +37,7 @@ internal static class CudaBackwardQueryKernel
     /// <summary>Dynamic shared memory, in floats.</summary>
     public const int SharedFloats = ZOffset + CudaBackwardTile.RowTileFloats;
 
-    public static void Kernel(CudaBackwardQueryArgs a)
+    public static void Kernel(BackwardArgs a)
     {
         int tid = Group.IdxX;
         int ty = tid / Segments, tx = tid - ty * Segments;
@@ -198,7 +185,7 @@ internal static class CudaBackwardQueryKernel
     }
 
     /// <summary>One row's dz for this thread's 4 keys; writes the row's P snapshots of this tile; returns P after the tile.</summary>
-    private static F4 RowDz(CudaBackwardQueryArgs a, ArrayView<float> shared, int aRow, int tx, int tile, int head, int row,
+    private static F4 RowDz(BackwardArgs a, ArrayView<float> shared, int aRow, int tx, int tile, int head, int row,
         float tilePrefix, float dRemRem, F4 weighted, F4 lb, F4 logBeta, out float nextPrefix)
     {
         nextPrefix = CudaBackwardTile.Prefixes(shared, aRow, tx, tilePrefix, out float upperPrefix, out float mine);
@@ -211,7 +198,7 @@ internal static class CudaBackwardQueryKernel
         return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem);
     }
 
-    private static void Store(CudaBackwardQueryArgs a, long headBase, int row, int tx, F8 dq)
+    private static void Store(BackwardArgs a, long headBase, int row, int tx, F8 dq)
     {
         if (row < a.Length)
             CudaBackwardTile.StoreColumns(a.DQ, headBase + (long)row * a.HeadDim, tx, a.HeadDim, dq, a.Scale);
