@@ -7,7 +7,9 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 /// The CUDA forward for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 1, tiled): one group of
 /// <see cref="GroupSize"/> threads per (head, block of <see cref="BlockRows"/> query rows), key tiles of
 /// <see cref="KeyTile"/> from the diagonal back to key 0. Register tiles: each thread owns a 4 x 4 block of
-/// z = s q.k (rows ty*4+i, keys tx*4+j) and a 4 x 8 block of the output (rows ty*4+i, columns tx+16c).
+/// z = s q.k (rows ty*4+i, keys tx*4+j) and a 4 x 8 block of the output (rows ty*4+i, columns tx*4+c and
+/// 64+tx*4+c). Every shared-memory read is a 16-byte vector load (ILGPU emits ld.shared.v4 for a view cast
+/// to <see cref="F4"/>): shared-memory bandwidth, not the FMAs, bounded the scalar version.
 /// The in-tile reverse cumulative sum is split: each thread sums its 4 keys, the 16 segment sums of a row
 /// meet in shared memory. The Q block stays in shared memory; K and V tiles take turns in one buffer.
 /// Shared memory is dynamic and above 48 KB (set through cuFuncSetAttribute by the loader).
@@ -21,15 +23,16 @@ internal static class CudaForwardKernel
     public const int MaxHeadDim = 128;
     /// <summary>Segments (of 4 keys) per row of a key tile: the 16 threads of a row.</summary>
     private const int Segments = 16;
-    /// <summary>Row stride of the transposed Q and K tiles [d][row or key], padded against bank conflicts.</summary>
-    private const int TransposedStride = 65;
-    private const int PStride = 65;
+    /// <summary>Row stride of the transposed Q and K tiles [d][row or key]: a multiple of 4 for vector loads.</summary>
+    private const int TransposedStride = 68;
+    /// <summary>Row stride of the transposed weights [key][row].</summary>
+    private const int PStride = 68;
     private const int SegStride = Segments + 1;
 
     private const int QOffset = 0;
     private const int KvOffset = QOffset + MaxHeadDim * TransposedStride;
     private const int POffset = KvOffset + MaxHeadDim * TransposedStride;   // >= KeyTile * MaxHeadDim (V)
-    private const int SegOffset = POffset + BlockRows * PStride;
+    private const int SegOffset = POffset + KeyTile * PStride;
     /// <summary>Dynamic shared memory, in floats.</summary>
     public const int SharedFloats = SegOffset + BlockRows * SegStride;
 
@@ -60,7 +63,7 @@ internal static class CudaForwardKernel
         {
             int key0 = tile * KeyTile;
             Group.Barrier();
-            // K tile, transposed and swizzled: key tx*4+j at column j*16+tx.
+            // K tile, transposed: Ks[d][key].
             LoadTile(a.K, shared, headBase, key0, T, D, tid, transpose: true);
             Group.Barrier();
 
@@ -90,12 +93,12 @@ internal static class CudaForwardKernel
             // V tile over the K tile: Vs[key][d].
             LoadTile(a.V, shared, headBase, key0, T, D, tid, transpose: false);
 
-            // Weights: exp(log beta + acc + sum of lb over the nearer keys), into Ps.
-            int pAt = POffset + ty * 4 * PStride + tx * 4;
+            // Weights: exp(log beta + acc + sum of lb over the nearer keys), into Ps[key][row].
+            int pAt = POffset + tx * 4 * PStride + ty * 4;   // Ps[key tx*4][row ty*4]
             acc.X0 = Weights(shared, lb0, logBeta0, acc.X0, ty * 4, tx, pAt, a, firstRow, tile);
-            acc.X1 = Weights(shared, lb1, logBeta1, acc.X1, ty * 4 + 1, tx, pAt + PStride, a, firstRow + 1, tile);
-            acc.X2 = Weights(shared, lb2, logBeta2, acc.X2, ty * 4 + 2, tx, pAt + 2 * PStride, a, firstRow + 2, tile);
-            acc.X3 = Weights(shared, lb3, logBeta3, acc.X3, ty * 4 + 3, tx, pAt + 3 * PStride, a, firstRow + 3, tile);
+            acc.X1 = Weights(shared, lb1, logBeta1, acc.X1, ty * 4 + 1, tx, pAt + 1, a, firstRow + 1, tile);
+            acc.X2 = Weights(shared, lb2, logBeta2, acc.X2, ty * 4 + 2, tx, pAt + 2, a, firstRow + 2, tile);
+            acc.X3 = Weights(shared, lb3, logBeta3, acc.X3, ty * 4 + 3, tx, pAt + 3, a, firstRow + 3, tile);
             Group.Barrier();
 
             // out += A v, 4 x 8 per thread, two keys per iteration.
@@ -112,35 +115,33 @@ internal static class CudaForwardKernel
         Store(a, headBase, firstRow + 3, tx, o3, acc.X3);
     }
 
-    /// <summary>One step of z += q k^T: dimension d for the thread's 4 rows and 4 keys.</summary>
+    /// <summary>One step of z += q k^T: dimension d for the thread's 4 rows and 4 keys (two vector loads).</summary>
     private static void Dot(ArrayView<float> shared, int d, int ty, int tx, ref F4 s0, ref F4 s1, ref F4 s2, ref F4 s3)
     {
-        int qAt = QOffset + d * TransposedStride + ty * 4;
-        int kAt = KvOffset + d * TransposedStride + tx;
-        var k = new F4(shared[kAt], shared[kAt + Segments], shared[kAt + 2 * Segments], shared[kAt + 3 * Segments]);
-        var q = new F4(shared[qAt], shared[qAt + 1], shared[qAt + 2], shared[qAt + 3]);
+        var vectors = shared.Cast<F4>();
+        var q = vectors[(QOffset + d * TransposedStride + ty * 4) / 4];   // rows ty*4 + i
+        var k = vectors[(KvOffset + d * TransposedStride + tx * 4) / 4];  // keys tx*4 + j
         s0 = s0.Fma(q.X0, k);
         s1 = s1.Fma(q.X1, k);
         s2 = s2.Fma(q.X2, k);
         s3 = s3.Fma(q.X3, k);
     }
 
-    /// <summary>One step of out += A v: key kk for the thread's 4 rows and 8 columns.</summary>
+    /// <summary>One step of out += A v: key kk for the thread's 4 rows and 8 columns (three vector loads).</summary>
     private static void Accumulate(ArrayView<float> shared, int kk, int ty, int tx, ref F8 o0, ref F8 o1, ref F8 o2, ref F8 o3)
     {
-        int vAt = KvOffset + kk * MaxHeadDim + tx;
-        var v = new F8(
-            new F4(shared[vAt], shared[vAt + 16], shared[vAt + 32], shared[vAt + 48]),
-            new F4(shared[vAt + 64], shared[vAt + 80], shared[vAt + 96], shared[vAt + 112]));
-        int p = POffset + ty * 4 * PStride + kk;
-        o0 = o0.Fma(shared[p], v);
-        o1 = o1.Fma(shared[p + PStride], v);
-        o2 = o2.Fma(shared[p + 2 * PStride], v);
-        o3 = o3.Fma(shared[p + 3 * PStride], v);
+        var vectors = shared.Cast<F4>();
+        int vAt = (KvOffset + kk * MaxHeadDim + tx * 4) / 4;
+        var v = new F8(vectors[vAt], vectors[vAt + 16]);                  // columns tx*4 + c and 64 + tx*4 + c
+        var p = vectors[(POffset + kk * PStride + ty * 4) / 4];           // weights of rows ty*4 + i
+        o0 = o0.Fma(p.X0, v);
+        o1 = o1.Fma(p.X1, v);
+        o2 = o2.Fma(p.X2, v);
+        o3 = o3.Fma(p.X3, v);
     }
 
     /// <summary>
-    /// Stages a 64-key tile of K (transposed and swizzled) or V (row-major) in the shared K/V buffer. Each
+    /// Stages a 64-key tile of K (transposed) or V (row-major) in the shared K/V buffer. Each
     /// thread owns one dimension d = tid % 128 and keys tid / 128 + 2m; the 32 loads go out 8 at a time before
     /// their stores, so that 8 global loads per thread are in flight (ILGPU does not unroll the loop itself).
     /// </summary>
@@ -177,7 +178,7 @@ internal static class CudaForwardKernel
     private static void Put(ArrayView<float> shared, int kk, int d, float value, bool transpose)
     {
         if (transpose)
-            shared[KvOffset + d * TransposedStride + (kk & 3) * Segments + (kk >> 2)] = value;
+            shared[KvOffset + d * TransposedStride + kk] = value;
         else
             shared[KvOffset + kk * MaxHeadDim + d] = value;
     }
@@ -234,9 +235,9 @@ internal static class CudaForwardKernel
         suffix += lb.X1;
         float w0 = MathF.Exp(logBeta.X0 + suffix);
         shared[pAt] = w0;
-        shared[pAt + 1] = w1;
-        shared[pAt + 2] = w2;
-        shared[pAt + 3] = w3;
+        shared[pAt + PStride] = w1;
+        shared[pAt + 2 * PStride] = w2;
+        shared[pAt + 3 * PStride] = w3;
 
         if (a.WriteSnapshots != 0 && row < a.Length)
         {
@@ -254,14 +255,14 @@ internal static class CudaForwardKernel
         if (row >= a.Length)
             return;
         long at = headBase + (long)row * a.HeadDim;
-        StoreColumn(a, at, tx, o.Lo.X0);
-        StoreColumn(a, at, tx + 16, o.Lo.X1);
-        StoreColumn(a, at, tx + 32, o.Lo.X2);
-        StoreColumn(a, at, tx + 48, o.Lo.X3);
-        StoreColumn(a, at, tx + 64, o.Hi.X0);
-        StoreColumn(a, at, tx + 80, o.Hi.X1);
-        StoreColumn(a, at, tx + 96, o.Hi.X2);
-        StoreColumn(a, at, tx + 112, o.Hi.X3);
+        StoreColumn(a, at, tx * 4, o.Lo.X0);
+        StoreColumn(a, at, tx * 4 + 1, o.Lo.X1);
+        StoreColumn(a, at, tx * 4 + 2, o.Lo.X2);
+        StoreColumn(a, at, tx * 4 + 3, o.Lo.X3);
+        StoreColumn(a, at, 64 + tx * 4, o.Hi.X0);
+        StoreColumn(a, at, 64 + tx * 4 + 1, o.Hi.X1);
+        StoreColumn(a, at, 64 + tx * 4 + 2, o.Hi.X2);
+        StoreColumn(a, at, 64 + tx * 4 + 3, o.Hi.X3);
         if (tx == 0)
         {
             long stat = (long)Grid.IdxX * a.Length + row;
