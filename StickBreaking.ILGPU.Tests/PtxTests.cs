@@ -46,6 +46,25 @@ public sealed class PtxTests
         Assert.That(local, Is.Empty, $"{type.Name} uses local memory:\n" + string.Join("\n", Regex.Matches(ptx, @".*\.local.*")));
     }
 
+    /// <summary>
+    /// The CUDA forward was bound by shared-memory bandwidth until its inner loops read 16-byte vectors: its q.k
+    /// and A v steps must stay ld.shared.v4 (scalar shared loads only for the 16 segment sums of the scan).
+    /// </summary>
+    [Test]
+    public void CudaForwardReadsSharedMemoryInVectors()
+    {
+        string ptx = CompileForSm90(typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel)
+            .GetMethod(nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!);
+        int vector = Regex.Matches(ptx, @"ld\.shared\.v4\.f32").Count;
+        int scalar = Regex.Matches(ptx, @"ld\.shared\.f32").Count;
+        TestContext.Out.WriteLine($"ld.shared.v4.f32: {vector}, ld.shared.f32: {scalar}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(vector, Is.EqualTo(4 * 2 + 2 * 3), "4 q.k steps of 2 vector loads, 2 A v steps of 3");
+            Assert.That(scalar, Is.LessThanOrEqualTo(4), "scalar loads: the segment sums of the 4 rows only");
+        });
+    }
+
     /// <summary>The check itself: a kernel with a dynamically indexed local array does show <c>.local</c>.</summary>
     [Test]
     public void CheckSeesLocalMemoryWhereThereIsSome()
