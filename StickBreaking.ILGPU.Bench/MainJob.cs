@@ -70,18 +70,9 @@ internal static class MainJob
             s.Batch, s.Heads, s.Length, s.HeadDim, scale, false);
         var output = attention.Forward(x.Q, x.K, x.V, s);
         var grads = attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, s);
-        double forward = Math.Max(MaxAbs(output.O, expected.O), MaxAbs(output.Rem, expected.Rem));
-        double gradients = new[] { RelRms(grads.DQ, expectedGrads.DQ), RelRms(grads.DK, expectedGrads.DK), RelRms(grads.DV, expectedGrads.DV) }.Max();
+        double forward = Math.Max(Errors.MaxAbs(output.O, expected.O), Errors.MaxAbs(output.Rem, expected.Rem));
+        double gradients = new[] { Errors.RelativeRms(grads.DQ, expectedGrads.DQ), Errors.RelativeRms(grads.DK, expectedGrads.DK), Errors.RelativeRms(grads.DV, expectedGrads.DV) }.Max();
         return (forward, gradients);
-    }
-
-    private static double MaxAbs(float[] a, double[] e) =>
-        a.Zip(e, (x, y) => Math.Abs(x - y)).Aggregate(0.0, (m, d) => double.IsNaN(d) ? double.PositiveInfinity : Math.Max(m, d));
-
-    private static double RelRms(float[] a, double[] e)
-    {
-        double diff = a.Zip(e, (x, y) => (x - y) * (x - y)).Sum(), norm = e.Sum(y => y * y);
-        return double.IsNaN(diff) ? double.PositiveInfinity : Math.Sqrt(diff / Math.Max(norm, double.Epsilon));
     }
 
     private static void Print(string[] header, List<string[]> rows)
