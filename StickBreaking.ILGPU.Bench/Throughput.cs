@@ -8,8 +8,11 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--throughput BACKEND B H D T [T ...]</c>: one JSON object a line per length, for the GPU box where
-/// <c>python3 .gpu/peers.py B H D T ...</c> prints the peers in the same call.
+/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N]</c>: one JSON object a line per length, for the
+/// GPU box where <c>python3 .gpu/peers.py B H D T ...</c> prints the peers in the same call. On CUDA each line
+/// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
+/// (registers and spilled bytes per thread, groups per SM). <c>--groups-per-sm</c> replaces every kernel's own
+/// launch bound (a diagnostic).
 /// </summary>
 internal static class Throughput
 {
@@ -21,6 +24,13 @@ internal static class Throughput
             return 2;
         }
         string backend = args[0];
+        int? groupsPerSm = null;
+        int flag = Array.IndexOf(args, "--groups-per-sm");
+        if (flag > 0 && flag + 1 < args.Length)
+        {
+            groupsPerSm = int.Parse(args[flag + 1], CultureInfo.InvariantCulture);
+            args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
+        }
         int[] n = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
         var (context, accelerator, reason) = Backends.Open(backend);
         if (accelerator is null)
@@ -30,7 +40,7 @@ internal static class Throughput
         }
         using (context)
         using (accelerator)
-        using (var attention = new StickBreakingAttention(accelerator))
+        using (var attention = new StickBreakingAttention(accelerator) { CudaGroupsPerMultiprocessorOverride = groupsPerSm })
         {
             foreach (int t in n.Skip(3))
             {
@@ -41,6 +51,15 @@ internal static class Throughput
                 double fwd = run.MedianMs(() => run.Forward(training: false), reps);
                 double fwdTrain = run.MedianMs(() => run.Forward(training: true), reps);
                 double bwd = run.MedianMs(run.Backward, reps);
+                double? pass1 = null, pass2 = null;
+                if (attention.UsesCudaKernels)
+                {
+                    attention.CudaBackwardPasses = 1;
+                    pass1 = run.MedianMs(run.Backward, reps);
+                    attention.CudaBackwardPasses = 2;
+                    pass2 = run.MedianMs(run.Backward, reps);
+                    attention.CudaBackwardPasses = 3;
+                }
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {
                     project = "StickBreaking.ILGPU",
@@ -53,8 +72,19 @@ internal static class Throughput
                     fwd_training_ms = fwdTrain,
                     bwd_ms = bwd,
                     bwd_tflops = run.BackwardFlops / bwd / 1e9,
+                    bwd_pass1_ms = pass1,
+                    bwd_pass2_ms = pass2,
                     fwdbwd_ms = fwdTrain + bwd,
                     workspace_mib = StickBreakingWorkspace.BytesFor(shape) / 1048576.0,
+                    groups_per_sm_override = groupsPerSm,
+                }));
+            }
+            foreach (var (name, r) in Kernels.Cuda.CudaKernels.Loaded.OrderBy(k => k.Key))
+            {
+                Console.WriteLine(JsonSerializer.Serialize(new
+                {
+                    kernel = name, registers = r.Registers, local_bytes = r.LocalBytes, shared_bytes = r.SharedBytes,
+                    groups_per_sm = r.MinGroupsPerMultiprocessor, resident_groups_per_sm = r.ResidentGroupsPerMultiprocessor,
                 }));
             }
         }

@@ -1,3 +1,4 @@
+using System;
 using ILGPU;
 using ILGPU.Runtime;
 using ILGPU.Runtime.CPU;
@@ -75,6 +76,18 @@ public sealed class CudaKernelOnCpuTests
         var x = TestInputs.Create(InputKind.LongRange, 1, 1, shape.Length, shape.HeadDim, seed: 11);
         using var portable = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Portable);
         CheckGradients(cudaForward ? attention : portable, cudaForward ? portable : attention, x, shape, options);
+    }
+
+    /// <summary>The CUDA kernels' row scans assume warps of 32 threads: another warp size is a clear error, not wrong sums.</summary>
+    [Test]
+    public void OtherWarpSizeIsAClearError()
+    {
+        var device = new CPUDevice(numThreadsPerWarp: 16, numWarpsPerMultiprocessor: 16, numMultiprocessors: 1);
+        using var context16 = Context.Create(b => b.CPU(device).EnableAlgorithms());
+        using var accelerator16 = context16.GetCPUDevice(0).CreateAccelerator(context16);
+        var ex = Assert.Throws<InvalidOperationException>(
+            () => new StickBreakingAttention(accelerator16, null, StickBreakingAttention.KernelChoice.Cuda));
+        Assert.That(ex!.Message, Does.Contain("warps of 32").And.Contain("warps of 16"));
     }
 
     private void CheckGradients(StickBreakingAttention forward, StickBreakingAttention backward, AttentionInputs x,

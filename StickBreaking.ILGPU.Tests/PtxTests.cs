@@ -65,6 +65,28 @@ public sealed class PtxTests
         });
     }
 
+    /// <summary>
+    /// The CUDA backward passes read every matrix-product operand as 16-byte vectors: 2 per step of S = q.k and
+    /// G = dO.v (2 steps per loop iteration each), and per step of dq, dk or dv 4 vectors of dz or A plus 8 of
+    /// the other operand. Pass 1 also parks G and writes dz as vectors (4 each, plus 4 reads of G back); scalar
+    /// shared loads are left to staged per-row values.
+    /// </summary>
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), 2 * 2 * 2 + 1 * 12 + 4, 4 + 4)]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), 2 * 2 * 2 + 2 * 12, 0)]
+    public void CudaBackwardReadsSharedMemoryInVectors(Type kernel, int vectorLoads, int vectorStores)
+    {
+        string ptx = CompileForSm90(kernel.GetMethod("Kernel", BindingFlags.Public | BindingFlags.Static)!);
+        int vector = Regex.Matches(ptx, @"ld\.shared\.v4\.f32").Count;
+        int stores = Regex.Matches(ptx, @"st\.shared\.v4\.f32").Count;
+        int scalar = Regex.Matches(ptx, @"ld\.shared\.f32").Count;
+        TestContext.Out.WriteLine($"{kernel.Name}: ld.shared.v4.f32: {vector}, st.shared.v4.f32: {stores}, ld.shared.f32: {scalar}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(vector, Is.EqualTo(vectorLoads), "vector loads of the matrix products");
+            Assert.That(stores, Is.EqualTo(vectorStores), "vector stores of G and dz (pass 1)");
+        });
+    }
+
     /// <summary>The check itself: a kernel with a dynamically indexed local array does show <c>.local</c>.</summary>
     [Test]
     public void CheckSeesLocalMemoryWhereThereIsSome()

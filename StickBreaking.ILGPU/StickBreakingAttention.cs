@@ -72,6 +72,9 @@ public sealed class StickBreakingAttention : IDisposable
         if (cudaKernels && accelerator.MaxNumThreadsPerGroup < CudaForwardKernel.GroupSize)
             throw new InvalidOperationException(
                 $"The CUDA kernels need {CudaForwardKernel.GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}.");
+        if (cudaKernels && accelerator.WarpSize != CudaBackwardTile.WarpSize)
+            throw new InvalidOperationException(
+                $"The CUDA kernels scan rows by warp shuffles over warps of {CudaBackwardTile.WarpSize} threads; '{accelerator.Name}' has warps of {accelerator.WarpSize}.");
     }
 
     /// <summary>
@@ -79,6 +82,19 @@ public sealed class StickBreakingAttention : IDisposable
     /// dimensions they cover (D up to 128); otherwise, and on other backends, the portable kernels run.
     /// </summary>
     public bool UsesCudaKernels => cudaKernels;
+
+    /// <summary>
+    /// Benchmark diagnostics only: which CUDA backward passes Backward launches (bit 0: pass 1, dq
+    /// and the P snapshots; bit 1: pass 2, dk and dv), so that each can be timed alone. Anything but 3 leaves
+    /// the gradients incomplete.
+    /// </summary>
+    internal int CudaBackwardPasses { get; set; } = 3;
+
+    /// <summary>
+    /// Benchmark diagnostics only: a launch bound for every CUDA kernel in place of each kernel's own
+    /// (groups per SM; it caps the registers per thread at 65536 / (256 * this)). Set it before the first call.
+    /// </summary>
+    internal int? CudaGroupsPerMultiprocessorOverride { get; set; }
 
     /// <summary>The accelerator this instance runs on.</summary>
     public Accelerator Accelerator => accelerator;
@@ -217,7 +233,8 @@ public sealed class StickBreakingAttention : IDisposable
             args.ColumnsPerGroup = D;
             var cudaConfig = plan.GridConfig("CUDA forward", shape.HeadCount, args.RowBlocks, slices: 1,
                 CudaForwardKernel.GroupSize, CudaForwardKernel.SharedFloats);
-            cudaForward ??= LoadTiled<ForwardArgs>(CudaForwardKernel.Kernel, CudaForwardKernel.GroupSize, CudaForwardKernel.SharedFloats);
+            cudaForward ??= LoadTiled<ForwardArgs>(CudaForwardKernel.Kernel, CudaForwardKernel.GroupSize,
+                CudaForwardKernel.MinGroupsPerMultiprocessor, CudaForwardKernel.SharedFloats);
             cudaForward(stream, cudaConfig, args);
         }
         else
@@ -305,10 +322,14 @@ public sealed class StickBreakingAttention : IDisposable
                 CudaBackwardQueryKernel.GroupSize, CudaBackwardQueryKernel.SharedFloats);
             var cudaKeyConfig = plan.GridConfig("CUDA backward dk/dv", shape.HeadCount, args.RowBlocks, slices: 1,
                 CudaBackwardKeyKernel.GroupSize, CudaBackwardKeyKernel.SharedFloats);
-            cudaBackwardQuery ??= LoadTiled<BackwardArgs>(CudaBackwardQueryKernel.Kernel, CudaBackwardQueryKernel.GroupSize, CudaBackwardQueryKernel.SharedFloats);
-            cudaBackwardKey ??= LoadTiled<BackwardArgs>(CudaBackwardKeyKernel.Kernel, CudaBackwardKeyKernel.GroupSize, CudaBackwardKeyKernel.SharedFloats);
-            cudaBackwardQuery(stream, cudaQueryConfig, args);
-            cudaBackwardKey(stream, cudaKeyConfig, args);
+            cudaBackwardQuery ??= LoadTiled<BackwardArgs>(CudaBackwardQueryKernel.Kernel, CudaBackwardQueryKernel.GroupSize,
+                CudaBackwardQueryKernel.MinGroupsPerMultiprocessor, CudaBackwardQueryKernel.SharedFloats);
+            cudaBackwardKey ??= LoadTiled<BackwardArgs>(CudaBackwardKeyKernel.Kernel, CudaBackwardKeyKernel.GroupSize,
+                CudaBackwardKeyKernel.MinGroupsPerMultiprocessor, CudaBackwardKeyKernel.SharedFloats);
+            if ((CudaBackwardPasses & 1) != 0)
+                cudaBackwardQuery(stream, cudaQueryConfig, args);
+            if ((CudaBackwardPasses & 2) != 0)
+                cudaBackwardKey(stream, cudaKeyConfig, args);
             return;
         }
 
@@ -354,13 +375,14 @@ public sealed class StickBreakingAttention : IDisposable
     }
 
     /// <summary>
-    /// A CUDA kernel (register tiles, large dynamic shared memory): with launch bounds for two groups per SM and
+    /// A CUDA kernel (register tiles, large dynamic shared memory): with its launch bound (groups per SM) and
     /// its shared-memory limit raised on a CUDA device; as plain ILGPU code elsewhere (tests on the CPU accelerator).
     /// </summary>
-    private Action<AcceleratorStream, KernelConfig, TArgs> LoadTiled<TArgs>(Action<TArgs> kernel, int groupSize, int sharedFloats)
+    private Action<AcceleratorStream, KernelConfig, TArgs> LoadTiled<TArgs>(Action<TArgs> kernel, int groupSize,
+        int minGroupsPerMultiprocessor, int sharedFloats)
         where TArgs : struct =>
         accelerator is CudaAccelerator cuda
-            ? CudaKernels.Load(cuda, kernel, groupSize, minGroupsPerMultiprocessor: 2, 4 * sharedFloats)
+            ? CudaKernels.Load(cuda, kernel, groupSize, CudaGroupsPerMultiprocessorOverride ?? minGroupsPerMultiprocessor, 4 * sharedFloats)
             : Load(kernel);
 
     private static void Probe(ArrayView<float> x) => x[0] = MathF.Exp(x[0]) + MathF.Log(x[0]);

@@ -21,6 +21,8 @@ internal static class CudaForwardKernel
     public const int BlockRows = 64;
     public const int KeyTile = 64;
     public const int MaxHeadDim = 128;
+    /// <summary>Launch bound (two groups per SM: its register tiles fit 128 registers without spills).</summary>
+    public const int MinGroupsPerMultiprocessor = 2;
     /// <summary>Segments (of 4 keys) per row of a key tile: the 16 threads of a row.</summary>
     private const int Segments = 16;
     /// <summary>Row stride of the transposed Q and K tiles [d][row or key]: a multiple of 4 for vector loads.</summary>

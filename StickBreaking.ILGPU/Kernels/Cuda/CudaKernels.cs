@@ -1,4 +1,6 @@
 using System;
+using System.Collections.Concurrent;
+using System.Collections.Generic;
 using System.Reflection;
 using System.Runtime.InteropServices;
 using ILGPU;
@@ -9,23 +11,43 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>
 /// Loads the CUDA-only kernels: compiled with launch bounds, and with the function's dynamic shared memory
-/// limit raised above the default 48 KB through the driver's cuFuncSetAttribute (ILGPU never calls it).
+/// limit raised above the default 48 KB through the driver's cuFuncSetAttribute (ILGPU never calls it), and
+/// what the driver compiled recorded (<see cref="Loaded"/>).
 /// </summary>
 internal static class CudaKernels
 {
     private const int MaxDynamicSharedSizeBytes = 8;   // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    private const int NumRegs = 4;                     // CU_FUNC_ATTRIBUTE_NUM_REGS
+    private const int LocalSizeBytes = 3;              // CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+
+    private static readonly ConcurrentDictionary<string, CudaKernelResources> loaded = new();
+
+    /// <summary>
+    /// What the driver compiled for each CUDA kernel loaded so far in this process, by kernel name: registers
+    /// per thread and local memory (register spills) per thread, read back through cuFuncGetAttribute. PTX
+    /// cannot show spills: ptxas decides them when the driver compiles the PTX for the device.
+    /// </summary>
+    public static IReadOnlyDictionary<string, CudaKernelResources> Loaded => loaded;
 
     public static Action<AcceleratorStream, KernelConfig, TArgs> Load<TArgs>(
         CudaAccelerator accelerator, Action<TArgs> kernel, int groupSize, int minGroupsPerMultiprocessor, int sharedBytes)
         where TArgs : struct
     {
-        var loaded = (CudaKernel)accelerator.LoadKernel(kernel.Method,
+        var compiled = (CudaKernel)accelerator.LoadKernel(kernel.Method,
             new KernelSpecialization(groupSize, minGroupsPerMultiprocessor));
-        int status = CuFuncSetAttribute(loaded.FunctionPtr, MaxDynamicSharedSizeBytes, sharedBytes);
+        int status = CuFuncSetAttribute(compiled.FunctionPtr, MaxDynamicSharedSizeBytes, sharedBytes);
         if (status != 0)
             throw new InvalidOperationException(
                 $"cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {sharedBytes}) failed with CUDA error {status} on '{accelerator.Name}'.");
-        return loaded.CreateLauncherDelegate<Action<AcceleratorStream, KernelConfig, TArgs>>();
+        if (Driver.FuncGetAttribute(out int registers, NumRegs, compiled.FunctionPtr) != 0)
+            registers = -1;
+        if (Driver.FuncGetAttribute(out int localBytes, LocalSizeBytes, compiled.FunctionPtr) != 0)
+            localBytes = -1;
+        if (Driver.OccupancyMaxActiveBlocksPerMultiprocessor(out int resident, compiled.FunctionPtr, groupSize, sharedBytes) != 0)
+            resident = -1;
+        loaded[$"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}"] =
+            new CudaKernelResources(registers, localBytes, sharedBytes, minGroupsPerMultiprocessor, resident);
+        return compiled.CreateLauncherDelegate<Action<AcceleratorStream, KernelConfig, TArgs>>();
     }
 
     /// <summary>Opt-in dynamic shared memory per group this device allows (cudaDevAttrMaxSharedMemoryPerBlockOptin).</summary>
@@ -51,15 +73,32 @@ internal static class CudaKernels
         private delegate int FuncSetAttributeFn(IntPtr function, int attribute, int value);
 
         [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        private delegate int FuncGetAttributeFn(out int value, int attribute, IntPtr function);
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
+        private delegate int OccupancyFn(out int blocks, IntPtr function, int blockSize, nuint dynamicSharedBytes);
+
+        [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
         private delegate int DeviceGetAttributeFn(out int value, int attribute, int device);
 
         private static readonly FuncSetAttributeFn SetAttribute =
             Marshal.GetDelegateForFunctionPointer<FuncSetAttributeFn>(NativeLibrary.GetExport(Library, "cuFuncSetAttribute"));
 
+        private static readonly FuncGetAttributeFn GetFuncAttribute =
+            Marshal.GetDelegateForFunctionPointer<FuncGetAttributeFn>(NativeLibrary.GetExport(Library, "cuFuncGetAttribute"));
+
+        private static readonly OccupancyFn Occupancy =
+            Marshal.GetDelegateForFunctionPointer<OccupancyFn>(NativeLibrary.GetExport(Library, "cuOccupancyMaxActiveBlocksPerMultiprocessor"));
+
         private static readonly DeviceGetAttributeFn GetAttribute =
             Marshal.GetDelegateForFunctionPointer<DeviceGetAttributeFn>(NativeLibrary.GetExport(Library, "cuDeviceGetAttribute"));
 
         public static int FuncSetAttribute(IntPtr function, int attribute, int value) => SetAttribute(function, attribute, value);
+
+        public static int FuncGetAttribute(out int value, int attribute, IntPtr function) => GetFuncAttribute(out value, attribute, function);
+
+        public static int OccupancyMaxActiveBlocksPerMultiprocessor(out int blocks, IntPtr function, int blockSize, int sharedBytes) =>
+            Occupancy(out blocks, function, blockSize, (nuint)sharedBytes);
 
         public static int DeviceGetAttribute(out int value, int attribute, int device) => GetAttribute(out value, attribute, device);
 
@@ -74,3 +113,13 @@ internal static class CudaKernels
         }
     }
 }
+
+/// <summary>Resources of one compiled CUDA kernel, as the driver reports them.</summary>
+/// <param name="Registers">Registers per thread (-1: the driver did not say).</param>
+/// <param name="LocalBytes">Local memory per thread: register spills (0 is the aim for every hot kernel; -1: the driver did not say).</param>
+/// <param name="SharedBytes">Dynamic shared memory per group.</param>
+/// <param name="MinGroupsPerMultiprocessor">The launch bound it was compiled with.</param>
+/// <param name="ResidentGroupsPerMultiprocessor">Groups an SM can hold at once with these registers and this shared
+/// memory (cuOccupancyMaxActiveBlocksPerMultiprocessor; -1: the driver did not say).</param>
+internal readonly record struct CudaKernelResources(int Registers, int LocalBytes, int SharedBytes, int MinGroupsPerMultiprocessor,
+    int ResidentGroupsPerMultiprocessor);
