@@ -11,8 +11,8 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 /// threads tx &lt; 8 hold the lower one, tx &gt;= 8 the upper one, so every thread reads the snapshot of its
 /// own half. The 16 threads of a row are one half of a warp (lanes 16 * (ty % 2) + tx), so the scans along a
 /// row combine the threads' segment sums (4 keys each) by warp shuffles: no shared memory and no barrier,
-/// and a thread finishes one row (logs, A, a, P, dz) before it starts the next, which keeps the register
-/// tiles within the 128 registers of two groups per SM. The CUDA kernels therefore need warps of 32 threads.
+/// and a thread finishes one row (logs, A, a, P, dz) before it starts the next, which keeps few values live
+/// beside the register tiles. The CUDA kernels therefore need warps of 32 threads.
 /// </summary>
 /// <remarks>
 /// Every matrix product reads shared memory with 16-byte vector loads (<see cref="F4"/>), from two layouts:
@@ -143,21 +143,9 @@ internal static class CudaBackwardTile
     }
 
     /// <summary>
-    /// Stores the thread's 4 x 4 block (rows ty*4+i as <paramref name="x0"/>..<paramref name="x3"/>, keys tx*4+j)
-    /// into a [key][row] square tile at <see cref="F4"/> offset <paramref name="tile"/>: one vector per key.
-    /// </summary>
-    public static void StoreByKey(ArrayView<F4> vectors, int tile, int ty, int tx, F4 x0, F4 x1, F4 x2, F4 x3)
-    {
-        int at = tile + tx * 4 * Chunks + (ty ^ (tx & 7));   // key tx*4 + j: swizzle (key / 4) % 8 = tx % 8
-        vectors[at] = new F4(x0.X0, x1.X0, x2.X0, x3.X0);
-        vectors[at + Chunks] = new F4(x0.X1, x1.X1, x2.X1, x3.X1);
-        vectors[at + 2 * Chunks] = new F4(x0.X2, x1.X2, x2.X2, x3.X2);
-        vectors[at + 3 * Chunks] = new F4(x0.X3, x1.X3, x2.X3, x3.X3);
-    }
-
-    /// <summary>
     /// Stores one row (<paramref name="r"/> = ty*4+i) of the thread's block, keys tx*4+j, into a [key][row] square
-    /// tile at float offset <paramref name="offset"/> (the layout of <see cref="StoreByKey"/>).
+    /// tile at float offset <paramref name="offset"/>: key y, rows 4c..4c+3 at <c>y * 64 + 4 * (c ^ (y / 4 % 8))</c>, so that
+    /// the 8 threads of a quarter warp (keys 4 apart) write distinct banks.
     /// </summary>
     public static void StoreRowByKey(ArrayView<float> shared, int offset, int r, int tx, F4 x)
     {
@@ -168,13 +156,14 @@ internal static class CudaBackwardTile
         shared[at + 3 * 64] = x.X3;
     }
 
-    /// <summary>Rows 4c..4c+3 of key <paramref name="key"/> in a [key][row] square tile (see <see cref="StoreByKey"/>).</summary>
+    /// <summary>Rows 4c..4c+3 of key <paramref name="key"/> in a [key][row] square tile (see <see cref="StoreRowByKey"/>).</summary>
     public static F4 ReadByKey(ArrayView<F4> vectors, int tile, int key, int chunk) =>
         vectors[tile + key * Chunks + (chunk ^ ((key >> 2) & 7))];
 
     /// <summary>
     /// Stages a per-row snapshot for both 32-key halves of 64-key tile <paramref name="tile"/>: row r, half h at
-    /// float <c>offset + 2r + h</c>, 0 where the row has none (see <see cref="HasSnapshot"/>). Threads 0..127 load
+    /// float <c>offset + 2r + h</c>, 0 where the row has none (it is outside the
+    /// sequence or before the half's first key: no forward or pass 1 writes one there). Threads 0..127 load
     /// it when <paramref name="part"/> is 0, threads 128..255 when it is 1.
     /// </summary>
     public static void StageSnapshots(ArrayView<float> shared, int offset, ArrayView<float> snapshots, int head,
@@ -191,7 +180,7 @@ internal static class CudaBackwardTile
     /// <summary>
     /// Writes out the per-row snapshots of both 32-key halves of 64-key tile <paramref name="tile"/> staged at float
     /// <paramref name="offset"/> (row r, half h at <c>offset + 2r + h</c>), where the row has one (see
-    /// <see cref="HasSnapshot"/>): threads 0..127, one snapshot each, so that no thread keeps per-row addresses.
+    /// <see cref="StageSnapshots"/>): threads 0..127, one snapshot each, so that no thread keeps per-row addresses.
     /// </summary>
     public static void WriteSnapshots(ArrayView<float> shared, int offset, ArrayView<float> snapshots, int head,
         int row0, int tile, int length, int tiles, int tid)
@@ -238,17 +227,6 @@ internal static class CudaBackwardTile
 
     /// <summary>Sum of a over one segment, farthest key first (the direction of the prefix P).</summary>
     public static float SumFarthestFirst(F4 x) => x.X0 + x.X1 + x.X2 + x.X3;
-
-    /// <summary>
-    /// The 32-key snapshot tile that thread column <paramref name="tx"/> of 64-key tile <paramref name="tile"/>
-    /// falls in, and whether <paramref name="row"/> has a snapshot there (inside the sequence and at or after
-    /// the snapshot tile's first key: the snapshots every forward and pass 1 write).
-    /// </summary>
-    public static bool HasSnapshot(int tile, int tx, int row, int length, out int snapshotTile)
-    {
-        snapshotTile = 2 * tile + (tx >= HalfSegments ? 1 : 0);
-        return row < length && snapshotTile * Snapshots.KeyTile <= row;
-    }
 
     /// <summary>
     /// One row's logs and weights for this thread's 4 keys: lb = log(1 - beta) and logBeta = log(beta) from the
