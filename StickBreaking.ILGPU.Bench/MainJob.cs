@@ -31,7 +31,8 @@ internal static class MainJob
             using (accelerator)
             using (var attention = new StickBreakingAttention(accelerator))
             {
-                Console.WriteLine($"{backend}: {accelerator.Name}, group size {attention.GroupSize}");
+                Console.WriteLine($"{backend}: {accelerator.Name}, group size {attention.GroupSize}, " +
+                    $"{(attention.UsesCudaKernels ? "CUDA" : "portable")} forward, {(attention.UsesCudaBackwardKernels ? "CUDA" : "portable")} backward (D <= 128)");
                 var (forwardError, gradientError) = Verify(attention);
                 bool good = forwardError <= 2e-5 && gradientError <= 2e-5;
                 allGood &= good;

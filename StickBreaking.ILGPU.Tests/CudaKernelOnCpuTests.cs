@@ -78,6 +78,18 @@ public sealed class CudaKernelOnCpuTests
         CheckGradients(cudaForward ? attention : portable, cudaForward ? portable : attention, x, shape, options);
     }
 
+    /// <summary>Which kernels serve the backward is visible: the CUDA passes when asked for here, the portable ones otherwise.</summary>
+    [Test]
+    public void WhichBackwardRunsIsVisible()
+    {
+        using var portable = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Portable);
+        Assert.Multiple(() =>
+        {
+            Assert.That(attention.UsesCudaKernels && attention.UsesCudaBackwardKernels, Is.True);
+            Assert.That(portable.UsesCudaKernels || portable.UsesCudaBackwardKernels, Is.False);
+        });
+    }
+
     /// <summary>The CUDA kernels' row scans assume warps of 32 threads: another warp size is a clear error, not wrong sums.</summary>
     [Test]
     public void OtherWarpSizeIsAClearError()

@@ -42,7 +42,7 @@ public sealed class StickBreakingAttention : IDisposable
     private Action<AcceleratorStream, KernelConfig, BackwardArgs>? backwardKey;
     private Action<AcceleratorStream, KernelConfig, BackwardArgs>? cudaBackwardQuery;
     private Action<AcceleratorStream, KernelConfig, BackwardArgs>? cudaBackwardKey;
-    private bool? cudaBackwardFits;
+    private readonly bool cudaBackward;
     private bool disposed;
 
     /// <summary>Binds the kernels to <paramref name="accelerator"/>.</summary>
@@ -72,6 +72,10 @@ public sealed class StickBreakingAttention : IDisposable
         if (cudaKernels && accelerator.MaxNumThreadsPerGroup < CudaForwardKernel.GroupSize)
             throw new InvalidOperationException(
                 $"The CUDA kernels need {CudaForwardKernel.GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}.");
+        // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is
+        // between the two runs the CUDA forward and the portable backward (the snapshots are the same).
+        cudaBackward = cudaKernels && (accelerator is not CudaAccelerator cudaDevice
+            || CudaKernels.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats));
         if (cudaKernels && accelerator.WarpSize != CudaBackwardTile.WarpSize)
             throw new InvalidOperationException(
                 $"The CUDA kernels scan rows by warp shuffles over warps of {CudaBackwardTile.WarpSize} threads; '{accelerator.Name}' has warps of {accelerator.WarpSize}.");
@@ -82,6 +86,13 @@ public sealed class StickBreakingAttention : IDisposable
     /// dimensions they cover (D up to 128); otherwise, and on other backends, the portable kernels run.
     /// </summary>
     public bool UsesCudaKernels => cudaKernels;
+
+    /// <summary>
+    /// Whether the CUDA-only backward passes serve D up to 128 as well. They need 161 KB of opt-in shared
+    /// memory per group (A100, H100, H200 have it); on a CUDA device with less, the CUDA forward runs with the
+    /// portable backward, which reads the same snapshots.
+    /// </summary>
+    public bool UsesCudaBackwardKernels => cudaBackward;
 
     /// <summary>
     /// Benchmark diagnostics only: which CUDA backward passes Backward launches (bit 0: pass 1, dq
@@ -310,11 +321,7 @@ public sealed class StickBreakingAttention : IDisposable
             Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, SnapshotTiles = tiles, Scale = scale,
         };
 
-        // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is
-        // between the two runs the CUDA forward and the portable backward (the snapshots are the same).
-        cudaBackwardFits ??= accelerator is not CudaAccelerator cudaDevice
-            || CudaKernels.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats);
-        if (cudaKernels && D <= CudaBackwardQueryKernel.MaxHeadDim && cudaBackwardFits == true)
+        if (cudaBackward && D <= CudaBackwardQueryKernel.MaxHeadDim)
         {
             args.RowBlocks = (T + CudaBackwardQueryKernel.BlockRows - 1) / CudaBackwardQueryKernel.BlockRows;
             args.ColumnsPerGroup = D;
