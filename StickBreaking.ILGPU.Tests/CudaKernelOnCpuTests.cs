@@ -105,22 +105,10 @@ public sealed class CudaKernelOnCpuTests
     private void CheckGradients(StickBreakingAttention forward, StickBreakingAttention backward, AttentionInputs x,
         AttentionShape shape, StickBreakingOptions options)
     {
-        using var workspace = new StickBreakingWorkspace(accelerator, shape);
-        using var q = accelerator.Allocate1D(x.Q);
-        using var k = accelerator.Allocate1D(x.K);
-        using var v = accelerator.Allocate1D(x.V);
-        using var dO = accelerator.Allocate1D(x.DO);
-        using var dRem = accelerator.Allocate1D(x.DRem);
-        using var o = accelerator.Allocate1D<float>(shape.TensorLength);
-        using var rem = accelerator.Allocate1D<float>(shape.RowCount);
-        using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
-        using var dq = accelerator.Allocate1D<float>(shape.TensorLength);
-        using var dk = accelerator.Allocate1D<float>(shape.TensorLength);
-        using var dv = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var tensors = new DeviceTensors(accelerator, shape, x);
         var stream = accelerator.DefaultStream;
-        forward.Forward(stream, shape, q.View, k.View, v.View, o.View, rem.View, logRem.View, options, workspace);
-        backward.Backward(stream, shape, q.View, k.View, v.View, dO.View, dRem.View, logRem.View, workspace,
-            dq.View, dk.View, dv.View, options);
+        tensors.Forward(forward, stream, options);
+        tensors.Backward(backward, stream, options);
         stream.Synchronize();
 
         double scale = options.ScaleFor(shape.HeadDim);
@@ -129,9 +117,9 @@ public sealed class CudaKernelOnCpuTests
             shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, options.AttendCurrent);
         Assert.Multiple(() =>
         {
-            Assert.That(Errors.RelativeRms(dq.GetAsArray1D(), expected.DQ), Is.LessThanOrEqualTo(2e-5), "DQ");
-            Assert.That(Errors.RelativeRms(dk.GetAsArray1D(), expected.DK), Is.LessThanOrEqualTo(2e-5), "DK");
-            Assert.That(Errors.RelativeRms(dv.GetAsArray1D(), expected.DV), Is.LessThanOrEqualTo(2e-5), "DV");
+            Assert.That(Errors.RelativeRms(tensors.DQ, expected.DQ), Is.LessThanOrEqualTo(2e-5), "DQ");
+            Assert.That(Errors.RelativeRms(tensors.DK, expected.DK), Is.LessThanOrEqualTo(2e-5), "DK");
+            Assert.That(Errors.RelativeRms(tensors.DV, expected.DV), Is.LessThanOrEqualTo(2e-5), "DV");
         });
     }
 

@@ -18,33 +18,20 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         var options = new StickBreakingOptions { AttendCurrent = true, InvTemperature = 0.3f };
         var x = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 21);
         using var stream = Accelerator.CreateStream();
-        using var workspace = new StickBreakingWorkspace(Accelerator, shape with { Length = 100 });
-        using var q = Accelerator.Allocate1D(x.Q);
-        using var k = Accelerator.Allocate1D(x.K);
-        using var v = Accelerator.Allocate1D(x.V);
-        using var dO = Accelerator.Allocate1D(x.DO);
-        using var dRem = Accelerator.Allocate1D(x.DRem);
-        using var o = Accelerator.Allocate1D<float>(shape.TensorLength);
-        using var rem = Accelerator.Allocate1D<float>(shape.RowCount);
-        using var logRem = Accelerator.Allocate1D<float>(shape.RowCount);
-        using var dq = Accelerator.Allocate1D<float>(shape.TensorLength);
-        using var dk = Accelerator.Allocate1D<float>(shape.TensorLength);
-        using var dv = Accelerator.Allocate1D<float>(shape.TensorLength);
-
-        Attention.Forward(stream, shape, q.View, k.View, v.View, o.View, rem.View, logRem.View, options, workspace);
-        Attention.Backward(stream, shape, q.View, k.View, v.View, dO.View, dRem.View, logRem.View, workspace,
-            dq.View, dk.View, dv.View, options);
+        using var tensors = new DeviceTensors(Accelerator, shape, x, workspaceCapacity: shape with { Length = 100 });
+        tensors.Forward(Attention, stream, options);
+        tensors.Backward(Attention, stream, options);
         stream.Synchronize();
 
         var hostForward = Attention.Forward(x.Q, x.K, x.V, shape, options);
         var hostBackward = Attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, shape, options);
         Assert.Multiple(() =>
         {
-            Assert.That(o.GetAsArray1D(), Is.EqualTo(hostForward.O).AsCollection, "O");
-            Assert.That(logRem.GetAsArray1D(), Is.EqualTo(hostForward.LogRem).AsCollection, "LogRem");
-            Assert.That(dq.GetAsArray1D(), Is.EqualTo(hostBackward.DQ).AsCollection, "DQ");
-            Assert.That(dk.GetAsArray1D(), Is.EqualTo(hostBackward.DK).AsCollection, "DK");
-            Assert.That(dv.GetAsArray1D(), Is.EqualTo(hostBackward.DV).AsCollection, "DV");
+            Assert.That(tensors.O, Is.EqualTo(hostForward.O).AsCollection, "O");
+            Assert.That(tensors.LogRem, Is.EqualTo(hostForward.LogRem).AsCollection, "LogRem");
+            Assert.That(tensors.DQ, Is.EqualTo(hostBackward.DQ).AsCollection, "DQ");
+            Assert.That(tensors.DK, Is.EqualTo(hostBackward.DK).AsCollection, "DK");
+            Assert.That(tensors.DV, Is.EqualTo(hostBackward.DV).AsCollection, "DV");
         });
     }
 
