@@ -197,34 +197,6 @@ internal static class CudaBackwardTile
     public static float StagedSnapshot(ArrayView<float> shared, int offset, int r, int tx) =>
         shared[offset + 2 * r + (tx >= HalfSegments ? 1 : 0)];
 
-    /// <summary>lb = log(1 - beta) per key of one row's segment (0 where not visible), logBeta = log(beta) (-inf where not visible).</summary>
-    public static F4 Logs(F4 dots, float scale, int row, int key, int length, int attendCurrent, out F4 logBeta)
-    {
-        var lb = new F4();
-        logBeta = new F4();
-        Element(dots.X0, scale, row, key, length, attendCurrent, out lb.X0, out logBeta.X0);
-        Element(dots.X1, scale, row, key + 1, length, attendCurrent, out lb.X1, out logBeta.X1);
-        Element(dots.X2, scale, row, key + 2, length, attendCurrent, out lb.X2, out logBeta.X2);
-        Element(dots.X3, scale, row, key + 3, length, attendCurrent, out lb.X3, out logBeta.X3);
-        return lb;
-    }
-
-    private static void Element(float dot, float scale, int row, int key, int length, int attendCurrent, out float lb, out float logBeta)
-    {
-        if (StickMath.Visible(row, key, length, attendCurrent))
-        {
-            StickMath.Logs(scale * dot, out lb, out logBeta);
-        }
-        else
-        {
-            lb = 0f;
-            logBeta = float.NegativeInfinity;   // A = exp(-inf) = 0, beta = 0
-        }
-    }
-
-    /// <summary>Sum of lb over one segment (the forward's order: nearest key first).</summary>
-    public static float SumNearestFirst(F4 x) => x.X3 + x.X2 + x.X1 + x.X0;
-
     /// <summary>Sum of a over one segment, farthest key first (the direction of the prefix P).</summary>
     public static float SumFarthestFirst(F4 x) => x.X0 + x.X1 + x.X2 + x.X3;
 
@@ -238,8 +210,8 @@ internal static class CudaBackwardTile
     public static F4 Weights(F4 s, F4 g, float scale, int row, int key, int length, int attendCurrent, float accSnapshot,
         int tx, out F4 lb, out F4 logBeta, out F4 weights)
     {
-        lb = Logs(s, scale, row, key, length, attendCurrent, out logBeta);
-        float suffix = accSnapshot + ExclusiveSuffix(SumNearestFirst(lb), tx & (HalfSegments - 1));
+        lb = TileLogs.Logs(s, scale, row, key, length, attendCurrent, out logBeta);
+        float suffix = accSnapshot + ExclusiveSuffix(TileLogs.SumNearestFirst(lb), tx & (HalfSegments - 1));
         weights = new F4();
         weights.X3 = MathF.Exp(logBeta.X3 + suffix);
         suffix += lb.X3;

@@ -81,15 +81,15 @@ internal static class CudaForwardKernel
 
             // log(1 - beta) and log(beta) per element; each thread's 4-key segment sums.
             int key = key0 + tx * 4;
-            var lb0 = Logs(s0, a, firstRow, key, out var logBeta0);
-            var lb1 = Logs(s1, a, firstRow + 1, key, out var logBeta1);
-            var lb2 = Logs(s2, a, firstRow + 2, key, out var logBeta2);
-            var lb3 = Logs(s3, a, firstRow + 3, key, out var logBeta3);
+            var lb0 = TileLogs.Logs(s0, a.Scale, firstRow, key, a.Length, a.AttendCurrent, out var logBeta0);
+            var lb1 = TileLogs.Logs(s1, a.Scale, firstRow + 1, key, a.Length, a.AttendCurrent, out var logBeta1);
+            var lb2 = TileLogs.Logs(s2, a.Scale, firstRow + 2, key, a.Length, a.AttendCurrent, out var logBeta2);
+            var lb3 = TileLogs.Logs(s3, a.Scale, firstRow + 3, key, a.Length, a.AttendCurrent, out var logBeta3);
             int segAt = SegOffset + ty * 4 * SegStride + tx;
-            shared[segAt] = Sum(lb0);
-            shared[segAt + SegStride] = Sum(lb1);
-            shared[segAt + 2 * SegStride] = Sum(lb2);
-            shared[segAt + 3 * SegStride] = Sum(lb3);
+            shared[segAt] = TileLogs.SumNearestFirst(lb0);
+            shared[segAt + SegStride] = TileLogs.SumNearestFirst(lb1);
+            shared[segAt + 2 * SegStride] = TileLogs.SumNearestFirst(lb2);
+            shared[segAt + 3 * SegStride] = TileLogs.SumNearestFirst(lb3);
             Group.Barrier();
 
             // V tile over the K tile: Vs[key][d].
@@ -184,33 +184,6 @@ internal static class CudaForwardKernel
         else
             shared[KvOffset + kk * MaxHeadDim + d] = value;
     }
-
-    /// <summary>lb = log(1 - beta) per key of one row's segment (0 where not visible), logBeta = log(beta).</summary>
-    private static F4 Logs(F4 dots, ForwardArgs a, int row, int key, out F4 logBeta)
-    {
-        var lb = new F4();
-        logBeta = new F4();
-        Element(dots.X0, a, row, key, out lb.X0, out logBeta.X0);
-        Element(dots.X1, a, row, key + 1, out lb.X1, out logBeta.X1);
-        Element(dots.X2, a, row, key + 2, out lb.X2, out logBeta.X2);
-        Element(dots.X3, a, row, key + 3, out lb.X3, out logBeta.X3);
-        return lb;
-    }
-
-    private static void Element(float dot, ForwardArgs a, int row, int key, out float lb, out float logBeta)
-    {
-        if (StickMath.Visible(row, key, a.Length, a.AttendCurrent))
-        {
-            StickMath.Logs(a.Scale * dot, out lb, out logBeta);
-        }
-        else
-        {
-            lb = 0f;
-            logBeta = float.NegativeInfinity;   // weight exp(-inf) = 0
-        }
-    }
-
-    private static float Sum(F4 x) => x.X3 + x.X2 + x.X1 + x.X0;
 
     /// <summary>
     /// One row's weights for this thread's 4 keys, written to Ps; returns the row's acc after the tile. Also
