@@ -50,21 +50,12 @@ internal static class BackwardKeyKernel
 
         if (inOutput)
         {
-            for (int e = tid; e < KeyTile * cols; e += groupSize)
-            {
-                int j = e / cols, c = e - j * cols;
-                if (key0 + j < T)
-                {
-                    long at = outBase + (long)j * D + c;
-                    a.DK[at] = 0f;
-                    a.DV[at] = 0f;
-                }
-            }
+            OutputAccumulator.ZeroOutput(a.DK, outBase, key0, KeyTile, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(a.DV, outBase, key0, KeyTile, T, D, cols, tid, groupSize);
         }
         else
         {
-            for (int e = tid; e < 2 * KeyTile * a.ColumnsPerGroup; e += groupSize)
-                acc[e] = 0f;
+            OutputAccumulator.ZeroShared(acc, 2 * KeyTile * a.ColumnsPerGroup, tid, groupSize);
         }
 
         for (int row0 = key0 - key0 % BlockRows; row0 < T; row0 += BlockRows)

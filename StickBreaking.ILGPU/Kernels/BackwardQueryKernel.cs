@@ -49,19 +49,9 @@ internal static class BackwardQueryKernel
         long outBase = headBase + (long)row0 * D + col0;              // DQ[row0, col0] of this group
 
         if (inOutput)
-        {
-            for (int e = tid; e < BlockRows * cols; e += groupSize)
-            {
-                int r = e / cols, c = e - r * cols;
-                if (row0 + r < T)
-                    a.DQ[outBase + (long)r * D + c] = 0f;
-            }
-        }
+            OutputAccumulator.ZeroOutput(a.DQ, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
         else
-        {
-            for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
-                dqAcc[e] = 0f;
-        }
+            OutputAccumulator.ZeroShared(dqAcc, BlockRows * a.ColumnsPerGroup, tid, groupSize);
         for (int r = tid; r < BlockRows; r += groupSize)
         {
             int row = row0 + r;

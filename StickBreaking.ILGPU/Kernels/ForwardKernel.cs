@@ -58,19 +58,9 @@ internal static class ForwardKernel
         long outBase = headBase + (long)row0 * D + col0;            // O[row0, col0] of this group
 
         if (inOutput)
-        {
-            for (int e = tid; e < BlockRows * cols; e += groupSize)
-            {
-                int r = e / cols, c = e - r * cols;
-                if (row0 + r < T)
-                    a.O[outBase + (long)r * D + c] = 0f;
-            }
-        }
+            OutputAccumulator.ZeroOutput(a.O, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
         else
-        {
-            for (int e = tid; e < BlockRows * a.ColumnsPerGroup; e += groupSize)
-                outAcc[e] = 0f;
-        }
+            OutputAccumulator.ZeroShared(outAcc, BlockRows * a.ColumnsPerGroup, tid, groupSize);
         for (int r = tid; r < BlockRows; r += groupSize)
             acc[r] = 0f;
 

@@ -61,4 +61,27 @@ internal static class OutputAccumulator
 {
     /// <summary>True where the accumulators live in the output tensors (OpenCL); a constant per backend.</summary>
     public static bool InOutput => Accelerator.CurrentType == AcceleratorType.OpenCL;
+
+    /// <summary>
+    /// Zeroes a group's slice of an output used as its accumulator (OpenCL): rows [<paramref name="first"/>,
+    /// first + <paramref name="rows"/>) that lie below <paramref name="length"/>, columns [0, <paramref name="cols"/>)
+    /// from <paramref name="outBase"/>, row stride <paramref name="headDim"/>.
+    /// </summary>
+    public static void ZeroOutput(ArrayView<float> output, long outBase, int first, int rows, int length, int headDim,
+        int cols, int tid, int groupSize)
+    {
+        for (int e = tid; e < rows * cols; e += groupSize)
+        {
+            int r = e / cols, c = e - r * cols;
+            if (first + r < length)
+                output[outBase + (long)r * headDim + c] = 0f;
+        }
+    }
+
+    /// <summary>Zeroes the first <paramref name="count"/> floats of a shared accumulator.</summary>
+    public static void ZeroShared(ArrayView<float> accumulator, int count, int tid, int groupSize)
+    {
+        for (int e = tid; e < count; e += groupSize)
+            accumulator[e] = 0f;
+    }
 }
