@@ -79,7 +79,7 @@ internal static class Throughput
                     groups_per_sm_override = groupsPerSm,
                 }));
             }
-            foreach (var (name, r) in Kernels.Cuda.CudaKernels.Loaded.OrderBy(k => k.Key))
+            foreach (var (name, r) in Launch.CudaDriver.Loaded.OrderBy(k => k.Key))
             {
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {

@@ -1,6 +1,7 @@
 using System.Linq;
 using NUnit.Framework;
 using StickBreaking.ILGPU.Kernels.Cuda;
+using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 
@@ -31,7 +32,7 @@ public sealed class CudaResourceTests(string backend) : BackendFixture(backend)
         var x = TestInputs.Standard(1, 2, 130, 128, seed: 3);
         Attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, shape);   // the training forward, then both passes
 
-        var loaded = CudaKernels.Loaded;
+        var loaded = CudaDriver.Loaded;
         foreach (var (name, r) in loaded.OrderBy(k => k.Key))
             TestContext.Out.WriteLine($"{name}: {r.Registers} registers, {r.LocalBytes} B local per thread, {r.SharedBytes} B shared, " +
                 $"launch bound {r.MinGroupsPerMultiprocessor} groups/SM, {r.ResidentGroupsPerMultiprocessor} resident");

@@ -2,7 +2,8 @@ using System;
 using ILGPU;
 using ILGPU.Runtime;
 using NUnit.Framework;
-using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Portable;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 

@@ -7,7 +7,8 @@ using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using NUnit.Framework;
-using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Portable;
 
 namespace StickBreaking.ILGPU.Tests;
 

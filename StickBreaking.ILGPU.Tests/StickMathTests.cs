@@ -1,6 +1,7 @@
 using System;
 using NUnit.Framework;
-using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Portable;
 
 namespace StickBreaking.ILGPU.Tests;
 

@@ -2,8 +2,10 @@ using System;
 using ILGPU;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
-using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Portable;
 using StickBreaking.ILGPU.Kernels.Cuda;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU;
 
@@ -67,7 +69,7 @@ public sealed class StickBreakingAttention : IDisposable
         {
             KernelChoice.Portable => false,
             KernelChoice.Cuda => true,
-            _ => accelerator is CudaAccelerator cuda && CudaKernels.MaxOptInSharedBytes(cuda) >= 4 * CudaForwardKernel.SharedFloats,
+            _ => accelerator is CudaAccelerator cuda && CudaDriver.MaxOptInSharedBytes(cuda) >= 4 * CudaForwardKernel.SharedFloats,
         };
         if (cudaKernels && accelerator.MaxNumThreadsPerGroup < CudaForwardKernel.GroupSize)
             throw new InvalidOperationException(
@@ -75,7 +77,7 @@ public sealed class StickBreakingAttention : IDisposable
         // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is
         // between the two runs the CUDA forward and the portable backward (the snapshots are the same).
         cudaBackward = cudaKernels && (accelerator is not CudaAccelerator cudaDevice
-            || CudaKernels.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats));
+            || CudaDriver.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats));
         if (cudaKernels && accelerator.WarpSize != CudaBackwardTile.WarpSize)
             throw new InvalidOperationException(
                 $"The CUDA kernels scan rows by warp shuffles over warps of {CudaBackwardTile.WarpSize} threads; '{accelerator.Name}' has warps of {accelerator.WarpSize}.");
@@ -389,7 +391,7 @@ public sealed class StickBreakingAttention : IDisposable
         int minGroupsPerMultiprocessor, int sharedFloats)
         where TArgs : struct =>
         accelerator is CudaAccelerator cuda
-            ? CudaKernels.Load(cuda, kernel, groupSize, CudaGroupsPerMultiprocessorOverride ?? minGroupsPerMultiprocessor, 4 * sharedFloats)
+            ? CudaDriver.Load(cuda, kernel, groupSize, CudaGroupsPerMultiprocessorOverride ?? minGroupsPerMultiprocessor, 4 * sharedFloats)
             : Load(kernel);
 
     private static void Probe(ArrayView<float> x) => x[0] = MathF.Exp(x[0]) + MathF.Log(x[0]);

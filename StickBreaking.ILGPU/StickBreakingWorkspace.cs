@@ -1,7 +1,8 @@
 using System;
 using ILGPU;
 using ILGPU.Runtime;
-using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Portable;
 
 namespace StickBreaking.ILGPU;
 

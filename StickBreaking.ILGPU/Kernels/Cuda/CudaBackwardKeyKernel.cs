@@ -1,6 +1,8 @@
 using System;
 using ILGPU;
 
+using StickBreaking.ILGPU.Kernels.Common;
+
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>

@@ -1,3 +1,5 @@
+using StickBreaking.ILGPU.Kernels.Common;
+
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>

@@ -1,7 +1,9 @@
 using System;
 using ILGPU;
 
-namespace StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+
+namespace StickBreaking.ILGPU.Kernels.Portable;
 
 /// <summary>
 /// Backward pass 2 (SPEC section 2): one group per (head, key tile of <see cref="Snapshots.KeyTile"/> keys,

@@ -1,21 +1,9 @@
 using System;
 using ILGPU;
 
-namespace StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
 
-/// <summary>Arguments of <see cref="ForwardKernel"/>; all tensors contiguous [B, H, T, D] / [B, H, T].</summary>
-internal struct ForwardArgs
-{
-    public ArrayView<float> Q, K, V;
-    public ArrayView<float> O, Rem, LogRem;
-    /// <summary>acc per (row, key tile) before that tile; written only when <see cref="WriteSnapshots"/> != 0.</summary>
-    public ArrayView<float> AccSnapshots;
-    public int Length, HeadDim, AttendCurrent, WriteSnapshots, SnapshotTiles;
-    public float Scale;
-    /// <summary>Output columns per group: each group owns O[rows, ColumnsPerGroup * Grid.IdxZ ..].</summary>
-    public int ColumnsPerGroup;
-    public int RowBlocks;
-}
+namespace StickBreaking.ILGPU.Kernels.Portable;
 
 /// <summary>
 /// The portable tiled forward (SPEC section 1, "The tiled forward"). One group per (head, block of

@@ -1,4 +1,4 @@
-namespace StickBreaking.ILGPU.Kernels;
+namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
 /// The granularity of the backward's snapshots (SPEC section 2): the forward writes its running log-stick

@@ -1,7 +1,7 @@
 using System;
 using ILGPU;
 
-namespace StickBreaking.ILGPU.Kernels;
+namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
 /// SPEC section 2 for one query row against one key tile, shared by both backward passes so that they

@@ -1,6 +1,6 @@
 using ILGPU;
 
-namespace StickBreaking.ILGPU.Kernels;
+namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
 /// Arguments of the backward passes, portable and CUDA alike (each pass reads what it needs). Tensors are

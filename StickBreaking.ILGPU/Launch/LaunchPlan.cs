@@ -1,9 +1,10 @@
 using System;
 using ILGPU;
 using ILGPU.Runtime;
-using StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Portable;
 
-namespace StickBreaking.ILGPU;
+namespace StickBreaking.ILGPU.Launch;
 
 /// <summary>
 /// How the kernels are launched on one accelerator, read from the accelerator's own limits: threads per

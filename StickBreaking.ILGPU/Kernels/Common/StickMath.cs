@@ -1,7 +1,7 @@
 using System;
 using System.Runtime.CompilerServices;
 
-namespace StickBreaking.ILGPU.Kernels;
+namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
 /// The scalar pieces of SPEC section 1, shared by every kernel so that the forward and both backward

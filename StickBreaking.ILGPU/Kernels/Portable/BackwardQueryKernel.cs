@@ -1,7 +1,9 @@
 using System;
 using ILGPU;
 
-namespace StickBreaking.ILGPU.Kernels;
+using StickBreaking.ILGPU.Kernels.Common;
+
+namespace StickBreaking.ILGPU.Kernels.Portable;
 
 /// <summary>
 /// Backward pass 1 (SPEC section 2): one group per (head, block of <see cref="BlockRows"/> query rows,

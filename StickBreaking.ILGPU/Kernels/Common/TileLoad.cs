@@ -1,7 +1,7 @@
 using ILGPU;
 using ILGPU.Runtime;
 
-namespace StickBreaking.ILGPU.Kernels;
+namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>Cooperative loads of a [rows, DimChunk] slice of a [T, D] head into shared memory, zero-filled at every edge.</summary>
 internal static class TileLoad

@@ -7,14 +7,14 @@ using ILGPU;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 
-namespace StickBreaking.ILGPU.Kernels.Cuda;
+namespace StickBreaking.ILGPU.Launch;
 
 /// <summary>
 /// Loads the CUDA-only kernels: compiled with launch bounds, and with the function's dynamic shared memory
 /// limit raised above the default 48 KB through the driver's cuFuncSetAttribute (ILGPU never calls it), and
 /// what the driver compiled recorded (<see cref="Loaded"/>).
 /// </summary>
-internal static class CudaKernels
+internal static class CudaDriver
 {
     private const int MaxDynamicSharedSizeBytes = 8;   // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     private const int NumRegs = 4;                     // CU_FUNC_ATTRIBUTE_NUM_REGS
