@@ -54,11 +54,11 @@ internal static class Throughput
                 double? pass1 = null, pass2 = null;
                 if (attention.UsesCudaKernels)
                 {
-                    attention.CudaBackwardPasses = 1;
+                    attention.BackwardPasses = 1;
                     pass1 = run.MedianMs(run.Backward, reps);
-                    attention.CudaBackwardPasses = 2;
+                    attention.BackwardPasses = 2;
                     pass2 = run.MedianMs(run.Backward, reps);
-                    attention.CudaBackwardPasses = 3;
+                    attention.BackwardPasses = 3;
                 }
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {

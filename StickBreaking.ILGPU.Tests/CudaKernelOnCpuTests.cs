@@ -3,6 +3,7 @@ using ILGPU;
 using ILGPU.Runtime;
 using ILGPU.Runtime.CPU;
 using NUnit.Framework;
+using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 
@@ -25,7 +26,7 @@ public sealed class CudaKernelOnCpuTests
     {
         context = Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms());
         accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-        attention = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Cuda);
+        attention = new StickBreakingAttention(accelerator, null, KernelChoice.Cuda);
     }
 
     [OneTimeTearDown]
@@ -74,7 +75,7 @@ public sealed class CudaKernelOnCpuTests
         var shape = new AttentionShape(1, 1, 97, 24);
         var options = new StickBreakingOptions { AttendCurrent = cudaForward };
         var x = TestInputs.Create(InputKind.LongRange, 1, 1, shape.Length, shape.HeadDim, seed: 11);
-        using var portable = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Portable);
+        using var portable = new StickBreakingAttention(accelerator, null, KernelChoice.Portable);
         CheckGradients(cudaForward ? attention : portable, cudaForward ? portable : attention, x, shape, options);
     }
 
@@ -82,7 +83,7 @@ public sealed class CudaKernelOnCpuTests
     [Test]
     public void WhichBackwardRunsIsVisible()
     {
-        using var portable = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Portable);
+        using var portable = new StickBreakingAttention(accelerator, null, KernelChoice.Portable);
         Assert.Multiple(() =>
         {
             Assert.That(attention.UsesCudaKernels && attention.UsesCudaBackwardKernels, Is.True);
@@ -98,7 +99,7 @@ public sealed class CudaKernelOnCpuTests
         using var context16 = Context.Create(b => b.CPU(device).EnableAlgorithms());
         using var accelerator16 = context16.GetCPUDevice(0).CreateAccelerator(context16);
         var ex = Assert.Throws<InvalidOperationException>(
-            () => new StickBreakingAttention(accelerator16, null, StickBreakingAttention.KernelChoice.Cuda));
+            () => new StickBreakingAttention(accelerator16, null, KernelChoice.Cuda));
         Assert.That(ex!.Message, Does.Contain("warps of 32").And.Contain("warps of 16"));
     }
 
@@ -108,7 +109,7 @@ public sealed class CudaKernelOnCpuTests
         using var tensors = new DeviceTensors(accelerator, shape, x);
         var stream = accelerator.DefaultStream;
         tensors.Forward(forward, stream, options);
-        tensors.Backward(backward, stream, options);
+        tensors.Backward(backward, stream);
         stream.Synchronize();
 
         double scale = options.ScaleFor(shape.HeadDim);

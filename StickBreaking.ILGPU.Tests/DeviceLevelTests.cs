@@ -21,7 +21,7 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         using var stream = Accelerator.CreateStream();
         using var tensors = new DeviceTensors(Accelerator, shape, x, workspaceCapacity: shape with { Length = 100 });
         tensors.Forward(Attention, stream, options);
-        tensors.Backward(Attention, stream, options);
+        tensors.Backward(Attention, stream);
         stream.Synchronize();
 
         var hostForward = Attention.Forward(x.Q, x.K, x.V, shape, options);

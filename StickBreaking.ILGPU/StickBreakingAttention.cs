@@ -1,10 +1,7 @@
 using System;
 using ILGPU;
 using ILGPU.Runtime;
-using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
-using StickBreaking.ILGPU.Kernels.Portable;
-using StickBreaking.ILGPU.Kernels.Cuda;
 using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU;
@@ -24,27 +21,9 @@ namespace StickBreaking.ILGPU;
 /// </remarks>
 public sealed class StickBreakingAttention : IDisposable
 {
-    /// <summary>Which kernels an instance runs.</summary>
-    internal enum KernelChoice
-    {
-        /// <summary>The CUDA kernels on a CUDA device that can hold them, the portable ones elsewhere.</summary>
-        Auto,
-        /// <summary>The portable kernels everywhere.</summary>
-        Portable,
-        /// <summary>The CUDA kernels' code on any accelerator (the CPU accelerator runs it as plain ILGPU code).</summary>
-        Cuda,
-    }
-
     private readonly Accelerator accelerator;
-    private readonly LaunchPlan plan;
-    private Action<AcceleratorStream, KernelConfig, ForwardArgs>? forward;
-    private Action<AcceleratorStream, KernelConfig, ForwardArgs>? cudaForward;
-    private readonly bool cudaKernels;
-    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? backwardQuery;
-    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? backwardKey;
-    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? cudaBackwardQuery;
-    private Action<AcceleratorStream, KernelConfig, BackwardArgs>? cudaBackwardKey;
-    private readonly bool cudaBackward;
+    private readonly KernelLauncher launcher;
+    private readonly KernelSet kernels;
     private bool disposed;
 
     /// <summary>Binds the kernels to <paramref name="accelerator"/>.</summary>
@@ -58,65 +37,53 @@ public sealed class StickBreakingAttention : IDisposable
     /// <summary>As the public constructor, with the shared memory per group capped (tests the column slices on any device).</summary>
     /// <param name="accelerator">The accelerator to run on.</param>
     /// <param name="sharedMemoryLimit">A cap on shared memory per group below the accelerator's own.</param>
-    /// <param name="kernels">Which kernels to run: tests run the CUDA kernels' code on the CPU accelerator too.</param>
-    internal StickBreakingAttention(Accelerator accelerator, int? sharedMemoryLimit, KernelChoice kernels = KernelChoice.Auto)
+    /// <param name="choice">Which kernels to run: tests run the CUDA kernels' code on the CPU accelerator too.</param>
+    internal StickBreakingAttention(Accelerator accelerator, int? sharedMemoryLimit, KernelChoice choice = KernelChoice.Auto)
     {
         ArgumentNullException.ThrowIfNull(accelerator);
         this.accelerator = accelerator;
-        plan = new LaunchPlan(accelerator, sharedMemoryLimit);
-        CheckContext(accelerator);
-        cudaKernels = kernels switch
-        {
-            KernelChoice.Portable => false,
-            KernelChoice.Cuda => true,
-            _ => accelerator is CudaAccelerator cuda && CudaDriver.MaxOptInSharedBytes(cuda) >= 4 * CudaForwardKernel.SharedFloats,
-        };
-        if (cudaKernels && accelerator.MaxNumThreadsPerGroup < CudaForwardKernel.GroupSize)
-            throw new InvalidOperationException(
-                $"The CUDA kernels need {CudaForwardKernel.GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}.");
-        // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is
-        // between the two runs the CUDA forward and the portable backward (the snapshots are the same).
-        cudaBackward = cudaKernels && (accelerator is not CudaAccelerator cudaDevice
-            || CudaDriver.MaxOptInSharedBytes(cudaDevice) >= 4 * Math.Max(CudaBackwardQueryKernel.SharedFloats, CudaBackwardKeyKernel.SharedFloats));
-        if (cudaKernels && accelerator.WarpSize != CudaBackwardTile.WarpSize)
-            throw new InvalidOperationException(
-                $"The CUDA kernels scan rows by warp shuffles over warps of {CudaBackwardTile.WarpSize} threads; '{accelerator.Name}' has warps of {accelerator.WarpSize}.");
+        launcher = new KernelLauncher(accelerator, sharedMemoryLimit);
+        kernels = new KernelSet(accelerator, choice);
     }
 
     /// <summary>
     /// Whether the CUDA-only kernels (register tiles, more than 48 KB of shared memory) serve the head
     /// dimensions they cover (D up to 128); otherwise, and on other backends, the portable kernels run.
     /// </summary>
-    public bool UsesCudaKernels => cudaKernels;
+    public bool UsesCudaKernels => kernels.CudaForward;
 
     /// <summary>
     /// Whether the CUDA-only backward passes serve D up to 128 as well. They need 161 KB of opt-in shared
     /// memory per group (A100, H100, H200 have it); on a CUDA device with less, the CUDA forward runs with the
     /// portable backward, which reads the same snapshots.
     /// </summary>
-    public bool UsesCudaBackwardKernels => cudaBackward;
+    public bool UsesCudaBackwardKernels => kernels.CudaBackward;
 
     /// <summary>
-    /// Benchmark diagnostics only: which CUDA backward passes Backward launches (bit 0: pass 1, dq
-    /// and the P snapshots; bit 1: pass 2, dk and dv), so that each can be timed alone. Anything but 3 leaves
-    /// the gradients incomplete.
+    /// Benchmark diagnostics only: which backward passes Backward launches (bit 0: pass 1, dq and the P
+    /// snapshots; bit 1: pass 2, dk and dv), so that each can be timed alone. Anything but 3 leaves the
+    /// gradients incomplete.
     /// </summary>
-    internal int CudaBackwardPasses { get; set; } = 3;
+    internal int BackwardPasses { get; set; } = 3;
 
     /// <summary>
     /// Benchmark diagnostics only: a launch bound for every CUDA kernel in place of each kernel's own
-    /// (groups per SM; it caps the registers per thread at 65536 / (256 * this)). Set it before the first call.
+    /// (groups per SM; it caps the registers per thread). Set it before the first call.
     /// </summary>
-    internal int? CudaGroupsPerMultiprocessorOverride { get; set; }
+    internal int? CudaGroupsPerMultiprocessorOverride
+    {
+        get => launcher.GroupsPerMultiprocessorOverride;
+        set => launcher.GroupsPerMultiprocessorOverride = value;
+    }
 
     /// <summary>The accelerator this instance runs on.</summary>
     public Accelerator Accelerator => accelerator;
 
-    /// <summary>Threads per group used on this accelerator.</summary>
-    public int GroupSize => plan.GroupSize;
+    /// <summary>Threads per group of the portable kernels on this accelerator.</summary>
+    public int GroupSize => launcher.Plan.GroupSize;
 
     // ------------------------------------------------------------------------------------------------
-    // Host level
+    // Host level: validate, upload, enqueue, download.
 
     /// <summary>
     /// Runs the forward on host arrays, row-major <c>[B, H, T, D]</c>; returns o <c>[B, H, T, D]</c>, rem and
@@ -135,7 +102,8 @@ public sealed class StickBreakingAttention : IDisposable
         CheckHost(q, shape.TensorLength, nameof(q), shape);
         CheckHost(k, shape.TensorLength, nameof(k), shape);
         CheckHost(v, shape.TensorLength, nameof(v), shape);
-        options?.Validate(nameof(options));
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
 
         using var dq = Upload(q);
         using var dk = Upload(k);
@@ -144,13 +112,13 @@ public sealed class StickBreakingAttention : IDisposable
         using var rem = accelerator.Allocate1D<float>(shape.RowCount);
         using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
         var stream = accelerator.DefaultStream;
-        Forward(stream, shape, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options);
+        EnqueueForward(stream, shape, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options, workspace: null);
         stream.Synchronize();
         return new StickBreakingOutput(o.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D());
     }
 
     /// <summary>
-    /// Gradients dq, dk, dv of L = sum dO . o + sum dRem . rem, from host arrays. Recomputes the forward it
+    /// Gradients dq, dk, dv of L = sum dO . o + sum dRem . rem, from host arrays. Runs the training forward it
     /// needs. <paramref name="dRem"/> may be all zeros.
     /// </summary>
     /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
@@ -170,7 +138,8 @@ public sealed class StickBreakingAttention : IDisposable
         CheckHost(v, shape.TensorLength, nameof(v), shape);
         CheckHost(dO, shape.TensorLength, nameof(dO), shape);
         CheckHost(dRem, shape.RowCount, nameof(dRem), shape);
-        options?.Validate(nameof(options));
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
 
         using var workspace = new StickBreakingWorkspace(accelerator, shape);
         using var bq = Upload(q);
@@ -185,21 +154,21 @@ public sealed class StickBreakingAttention : IDisposable
         using var gk = accelerator.Allocate1D<float>(shape.TensorLength);
         using var gv = accelerator.Allocate1D<float>(shape.TensorLength);
         var stream = accelerator.DefaultStream;
-        Forward(stream, shape, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace);
-        Backward(stream, shape, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
-            gq.View, gk.View, gv.View, options);
+        EnqueueForward(stream, shape, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace);
+        EnqueueBackward(stream, shape, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
+            gq.View, gk.View, gv.View);
         stream.Synchronize();
         return new StickBreakingGradients(gq.GetAsArray1D(), gk.GetAsArray1D(), gv.GetAsArray1D());
     }
 
     // ------------------------------------------------------------------------------------------------
-    // Device level
+    // Device level: validate, enqueue.
 
     /// <summary>
     /// Enqueues the forward on <paramref name="stream"/> for views on this accelerator. Allocates nothing once
     /// the kernel is compiled. With a <paramref name="workspace"/> (a training forward) it also writes the
-    /// snapshots that <see cref="Backward(AcceleratorStream, AttentionShape, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingWorkspace, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingOptions?)"/>
-    /// reads; an inference forward passes none and writes none.
+    /// snapshots that <see cref="Backward(AcceleratorStream, AttentionShape, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingWorkspace, ArrayView{float}, ArrayView{float}, ArrayView{float})"/>
+    /// reads, and records the scale and visibility the backward then uses; an inference forward passes none and writes none.
     /// </summary>
     /// <param name="stream">A stream of this accelerator.</param>
     /// <param name="shape">The sizes B, H, T, D.</param>
@@ -229,46 +198,16 @@ public sealed class StickBreakingAttention : IDisposable
         options.Validate(nameof(options));
         if (workspace is not null)
             CheckWorkspace(workspace, shape);
-
-        int D = shape.HeadDim, T = shape.Length;
-        float scale = options.ScaleFor(D);
-        var args = new ForwardArgs
-        {
-            Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
-            AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
-            WriteSnapshots = workspace is null ? 0 : 1,
-            SnapshotTiles = Snapshots.TileCount(T),
-            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
-        };
-        if (cudaKernels && D <= CudaForwardKernel.MaxHeadDim)
-        {
-            args.RowBlocks = (T + CudaForwardKernel.BlockRows - 1) / CudaForwardKernel.BlockRows;
-            args.ColumnsPerGroup = D;
-            var cudaConfig = plan.GridConfig("CUDA forward", shape.HeadCount, args.RowBlocks, slices: 1,
-                CudaForwardKernel.GroupSize, CudaForwardKernel.SharedFloats);
-            cudaForward ??= LoadTiled<ForwardArgs>(CudaForwardKernel.Kernel, CudaForwardKernel.GroupSize,
-                CudaForwardKernel.MinGroupsPerMultiprocessor, CudaForwardKernel.SharedFloats);
-            cudaForward(stream, cudaConfig, args);
-        }
-        else
-        {
-            int columns = plan.ColumnsPerGroup("forward", D, ForwardKernel.StaticSharedBytes, ForwardKernel.DynamicFloatsPerColumn);
-            args.RowBlocks = (T + ForwardKernel.BlockRows - 1) / ForwardKernel.BlockRows;
-            args.ColumnsPerGroup = columns;
-            var config = plan.Config("forward", shape.HeadCount, args.RowBlocks, D, columns, ForwardKernel.DynamicFloatsPerColumn);
-            forward ??= Load<ForwardArgs>(ForwardKernel.Kernel);
-            forward(stream, config, args);
-        }
-        if (workspace is not null)
-            workspace.FilledBy = (shape, scale, options.AttendCurrent);
+        EnqueueForward(stream, shape, q, k, v, o, rem, logRem, options, workspace);
     }
 
     /// <summary>
     /// Enqueues the backward on <paramref name="stream"/>: dq, dk, dv of L = sum dO . o + sum dRem . rem.
-    /// <paramref name="workspace"/> must hold the snapshots of the training forward of the same inputs
+    /// <paramref name="workspace"/> must hold the snapshots of the training forward of the same inputs and shape
     /// (<see cref="Forward(AcceleratorStream, AttentionShape, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, ArrayView{float}, StickBreakingOptions?, StickBreakingWorkspace?)"/>
-    /// with that workspace), and <paramref name="logRem"/> that forward's LogRem. Bitwise deterministic:
-    /// every output element is summed in a fixed order by one group. Allocates nothing once compiled.
+    /// with that workspace), whose scale and visibility the backward uses, and <paramref name="logRem"/> that
+    /// forward's LogRem. Bitwise deterministic: every output element is summed in a fixed order by one group.
+    /// Allocates nothing once compiled.
     /// </summary>
     /// <param name="stream">A stream of this accelerator.</param>
     /// <param name="shape">The sizes B, H, T, D.</param>
@@ -278,17 +217,15 @@ public sealed class StickBreakingAttention : IDisposable
     /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
     /// <param name="dRem">dL/drem, <c>[B, H, T]</c>; may be all zeros.</param>
     /// <param name="logRem">The forward's LogRem, <c>[B, H, T]</c>.</param>
-    /// <param name="workspace">The workspace the forward filled; the backward also writes its prefix snapshots there.</param>
+    /// <param name="workspace">The workspace the training forward filled; the backward also writes its prefix snapshots there.</param>
     /// <param name="dq">Output dL/dq, <c>[B, H, T, D]</c>.</param>
     /// <param name="dk">Output dL/dk, <c>[B, H, T, D]</c>.</param>
     /// <param name="dv">Output dL/dv, <c>[B, H, T, D]</c>.</param>
-    /// <param name="options">The options the forward ran with.</param>
     public void Backward(AcceleratorStream stream, AttentionShape shape,
         ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
         ArrayView<float> dO, ArrayView<float> dRem, ArrayView<float> logRem,
         StickBreakingWorkspace workspace,
-        ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv,
-        StickBreakingOptions? options = null)
+        ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv)
     {
         ThrowIfDisposed();
         CheckStream(stream);
@@ -304,115 +241,60 @@ public sealed class StickBreakingAttention : IDisposable
         CheckView(dv, shape.TensorLength, nameof(dv), shape);
         ArgumentNullException.ThrowIfNull(workspace);
         CheckWorkspace(workspace, shape);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
+        if (workspace.FilledBy?.Shape != shape)
+            throw new ArgumentException(
+                $"workspace holds no snapshots of a training forward with shape {shape} " +
+                $"(it holds {(workspace.FilledBy is { } f ? $"those of {f.Shape}" : "none")}): run Forward with this workspace first.",
+                nameof(workspace));
+        EnqueueBackward(stream, shape, q, k, v, dO, dRem, logRem, workspace, dq, dk, dv);
+    }
+
+    /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
+    public void Dispose() => disposed = true;
+
+    // ------------------------------------------------------------------------------------------------
+    // Arguments and launch (inputs already validated).
+
+    private void EnqueueForward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> o, ArrayView<float> rem, ArrayView<float> logRem,
+        StickBreakingOptions options, StickBreakingWorkspace? workspace)
+    {
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
-        if (workspace.FilledBy != (shape, scale, options.AttendCurrent))
-            throw new ArgumentException(
-                $"workspace holds no snapshots of a forward with shape {shape}, scale {scale} and AttendCurrent={options.AttendCurrent} " +
-                $"(it holds {(workspace.FilledBy is { } f ? $"{f.Shape}, scale {f.Scale}, AttendCurrent={f.AttendCurrent}" : "none")}): " +
-                "run Forward with this workspace first.", nameof(workspace));
+        var args = new ForwardArgs
+        {
+            Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
+            AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
+            WriteSnapshots = workspace is null ? 0 : 1,
+            SnapshotTiles = Snapshots.TileCount(T),
+            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+        };
+        launcher.Launch(kernels.Forward(D), stream, shape, args);
+        if (workspace is not null)
+            workspace.FilledBy = (shape, scale, options.AttendCurrent);
+    }
 
-        int tiles = Snapshots.TileCount(T);
+    private void EnqueueBackward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
+        ArrayView<float> dO, ArrayView<float> dRem, ArrayView<float> logRem,
+        StickBreakingWorkspace workspace,
+        ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv)
+    {
+        var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
+        int D = shape.HeadDim, T = shape.Length;
         var args = new BackwardArgs
         {
             Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
             AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
             DQ = dq, DK = dk, DV = dv,
-            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, SnapshotTiles = tiles, Scale = scale,
+            Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
         };
-
-        if (cudaBackward && D <= CudaBackwardQueryKernel.MaxHeadDim)
-        {
-            args.RowBlocks = (T + CudaBackwardQueryKernel.BlockRows - 1) / CudaBackwardQueryKernel.BlockRows;
-            args.ColumnsPerGroup = D;
-            var cudaQueryConfig = plan.GridConfig("CUDA backward dq", shape.HeadCount, args.RowBlocks, slices: 1,
-                CudaBackwardQueryKernel.GroupSize, CudaBackwardQueryKernel.SharedFloats);
-            var cudaKeyConfig = plan.GridConfig("CUDA backward dk/dv", shape.HeadCount, args.RowBlocks, slices: 1,
-                CudaBackwardKeyKernel.GroupSize, CudaBackwardKeyKernel.SharedFloats);
-            cudaBackwardQuery ??= LoadTiled<BackwardArgs>(CudaBackwardQueryKernel.Kernel, CudaBackwardQueryKernel.GroupSize,
-                CudaBackwardQueryKernel.MinGroupsPerMultiprocessor, CudaBackwardQueryKernel.SharedFloats);
-            cudaBackwardKey ??= LoadTiled<BackwardArgs>(CudaBackwardKeyKernel.Kernel, CudaBackwardKeyKernel.GroupSize,
-                CudaBackwardKeyKernel.MinGroupsPerMultiprocessor, CudaBackwardKeyKernel.SharedFloats);
-            if ((CudaBackwardPasses & 1) != 0)
-                cudaBackwardQuery(stream, cudaQueryConfig, args);
-            if ((CudaBackwardPasses & 2) != 0)
-                cudaBackwardKey(stream, cudaKeyConfig, args);
-            return;
-        }
-
-        int qColumns = plan.ColumnsPerGroup("backward dq", D, BackwardQueryKernel.StaticSharedBytes, BackwardQueryKernel.DynamicFloatsPerColumn);
-        args.RowBlocks = (T + BackwardQueryKernel.BlockRows - 1) / BackwardQueryKernel.BlockRows;
-        var qConfig = plan.Config("backward dq", shape.HeadCount, args.RowBlocks, D, qColumns, BackwardQueryKernel.DynamicFloatsPerColumn);
-        int kColumns = plan.ColumnsPerGroup("backward dk/dv", D, BackwardKeyKernel.StaticSharedBytes, BackwardKeyKernel.DynamicFloatsPerColumn);
-        var kConfig = plan.Config("backward dk/dv", shape.HeadCount, tiles, D, kColumns, BackwardKeyKernel.DynamicFloatsPerColumn);
-
-        backwardQuery ??= Load<BackwardArgs>(BackwardQueryKernel.Kernel);
-        backwardKey ??= Load<BackwardArgs>(BackwardKeyKernel.Kernel);
-        backwardQuery(stream, qConfig, args with { ColumnsPerGroup = qColumns });
-        backwardKey(stream, kConfig, args with { ColumnsPerGroup = kColumns });
-    }
-
-    /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
-    public void Dispose()
-    {
-        disposed = true;
-        forward = null;
-        cudaForward = null;
-        backwardQuery = null;
-        backwardKey = null;
-        cudaBackwardQuery = null;
-        cudaBackwardKey = null;
-    }
-
-    // ------------------------------------------------------------------------------------------------
-
-    private Action<AcceleratorStream, KernelConfig, TArgs> Load<TArgs>(Action<TArgs> kernel)
-        where TArgs : struct
-    {
-        try
-        {
-            return accelerator.LoadKernel(kernel);
-        }
-        catch (Exception ex) when (ex is not OutOfMemoryException)
-        {
-            throw new InvalidOperationException(
-                $"ILGPU could not compile the {kernel.Method.DeclaringType?.Name} kernel for accelerator '{accelerator.Name}' " +
-                $"({accelerator.AcceleratorType}): {ex.Message}", ex);
-        }
-    }
-
-    /// <summary>
-    /// A CUDA kernel (register tiles, large dynamic shared memory): with its launch bound (groups per SM) and
-    /// its shared-memory limit raised on a CUDA device; as plain ILGPU code elsewhere (tests on the CPU accelerator).
-    /// </summary>
-    private Action<AcceleratorStream, KernelConfig, TArgs> LoadTiled<TArgs>(Action<TArgs> kernel, int groupSize,
-        int minGroupsPerMultiprocessor, int sharedFloats)
-        where TArgs : struct =>
-        accelerator is CudaAccelerator cuda
-            ? CudaDriver.Load(cuda, kernel, groupSize, CudaGroupsPerMultiprocessorOverride ?? minGroupsPerMultiprocessor, 4 * sharedFloats)
-            : Load(kernel);
-
-    private static void Probe(ArrayView<float> x) => x[0] = MathF.Exp(x[0]) + MathF.Log(x[0]);
-
-    /// <summary>Compiles a two-line kernel with Exp and Log: without EnableAlgorithms() GPU backends refuse it.</summary>
-    private static void CheckContext(Accelerator accelerator)
-    {
-        if (accelerator.AcceleratorType == AcceleratorType.CPU)
-            return;   // the CPU accelerator runs .NET's own MathF
-        try
-        {
-            accelerator.LoadKernel<ArrayView<float>>(Probe);
-        }
-        catch (Exception ex) when (ex is not OutOfMemoryException)
-        {
-            throw new InvalidOperationException(
-                $"Accelerator '{accelerator.Name}' ({accelerator.AcceleratorType}) cannot compile exp/log: its ILGPU context " +
-                "needs the ILGPU.Algorithms intrinsics. Build the context with EnableAlgorithms(), e.g. " +
-                "Context.Create(builder => builder.Default().EnableAlgorithms()) (using ILGPU.Algorithms ... " +
-                "namespace ILGPU). ILGPU said: " + ex.Message, ex);
-        }
+        var (query, key) = kernels.Backward(D);
+        if ((BackwardPasses & 1) != 0)
+            launcher.Launch(query, stream, shape, args);
+        if ((BackwardPasses & 2) != 0)
+            launcher.Launch(key, stream, shape, args);
     }
 
     private MemoryBuffer1D<float, Stride1D.Dense> Upload(ReadOnlySpan<float> data)
@@ -421,6 +303,9 @@ public sealed class StickBreakingAttention : IDisposable
         buffer.View.CopyFromCPU(accelerator.DefaultStream, data);
         return buffer;
     }
+
+    // ------------------------------------------------------------------------------------------------
+    // Validation (each check once per call, before anything is enqueued).
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(disposed, this);
 

@@ -43,10 +43,10 @@ internal sealed class DeviceTensors : IDisposable
     public void Forward(StickBreakingAttention attention, AcceleratorStream stream, StickBreakingOptions? options = null, bool training = true) =>
         attention.Forward(stream, Shape, q.View, k.View, v.View, o.View, rem.View, logRem.View, options, training ? Workspace : null);
 
-    /// <summary>Enqueues the backward of the last training forward.</summary>
-    public void Backward(StickBreakingAttention attention, AcceleratorStream stream, StickBreakingOptions? options = null) =>
+    /// <summary>Enqueues the backward of the last training forward (its scale and visibility come from the workspace).</summary>
+    public void Backward(StickBreakingAttention attention, AcceleratorStream stream) =>
         attention.Backward(stream, Shape, q.View, k.View, v.View, dO.View, dRem.View, logRem.View, Workspace,
-            dq.View, dk.View, dv.View, options);
+            dq.View, dk.View, dv.View);
 
     public float[] O => o.GetAsArray1D();
 

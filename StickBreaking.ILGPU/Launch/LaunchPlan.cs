@@ -55,10 +55,6 @@ internal sealed class LaunchPlan
         return columns;
     }
 
-    /// <summary>The launch configuration of a (heads, blocks, column slices) grid, checked against the accelerator's grid limits.</summary>
-    public KernelConfig Config(string kernel, long heads, int blocks, int headDim, int columnsPerGroup, int floatsPerColumn) =>
-        GridConfig(kernel, heads, blocks, (headDim + columnsPerGroup - 1) / columnsPerGroup, GroupSize, floatsPerColumn * columnsPerGroup);
-
     /// <summary>A (heads, blocks, slices) grid of groups of <paramref name="groupSize"/> threads with <paramref name="dynamicFloats"/> of dynamic shared memory.</summary>
     public KernelConfig GridConfig(string kernel, long heads, int blocks, int slices, int groupSize, int dynamicFloats)
     {

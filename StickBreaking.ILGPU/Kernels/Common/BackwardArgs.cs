@@ -1,4 +1,5 @@
 using ILGPU;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Common;
 
@@ -6,7 +7,7 @@ namespace StickBreaking.ILGPU.Kernels.Common;
 /// Arguments of the backward passes, portable and CUDA alike (each pass reads what it needs). Tensors are
 /// contiguous [B, H, T, D], statistics [B, H, T], snapshots per (row, 32-key tile) (<see cref="Snapshots"/>).
 /// </summary>
-internal struct BackwardArgs
+internal struct BackwardArgs : IGridArgs<BackwardArgs>
 {
     public ArrayView<float> Q, K, V, DO, DRem, LogRem;
     /// <summary>The forward's acc per (row, key tile) (read by both passes).</summary>
@@ -21,4 +22,8 @@ internal struct BackwardArgs
     /// <summary>Blocks of query rows in the grid's y dimension (launched heaviest first).</summary>
     public int RowBlocks;
     public float Scale;
+
+    /// <inheritdoc />
+    public readonly BackwardArgs WithGrid(int rowBlocks, int columnsPerGroup) =>
+        this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup };
 }

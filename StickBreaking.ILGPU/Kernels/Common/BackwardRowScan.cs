@@ -4,7 +4,7 @@ using ILGPU;
 namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
-/// SPEC section 2 for one query row against one key tile, shared by both backward passes so that they
+/// docs/math.md, "Backward", for one query row against one key tile, shared by both backward passes so that they
 /// agree bitwise. On entry z holds q.k and g holds dO.v for the row's <see cref="Snapshots.KeyTile"/>
 /// keys. On exit z holds dz and g holds a = A (dO.v); weights holds A when storeWeights is set.
 /// <see cref="Run"/> returns the prefix P after the tile.

@@ -1,9 +1,10 @@
 using ILGPU;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>Arguments of the forward kernels; all tensors contiguous [B, H, T, D] / [B, H, T].</summary>
-internal struct ForwardArgs
+internal struct ForwardArgs : IGridArgs<ForwardArgs>
 {
     public ArrayView<float> Q, K, V;
     public ArrayView<float> O, Rem, LogRem;
@@ -14,4 +15,8 @@ internal struct ForwardArgs
     /// <summary>Output columns per group: each group owns O[rows, ColumnsPerGroup * Grid.IdxZ ..].</summary>
     public int ColumnsPerGroup;
     public int RowBlocks;
+
+    /// <inheritdoc />
+    public readonly ForwardArgs WithGrid(int rowBlocks, int columnsPerGroup) =>
+        this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup };
 }

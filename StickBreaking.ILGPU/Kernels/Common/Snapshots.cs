@@ -1,7 +1,7 @@
 namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
-/// The granularity of the backward's snapshots (SPEC section 2): the forward writes its running log-stick
+/// The granularity of the backward's snapshots (docs/math.md, "Snapshots"): the forward writes its running log-stick
 /// sum <c>acc</c> per (row, key tile) and the first backward pass writes the prefix <c>P</c> per (row, key
 /// tile). Every kernel that reads or writes them walks keys in tiles of this size, aligned at key 0.
 /// </summary>

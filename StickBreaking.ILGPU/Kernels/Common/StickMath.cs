@@ -4,7 +4,7 @@ using System.Runtime.CompilerServices;
 namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
-/// The scalar pieces of SPEC section 1, shared by every kernel so that the forward and both backward
+/// The scalar pieces of docs/math.md, "Definition", shared by every kernel so that the forward and both backward
 /// passes compute bitwise the same log-weights.
 /// </summary>
 internal static class StickMath

@@ -2,11 +2,13 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
+using static StickBreaking.ILGPU.Kernels.Cuda.CudaTiles;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>
-/// Backward pass 2 on CUDA for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 2): one group of
+/// Backward pass 2 on CUDA for head dimensions up to <see cref="MaxHeadDim"/> (docs/math.md, "Backward"): one group of
 /// <see cref="GroupSize"/> threads per (head, block of <see cref="KeyTile"/> keys), walking the blocks of
 /// <see cref="BlockRows"/> query rows from the diagonal to the end. Per 64 x 64 tile it rebuilds S = q.k,
 /// G = dO.v (4 x 4 per thread, rows ty*4+i, keys tx*4+j), A from the acc snapshots, P from pass 1's P
@@ -23,16 +25,11 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 /// </remarks>
 internal static class CudaBackwardKeyKernel
 {
-    public const int GroupSize = CudaBackwardTile.GroupSize;
-    public const int BlockRows = CudaBackwardTile.BlockRows;
-    public const int KeyTile = CudaBackwardTile.KeyTile;
-    public const int MaxHeadDim = CudaBackwardTile.MaxHeadDim;
     /// <summary>
     /// Launch bound: one group per SM. The dk and dv register tiles (64 floats) with S and G need about 255
     /// registers; at 128 (two groups) ptxas spills about 400 bytes per thread.
     /// </summary>
     public const int MinGroupsPerMultiprocessor = 1;
-    private const int Segments = CudaBackwardTile.Segments;
 
     private const int QOffset = 0;
     private const int DoOffset = QOffset + CudaBackwardTile.TransposedFloats;
@@ -45,6 +42,14 @@ internal static class CudaBackwardKeyKernel
     private const int DRemRemOffset = PrefixOffset + CudaBackwardTile.HalfStatFloats;
     /// <summary>Dynamic shared memory, in floats.</summary>
     public const int SharedFloats = DRemRemOffset + BlockRows;
+
+    /// <summary>How the launch layer runs it: the CUDA tile (<see cref="CudaTiles"/>), its shared memory and launch bound.</summary>
+    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    {
+        Name = "CUDA backward dk/dv", Body = Kernel, Family = KernelFamily.Cuda, RowsPerGroup = KeyTile, GroupSize = GroupSize,
+        SharedBytes = sizeof(float) * SharedFloats, MinGroupsPerMultiprocessor = MinGroupsPerMultiprocessor,
+        MaxHeadDim = MaxHeadDim, WarpSize = WarpSize,
+    };
 
     public static void Kernel(BackwardArgs a)
     {

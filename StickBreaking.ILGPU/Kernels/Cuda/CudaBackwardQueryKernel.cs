@@ -2,11 +2,13 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
+using static StickBreaking.ILGPU.Kernels.Cuda.CudaTiles;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>
-/// Backward pass 1 on CUDA for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 2): one group of
+/// Backward pass 1 on CUDA for head dimensions up to <see cref="MaxHeadDim"/> (docs/math.md, "Backward"): one group of
 /// <see cref="GroupSize"/> threads per (head, block of <see cref="BlockRows"/> query rows), key tiles of
 /// <see cref="KeyTile"/> from key 0 toward the diagonal, so that the prefix P grows naturally. Register
 /// tiles: each thread owns 4 x 4 of S = q.k and G = dO.v (rows ty*4+i, keys tx*4+j) and 4 x 8 of dq (rows
@@ -23,13 +25,8 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 /// </remarks>
 internal static class CudaBackwardQueryKernel
 {
-    public const int GroupSize = CudaBackwardTile.GroupSize;
-    public const int BlockRows = CudaBackwardTile.BlockRows;
-    public const int KeyTile = CudaBackwardTile.KeyTile;
-    public const int MaxHeadDim = CudaBackwardTile.MaxHeadDim;
     /// <summary>Launch bound (two groups per SM: 128 registers, no spills (measured with ptxas and cuFuncGetAttribute)).</summary>
     public const int MinGroupsPerMultiprocessor = 2;
-    private const int Segments = CudaBackwardTile.Segments;
     private const int Chunks = CudaBackwardTile.Chunks;
 
     private const int QOffset = 0;
@@ -41,6 +38,14 @@ internal static class CudaBackwardQueryKernel
     private const int DRemRemOffset = PrefixOffset + BlockRows;                        // dRem rem, per row
     /// <summary>Dynamic shared memory, in floats: 113 KB, what two groups per SM leave each on an H200.</summary>
     public const int SharedFloats = DRemRemOffset + BlockRows;
+
+    /// <summary>How the launch layer runs it: the CUDA tile (<see cref="CudaTiles"/>), its shared memory and launch bound.</summary>
+    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    {
+        Name = "CUDA backward dq", Body = Kernel, Family = KernelFamily.Cuda, RowsPerGroup = BlockRows, GroupSize = GroupSize,
+        SharedBytes = sizeof(float) * SharedFloats, MinGroupsPerMultiprocessor = MinGroupsPerMultiprocessor,
+        MaxHeadDim = MaxHeadDim, WarpSize = WarpSize,
+    };
 
     public static void Kernel(BackwardArgs a)
     {

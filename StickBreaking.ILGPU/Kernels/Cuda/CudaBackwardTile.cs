@@ -2,11 +2,12 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using static StickBreaking.ILGPU.Kernels.Cuda.CudaTiles;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>
-/// SPEC section 2 on a 64 x 64 tile held as register tiles, shared by both CUDA backward passes so that they
+/// docs/math.md, "Backward", on a 64 x 64 tile held as register tiles, shared by both CUDA backward passes so that they
 /// rebuild A, a, P and dz with the same code. Each of the 256 threads owns rows ty*4+i and keys tx*4+j of
 /// the tile (ty = tid / 16, tx = tid % 16, as in <see cref="CudaForwardKernel"/>); per row, a thread works on
 /// one <see cref="F4"/> of 4 keys. The 64-key tile is two snapshot tiles of 32 keys (<see cref="Snapshots"/>):
@@ -28,16 +29,8 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 /// </remarks>
 internal static class CudaBackwardTile
 {
-    public const int GroupSize = 256;
-    public const int BlockRows = 64;
-    public const int KeyTile = 64;
-    public const int MaxHeadDim = 128;
-    /// <summary>Segments (of 4 keys) per row of a key tile: the 16 threads of a row.</summary>
-    public const int Segments = 16;
     /// <summary>Segments per 32-key snapshot tile.</summary>
     public const int HalfSegments = Segments / 2;
-    /// <summary>Threads per warp the row scans assume (two rows per warp).</summary>
-    public const int WarpSize = 32;
     /// <summary>Chunks of 4 floats per 64-wide row of a tile.</summary>
     public const int Chunks = 16;
     /// <summary>Floats of a transposed [d][row or key] tile.</summary>

@@ -2,11 +2,13 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
+using static StickBreaking.ILGPU.Kernels.Cuda.CudaTiles;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 
 /// <summary>
-/// The CUDA forward for head dimensions up to <see cref="MaxHeadDim"/> (SPEC section 1, tiled): one group of
+/// The CUDA forward for head dimensions up to <see cref="MaxHeadDim"/> (docs/math.md, "Tiled forward"): one group of
 /// <see cref="GroupSize"/> threads per (head, block of <see cref="BlockRows"/> query rows), key tiles of
 /// <see cref="KeyTile"/> from the diagonal back to key 0. Register tiles: each thread owns a 4 x 4 block of
 /// z = s q.k (rows ty*4+i, keys tx*4+j) and a 4 x 8 block of the output (rows ty*4+i, columns tx*4+c and
@@ -19,14 +21,8 @@ namespace StickBreaking.ILGPU.Kernels.Cuda;
 /// </summary>
 internal static class CudaForwardKernel
 {
-    public const int GroupSize = 256;
-    public const int BlockRows = 64;
-    public const int KeyTile = 64;
-    public const int MaxHeadDim = 128;
     /// <summary>Launch bound (two groups per SM: its register tiles fit 128 registers without spills).</summary>
     public const int MinGroupsPerMultiprocessor = 2;
-    /// <summary>Segments (of 4 keys) per row of a key tile: the 16 threads of a row.</summary>
-    private const int Segments = 16;
     /// <summary>Row stride of the transposed Q and K tiles [d][row or key]: a multiple of 4 for vector loads.</summary>
     private const int TransposedStride = 68;
     /// <summary>Row stride of the transposed weights [key][row].</summary>
@@ -39,6 +35,14 @@ internal static class CudaForwardKernel
     private const int SegOffset = POffset + KeyTile * PStride;
     /// <summary>Dynamic shared memory, in floats.</summary>
     public const int SharedFloats = SegOffset + BlockRows * SegStride;
+
+    /// <summary>How the launch layer runs it: the CUDA tile (<see cref="CudaTiles"/>), its shared memory and launch bound.</summary>
+    public static readonly KernelLaunch<ForwardArgs> Launch = new()
+    {
+        Name = "CUDA forward", Body = Kernel, Family = KernelFamily.Cuda, RowsPerGroup = BlockRows, GroupSize = GroupSize,
+        SharedBytes = sizeof(float) * SharedFloats, MinGroupsPerMultiprocessor = MinGroupsPerMultiprocessor,
+        MaxHeadDim = MaxHeadDim, WarpSize = WarpSize,
+    };
 
     public static void Kernel(ForwardArgs a)
     {

@@ -1,4 +1,5 @@
 using StickBreaking.ILGPU.Kernels.Common;
+using static StickBreaking.ILGPU.Kernels.Cuda.CudaTiles;
 
 namespace StickBreaking.ILGPU.Kernels.Cuda;
 

@@ -2,11 +2,12 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Portable;
 
 /// <summary>
-/// Backward pass 2 (SPEC section 2): one group per (head, key tile of <see cref="Snapshots.KeyTile"/> keys,
+/// Backward pass 2 (docs/math.md, "Backward"): one group per (head, key tile of <see cref="Snapshots.KeyTile"/> keys,
 /// slice of dk/dv columns). Walks the blocks of query rows that see the tile, rebuilds A and dz from
 /// both snapshots and accumulates dk = s sum_i dz_ij q_i and dv = sum_i A_ij dO_i in fp32. Each group
 /// owns its keys: no atomics, no spin locks, bitwise deterministic.
@@ -23,6 +24,13 @@ internal static class BackwardKeyKernel
         + 4 * BlockRows * KeyTile);
     /// <summary>Dynamic shared floats per dk/dv column (both accumulators).</summary>
     public const int DynamicFloatsPerColumn = 2 * KeyTile;
+
+    /// <summary>How the launch layer runs it: one group per key tile; adapts to any group size and splits D over the grid's z when needed.</summary>
+    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    {
+        Name = "backward dk/dv", Body = Kernel, Family = KernelFamily.Portable, RowsPerGroup = KeyTile,
+        StaticSharedBytes = StaticSharedBytes, DynamicFloatsPerColumn = DynamicFloatsPerColumn,
+    };
 
     public static void Kernel(BackwardArgs a)
     {

@@ -2,11 +2,12 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Portable;
 
 /// <summary>
-/// Backward pass 1 (SPEC section 2): one group per (head, block of <see cref="BlockRows"/> query rows,
+/// Backward pass 1 (docs/math.md, "Backward"): one group per (head, block of <see cref="BlockRows"/> query rows,
 /// slice of dq columns). Walks the key tiles from key 0 toward the diagonal so that the prefix P grows
 /// naturally, reads the forward's acc snapshots (never peeling tile sums off LogRem), accumulates
 /// dq = s sum_j dz_ij k_j and writes P per (row, key tile) for pass 2. Each group owns its outputs:
@@ -24,6 +25,13 @@ internal static class BackwardQueryKernel
         + 3 * BlockRows * KeyTile + 2 * BlockRows);
     /// <summary>Dynamic shared floats per dq column.</summary>
     public const int DynamicFloatsPerColumn = BlockRows;
+
+    /// <summary>How the launch layer runs it: adapts to any group size and splits D over the grid's z when needed.</summary>
+    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    {
+        Name = "backward dq", Body = Kernel, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
+        StaticSharedBytes = StaticSharedBytes, DynamicFloatsPerColumn = DynamicFloatsPerColumn,
+    };
 
     public static void Kernel(BackwardArgs a)
     {

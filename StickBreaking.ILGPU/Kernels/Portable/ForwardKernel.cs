@@ -2,11 +2,12 @@ using System;
 using ILGPU;
 
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Portable;
 
 /// <summary>
-/// The portable tiled forward (SPEC section 1, "The tiled forward"). One group per (head, block of
+/// The portable tiled forward (docs/math.md, "Tiled forward"). One group per (head, block of
 /// <see cref="BlockRows"/> query rows, slice of output columns). It walks the key tiles from the
 /// diagonal back to key 0 and keeps per row the running log-stick sum <c>acc</c> and the output
 /// accumulator. Shared memory and barriers only, so it builds for CUDA, OpenCL and the CPU accelerator;
@@ -24,6 +25,13 @@ internal static class ForwardKernel
     public const int StaticSharedBytes = 4 * (BlockRows * ChunkStride + KeyTile * ChunkStride + BlockRows * KeyTile + BlockRows);
     /// <summary>Dynamic shared floats per output column (the output accumulator).</summary>
     public const int DynamicFloatsPerColumn = BlockRows;
+
+    /// <summary>How the launch layer runs it: adapts to any group size and splits D over the grid's z when needed.</summary>
+    public static readonly KernelLaunch<ForwardArgs> Launch = new()
+    {
+        Name = "forward", Body = Kernel, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
+        StaticSharedBytes = StaticSharedBytes, DynamicFloatsPerColumn = DynamicFloatsPerColumn,
+    };
 
     public static void Kernel(ForwardArgs a)
     {

@@ -1,0 +1,74 @@
+using System;
+using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Cuda;
+using StickBreaking.ILGPU.Kernels.Portable;
+
+namespace StickBreaking.ILGPU.Launch;
+
+/// <summary>Which kernels an instance may run (tests force the CUDA kernels' code onto the CPU accelerator).</summary>
+internal enum KernelChoice
+{
+    /// <summary>The CUDA kernels on a CUDA device that can hold them, the portable ones elsewhere.</summary>
+    Auto,
+    /// <summary>The portable kernels everywhere.</summary>
+    Portable,
+    /// <summary>The CUDA kernels' code on any accelerator (the CPU accelerator runs it as plain ILGPU code); an error where they cannot run.</summary>
+    Cuda,
+}
+
+/// <summary>
+/// The kernels one accelerator runs, chosen once from what each kernel's <see cref="KernelLaunch{TArgs}"/> says it
+/// needs: per call, the fastest one that serves the head dimension, else the portable one (which serves every D).
+/// </summary>
+internal sealed class KernelSet
+{
+    private readonly KernelLaunch<ForwardArgs>? fastForward;
+    private readonly KernelLaunch<BackwardArgs>? fastBackwardQuery, fastBackwardKey;
+
+    public KernelSet(Accelerator accelerator, KernelChoice choice)
+    {
+        if (choice == KernelChoice.Portable || (choice == KernelChoice.Auto && accelerator is not CudaAccelerator))
+            return;
+        long sharedBytes = accelerator is CudaAccelerator cuda ? CudaDriver.MaxOptInSharedBytes(cuda) : accelerator.MaxSharedMemoryPerGroup;
+        fastForward = Fit(CudaForwardKernel.Launch, accelerator, sharedBytes, choice);
+        // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is between
+        // the two runs the CUDA forward and the portable backward (both read the same snapshots).
+        if (fastForward is not null
+            && Fit(CudaBackwardQueryKernel.Launch, accelerator, sharedBytes, choice) is { } query
+            && Fit(CudaBackwardKeyKernel.Launch, accelerator, sharedBytes, choice) is { } key)
+        {
+            fastBackwardQuery = query;
+            fastBackwardKey = key;
+        }
+    }
+
+    /// <summary>Whether the CUDA forward serves the head dimensions it covers.</summary>
+    public bool CudaForward => fastForward is not null;
+
+    /// <summary>Whether the CUDA backward passes serve the head dimensions they cover.</summary>
+    public bool CudaBackward => fastBackwardQuery is not null;
+
+    /// <summary>The forward kernel for head dimension <paramref name="headDim"/>.</summary>
+    public KernelLaunch<ForwardArgs> Forward(int headDim) =>
+        fastForward is { } fast && fast.ServesHeadDim(headDim) ? fast : ForwardKernel.Launch;
+
+    /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>
+    public (KernelLaunch<BackwardArgs> Query, KernelLaunch<BackwardArgs> Key) Backward(int headDim) =>
+        fastBackwardQuery is { } query && fastBackwardKey is { } key && query.ServesHeadDim(headDim) && key.ServesHeadDim(headDim)
+            ? (query, key)
+            : (BackwardQueryKernel.Launch, BackwardKeyKernel.Launch);
+
+    /// <summary>The kernel if the accelerator can hold it; otherwise null (Auto) or a clear error (a forced choice).</summary>
+    private static KernelLaunch<TArgs>? Fit<TArgs>(KernelLaunch<TArgs> kernel, Accelerator accelerator, long sharedBytes, KernelChoice choice)
+        where TArgs : struct, IGridArgs<TArgs>
+    {
+        string? unfit = kernel.Unfit(accelerator, sharedBytes);
+        if (unfit is null)
+            return kernel;
+        if (choice == KernelChoice.Cuda)
+            throw new InvalidOperationException($"Cannot run the CUDA kernels here: {unfit}.");
+        return null;
+    }
+}
