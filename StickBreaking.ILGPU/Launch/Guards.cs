@@ -71,7 +71,8 @@ internal static class Guards
     public static void View(Accelerator accelerator, ArrayView<float> view, long expected, string name, AttentionShape shape)
     {
         if (!view.IsValid)
-            throw new ArgumentException($"{name} is an empty or default view; shape {shape} needs {expected} floats.", name);
+            throw new ArgumentException(
+                $"{name} is an empty or default view (a disposed buffer's View is one); shape {shape} needs {expected} floats.", name);
         var buffer = BufferOf(view);
         var owner = buffer.Accelerator;
         if (buffer.IsDisposed)
