@@ -108,6 +108,7 @@ internal static class MisuseCases
         if (other is null)
             throw new InvalidOperationException($"a second {backend} accelerator could not be opened: {reason}");
         using var _ = context;
+        using var __ = other;   // disposing twice is harmless; the context case leaves it to this
         using var attention = new StickBreakingAttention(other);
         if (name == "InstanceOnDisposedContext")
             context!.Dispose();
