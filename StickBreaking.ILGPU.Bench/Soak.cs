@@ -176,7 +176,12 @@ internal static class Soak
     private static Memory Snapshot(Accelerator accelerator)
     {
         long managed = GC.GetTotalMemory(forceFullCollection: true);
-        long? free = accelerator is CudaAccelerator cuda ? cuda.GetFreeMemory() : null;
+        long? free = null;
+        if (accelerator is CudaAccelerator cuda)
+        {
+            cuda.Bind();   // the driver's cuMemGetInfo reads the current context
+            free = cuda.GetFreeMemory();
+        }
         return new Memory(free, managed, GC.GetTotalAllocatedBytes(precise: true), Environment.WorkingSet);
     }
 
