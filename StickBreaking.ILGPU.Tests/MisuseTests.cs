@@ -109,6 +109,16 @@ public sealed class MisuseTests(string backend) : BackendFixture(backend)
         Assert.That(numbers[0].Groups[1].Value, Is.Not.EqualTo(numbers[1].Groups[1].Value), ex.Message);
     }
 
+    /// <summary>A refused call leaves the instance free: a call from another thread afterwards is admitted.</summary>
+    [Test]
+    public void RefusedCallLeavesTheInstanceFreeForOtherThreads()
+    {
+        Assert.Throws<ArgumentException>(() => Attention.Forward(x.Q, x.K, Array.Empty<float>(), Shape));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Forward(x.Q, x.K, x.V, Shape with { HeadDim = 0 }));
+        string result = Task.Run(() => MisuseCases.CorrectCall(Accelerator, Attention)).Result;
+        Assert.That(result, Is.EqualTo("ok"));
+    }
+
     /// <summary>
     /// An instance is not thread-safe: while one call runs (held inside by the test hook), a call from another
     /// thread is refused with an <see cref="InvalidOperationException"/>, and the first call completes correctly.
