@@ -9,11 +9,14 @@ using StickBreaking.ILGPU.Bench;
 // dotnet run -c Release --project StickBreaking.ILGPU.Bench                 verify + time on every accelerator
 // ... -- --throughput Cuda 4 12 128 1024 4096                               JSON lines for peers.py's comparison
 // ... -- --report ours.jsonl peers.jsonl out.md out.png [lines]              table + log-log plot from one GPU run
+// ... -- --soak [Cuda] [10000] [2 8 1024 64]                                 forward + backward N times, bitwise against call 1
 // ... -- --bdn [BenchmarkDotNet arguments, e.g. --filter '*']                the BenchmarkDotNet suites, in process
 if (args.Length == 0)
     return MainJob.Run();
 if (args[0] == "--throughput")
     return Throughput.Run(args[1..]);
+if (args[0] == "--soak")
+    return Soak.Run(args[1..]);
 if (args[0] == "--report")
     return Report.Run(args[1..]);
 if (args[0] == "--bdn")

@@ -119,9 +119,11 @@ public sealed class BadInputTests(string backend) : BackendFixture(backend)
         using var workspace = new StickBreakingWorkspace(Accelerator, Shape);
         using var x = Accelerator.Allocate1D(inputs.Q);
         using var rows = Accelerator.Allocate1D<float>(Shape.RowCount);
-        using var g = Accelerator.Allocate1D<float>(Shape.TensorLength);
+        using var g = Accelerator.Allocate1D<float>(3 * Shape.TensorLength);   // dq, dk, dv: outputs may not overlap
         var ex = Assert.Throws<ArgumentException>(() => Attention.Backward(Accelerator.DefaultStream, Shape,
-            x.View, x.View, x.View, x.View, rows.View, rows.View, workspace, g.View, g.View, g.View));
+            x.View, x.View, x.View, x.View, rows.View, rows.View, workspace,
+            g.View.SubView(0, Shape.TensorLength), g.View.SubView(Shape.TensorLength, Shape.TensorLength),
+            g.View.SubView(2 * Shape.TensorLength, Shape.TensorLength)));
         Assert.That(ex!.ParamName, Is.EqualTo("workspace"));
         Assert.That(ex.Message, Does.Contain("Forward"));
     }
@@ -131,9 +133,11 @@ public sealed class BadInputTests(string backend) : BackendFixture(backend)
     {
         using var workspace = new StickBreakingWorkspace(Accelerator, Shape with { Length = 3 });
         using var x = Accelerator.Allocate1D(inputs.Q);
-        using var rows = Accelerator.Allocate1D<float>(Shape.RowCount);
+        using var o = Accelerator.Allocate1D<float>(Shape.TensorLength);
+        using var rem = Accelerator.Allocate1D<float>(Shape.RowCount);
+        using var logRem = Accelerator.Allocate1D<float>(Shape.RowCount);
         var ex = Assert.Throws<ArgumentException>(() => Attention.Forward(Accelerator.DefaultStream, Shape,
-            x.View, x.View, x.View, x.View, rows.View, rows.View, null, workspace));
+            x.View, x.View, x.View, o.View, rem.View, logRem.View, null, workspace));
         Assert.That(ex!.ParamName, Is.EqualTo("workspace"));
     }
 }

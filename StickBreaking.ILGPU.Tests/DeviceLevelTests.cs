@@ -67,14 +67,19 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         var shape = new AttentionShape(1, 1, 40, 16);
         using var x = Accelerator.Allocate1D<float>(shape.TensorLength);
         using var rows = Accelerator.Allocate1D<float>(shape.RowCount);
-        using var g = Accelerator.Allocate1D<float>(shape.TensorLength);
+        using var o = Accelerator.Allocate1D<float>(shape.TensorLength);   // outputs may not overlap inputs or each other
+        using var rem = Accelerator.Allocate1D<float>(shape.RowCount);
+        using var logRem = Accelerator.Allocate1D<float>(shape.RowCount);
+        using var dq = Accelerator.Allocate1D<float>(shape.TensorLength);
+        using var dk = Accelerator.Allocate1D<float>(shape.TensorLength);
+        using var dv = Accelerator.Allocate1D<float>(shape.TensorLength);
         using var workspace = new StickBreakingWorkspace(Accelerator, shape);
         var stream = Accelerator.DefaultStream;
         var emptyForward = Accelerator.LoadKernel<ForwardArgs>(Empty);
         var emptyBackward = Accelerator.LoadKernel<BackwardArgs>(Empty);
         var config = new KernelConfig(1, 1);
-        void Forward() => Attention.Forward(stream, shape, x.View, x.View, x.View, x.View, rows.View, rows.View, null, workspace);
-        void Backward() => Attention.Backward(stream, shape, x.View, x.View, x.View, x.View, rows.View, rows.View, workspace, g.View, g.View, g.View);
+        void Forward() => Attention.Forward(stream, shape, x.View, x.View, x.View, o.View, rem.View, logRem.View, null, workspace);
+        void Backward() => Attention.Backward(stream, shape, x.View, x.View, x.View, x.View, rows.View, logRem.View, workspace, dq.View, dk.View, dv.View);
         void LaunchForward() => emptyForward(stream, config, default);
         void LaunchBackward()
         {

@@ -25,6 +25,10 @@ public sealed class StickBreakingAttention : IDisposable
     private readonly KernelLauncher launcher;
     private readonly KernelSet kernels;
     private bool disposed;
+    private readonly Guards.CallGate calls = new();
+
+    /// <summary>Admits one call at a time (tests reach its pause hook).</summary>
+    internal Guards.CallGate Calls => calls;
 
     /// <summary>Binds the kernels to <paramref name="accelerator"/>.</summary>
     /// <param name="accelerator">The accelerator to run on; it stays owned by the caller.</param>
@@ -41,6 +45,7 @@ public sealed class StickBreakingAttention : IDisposable
     internal StickBreakingAttention(Accelerator accelerator, int? sharedMemoryLimit, KernelChoice choice = KernelChoice.Auto)
     {
         ArgumentNullException.ThrowIfNull(accelerator);
+        Guards.Accelerator(accelerator);
         this.accelerator = accelerator;
         launcher = new KernelLauncher(accelerator, sharedMemoryLimit);
         kernels = new KernelSet(accelerator, choice);
@@ -98,7 +103,11 @@ public sealed class StickBreakingAttention : IDisposable
         AttentionShape shape, StickBreakingOptions? options = null)
     {
         ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
         shape.Validate(nameof(shape));
+        Guards.ForwardGrid(accelerator, shape, cudaKernels);
+        Guards.Memory(accelerator, Guards.HostForwardBytes(shape), "Forward", shape);
         CheckHost(q, shape.TensorLength, nameof(q), shape);
         CheckHost(k, shape.TensorLength, nameof(k), shape);
         CheckHost(v, shape.TensorLength, nameof(v), shape);
@@ -132,7 +141,12 @@ public sealed class StickBreakingAttention : IDisposable
         ReadOnlySpan<float> dO, ReadOnlySpan<float> dRem, AttentionShape shape, StickBreakingOptions? options = null)
     {
         ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
         shape.Validate(nameof(shape));
+        Guards.ForwardGrid(accelerator, shape, cudaKernels);
+        Guards.BackwardGrid(accelerator, shape, cudaBackward);
+        Guards.Memory(accelerator, Guards.HostBackwardBytes(shape), "Backward", shape);
         CheckHost(q, shape.TensorLength, nameof(q), shape);
         CheckHost(k, shape.TensorLength, nameof(k), shape);
         CheckHost(v, shape.TensorLength, nameof(v), shape);
@@ -186,14 +200,19 @@ public sealed class StickBreakingAttention : IDisposable
         StickBreakingOptions? options = null, StickBreakingWorkspace? workspace = null)
     {
         ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
         CheckStream(stream);
         shape.Validate(nameof(shape));
+        Guards.ForwardGrid(accelerator, shape, cudaKernels);
         CheckView(q, shape.TensorLength, nameof(q), shape);
         CheckView(k, shape.TensorLength, nameof(k), shape);
         CheckView(v, shape.TensorLength, nameof(v), shape);
         CheckView(o, shape.TensorLength, nameof(o), shape);
         CheckView(rem, shape.RowCount, nameof(rem), shape);
         CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        Guards.Disjoint([new(o, nameof(o)), new(rem, nameof(rem)), new(logRem, nameof(logRem))],
+            [new(q, nameof(q)), new(k, nameof(k)), new(v, nameof(v))]);
         options ??= StickBreakingOptions.Default;
         options.Validate(nameof(options));
         if (workspace is not null)
@@ -228,8 +247,11 @@ public sealed class StickBreakingAttention : IDisposable
         ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv)
     {
         ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
         CheckStream(stream);
         shape.Validate(nameof(shape));
+        Guards.BackwardGrid(accelerator, shape, cudaBackward);
         CheckView(q, shape.TensorLength, nameof(q), shape);
         CheckView(k, shape.TensorLength, nameof(k), shape);
         CheckView(v, shape.TensorLength, nameof(v), shape);
@@ -239,7 +261,8 @@ public sealed class StickBreakingAttention : IDisposable
         CheckView(dq, shape.TensorLength, nameof(dq), shape);
         CheckView(dk, shape.TensorLength, nameof(dk), shape);
         CheckView(dv, shape.TensorLength, nameof(dv), shape);
-        ArgumentNullException.ThrowIfNull(workspace);
+        Guards.Disjoint([new(dq, nameof(dq)), new(dk, nameof(dk)), new(dv, nameof(dv))],
+            [new(q, nameof(q)), new(k, nameof(k)), new(v, nameof(v)), new(dO, nameof(dO)), new(dRem, nameof(dRem)), new(logRem, nameof(logRem))]);
         CheckWorkspace(workspace, shape);
         if (workspace.FilledBy?.Shape != shape)
             throw new ArgumentException(
@@ -300,7 +323,15 @@ public sealed class StickBreakingAttention : IDisposable
     private MemoryBuffer1D<float, Stride1D.Dense> Upload(ReadOnlySpan<float> data)
     {
         var buffer = accelerator.Allocate1D<float>(data.Length);
-        buffer.View.CopyFromCPU(accelerator.DefaultStream, data);
+        try
+        {
+            buffer.View.CopyFromCPU(accelerator.DefaultStream, data);
+        }
+        catch
+        {
+            buffer.Dispose();   // a failed copy frees its buffer; the caller's earlier buffers are freed by their using
+            throw;
+        }
         return buffer;
     }
 
@@ -309,46 +340,13 @@ public sealed class StickBreakingAttention : IDisposable
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(disposed, this);
 
-    private void CheckStream(AcceleratorStream stream)
-    {
-        ArgumentNullException.ThrowIfNull(stream);
-        if (!ReferenceEquals(stream.Accelerator, accelerator))
-            throw new ArgumentException(
-                $"stream belongs to accelerator '{stream.Accelerator.Name}', not to '{accelerator.Name}' that this instance runs on.",
-                nameof(stream));
-    }
+    private void CheckStream(AcceleratorStream stream) => Guards.Stream(accelerator, stream);
 
-    private void CheckWorkspace(StickBreakingWorkspace workspace, AttentionShape shape)
-    {
-        if (!ReferenceEquals(workspace.Accelerator, accelerator))
-            throw new ArgumentException(
-                $"workspace lives on accelerator '{workspace.Accelerator.Name}', not on '{accelerator.Name}'.", nameof(workspace));
-        if (!workspace.Fits(shape))
-            throw new ArgumentException(
-                $"workspace was sized for {workspace.Capacity} ({StickBreakingWorkspace.SnapshotFloats(workspace.Capacity)} snapshot floats); " +
-                $"shape {shape} needs {StickBreakingWorkspace.SnapshotFloats(shape)}.", nameof(workspace));
-    }
+    private void CheckWorkspace(StickBreakingWorkspace workspace, AttentionShape shape) => Guards.Workspace(accelerator, workspace, shape);
 
-    /// <summary>The buffer behind a view, read through the interface without boxing the view.</summary>
-    private static MemoryBuffer BufferOf<TView>(TView view) where TView : IArrayView => view.Buffer;
+    private static void CheckHost(ReadOnlySpan<float> data, long expected, string name, AttentionShape shape) =>
+        Guards.Host(data, expected, name, shape);
 
-    private static void CheckHost(ReadOnlySpan<float> data, long expected, string name, AttentionShape shape)
-    {
-        if (data.Length != expected)
-            throw new ArgumentException(
-                $"{name} has {data.Length} floats; shape {shape} needs {expected}.", name);
-    }
-
-    private void CheckView(ArrayView<float> view, long expected, string name, AttentionShape shape)
-    {
-        if (!view.IsValid)
-            throw new ArgumentException($"{name} is an empty or default view; shape {shape} needs {expected} floats.", name);
-        var owner = BufferOf(view).Accelerator;
-        if (!ReferenceEquals(owner, accelerator))
-            throw new ArgumentException(
-                $"{name} is a view on accelerator '{owner.Name}' ({owner.AcceleratorType}), not on '{accelerator.Name}' " +
-                $"({accelerator.AcceleratorType}) that this instance runs on.", name);
-        if (view.Length != expected)
-            throw new ArgumentException($"{name} has {view.Length} floats; shape {shape} needs {expected}.", name);
-    }
+    private void CheckView(ArrayView<float> view, long expected, string name, AttentionShape shape) =>
+        Guards.View(accelerator, view, expected, name, shape);
 }
