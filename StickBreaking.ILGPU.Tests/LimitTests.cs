@@ -88,7 +88,7 @@ public sealed class LimitTests(string backend) : BackendFixture(backend)
     [Test]
     public void LengthAboveTheGridIsRefusedNamingTheLongestLength()
     {
-        int rows = Guards.ForwardRowsPerBlock(Attention.UsesCudaKernels, 1);
+        int rows = Attention.ForwardRowsPerGroup(1);
         long longest = Guards.MaxLength(Accelerator, rows);
         if (longest >= AttentionShape.MaxLength)
         {

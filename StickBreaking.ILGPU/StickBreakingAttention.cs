@@ -106,7 +106,7 @@ public sealed class StickBreakingAttention : IDisposable
         using var call = calls.Enter(accelerator);
         Guards.Accelerator(accelerator);
         shape.Validate(nameof(shape));
-        Guards.ForwardGrid(accelerator, shape, cudaKernels);
+        CheckForwardGrid(shape);
         Guards.Memory(accelerator, Guards.HostForwardBytes(shape), "Forward", shape);
         CheckHost(q, shape.TensorLength, nameof(q), shape);
         CheckHost(k, shape.TensorLength, nameof(k), shape);
@@ -144,8 +144,8 @@ public sealed class StickBreakingAttention : IDisposable
         using var call = calls.Enter(accelerator);
         Guards.Accelerator(accelerator);
         shape.Validate(nameof(shape));
-        Guards.ForwardGrid(accelerator, shape, cudaKernels);
-        Guards.BackwardGrid(accelerator, shape, cudaBackward);
+        CheckForwardGrid(shape);
+        CheckBackwardGrid(shape);
         Guards.Memory(accelerator, Guards.HostBackwardBytes(shape), "Backward", shape);
         CheckHost(q, shape.TensorLength, nameof(q), shape);
         CheckHost(k, shape.TensorLength, nameof(k), shape);
@@ -204,7 +204,7 @@ public sealed class StickBreakingAttention : IDisposable
         Guards.Accelerator(accelerator);
         CheckStream(stream);
         shape.Validate(nameof(shape));
-        Guards.ForwardGrid(accelerator, shape, cudaKernels);
+        CheckForwardGrid(shape);
         CheckView(q, shape.TensorLength, nameof(q), shape);
         CheckView(k, shape.TensorLength, nameof(k), shape);
         CheckView(v, shape.TensorLength, nameof(v), shape);
@@ -251,7 +251,7 @@ public sealed class StickBreakingAttention : IDisposable
         Guards.Accelerator(accelerator);
         CheckStream(stream);
         shape.Validate(nameof(shape));
-        Guards.BackwardGrid(accelerator, shape, cudaBackward);
+        CheckBackwardGrid(shape);
         CheckView(q, shape.TensorLength, nameof(q), shape);
         CheckView(k, shape.TensorLength, nameof(k), shape);
         CheckView(v, shape.TensorLength, nameof(v), shape);
@@ -339,6 +339,22 @@ public sealed class StickBreakingAttention : IDisposable
     // Validation (each check once per call, before anything is enqueued).
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(disposed, this);
+
+    /// <summary>Rows (or keys) per group along T of the forward kernel that serves <paramref name="headDim"/>.</summary>
+    internal int ForwardRowsPerGroup(int headDim) => kernels.Forward(headDim).RowsPerGroup;
+
+    /// <summary>Rows (or keys) per group along T of the backward pass with the most groups for <paramref name="headDim"/>.</summary>
+    internal int BackwardRowsPerGroup(int headDim)
+    {
+        var (query, key) = kernels.Backward(headDim);
+        return Math.Min(query.RowsPerGroup, key.RowsPerGroup);
+    }
+
+    private void CheckForwardGrid(AttentionShape shape) =>
+        Guards.Grid(accelerator, shape, ForwardRowsPerGroup(shape.HeadDim), "forward");
+
+    private void CheckBackwardGrid(AttentionShape shape) =>
+        Guards.Grid(accelerator, shape, BackwardRowsPerGroup(shape.HeadDim), "backward");
 
     private void CheckStream(AcceleratorStream stream) => Guards.Stream(accelerator, stream);
 

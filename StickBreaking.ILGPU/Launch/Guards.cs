@@ -5,8 +5,6 @@ using ILGPU;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
-using StickBreaking.ILGPU.Kernels.Cuda;
-using StickBreaking.ILGPU.Kernels.Portable;
 
 namespace StickBreaking.ILGPU.Launch;
 
@@ -144,32 +142,15 @@ internal static class Guards
     // ------------------------------------------------------------------------------------------------
     // Grid limits: (B*H) heads on grid X, blocks of rows on grid Y. A too-long T cannot be split away.
 
-    /// <summary>The forward's grid: checked in 64-bit before any launch arithmetic in 32-bit.</summary>
-    public static void ForwardGrid(Accelerator accelerator, AttentionShape shape, bool cudaKernels) =>
-        Grid(accelerator, shape, ForwardRowsPerBlock(cudaKernels, shape.HeadDim), "forward");
-
-    /// <summary>The backward's grids (both passes).</summary>
-    public static void BackwardGrid(Accelerator accelerator, AttentionShape shape, bool cudaBackward) =>
-        Grid(accelerator, shape, BackwardRowsPerBlock(cudaBackward, shape.HeadDim), "backward");
-
-    /// <summary>Rows (queries) per group along grid Y in the forward this instance launches.</summary>
-    public static int ForwardRowsPerBlock(bool cudaKernels, int headDim) =>
-        cudaKernels && headDim <= CudaForwardKernel.MaxHeadDim ? CudaForwardKernel.BlockRows : ForwardKernel.BlockRows;
-
-    /// <summary>
-    /// Rows per group along grid Y in the backward: the CUDA passes take 64 rows (or keys) per group; the
-    /// portable dq pass 32 rows and the portable dk/dv pass one key tile of 32 keys.
-    /// </summary>
-    public static int BackwardRowsPerBlock(bool cudaBackward, int headDim) =>
-        cudaBackward && headDim <= CudaBackwardQueryKernel.MaxHeadDim
-            ? CudaBackwardTile.BlockRows
-            : Math.Min(BackwardQueryKernel.BlockRows, Snapshots.KeyTile);
-
     /// <summary>The longest T a pass with <paramref name="rowsPerBlock"/> rows per group runs on this accelerator.</summary>
     public static long MaxLength(Accelerator accelerator, int rowsPerBlock) =>
         Math.Min((long)accelerator.MaxGridSize.Y * rowsPerBlock, AttentionShape.MaxLength);
 
-    private static void Grid(Accelerator accelerator, AttentionShape shape, int rowsPerBlock, string pass)
+    /// <summary>
+    /// The grid of a pass whose kernel owns <paramref name="rowsPerBlock"/> rows (or keys) per group along T
+    /// (its <see cref="KernelLaunch{TArgs}.RowsPerGroup"/>): checked in 64-bit before any launch arithmetic in 32-bit.
+    /// </summary>
+    public static void Grid(Accelerator accelerator, AttentionShape shape, int rowsPerBlock, string pass)
     {
         var max = accelerator.MaxGridSize;
         if (shape.HeadCount > max.X)

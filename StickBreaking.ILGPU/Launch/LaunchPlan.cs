@@ -62,7 +62,7 @@ internal sealed class LaunchPlan
         if (heads > max.X || blocks > max.Y || slices > max.Z)
             throw new ArgumentOutOfRangeException("shape", heads,
                 $"The {kernel} grid ({heads} heads, {blocks} blocks, {slices} column slices) exceeds the grid limits " +
-                $"({max.X}, {max.Y}, {max.Z}) of accelerator '{accelerator.Name}': split the batch.");
+                $"({max.X}, {max.Y}, {max.Z}) of accelerator '{accelerator.Name}' (docs/limits.md).");
         return new KernelConfig(
             new Index3D((int)heads, blocks, slices),
             new Index3D(groupSize, 1, 1),
