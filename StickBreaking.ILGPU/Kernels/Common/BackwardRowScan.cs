@@ -40,11 +40,13 @@ internal static class BackwardRowScan
             if (storeWeights)
                 weights[at + j] = weight;
         }
-        // Farthest key first: dz = (1 - beta) a - beta (P + dRem rem), P the strict prefix of a.
+        // Farthest key first: dz = (1 - beta) a - beta (P + dRem rem), P the strict prefix of a. A key the row
+        // cannot see gets dz = 0 by a select: beta = 0 there, but 0 times an infinite P + dRem rem would be NaN.
         float p = prefix;
+        int visible = StickMath.VisibleKeys(row, key0, KeyTile, length, attendCurrent);
         for (int j = 0; j < KeyTile; j++)
         {
-            z[at + j] = oneMinusBetaA[at + j] - z[at + j] * (p + dRemRem);
+            z[at + j] = j < visible ? oneMinusBetaA[at + j] - z[at + j] * (p + dRemRem) : 0f;
             p += g[at + j];
         }
         return p;

@@ -15,6 +15,25 @@ internal static class StickMath
         query < length && (key < query || (attendCurrent != 0 && key == query));
 
     /// <summary>
+    /// How many keys of the tile that starts at <paramref name="key0"/> the query sees: it sees keys
+    /// key0 .. key0 + n - 1 of it and no other (n at most <paramref name="tileKeys"/>; 0 outside the sequence).
+    /// The kernels bound their product loops by it, so that a key the query cannot see is never multiplied in
+    /// (a weight of 0 times a NaN or infinite value is NaN).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static int VisibleKeys(int query, int key0, int tileKeys, int length, int attendCurrent) =>
+        query < length ? Math.Min(Math.Max(query + attendCurrent - key0, 0), tileKeys) : 0;
+
+    /// <summary>
+    /// Of the rows <paramref name="row0"/> .. row0 + <paramref name="blockRows"/> - 1, the first (as an offset
+    /// into the block) that sees <paramref name="key"/>: the rows from it to the end of the sequence see it, the
+    /// others do not (0 .. blockRows).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static int FirstRowSeeing(int key, int row0, int blockRows, int attendCurrent) =>
+        Math.Min(Math.Max(key + 1 - attendCurrent - row0, 0), blockRows);
+
+    /// <summary>
     /// log1p(u) for u in [0, 1] without a log instruction: log1p(u) = 2 atanh(s) with s = u / (2 + u) in
     /// [0, 1/3], summed as 2 s (1 + s^2/3 + s^4/5 + ... + s^16/17) (truncation below 2e-10 relative).
     /// GPU log instructions (lg2.approx) have an absolute error near 1 that, relative to a small

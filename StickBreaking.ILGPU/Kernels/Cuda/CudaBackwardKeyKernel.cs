@@ -95,10 +95,28 @@ internal static class CudaBackwardKeyKernel
             Group.Barrier();
 
             // dk += dz^T q, dv += A^T dO, 4 x 8 per thread (keys ty*4+i, columns tx+16c), four rows per step
-            // (dz and A are 0 past the sequence, and so are Q and dO).
+            // (dz and A are 0 past the sequence, and so are Q and dO), over the rows that see the thread's keys:
+            // dz and A are 0 for a row that cannot see a key, but 0 times a NaN or infinite q or dO is NaN (masks
+            // select, never multiply). Below the diagonal every row sees every key. In the diagonal block
+            // (rowBlock == keyBlock) no row of the chunks before chunk ty sees the thread's keys (skipped), some
+            // rows of chunk ty do (a step that selects each product), and every row after it does.
             int chunks = (Math.Min(BlockRows, T - row0) + 3) / 4;
             int k0 = ty * 4;
-            for (int c = 0; c < chunks; c++)
+            bool diagonal = rowBlock == keyBlock;
+            if (diagonal && ty < chunks)
+            {
+                // keys ty*4+i, rows ty*4+m: m >= i + 1 - AttendCurrent
+                int lo = 1 - a.AttendCurrent;
+                CudaBackwardTile.DiagonalColumnStep(vectors, QOffset / 4, ty, tx,
+                    CudaBackwardTile.ReadByKey(vectors, DzOffset / 4, k0, ty), CudaBackwardTile.ReadByKey(vectors, DzOffset / 4, k0 + 1, ty),
+                    CudaBackwardTile.ReadByKey(vectors, DzOffset / 4, k0 + 2, ty), CudaBackwardTile.ReadByKey(vectors, DzOffset / 4, k0 + 3, ty),
+                    lo, 3, ref dk);
+                CudaBackwardTile.DiagonalColumnStep(vectors, DoOffset / 4, ty, tx,
+                    CudaBackwardTile.ReadByKey(vectors, AOffset / 4, k0, ty), CudaBackwardTile.ReadByKey(vectors, AOffset / 4, k0 + 1, ty),
+                    CudaBackwardTile.ReadByKey(vectors, AOffset / 4, k0 + 2, ty), CudaBackwardTile.ReadByKey(vectors, AOffset / 4, k0 + 3, ty),
+                    lo, 3, ref dv);
+            }
+            for (int c = diagonal ? ty + 1 : 0; c < chunks; c++)
             {
                 CudaBackwardTile.ColumnStep(vectors, QOffset / 4, c, tx,
                     CudaBackwardTile.ReadByKey(vectors, DzOffset / 4, k0, c), CudaBackwardTile.ReadByKey(vectors, DzOffset / 4, k0 + 1, c),
@@ -129,7 +147,8 @@ internal static class CudaBackwardKeyKernel
         CudaBackwardTile.StoreRowByKey(shared, AOffset, r, tx, weights);
         float prefix = CudaBackwardTile.PrefixInHalf(CudaBackwardTile.SumFarthestFirst(weighted), tx,
             CudaBackwardTile.StagedSnapshot(shared, PrefixOffset, r, tx));
-        CudaBackwardTile.StoreRowByKey(shared, DzOffset, r, tx, CudaBackwardTile.Dz(weighted, lb, logBeta, prefix, shared[DRemRemOffset + r]));
+        CudaBackwardTile.StoreRowByKey(shared, DzOffset, r, tx, CudaBackwardTile.Dz(weighted, lb, logBeta, prefix, shared[DRemRemOffset + r],
+            row, key, a.Length, a.AttendCurrent));
     }
 
     private static void Store(BackwardArgs a, long headBase, int key, int tx, F8 dk, F8 dv)

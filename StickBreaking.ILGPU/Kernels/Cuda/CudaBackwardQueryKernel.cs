@@ -105,12 +105,24 @@ internal static class CudaBackwardQueryKernel
             Group.Barrier();
             CudaBackwardTile.WriteSnapshots(shared, SnapshotOffset, a.PrefixSnapshots, head, row0, tile, T, a.SnapshotTiles, tid);
 
-            // dq += dz k, 4 x 8 per thread, four keys per step (dz is 0 past the last key, K 0 past the sequence).
+            // dq += dz k, 4 x 8 per thread, four keys per step (dz is 0 past the last key, K 0 past the sequence),
+            // over the keys the thread's rows see: a key a row cannot see has dz = 0, but 0 times a NaN or infinite
+            // k is NaN (masks select, never multiply). Below the diagonal tile every row sees every key. In the
+            // diagonal tile (the last, key0 == row0) all four rows see the chunks before chunk ty, some see chunk ty
+            // (a step that selects each product) and none sees the chunks after it (skipped).
             int chunks = (Math.Min(KeyTile, lastKey - key0 + 1) + 3) / 4;
-            for (int c = 0; c < chunks; c++)
+            bool diagonal = tile == lastTile;
+            int allSee = diagonal ? Math.Min(ty, chunks) : chunks;
+            for (int c = 0; c < allSee; c++)
             {
                 var z = vectors.SubView(zRow + c, 3 * Chunks + 1);   // rows ty*4+i, keys 4c..4c+3
                 CudaBackwardTile.ColumnStep(vectors, XOffset / 4, c, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks], ref dq);
+            }
+            if (diagonal && ty < chunks)
+            {
+                var z = vectors.SubView(zRow + ty, 3 * Chunks + 1);   // rows ty*4+i, keys ty*4+m: m < i + AttendCurrent
+                CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks],
+                    -3, a.AttendCurrent - 1, ref dq);
             }
         }
 
@@ -142,7 +154,7 @@ internal static class CudaBackwardQueryKernel
         }
         if (tx == CudaBackwardTile.HalfSegments)
             shared[SnapshotOffset + 2 * r + 1] = upperPrefix;   // thread 8 starts the upper half
-        return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem);
+        return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem, row, key, a.Length, a.AttendCurrent);
     }
 
     private static void Store(BackwardArgs a, long headBase, int row, int tx, F8 dq)

@@ -138,6 +138,28 @@ internal static class CudaBackwardTile
     }
 
     /// <summary>
+    /// <see cref="ColumnStep"/> for the one 4 x 4 block of a diagonal tile where some pairs are not visible: the
+    /// term of element i of the register tile and element m of the summed index is added only when
+    /// <paramref name="lo"/> &lt;= m - i &lt;= <paramref name="hi"/>, and selected away otherwise, never multiplied
+    /// by a zero dz or A (0 times a NaN or infinite k, q or dO is NaN). Pass 1 (dq, i a row, m a key):
+    /// lo = -3, hi = AttendCurrent - 1; pass 2 (dk and dv, i a key, m a row): lo = 1 - AttendCurrent, hi = 3.
+    /// </summary>
+    public static void DiagonalColumnStep(ArrayView<F4> vectors, int tile, int chunk, int tx, F4 z0, F4 z1, F4 z2, F4 z3,
+        int lo, int hi, ref Columns acc)
+    {
+        const int Column = 16 * Chunks;
+        var x = vectors.SubView(tile + tx * Chunks + (chunk ^ (tx & 7)), 7 * Column + 1);
+        acc.C0 = acc.C0.AddDotsInBand(z0, z1, z2, z3, x[0], lo, hi);
+        acc.C1 = acc.C1.AddDotsInBand(z0, z1, z2, z3, x[Column], lo, hi);
+        acc.C2 = acc.C2.AddDotsInBand(z0, z1, z2, z3, x[2 * Column], lo, hi);
+        acc.C3 = acc.C3.AddDotsInBand(z0, z1, z2, z3, x[3 * Column], lo, hi);
+        acc.C4 = acc.C4.AddDotsInBand(z0, z1, z2, z3, x[4 * Column], lo, hi);
+        acc.C5 = acc.C5.AddDotsInBand(z0, z1, z2, z3, x[5 * Column], lo, hi);
+        acc.C6 = acc.C6.AddDotsInBand(z0, z1, z2, z3, x[6 * Column], lo, hi);
+        acc.C7 = acc.C7.AddDotsInBand(z0, z1, z2, z3, x[7 * Column], lo, hi);
+    }
+
+    /// <summary>
     /// Stores one row (<paramref name="r"/> = ty*4+i) of the thread's block, keys tx*4+j, into a [key][row] square
     /// tile at float offset <paramref name="offset"/>: key y, rows 4c..4c+3 at <c>y * 64 + 4 * (c ^ (y / 4 % 8))</c>, so that
     /// the 8 threads of a quarter warp (keys 4 apart) write distinct banks.
@@ -215,14 +237,22 @@ internal static class CudaBackwardTile
         weights.X1 = MathF.Exp(logBeta.X1 + suffix);
         suffix += lb.X1;
         weights.X0 = MathF.Exp(logBeta.X0 + suffix);
-        return new F4(weights.X0 * g.X0, weights.X1 * g.X1, weights.X2 * g.X2, weights.X3 * g.X3);
+        // A and a of a key the row cannot see are selected to 0: G = dO.v there may be NaN or infinite (a poisoned
+        // v_j or dO_i of a pair that is not visible), and 0 times it would carry the NaN into P and dz.
+        int visible = TileLogs.VisibleKeys(row, key, length, attendCurrent);
+        weights = new F4(0 < visible ? weights.X0 : 0f, 1 < visible ? weights.X1 : 0f,
+            2 < visible ? weights.X2 : 0f, 3 < visible ? weights.X3 : 0f);
+        return new F4(0 < visible ? weights.X0 * g.X0 : 0f, 1 < visible ? weights.X1 * g.X1 : 0f,
+            2 < visible ? weights.X2 * g.X2 : 0f, 3 < visible ? weights.X3 * g.X3 : 0f);
     }
 
     /// <summary>
-    /// dz = (1 - beta) a - beta (P + dRem rem) for one row's 4 keys, with 1 - beta = exp(lb) and beta = exp(logBeta)
-    /// (never 1 - beta); <paramref name="prefix"/> is P before the first of the 4 keys.
+    /// dz = (1 - beta) a - beta (P + dRem rem) for one row's 4 keys (keys <paramref name="key"/> .. key + 3 of
+    /// <paramref name="row"/>), with 1 - beta = exp(lb) and beta = exp(logBeta) (never 1 - beta);
+    /// <paramref name="prefix"/> is P before the first of the 4 keys. A key the row cannot see gets dz = 0 by a
+    /// select: beta = 0 there, but 0 times an infinite P + dRem rem is NaN.
     /// </summary>
-    public static F4 Dz(F4 a, F4 lb, F4 logBeta, float prefix, float dRemRem)
+    public static F4 Dz(F4 a, F4 lb, F4 logBeta, float prefix, float dRemRem, int row, int key, int length, int attendCurrent)
     {
         var dz = new F4();
         float p = prefix;
@@ -233,7 +263,8 @@ internal static class CudaBackwardTile
         dz.X2 = MathF.Exp(lb.X2) * a.X2 - MathF.Exp(logBeta.X2) * (p + dRemRem);
         p += a.X2;
         dz.X3 = MathF.Exp(lb.X3) * a.X3 - MathF.Exp(logBeta.X3) * (p + dRemRem);
-        return dz;
+        int visible = TileLogs.VisibleKeys(row, key, length, attendCurrent);
+        return new F4(0 < visible ? dz.X0 : 0f, 1 < visible ? dz.X1 : 0f, 2 < visible ? dz.X2 : 0f, 3 < visible ? dz.X3 : 0f);
     }
 
     /// <summary>

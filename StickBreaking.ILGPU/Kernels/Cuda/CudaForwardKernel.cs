@@ -109,11 +109,22 @@ internal static class CudaForwardKernel
             acc.X3 = Weights(shared, lb3, logBeta3, acc.X3, ty * 4 + 3, tx, pAt + 3, a, firstRow + 3, tile);
             Group.Barrier();
 
-            // out += A v, 4 x 8 per thread, two keys per iteration.
-            for (int kk = 0; kk < KeyTile; kk += 2)
+            // out += A v, 4 x 8 per thread, two keys per iteration, over the keys the thread's rows see: a key a row
+            // cannot see has weight 0, but 0 times a NaN or infinite v is NaN (masks select, never multiply). Below
+            // the diagonal tile every row sees every key. In the diagonal tile (key0 == row0; the first one, as
+            // BlockRows == KeyTile) all four rows see the keys before the first of them, some see the next four
+            // (a step that selects each row's product) and none sees the rest (skipped).
+            bool diagonal = key0 == row0;
+            int allSee = diagonal ? ty * 4 : KeyTile;
+            for (int kk = 0; kk < allSee; kk += 2)
             {
                 Accumulate(shared, kk, ty, tx, ref o0, ref o1, ref o2, ref o3);
                 Accumulate(shared, kk + 1, ty, tx, ref o0, ref o1, ref o2, ref o3);
+            }
+            if (diagonal)
+            {
+                for (int m = 0; m < 4; m++)
+                    AccumulateDiagonal(shared, allSee + m, m - a.AttendCurrent, ty, tx, ref o0, ref o1, ref o2, ref o3);
             }
         }
 
@@ -146,6 +157,28 @@ internal static class CudaForwardKernel
         o1 = o1.Fma(p.X1, v);
         o2 = o2.Fma(p.X2, v);
         o3 = o3.Fma(p.X3, v);
+    }
+
+    /// <summary>
+    /// <see cref="Accumulate"/> for key kk = ty*4 + m of the diagonal tile, which row ty*4 + i sees when
+    /// i &gt; <paramref name="hidden"/> = m - AttendCurrent: the other rows' products are selected away, not
+    /// multiplied by a zero weight.
+    /// </summary>
+    private static void AccumulateDiagonal(ArrayView<float> shared, int kk, int hidden, int ty, int tx,
+        ref F8 o0, ref F8 o1, ref F8 o2, ref F8 o3)
+    {
+        var vectors = shared.Cast<F4>();
+        int vAt = (KvOffset + kk * MaxHeadDim + tx * 4) / 4;
+        var v = new F8(vectors[vAt], vectors[vAt + 16]);
+        var p = vectors[(POffset + kk * PStride + ty * 4) / 4];
+        if (0 > hidden)
+            o0 = o0.Fma(p.X0, v);
+        if (1 > hidden)
+            o1 = o1.Fma(p.X1, v);
+        if (2 > hidden)
+            o2 = o2.Fma(p.X2, v);
+        if (3 > hidden)
+            o3 = o3.Fma(p.X3, v);
     }
 
     /// <summary>

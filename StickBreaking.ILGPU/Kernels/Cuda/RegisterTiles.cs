@@ -26,6 +26,24 @@ internal struct F4
 
     /// <summary>acc + a . b, as four chained multiply-adds.</summary>
     private static float Dot(float acc, F4 a, F4 b) => acc + a.X0 * b.X0 + a.X1 * b.X1 + a.X2 * b.X2 + a.X3 * b.X3;
+
+    /// <summary>
+    /// <see cref="AddDots"/> with the term (i, m) of element i (z_i.Xm x.Xm) selected away unless
+    /// <paramref name="lo"/> &lt;= m - i &lt;= <paramref name="hi"/>: the diagonal block of a masked product.
+    /// </summary>
+    public readonly F4 AddDotsInBand(F4 z0, F4 z1, F4 z2, F4 z3, F4 x, int lo, int hi) =>
+        new(DotInBand(X0, z0, x, lo, hi), DotInBand(X1, z1, x, lo + 1, hi + 1),
+            DotInBand(X2, z2, x, lo + 2, hi + 2), DotInBand(X3, z3, x, lo + 3, hi + 3));
+
+    /// <summary>acc + the terms a.Xm b.Xm with lo &lt;= m &lt;= hi, in <see cref="Dot"/>'s order.</summary>
+    private static float DotInBand(float acc, F4 a, F4 b, int lo, int hi)
+    {
+        acc += lo <= 0 && 0 <= hi ? a.X0 * b.X0 : 0f;
+        acc += lo <= 1 && 1 <= hi ? a.X1 * b.X1 : 0f;
+        acc += lo <= 2 && 2 <= hi ? a.X2 * b.X2 : 0f;
+        acc += lo <= 3 && 3 <= hi ? a.X3 * b.X3 : 0f;
+        return acc;
+    }
 }
 
 /// <summary>Eight floats held in registers (see <see cref="F4"/>).</summary>

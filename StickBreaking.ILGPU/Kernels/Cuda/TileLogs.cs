@@ -34,6 +34,13 @@ internal static class TileLogs
         }
     }
 
+    /// <summary>
+    /// How many of the keys <paramref name="key"/> .. key + 3 the row sees: it sees the first n of them and none
+    /// after (visibility is a prefix of the keys; 0 for a row outside the sequence).
+    /// </summary>
+    public static int VisibleKeys(int row, int key, int length, int attendCurrent) =>
+        StickMath.VisibleKeys(row, key, 4, length, attendCurrent);
+
     /// <summary>Sum of lb over one segment (the forward's order: nearest key first).</summary>
     public static float SumNearestFirst(F4 x) => x.X3 + x.X2 + x.X1 + x.X0;
 }

@@ -115,7 +115,8 @@ internal static class BackwardKeyKernel
                 }
             }
 
-            // dk += dz^T q, dv += A^T dO over this group's columns.
+            // dk += dz^T q, dv += A^T dO over this group's columns, and over the rows that see the key only (dz and
+            // A are 0 for the others, but 0 times a NaN or infinite q or dO is NaN).
             for (int c = 0; c < cols; c += DimChunk)
             {
                 Group.Barrier();
@@ -131,7 +132,9 @@ internal static class BackwardKeyKernel
                         long outAt = outBase + (long)j * D + c + dd;
                         float dk = inOutput ? a.DK[outAt] : acc[slot];
                         float dv = inOutput ? a.DV[outAt] : acc[dvBase + slot];
-                        for (int r = 0; r < BlockRows; r++)
+                        int firstRow = StickMath.FirstRowSeeing(key0 + j, row0, BlockRows, a.AttendCurrent);
+                        int endRow = Math.Min(BlockRows, T - row0);
+                        for (int r = firstRow; r < endRow; r++)
                         {
                             dk += z[r * KeyTile + j] * qChunk[r * ChunkStride + dd];
                             dv += weights[r * KeyTile + j] * doChunk[r * ChunkStride + dd];

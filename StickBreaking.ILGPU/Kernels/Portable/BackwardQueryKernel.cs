@@ -120,7 +120,8 @@ internal static class BackwardQueryKernel
                 }
             }
 
-            // dq += dz k over this group's columns.
+            // dq += dz k over this group's columns, and over the keys the row sees only (dz is 0 for the others,
+            // but 0 times a NaN or infinite k is NaN).
             for (int c = 0; c < cols; c += DimChunk)
             {
                 Group.Barrier();
@@ -134,7 +135,8 @@ internal static class BackwardQueryKernel
                         int slot = r * a.ColumnsPerGroup + c + dd;
                         long outAt = outBase + (long)r * D + c + dd;
                         float dq = inOutput ? a.DQ[outAt] : dqAcc[slot];
-                        for (int j = 0; j < KeyTile; j++)
+                        int visible = StickMath.VisibleKeys(row0 + r, key0, KeyTile, T, a.AttendCurrent);
+                        for (int j = 0; j < visible; j++)
                             dq += z[r * KeyTile + j] * kChunk[j * ChunkStride + dd];
                         if (inOutput)
                             a.DQ[outAt] = dq;

@@ -108,7 +108,8 @@ internal static class ForwardKernel
                 acc[r] = rowAcc + suffix;
             }
 
-            // 4. out += A v, over chunks of this group's output columns.
+            // 4. out += A v, over chunks of this group's output columns, and over the keys the row sees only: a
+            // key it cannot see has weight 0, but 0 times a NaN or infinite v is NaN (masks select, never multiply).
             for (int c = 0; c < cols; c += DimChunk)
             {
                 Group.Barrier();
@@ -122,7 +123,8 @@ internal static class ForwardKernel
                         int slot = r * a.ColumnsPerGroup + c + dd;
                         long outAt = outBase + (long)r * D + c + dd;
                         float o = inOutput ? a.O[outAt] : outAcc[slot];
-                        for (int j = 0; j < KeyTile; j++)
+                        int visible = StickMath.VisibleKeys(row0 + r, key0, KeyTile, T, a.AttendCurrent);
+                        for (int j = 0; j < visible; j++)
                             o += p[r * KeyTile + j] * kvChunk[j * ChunkStride + dd];
                         if (inOutput)
                             a.O[outAt] = o;
