@@ -6,6 +6,7 @@ using ILGPU;
 using ILGPU.Runtime;
 using ILGPU.Runtime.CPU;
 using NUnit.Framework;
+using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 
@@ -41,7 +42,7 @@ public sealed class CudaKernelMaskTests
     {
         context = Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms());
         accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-        attention = new StickBreakingAttention(accelerator, null, StickBreakingAttention.KernelChoice.Cuda);
+        attention = new StickBreakingAttention(accelerator, null, KernelChoice.Cuda);
     }
 
     [OneTimeTearDown]
@@ -332,7 +333,7 @@ internal static class MaskRun
         using var tensors = new DeviceTensors(accelerator, shape, x);
         var stream = accelerator.DefaultStream;
         tensors.Forward(attention, stream, options);
-        tensors.Backward(attention, stream, options);
+        tensors.Backward(attention, stream);
         stream.Synchronize();
         return new Outputs([tensors.O, tensors.Rem, tensors.LogRem, tensors.DQ, tensors.DK, tensors.DV]);
     }
