@@ -11,7 +11,7 @@ namespace StickBreaking.ILGPU.Bench;
 /// <summary>
 /// <c>--report OURS.jsonl PEERS.jsonl OUT.md OUT.png [header lines...]</c>: turns one GPU run's JSON lines
 /// (this project's <c>--throughput</c> and <c>peers.py</c>) into the table of docs/performance.md and a
-/// log-log plot of time against T. Runs anywhere; the GPU box only produces the JSON.
+/// log-log plot of time against T. Runs anywhere; only the JSON comes from a machine with an NVIDIA GPU.
 /// </summary>
 internal static class Report
 {
