@@ -47,6 +47,22 @@ internal static class Report
             md.AppendLine($"- {p.GetProperty("peer").GetString()}: {p.GetProperty("tflops").GetDouble():F1} TFLOP/s (8192^3)");
         File.WriteAllText(args[2], md.ToString());
 
+        try
+        {
+            Plot(ours, peers, args[3]);
+        }
+        catch (Exception ex) when (ex is TypeInitializationException or DllNotFoundException)
+        {
+            // scripts/publish-gpu.sh drops SkiaSharp's native library from its folder; the table is still written.
+            Console.WriteLine($"wrote {args[2]}; no plot: SkiaSharp's native library cannot be loaded here ({ex.GetBaseException().Message.Split('\n')[0]}). Run --report where the project is built.");
+            return 1;
+        }
+        Console.WriteLine($"wrote {args[2]} and {args[3]}");
+        return 0;
+    }
+
+    private static void Plot(List<JsonElement> ours, List<JsonElement> peers, string path)
+    {
         var plot = new ScottPlot.Plot();
         AddSeries(plot, "StickBreaking.ILGPU fp32 forward", ours.Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwd_ms").GetDouble())));
         AddSeries(plot, "StickBreaking.ILGPU fp32 backward", ours.Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("bwd_ms").GetDouble())));
@@ -77,9 +93,7 @@ internal static class Report
         plot.YLabel("ms (log scale)");
         plot.Title("Causal attention on one H200, one run");
         plot.ShowLegend(ScottPlot.Alignment.UpperLeft);
-        plot.SavePng(args[3], 900, 600);
-        Console.WriteLine($"wrote {args[2]} and {args[3]}");
-        return 0;
+        plot.SavePng(path, 900, 600);
     }
 
     private static void AddSeries(ScottPlot.Plot plot, string label, IEnumerable<(int T, double Ms)> points)
@@ -103,6 +117,7 @@ internal static class Report
         var match = peers.FirstOrDefault(p => p.GetProperty("peer").GetString() == peer
             && p.TryGetProperty("dtype", out var d) && d.GetString() == dtype
             && p.TryGetProperty("T", out var pt) && pt.GetInt32() == t);
-        return match.ValueKind == JsonValueKind.Object ? F(match, field) : "n/a";
+        string value = match.ValueKind == JsonValueKind.Object ? F(match, field) : "";
+        return value.Length > 0 ? value : "n/a";
     }
 }
