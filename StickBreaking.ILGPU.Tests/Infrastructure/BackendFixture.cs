@@ -7,9 +7,9 @@ namespace StickBreaking.ILGPU.Tests.Infrastructure;
 
 /// <summary>
 /// Base of every per-backend fixture: NUnit instantiates it once per backend in <see cref="Backends.Tested"/>
-/// (the backends present here, and the required ones). An absent backend has no fixture: one line at the
-/// start of the run says so (<see cref="BackendSummary"/>). A required one that is absent or not selected
-/// fails every test of its fixtures.
+/// (the backends present here, and the required ones). An absent backend has no fixture: one skipped test
+/// per backend says so, with the reason (<see cref="BackendAvailabilityTests"/>). A required one that is
+/// absent or not selected fails every test of its fixtures.
 /// </summary>
 [TestFixtureSource(typeof(Backends), nameof(Backends.Tested))]
 public abstract class BackendFixture
