@@ -28,19 +28,30 @@ internal static class Report
         foreach (var line in args.Skip(4))
             md.AppendLine(line);
         md.AppendLine();
-        md.AppendLine("| T | ours fp32 fwd ms | TFLOP/s | ours fp32 bwd ms | TFLOP/s | ours fwd+bwd ms | SDPA fp32 fwd ms | SDPA fp32 fwd+bwd ms | SDPA bf16 fwd ms | SDPA bf16 fwd+bwd ms | naive torch SB fp32 fwd ms |");
-        md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|");
+        // The published Triton stick-breaking kernel gets columns only when peers.py could time it.
+        bool triton = peers.Any(p => p.GetProperty("peer").GetString() == "triton_stickbreaking" && p.TryGetProperty("fwd_ms", out _));
+        md.AppendLine("| T | ours fp32 fwd ms | TFLOP/s | ours fp32 bwd ms | TFLOP/s | ours fwd+bwd ms | SDPA fp32 fwd ms | SDPA fp32 fwd+bwd ms | SDPA bf16 fwd ms | SDPA bf16 fwd+bwd ms | naive torch SB fp32 fwd ms |"
+            + (triton ? " Triton SB fp32 fwd ms | Triton SB bf16 fwd ms | Triton SB bf16 fwd+bwd ms |" : ""));
+        md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|" + (triton ? "---|---|---|" : ""));
         foreach (var o in ours.OrderBy(o => o.GetProperty("T").GetInt32()))
         {
             int t = o.GetProperty("T").GetInt32();
-            md.AppendLine(string.Join(" | ", new[]
+            var cells = new List<string>
             {
                 "", t.ToString(CultureInfo.InvariantCulture),
                 F(o, "fwd_ms"), F(o, "fwd_tflops"), F(o, "bwd_ms"), F(o, "bwd_tflops"), F(o, "fwdbwd_ms"),
                 Peer(peers, "sdpa_causal", "torch.float32", t, "fwd_ms"), Peer(peers, "sdpa_causal", "torch.float32", t, "fwdbwd_ms"),
                 Peer(peers, "sdpa_causal", "torch.bfloat16", t, "fwd_ms"), Peer(peers, "sdpa_causal", "torch.bfloat16", t, "fwdbwd_ms"),
-                Peer(peers, "naive_torch_stickbreaking", "torch.float32", t, "fwd_ms"), "",
-            }).Trim());
+                Peer(peers, "naive_torch_stickbreaking", "torch.float32", t, "fwd_ms"),
+            };
+            if (triton)
+            {
+                cells.Add(Peer(peers, "triton_stickbreaking", "torch.float32", t, "fwd_ms"));
+                cells.Add(Peer(peers, "triton_stickbreaking", "torch.bfloat16", t, "fwd_ms"));
+                cells.Add(Peer(peers, "triton_stickbreaking", "torch.bfloat16", t, "fwdbwd_ms"));
+            }
+            cells.Add("");
+            md.AppendLine(string.Join(" | ", cells).Trim());
         }
         md.AppendLine();
         foreach (var p in peers.Where(p => p.TryGetProperty("tflops", out _)))
@@ -72,9 +83,10 @@ internal static class Report
             ("sdpa_causal", "torch.bfloat16", "fwd_ms", "PyTorch SDPA (softmax) bf16 forward"),
             ("sdpa_causal", "torch.float32", "fwdbwd_ms", "PyTorch SDPA (softmax) fp32 fwd+bwd"),
             ("naive_torch_stickbreaking", "torch.float32", "fwd_ms", "naive PyTorch stick-breaking fp32 forward"),
+            ("triton_stickbreaking", "torch.float32", "fwd_ms", "Triton stick-breaking fp32 forward"),
         })
         {
-            AddSeries(plot, label, peers.Where(p => p.GetProperty("peer").GetString() == peer && p.GetProperty("dtype").GetString() == dtype && p.TryGetProperty(field, out _))
+            AddSeries(plot, label, peers.Where(p => p.GetProperty("peer").GetString() == peer && p.TryGetProperty("dtype", out var d) && d.GetString() == dtype && p.TryGetProperty(field, out _))
                 .Select(p => (T: p.GetProperty("T").GetInt32(), Ms: p.GetProperty(field).GetDouble())));
         }
         var xTicks = new ScottPlot.TickGenerators.NumericManual();
