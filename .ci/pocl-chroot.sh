@@ -3,8 +3,7 @@
 # .ci/run to run the published test executable against a real OpenCL device.
 #
 # Why: bookworm only has PoCL 3.1, which ILGPU refuses (no OpenCL C 2.0 generic address space);
-# trixie's PoCL 6 needs glibc 2.38, so it lives in a chroot. See shared/ILGPU-NOTES.md,
-# "OpenCL in CI: PoCL 6 in a Debian trixie chroot".
+# trixie's PoCL 6 needs glibc 2.38, so it lives in a chroot. See docs/testing.md, "CI".
 #
 #   pocl-chroot.sh ensure
 #       Build the chroot at $POCL_ROOT (default /opt/trixie-pocl) unless a complete one is there

@@ -9,7 +9,7 @@ namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
 /// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N]</c>: one JSON object a line per length, for the
-/// GPU box where <c>python3 .gpu/peers.py B H D T ...</c> prints the peers in the same call. On CUDA each line
+/// GPU machine, where <c>python3 scripts/peers.py B H D T ...</c> prints the peers in the same session. On CUDA each line
 /// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
 /// (registers and spilled bytes per thread, groups per SM). <c>--groups-per-sm</c> replaces every kernel's own
 /// launch bound (a diagnostic).

@@ -5,7 +5,7 @@ using StickBreaking.ILGPU.Tests.Reference;
 
 namespace StickBreaking.ILGPU.Tests;
 
-/// <summary>SPEC section 4's gradient cases, every one on every backend, against the float64 reference.</summary>
+/// <summary>The gradient cases of docs/math.md, Test cases, every one on every backend, against the float64 reference.</summary>
 public sealed class BackwardTests(string backend) : BackendFixture(backend)
 {
     private static readonly int[] Lengths = [1, 2, 15, 63, 64, 65, 127];

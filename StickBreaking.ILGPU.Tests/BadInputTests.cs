@@ -9,7 +9,7 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Tests;
 
 /// <summary>
-/// SPEC 4's bad inputs: each a clear exception naming the argument, and the accelerator still usable
+/// The bad inputs of docs/math.md, Test cases: each a clear exception naming the argument, and the accelerator still usable
 /// afterwards (every test ends with a correct call).
 /// </summary>
 public sealed class BadInputTests(string backend) : BackendFixture(backend)

@@ -6,7 +6,7 @@ using StickBreaking.ILGPU.Tests.Reference;
 
 namespace StickBreaking.ILGPU.Tests;
 
-/// <summary>SPEC section 4's forward cases, every one on every backend, against the float64 reference.</summary>
+/// <summary>The forward cases of docs/math.md, Test cases, every one on every backend, against the float64 reference.</summary>
 public sealed class ForwardTests(string backend) : BackendFixture(backend)
 {
     private static readonly int[] Lengths = [1, 2, 15, 63, 64, 65, 127];

@@ -14,7 +14,7 @@ namespace StickBreaking.ILGPU.Tests;
 
 /// <summary>
 /// Compiles the CUDA kernels to PTX for SM_90 without a GPU (ILGPU's PTX backend runs anywhere), so that CI
-/// holds what the GPU box measures: the hot kernels keep everything in registers and shared memory (no
+/// holds what a machine with an NVIDIA GPU measures: the hot kernels keep everything in registers and shared memory (no
 /// <c>.local</c> state space, the spills of ILGPU's non-unrolled arrays).
 /// </summary>
 [TestFixture]

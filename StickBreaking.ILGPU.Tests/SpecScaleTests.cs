@@ -6,7 +6,7 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Tests;
 
 /// <summary>
-/// SPEC 4's accuracy aim at its own scale, T = 4096 and D = 128: max abs error of o and rem at or below 1e-5,
+/// The accuracy aim of docs/math.md, Accuracy, at its own scale, T = 4096 and D = 128: max abs error of o and rem at or below 1e-5,
 /// relative RMS error of dq, dk, dv at or below 1e-5, against float64. Runs on CUDA only: the CPU accelerator
 /// (a simulator) and PoCL would take many minutes at this length; the other tests cover them at smaller T.
 /// </summary>

@@ -6,10 +6,12 @@ using NUnit.Framework;
 namespace StickBreaking.ILGPU.Tests.Infrastructure;
 
 /// <summary>
-/// Base of every per-backend fixture: NUnit instantiates it once per backend in <see cref="Backends.All"/>.
-/// An absent backend is skipped with the reason, or fails when STICKBREAKING_REQUIRE names it.
+/// Base of every per-backend fixture: NUnit instantiates it once per backend in <see cref="Backends.Tested"/>
+/// (the backends present here, and the required ones). An absent backend has no fixture: one skipped test
+/// per backend says so, with the reason (<see cref="BackendAvailabilityTests"/>). A required one that is
+/// absent or not selected fails every test of its fixtures.
 /// </summary>
-[TestFixtureSource(typeof(Backends), nameof(Backends.All))]
+[TestFixtureSource(typeof(Backends), nameof(Backends.Tested))]
 public abstract class BackendFixture
 {
     private Context? context;

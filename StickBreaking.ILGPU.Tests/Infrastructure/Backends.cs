@@ -11,16 +11,60 @@ namespace StickBreaking.ILGPU.Tests.Infrastructure;
 
 /// <summary>
 /// The backends every test runs on, and how to open each. Two environment variables steer a run:
-/// <c>STICKBREAKING_BACKENDS</c> (comma-separated among Cpu, OpenCL, Cuda) limits which run, the others
-/// showing as skipped; <c>STICKBREAKING_REQUIRE</c> names backends that must be present, so that a run that
-/// set up a device fails, rather than skips, when the device is not found.
+/// <c>STICKBREAKING_BACKENDS</c> (comma-separated among Cpu, OpenCL, Cuda) limits which run;
+/// <c>STICKBREAKING_REQUIRE</c> names backends that must be present, so that a run that set up a device
+/// fails, rather than runs without it, when the device is not found.
 /// </summary>
 internal static class Backends
 {
     public const string Cpu = "Cpu", OpenCL = "OpenCL", Cuda = "Cuda";
 
-    /// <summary>The fixture parameters: every backend, always (absent ones skip with the reason).</summary>
+    /// <summary>Every backend, in the order the tests and the main job take them.</summary>
     public static readonly string[] All = [Cpu, OpenCL, Cuda];
+
+    private static readonly Lazy<(string[] Tested, (string Backend, string Reason)[] LeftOut)> Plan = new(MakePlan);
+
+    /// <summary>
+    /// The fixture parameters: the backends to test here, that is those selected (STICKBREAKING_BACKENDS) that
+    /// have a device ILGPU accepts, plus every required one (STICKBREAKING_REQUIRE) even when absent, so that
+    /// its fixture fails. An absent backend that is not required generates no test at all (rather than
+    /// hundreds of skipped ones); <see cref="LeftOut"/> says why, once.
+    /// </summary>
+    public static string[] Tested => Plan.Value.Tested;
+
+    /// <summary>The backends not tested here, each with the reason.</summary>
+    public static (string Backend, string Reason)[] LeftOut => Plan.Value.LeftOut;
+
+    private static (string[] Tested, (string Backend, string Reason)[] LeftOut) MakePlan()
+    {
+        var tested = new List<string>();
+        var leftOut = new List<(string, string)>();
+        var selected = Selected;
+        var required = Required;
+        foreach (string backend in All)
+        {
+            if (required.Contains(backend))
+            {
+                tested.Add(backend);   // its fixture fails if the device is absent or not selected
+                continue;
+            }
+            if (selected is not null && !selected.Contains(backend))
+            {
+                leftOut.Add((backend, $"not selected by STICKBREAKING_BACKENDS={Environment.GetEnvironmentVariable("STICKBREAKING_BACKENDS")}"));
+                continue;
+            }
+            var (context, accelerator, reason) = Open(backend);
+            if (accelerator is null)
+            {
+                leftOut.Add((backend, $"absent: {reason}"));
+                continue;
+            }
+            accelerator.Dispose();
+            context?.Dispose();
+            tested.Add(backend);
+        }
+        return (tested.ToArray(), leftOut.ToArray());
+    }
 
     public static IReadOnlySet<string>? Selected => Parse("STICKBREAKING_BACKENDS");
 

@@ -14,13 +14,13 @@ internal sealed record ReferenceForward(double[] O, double[] Rem, double[] LogRe
 internal sealed record ReferenceGradients(double[] DQ, double[] DK, double[] DV);
 
 /// <summary>
-/// The float64 reference of SPEC.md: stick-breaking attention for contiguous row-major [B,H,T,D]
+/// The float64 reference of docs/math.md: stick-breaking attention for contiguous row-major [B,H,T,D]
 /// arrays (rem, LogRem, dRem are [B,H,T]), one (batch, head) at a time, O(B*H*T^2*D), with
 /// MathNet.Numerics for the matrix products and the logistic function.
 /// <para>
-/// <see cref="Forward"/> follows the sequential definition of SPEC section 1 (products of
+/// <see cref="Forward"/> follows the sequential definition of docs/math.md, Definition (products of
 /// probabilities, walking from the nearest visible key back to key 0); <see cref="ForwardLogSpace"/>
-/// is the log-space form; <see cref="Backward"/> is SPEC section 2's well-conditioned form.
+/// is the log-space form (docs/math.md, Log space); <see cref="Backward"/> is the well-conditioned form of docs/math.md, Backward.
 /// </para>
 /// </summary>
 internal static class Float64Reference
@@ -93,7 +93,7 @@ internal static class Float64Reference
     }
 
     /// <summary>
-    /// Gradients of L = sum_i dO_i . o_i + sum_i dRem_i rem_i, in SPEC section 2's well-conditioned form:
+    /// Gradients of L = sum_i dO_i . o_i + sum_i dRem_i rem_i, in the well-conditioned form of docs/math.md, Backward:
     /// a_ij = A_ij (dO_i . v_j), P_ij = sum_{l visible, l &lt; j} a_il (strict prefix, the farther keys),
     /// dz_ij = (1 - beta_ij) a_ij - beta_ij (P_ij + dRem_i rem_i), 0 where not visible;
     /// dq = s dz k, dk = s dz^T q, dv = A^T dO. A, beta, rem are recomputed with <see cref="Forward"/>'s

@@ -9,7 +9,7 @@ internal sealed record AttentionInputs(float[] Q, float[] K, float[] V, float[] 
     public AttentionInputs WithZeroDRem() => this with { DRem = new float[DRem.Length] };
 }
 
-/// <summary>The families of inputs of SPEC section 4.</summary>
+/// <summary>The families of inputs of docs/math.md, Test cases.</summary>
 public enum InputKind
 {
     Standard,
@@ -30,7 +30,7 @@ public enum InputKind
 /// </summary>
 internal static class TestInputs
 {
-    /// <summary>SPEC 4 standard inputs: q = 0.25 (N + 1), k = 0.25 (N - 1), v = 0.25 N.</summary>
+    /// <summary>Standard inputs (docs/math.md, Test cases): q = 0.25 (N + 1), k = 0.25 (N - 1), v = 0.25 N.</summary>
     public static AttentionInputs Standard(int b, int h, int t, int d, int seed)
     {
         var normal = new Gaussian(seed);
