@@ -147,8 +147,7 @@ internal static class CudaBackwardKeyKernel
         CudaBackwardTile.StoreRowByKey(shared, AOffset, r, tx, weights);
         float prefix = CudaBackwardTile.PrefixInHalf(CudaBackwardTile.SumFarthestFirst(weighted), tx,
             CudaBackwardTile.StagedSnapshot(shared, PrefixOffset, r, tx));
-        CudaBackwardTile.StoreRowByKey(shared, DzOffset, r, tx, CudaBackwardTile.Dz(weighted, lb, logBeta, prefix, shared[DRemRemOffset + r],
-            row, key, a.Length, a.AttendCurrent));
+        CudaBackwardTile.StoreRowByKey(shared, DzOffset, r, tx, CudaBackwardTile.Dz(weighted, lb, logBeta, prefix, shared[DRemRemOffset + r]));
     }
 
     private static void Store(BackwardArgs a, long headBase, int key, int tx, F8 dk, F8 dv)

@@ -154,7 +154,7 @@ internal static class CudaBackwardQueryKernel
         }
         if (tx == CudaBackwardTile.HalfSegments)
             shared[SnapshotOffset + 2 * r + 1] = upperPrefix;   // thread 8 starts the upper half
-        return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem, row, key, a.Length, a.AttendCurrent);
+        return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem);
     }
 
     private static void Store(BackwardArgs a, long headBase, int row, int tx, F8 dq)

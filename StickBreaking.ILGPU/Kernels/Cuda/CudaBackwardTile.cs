@@ -247,12 +247,13 @@ internal static class CudaBackwardTile
     }
 
     /// <summary>
-    /// dz = (1 - beta) a - beta (P + dRem rem) for one row's 4 keys (keys <paramref name="key"/> .. key + 3 of
-    /// <paramref name="row"/>), with 1 - beta = exp(lb) and beta = exp(logBeta) (never 1 - beta);
-    /// <paramref name="prefix"/> is P before the first of the 4 keys. A key the row cannot see gets dz = 0 by a
-    /// select: beta = 0 there, but 0 times an infinite P + dRem rem is NaN.
+    /// dz = (1 - beta) a - beta (P + dRem rem) for one row's 4 keys, with 1 - beta = exp(lb) and beta = exp(logBeta)
+    /// (never 1 - beta); <paramref name="prefix"/> is P before the first of the 4 keys. A key the row cannot see
+    /// gets dz = 0 by a select: beta = 0 there, but 0 times an infinite P + dRem rem is NaN. Such a key is the one
+    /// whose logBeta <see cref="TileLogs.Logs"/> set to -inf (a visible key has logBeta = -inf only where z = -inf,
+    /// beta = 0 and the true dz is 0 as well), so the select needs no row, key or length kept live in registers.
     /// </summary>
-    public static F4 Dz(F4 a, F4 lb, F4 logBeta, float prefix, float dRemRem, int row, int key, int length, int attendCurrent)
+    public static F4 Dz(F4 a, F4 lb, F4 logBeta, float prefix, float dRemRem)
     {
         var dz = new F4();
         float p = prefix;
@@ -263,9 +264,11 @@ internal static class CudaBackwardTile
         dz.X2 = MathF.Exp(lb.X2) * a.X2 - MathF.Exp(logBeta.X2) * (p + dRemRem);
         p += a.X2;
         dz.X3 = MathF.Exp(lb.X3) * a.X3 - MathF.Exp(logBeta.X3) * (p + dRemRem);
-        int visible = TileLogs.VisibleKeys(row, key, length, attendCurrent);
-        return new F4(0 < visible ? dz.X0 : 0f, 1 < visible ? dz.X1 : 0f, 2 < visible ? dz.X2 : 0f, 3 < visible ? dz.X3 : 0f);
+        return new F4(Seen(logBeta.X0, dz.X0), Seen(logBeta.X1, dz.X1), Seen(logBeta.X2, dz.X2), Seen(logBeta.X3, dz.X3));
     }
+
+    /// <summary><paramref name="value"/> where the key is seen (logBeta above -inf, or NaN), else 0 by a select.</summary>
+    private static float Seen(float logBeta, float value) => logBeta != float.NegativeInfinity ? value : 0f;
 
     /// <summary>
     /// P before this thread's 4 keys, from P before its 32-key half (<paramref name="halfPrefix"/>) plus the
