@@ -95,7 +95,7 @@ public sealed class PtxTests
     /// code. Every fragment is a 16-byte shared load: 2 of Q and 8 of K in the S loop body, 32 of V.
     /// <para>
     /// Local memory: ILGPU passes each operand of inline PTX through a 4-byte <c>.local</c> slot (stored before
-    /// and loaded after the instruction), 10 per mma, which ptxas keeps in registers (measured on the H200: the
+    /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion, which ptxas keeps in registers (measured on the H200: the
     /// SASS has HMMA and no local memory; the GPU box's resource check reads LOCAL_SIZE_BYTES). So the check here
     /// is that every local declaration is such a 4-byte scalar slot, 10 per mma, and nothing else (no array of
     /// registers spilled by ILGPU). The emulation of the mma for other accelerators sits behind
@@ -118,7 +118,8 @@ public sealed class PtxTests
         int slots = Count(@"\.local \.align 4 \.b8 __local_depot\d+\[4\];");
         int localDeclarations = Count(@"\.local \.align");
         int vectorLoads = Count(@"ld\.shared\.v4\.b32");
-        TestContext.Out.WriteLine($"{storage.Name}: mma.sync {mma}, 4-byte local slots {slots} of {localDeclarations} local declarations, " +
+        int packs = Count(@"cvt\.rn\." + (type == "bf16.bf16" ? "bf16x2" : "f16x2") + @"\.f32");
+        TestContext.Out.WriteLine($"{storage.Name}: mma.sync {mma}, 16-bit pair conversions {packs}, 4-byte local slots {slots} of {localDeclarations} local declarations, " +
             $"ld.shared.v4.b32 {vectorLoads}, st.shared.v4.b32 {Count(@"st\.shared\.v4\.b32")}, ld.v4.b32 (global) {Count(@"ld\.v4\.b32")}, " +
             $"shfl {Count(@"shfl\.")}, ex2 {Count(@"ex2\.approx")}, lines {ptx.Split('\n').Length}");
         Assert.Multiple(() =>
@@ -126,7 +127,8 @@ public sealed class PtxTests
             Assert.That(mma, Is.EqualTo(16 + 64), "mma.sync of the storage type");
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
             Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
-            Assert.That(slots, Is.EqualTo(10 * mma), "10 operand slots per mma, nothing else");
+            Assert.That(packs, Is.EqualTo(16 + 2 * 16), "pair conversions: 16 A fragments of P, 2 rows x 16 n-tiles of o");
+            Assert.That(slots, Is.EqualTo(10 * mma + packs), "10 operand slots per mma, 1 per conversion, nothing else");
             Assert.That(vectorLoads, Is.EqualTo(2 + 8 + 32), "16-byte fragment loads: Q 2 and K 8 per S step, V 32");
         });
     }

@@ -239,10 +239,25 @@ internal static partial class TensorCoreForwardKernel
             a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc;
     }
 
-    /// <summary>Two floats rounded to the storage type, as one word (low half first).</summary>
+    /// <summary>
+    /// Two floats rounded to the storage type (nearest, ties to even), as one word (low half first): on CUDA one
+    /// <c>cvt.rn.{bf16x2|f16x2}.f32</c> (its first source goes to the upper half), elsewhere the integer rounding
+    /// of <see cref="IStorage.Store"/> (the same bits for every non-NaN value).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint Pack<TStorage>(float lo, float hi) where TStorage : struct, IStorage =>
-        default(TStorage).Store(lo) | ((uint)default(TStorage).Store(hi) << 16);
+    private static uint Pack<TStorage>(float lo, float hi) where TStorage : struct, IStorage
+    {
+        if (CudaAsm.IsSupported)
+        {
+            uint packed;
+            if (default(TStorage).IsBFloat16)
+                CudaAsm.Emit("cvt.rn.bf16x2.f32 %0, %1, %2;", out packed, hi, lo);
+            else
+                CudaAsm.Emit("cvt.rn.f16x2.f32 %0, %1, %2;", out packed, hi, lo);
+            return packed;
+        }
+        return default(TStorage).Store(lo) | ((uint)default(TStorage).Store(hi) << 16);
+    }
 
     /// <summary>
     /// Loads the fp16 or bf16 kernel for this accelerator: on CUDA with its launch bound and its shared-memory
