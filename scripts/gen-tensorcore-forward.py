@@ -88,23 +88,30 @@ for hi in (False, True):
 # Weights to A fragments: k-step ks takes n-tiles 2ks (a0 row g, a1 row g+8) and 2ks+1 (a2, a3).
 w("    /// <summary>")
 w("    /// The weights as the A operand of O += P V: k-step ks is n-tiles 2ks and 2ks+1 of the score tile (the")
-w("    /// FlashAttention-2 register reuse), converted to 16-bit pairs (low half = the lower key).")
+w("    /// FlashAttention-2 register reuse), rounded to 16-bit pairs (low half = the lower key). With")
+w("    /// <paramref name=\"split\"/>, <paramref name=\"low\"/> gets the rounding residuals w - round(w) (exact in")
+w("    /// fp32), rounded again: P = high + low to about 16 significant bits.")
 w("    /// </summary>")
 w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-w("    private static Frag16 PackWeights<TStorage>(in Tile8 s) where TStorage : struct, IStorage")
+w("    private static Frag16 PackWeights<TStorage>(in Tile8 s, bool split, out Frag16 low) where TStorage : struct, IStorage")
 w("    {")
 w("        var p = new Frag16();")
+w("        low = new Frag16();")
 for ks in range(4):
     a, b = 2 * ks, 2 * ks + 1
-    w(f"        p.K{ks}A0 = Pack<TStorage>(s.N{a}.C0, s.N{a}.C1);")
-    w(f"        p.K{ks}A1 = Pack<TStorage>(s.N{a}.C2, s.N{a}.C3);")
-    w(f"        p.K{ks}A2 = Pack<TStorage>(s.N{b}.C0, s.N{b}.C1);")
-    w(f"        p.K{ks}A3 = Pack<TStorage>(s.N{b}.C2, s.N{b}.C3);")
+    for j, (n, c0, c1) in enumerate([(a, "C0", "C1"), (a, "C2", "C3"), (b, "C0", "C1"), (b, "C2", "C3")]):
+        w(f"        p.K{ks}A{j} = Pack<TStorage>(s.N{n}.{c0}, s.N{n}.{c1});")
+w("        if (split)")
+w("        {")
+for ks in range(4):
+    a, b = 2 * ks, 2 * ks + 1
+    for j, (n, c0, c1) in enumerate([(a, "C0", "C1"), (a, "C2", "C3"), (b, "C0", "C1"), (b, "C2", "C3")]):
+        w(f"            low.K{ks}A{j} = Residuals<TStorage>(p.K{ks}A{j}, s.N{n}.{c0}, s.N{n}.{c1});")
+w("        }")
 w("        return p;")
 w("    }")
 w()
 
-# ---------------------------------------------------------------------------------------------------------
 # O += P V: per output n-tile (8 columns), two 16-byte loads of V^T (keys 16t .. 16t+7, 16t+8 .. +15), 4 mma.
 def out_ntile(on):
     w(f"        U4 v{on}a = v[{on} * 8 * VtStrideU4];")
@@ -115,16 +122,25 @@ def out_ntile(on):
     w(f"        Mma.Run<TStorage>(ref o.N{on}, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v{on}a.X2, v{on}a.X3, shared, emu);")
     w(f"        Mma.Run<TStorage>(ref o.N{on}, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v{on}b.X0, v{on}b.X1, shared, emu);")
     w(f"        Mma.Run<TStorage>(ref o.N{on}, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v{on}b.X2, v{on}b.X3, shared, emu);")
+    w("        if (split)")
+    w("        {")
+    w(f"            Mma.Run<TStorage>(ref o.N{on}, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v{on}a.X0, v{on}a.X1, shared, emu);")
+    w(f"            Mma.Run<TStorage>(ref o.N{on}, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v{on}a.X2, v{on}a.X3, shared, emu);")
+    w(f"            Mma.Run<TStorage>(ref o.N{on}, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v{on}b.X0, v{on}b.X1, shared, emu);")
+    w(f"            Mma.Run<TStorage>(ref o.N{on}, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v{on}b.X2, v{on}b.X3, shared, emu);")
+    w("        }")
 
 
 w("    /// <summary>")
 w("    /// O += P V for the output columns 8n + g (n-tile n), 64 or 128 columns: per n-tile two 16-byte loads of")
 w("    /// the transposed V tile (this thread's keys 16t .. 16t+7 and 16t+8 .. 16t+15, the keys of its weights),")
 w("    /// zeroed by selection where the warp's rows see none of those keys (<paramref name=\"keepLow\"/>,")
-w("    /// <paramref name=\"keepHigh\"/>), and four mma.")
+w("    /// <paramref name=\"keepHigh\"/>), and four mma (eight with <paramref name=\"split\"/>: the weights' residuals")
+w("    /// <paramref name=\"q\"/> times the same V fragments).")
 w("    /// </summary>")
 w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-w("    private static void AccumulateOutput<TStorage>(ref Tile16 o, in Frag16 p, ArrayView<U4> v, bool keepLow, bool keepHigh,")
+w("    private static void AccumulateOutput<TStorage>(ref Tile16 o, in Frag16 p, bool split, in Frag16 q, ArrayView<U4> v,")
+w("        bool keepLow, bool keepHigh,")
 w("        bool wide, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage")
 w("    {")
 for on in range(8):

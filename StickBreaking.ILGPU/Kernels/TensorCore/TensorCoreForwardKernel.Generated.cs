@@ -268,12 +268,15 @@ internal static partial class TensorCoreForwardKernel
 
     /// <summary>
     /// The weights as the A operand of O += P V: k-step ks is n-tiles 2ks and 2ks+1 of the score tile (the
-    /// FlashAttention-2 register reuse), converted to 16-bit pairs (low half = the lower key).
+    /// FlashAttention-2 register reuse), rounded to 16-bit pairs (low half = the lower key). With
+    /// <paramref name="split"/>, <paramref name="low"/> gets the rounding residuals w - round(w) (exact in
+    /// fp32), rounded again: P = high + low to about 16 significant bits.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Frag16 PackWeights<TStorage>(in Tile8 s) where TStorage : struct, IStorage
+    private static Frag16 PackWeights<TStorage>(in Tile8 s, bool split, out Frag16 low) where TStorage : struct, IStorage
     {
         var p = new Frag16();
+        low = new Frag16();
         p.K0A0 = Pack<TStorage>(s.N0.C0, s.N0.C1);
         p.K0A1 = Pack<TStorage>(s.N0.C2, s.N0.C3);
         p.K0A2 = Pack<TStorage>(s.N1.C0, s.N1.C1);
@@ -290,6 +293,25 @@ internal static partial class TensorCoreForwardKernel
         p.K3A1 = Pack<TStorage>(s.N6.C2, s.N6.C3);
         p.K3A2 = Pack<TStorage>(s.N7.C0, s.N7.C1);
         p.K3A3 = Pack<TStorage>(s.N7.C2, s.N7.C3);
+        if (split)
+        {
+            low.K0A0 = Residuals<TStorage>(p.K0A0, s.N0.C0, s.N0.C1);
+            low.K0A1 = Residuals<TStorage>(p.K0A1, s.N0.C2, s.N0.C3);
+            low.K0A2 = Residuals<TStorage>(p.K0A2, s.N1.C0, s.N1.C1);
+            low.K0A3 = Residuals<TStorage>(p.K0A3, s.N1.C2, s.N1.C3);
+            low.K1A0 = Residuals<TStorage>(p.K1A0, s.N2.C0, s.N2.C1);
+            low.K1A1 = Residuals<TStorage>(p.K1A1, s.N2.C2, s.N2.C3);
+            low.K1A2 = Residuals<TStorage>(p.K1A2, s.N3.C0, s.N3.C1);
+            low.K1A3 = Residuals<TStorage>(p.K1A3, s.N3.C2, s.N3.C3);
+            low.K2A0 = Residuals<TStorage>(p.K2A0, s.N4.C0, s.N4.C1);
+            low.K2A1 = Residuals<TStorage>(p.K2A1, s.N4.C2, s.N4.C3);
+            low.K2A2 = Residuals<TStorage>(p.K2A2, s.N5.C0, s.N5.C1);
+            low.K2A3 = Residuals<TStorage>(p.K2A3, s.N5.C2, s.N5.C3);
+            low.K3A0 = Residuals<TStorage>(p.K3A0, s.N6.C0, s.N6.C1);
+            low.K3A1 = Residuals<TStorage>(p.K3A1, s.N6.C2, s.N6.C3);
+            low.K3A2 = Residuals<TStorage>(p.K3A2, s.N7.C0, s.N7.C1);
+            low.K3A3 = Residuals<TStorage>(p.K3A3, s.N7.C2, s.N7.C3);
+        }
         return p;
     }
 
@@ -297,10 +319,12 @@ internal static partial class TensorCoreForwardKernel
     /// O += P V for the output columns 8n + g (n-tile n), 64 or 128 columns: per n-tile two 16-byte loads of
     /// the transposed V tile (this thread's keys 16t .. 16t+7 and 16t+8 .. 16t+15, the keys of its weights),
     /// zeroed by selection where the warp's rows see none of those keys (<paramref name="keepLow"/>,
-    /// <paramref name="keepHigh"/>), and four mma.
+    /// <paramref name="keepHigh"/>), and four mma (eight with <paramref name="split"/>: the weights' residuals
+    /// <paramref name="q"/> times the same V fragments).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void AccumulateOutput<TStorage>(ref Tile16 o, in Frag16 p, ArrayView<U4> v, bool keepLow, bool keepHigh,
+    private static void AccumulateOutput<TStorage>(ref Tile16 o, in Frag16 p, bool split, in Frag16 q, ArrayView<U4> v,
+        bool keepLow, bool keepHigh,
         bool wide, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
     {
         U4 v0a = v[0 * 8 * VtStrideU4];
@@ -311,6 +335,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N0, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v0a.X2, v0a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N0, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v0b.X0, v0b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N0, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v0b.X2, v0b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N0, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v0a.X0, v0a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N0, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v0a.X2, v0a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N0, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v0b.X0, v0b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N0, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v0b.X2, v0b.X3, shared, emu);
+        }
         U4 v1a = v[1 * 8 * VtStrideU4];
         U4 v1b = v[1 * 8 * VtStrideU4 + 1];
         v1a = keepLow ? v1a : default;
@@ -319,6 +350,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N1, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v1a.X2, v1a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N1, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v1b.X0, v1b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N1, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v1b.X2, v1b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N1, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v1a.X0, v1a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N1, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v1a.X2, v1a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N1, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v1b.X0, v1b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N1, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v1b.X2, v1b.X3, shared, emu);
+        }
         U4 v2a = v[2 * 8 * VtStrideU4];
         U4 v2b = v[2 * 8 * VtStrideU4 + 1];
         v2a = keepLow ? v2a : default;
@@ -327,6 +365,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N2, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v2a.X2, v2a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N2, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v2b.X0, v2b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N2, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v2b.X2, v2b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N2, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v2a.X0, v2a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N2, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v2a.X2, v2a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N2, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v2b.X0, v2b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N2, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v2b.X2, v2b.X3, shared, emu);
+        }
         U4 v3a = v[3 * 8 * VtStrideU4];
         U4 v3b = v[3 * 8 * VtStrideU4 + 1];
         v3a = keepLow ? v3a : default;
@@ -335,6 +380,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N3, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v3a.X2, v3a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N3, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v3b.X0, v3b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N3, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v3b.X2, v3b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N3, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v3a.X0, v3a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N3, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v3a.X2, v3a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N3, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v3b.X0, v3b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N3, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v3b.X2, v3b.X3, shared, emu);
+        }
         U4 v4a = v[4 * 8 * VtStrideU4];
         U4 v4b = v[4 * 8 * VtStrideU4 + 1];
         v4a = keepLow ? v4a : default;
@@ -343,6 +395,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N4, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v4a.X2, v4a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N4, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v4b.X0, v4b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N4, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v4b.X2, v4b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N4, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v4a.X0, v4a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N4, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v4a.X2, v4a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N4, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v4b.X0, v4b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N4, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v4b.X2, v4b.X3, shared, emu);
+        }
         U4 v5a = v[5 * 8 * VtStrideU4];
         U4 v5b = v[5 * 8 * VtStrideU4 + 1];
         v5a = keepLow ? v5a : default;
@@ -351,6 +410,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N5, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v5a.X2, v5a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N5, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v5b.X0, v5b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N5, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v5b.X2, v5b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N5, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v5a.X0, v5a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N5, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v5a.X2, v5a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N5, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v5b.X0, v5b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N5, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v5b.X2, v5b.X3, shared, emu);
+        }
         U4 v6a = v[6 * 8 * VtStrideU4];
         U4 v6b = v[6 * 8 * VtStrideU4 + 1];
         v6a = keepLow ? v6a : default;
@@ -359,6 +425,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N6, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v6a.X2, v6a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N6, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v6b.X0, v6b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N6, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v6b.X2, v6b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N6, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v6a.X0, v6a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N6, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v6a.X2, v6a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N6, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v6b.X0, v6b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N6, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v6b.X2, v6b.X3, shared, emu);
+        }
         U4 v7a = v[7 * 8 * VtStrideU4];
         U4 v7b = v[7 * 8 * VtStrideU4 + 1];
         v7a = keepLow ? v7a : default;
@@ -367,6 +440,13 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref o.N7, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v7a.X2, v7a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N7, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v7b.X0, v7b.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N7, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v7b.X2, v7b.X3, shared, emu);
+        if (split)
+        {
+            Mma.Run<TStorage>(ref o.N7, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v7a.X0, v7a.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N7, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v7a.X2, v7a.X3, shared, emu);
+            Mma.Run<TStorage>(ref o.N7, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v7b.X0, v7b.X1, shared, emu);
+            Mma.Run<TStorage>(ref o.N7, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v7b.X2, v7b.X3, shared, emu);
+        }
         if (wide)
         {
             U4 v8a = v[8 * 8 * VtStrideU4];
@@ -377,6 +457,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N8, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v8a.X2, v8a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N8, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v8b.X0, v8b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N8, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v8b.X2, v8b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N8, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v8a.X0, v8a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N8, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v8a.X2, v8a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N8, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v8b.X0, v8b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N8, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v8b.X2, v8b.X3, shared, emu);
+            }
             U4 v9a = v[9 * 8 * VtStrideU4];
             U4 v9b = v[9 * 8 * VtStrideU4 + 1];
             v9a = keepLow ? v9a : default;
@@ -385,6 +472,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N9, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v9a.X2, v9a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N9, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v9b.X0, v9b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N9, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v9b.X2, v9b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N9, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v9a.X0, v9a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N9, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v9a.X2, v9a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N9, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v9b.X0, v9b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N9, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v9b.X2, v9b.X3, shared, emu);
+            }
             U4 v10a = v[10 * 8 * VtStrideU4];
             U4 v10b = v[10 * 8 * VtStrideU4 + 1];
             v10a = keepLow ? v10a : default;
@@ -393,6 +487,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N10, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v10a.X2, v10a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N10, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v10b.X0, v10b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N10, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v10b.X2, v10b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N10, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v10a.X0, v10a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N10, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v10a.X2, v10a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N10, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v10b.X0, v10b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N10, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v10b.X2, v10b.X3, shared, emu);
+            }
             U4 v11a = v[11 * 8 * VtStrideU4];
             U4 v11b = v[11 * 8 * VtStrideU4 + 1];
             v11a = keepLow ? v11a : default;
@@ -401,6 +502,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N11, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v11a.X2, v11a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N11, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v11b.X0, v11b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N11, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v11b.X2, v11b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N11, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v11a.X0, v11a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N11, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v11a.X2, v11a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N11, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v11b.X0, v11b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N11, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v11b.X2, v11b.X3, shared, emu);
+            }
             U4 v12a = v[12 * 8 * VtStrideU4];
             U4 v12b = v[12 * 8 * VtStrideU4 + 1];
             v12a = keepLow ? v12a : default;
@@ -409,6 +517,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N12, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v12a.X2, v12a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N12, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v12b.X0, v12b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N12, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v12b.X2, v12b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N12, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v12a.X0, v12a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N12, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v12a.X2, v12a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N12, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v12b.X0, v12b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N12, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v12b.X2, v12b.X3, shared, emu);
+            }
             U4 v13a = v[13 * 8 * VtStrideU4];
             U4 v13b = v[13 * 8 * VtStrideU4 + 1];
             v13a = keepLow ? v13a : default;
@@ -417,6 +532,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N13, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v13a.X2, v13a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N13, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v13b.X0, v13b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N13, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v13b.X2, v13b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N13, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v13a.X0, v13a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N13, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v13a.X2, v13a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N13, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v13b.X0, v13b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N13, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v13b.X2, v13b.X3, shared, emu);
+            }
             U4 v14a = v[14 * 8 * VtStrideU4];
             U4 v14b = v[14 * 8 * VtStrideU4 + 1];
             v14a = keepLow ? v14a : default;
@@ -425,6 +547,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N14, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v14a.X2, v14a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N14, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v14b.X0, v14b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N14, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v14b.X2, v14b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N14, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v14a.X0, v14a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N14, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v14a.X2, v14a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N14, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v14b.X0, v14b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N14, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v14b.X2, v14b.X3, shared, emu);
+            }
             U4 v15a = v[15 * 8 * VtStrideU4];
             U4 v15b = v[15 * 8 * VtStrideU4 + 1];
             v15a = keepLow ? v15a : default;
@@ -433,6 +562,13 @@ internal static partial class TensorCoreForwardKernel
             Mma.Run<TStorage>(ref o.N15, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v15a.X2, v15a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N15, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v15b.X0, v15b.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N15, p.K3A0, p.K3A1, p.K3A2, p.K3A3, v15b.X2, v15b.X3, shared, emu);
+            if (split)
+            {
+                Mma.Run<TStorage>(ref o.N15, q.K0A0, q.K0A1, q.K0A2, q.K0A3, v15a.X0, v15a.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N15, q.K1A0, q.K1A1, q.K1A2, q.K1A3, v15a.X2, v15a.X3, shared, emu);
+                Mma.Run<TStorage>(ref o.N15, q.K2A0, q.K2A1, q.K2A2, q.K2A3, v15b.X0, v15b.X1, shared, emu);
+                Mma.Run<TStorage>(ref o.N15, q.K3A0, q.K3A1, q.K3A2, q.K3A3, v15b.X2, v15b.X3, shared, emu);
+            }
         }
     }
 

@@ -71,8 +71,11 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>Whether the kernel serves this head dimension (others fall back to the portable kernels).</summary>
     public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
 
-    public static void Kernel<TStorage>(TensorCoreForwardArgs a) where TStorage : struct, IStorage
+    public static void Kernel<TStorage, TWeights>(TensorCoreForwardArgs a)
+        where TStorage : struct, IStorage
+        where TWeights : struct, IWeights
     {
+        bool split = default(TWeights).Split;
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
         int head = Grid.IdxX;
@@ -119,8 +122,8 @@ internal static partial class TensorCoreForwardKernel
             int firstKey = key0 + 16 * t;
             accLo = RowLo(ref s, a.Scale, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
             accHi = RowHi(ref s, a.Scale, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
-            var p = PackWeights<TStorage>(s);
-            AccumulateOutput<TStorage>(ref o, p, vectors.SubView(vAt), firstKey < warpLimit, firstKey + 8 < warpLimit,
+            var p = PackWeights<TStorage>(s, split, out var residuals);
+            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), firstKey < warpLimit, firstKey + 8 < warpLimit,
                 wide, shared, emu);
         }
 
@@ -240,6 +243,18 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
+    /// The residuals w - round(w) of a pair of weights (exact in fp32: w and round(w) are within a 16-bit ulp of each
+    /// other), rounded to the storage type in turn; <paramref name="rounded"/> is the pair <see cref="Pack"/> made.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint Residuals<TStorage>(uint rounded, float lo, float hi) where TStorage : struct, IStorage
+    {
+        float roundedLo = default(TStorage).Load((ushort)rounded);
+        float roundedHi = default(TStorage).Load((ushort)(rounded >> 16));
+        return Pack<TStorage>(lo - roundedLo, hi - roundedHi);
+    }
+
+    /// <summary>
     /// Two floats rounded to the storage type (nearest, ties to even), as one word (low half first): on CUDA one
     /// <c>cvt.rn.{bf16x2|f16x2}.f32</c> (its first source goes to the upper half), elsewhere the integer rounding
     /// of <see cref="IStorage.Store"/> (the same bits for every non-NaN value).
@@ -260,14 +275,15 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// Loads the fp16 or bf16 kernel for this accelerator: on CUDA with its launch bound and its shared-memory
+    /// Loads the fp16 or bf16 kernel (weights rounded or split, <typeparamref name="TWeights"/>) for this accelerator: on CUDA with its launch bound and its shared-memory
     /// limit raised (<see cref="CudaDriver"/>), elsewhere as plain ILGPU code (the mma emulated).
     /// </summary>
-    internal static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> Load<TStorage>(Accelerator accelerator)
-        where TStorage : struct, IStorage =>
+    internal static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> Load<TStorage, TWeights>(Accelerator accelerator)
+        where TStorage : struct, IStorage
+        where TWeights : struct, IWeights =>
         accelerator is CudaAccelerator cuda
-            ? CudaDriver.Load<TensorCoreForwardArgs>(cuda, Kernel<TStorage>, GroupSize, MinGroupsPerMultiprocessor, SharedBytes)
-            : accelerator.LoadKernel<TensorCoreForwardArgs>(Kernel<TStorage>);
+            ? CudaDriver.Load<TensorCoreForwardArgs>(cuda, Kernel<TStorage, TWeights>, GroupSize, MinGroupsPerMultiprocessor, SharedBytes)
+            : accelerator.LoadKernel<TensorCoreForwardArgs>(Kernel<TStorage, TWeights>);
 
     /// <summary>The launch of <paramref name="heads"/> (B H) heads of <c>a.Length</c> tokens; sets <c>a.RowBlocks</c>.</summary>
     internal static KernelConfig Config(Accelerator accelerator, long heads, ref TensorCoreForwardArgs a)
@@ -277,6 +293,32 @@ internal static partial class TensorCoreForwardKernel
         return new KernelConfig(new Index3D((int)heads, a.RowBlocks, 1), new Index3D(GroupSize, 1, 1),
             SharedMemoryConfig.RequestDynamic<uint>(bytes / 4));
     }
+}
+
+/// <summary>
+/// How the tensor-core forward feeds its fp32 weights P to the 16-bit P V product (a type argument of the kernel,
+/// so that the choice folds away at compile time).
+/// </summary>
+internal interface IWeights
+{
+    /// <summary>
+    /// False: P rounded to the storage type, one mma per k-step (relative error 2^-9 per weight in bf16, 2^-12
+    /// in fp16, which in bf16 puts o at up to about 2x the error of rounding the exact o). True: P = high + low,
+    /// both 16-bit, two mma per k-step on the same V fragments (P V exact to about 2^-17: o at the rounding floor).
+    /// </summary>
+    bool Split { get; }
+}
+
+/// <summary>P rounded to 16 bits: 64 mma per 64-key tile for P V (D = 128).</summary>
+internal readonly struct RoundedWeights : IWeights
+{
+    public bool Split => false;
+}
+
+/// <summary>P split into two 16-bit parts: 128 mma per 64-key tile for P V (D = 128).</summary>
+internal readonly struct SplitWeights : IWeights
+{
+    public bool Split => true;
 }
 
 /// <summary>The score tile of one warp: 8 n-tiles of 8 keys (16 rows x 64 keys).</summary>
