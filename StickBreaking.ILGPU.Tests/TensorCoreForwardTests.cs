@@ -178,6 +178,46 @@ public sealed class TensorCoreForwardTests(string backend)
         Assert.That(run.O.All(b => double.IsFinite(ToDouble(b, bf16))) && run.Rem.All(float.IsFinite), "all outputs finite");
     }
 
+    /// <summary>
+    /// A non-finite value of a key inside a row block's diagonal tile (where some rows of the block see the key and
+    /// others do not) reaches exactly the rows that see it (non-finite in its columns at least: the kernel gives NaN
+    /// in every column of the rows of that block, the mma Inf or NaN in the rows of later blocks); the other rows
+    /// equal the reference computed with that value replaced by zero. Keys 5 (block 0) and 70 (block 1).
+    /// </summary>
+    [TestCase(true, false, 5)]
+    [TestCase(false, true, 70)]
+    [TestCase(true, true, 70)]
+    public void NonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
+    {
+        int length = 100, headDim = 64;
+        var shape = new AttentionShape(1, 1, length, headDim);
+        var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 23);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        for (int d = 0; d < headDim; d += 3)
+        {
+            v.Bits[badKey * headDim + d] = FromDouble(d % 2 == 0 ? double.PositiveInfinity : double.NaN, bf16);
+            v.Values[badKey * headDim + d] = 0;
+        }
+        double scale = 0.125;
+        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false);
+        var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 1, length, headDim, scale, attendCurrent);
+        double worst = 0;
+        for (int row = 0; row < length; row++)
+        {
+            bool sees = attendCurrent ? badKey <= row : badKey < row;
+            for (int d = 0; d < headDim; d++)
+            {
+                double o = ToDouble(run.O[row * headDim + d], bf16);
+                if (sees && d % 3 == 0)
+                    Assert.That(double.IsFinite(o), Is.False, $"row {row} sees key {badKey}: column {d} must be non-finite");
+                else if (!sees)
+                    worst = Math.Max(worst, Math.Abs(o - expected.O[row * headDim + d]));
+            }
+        }
+        TestContext.Out.WriteLine($"rows that do not see key {badKey}: max abs error {worst:E2}");
+        Assert.That(worst, Is.LessThanOrEqualTo(bf16 ? 4e-3 : 5e-4), "rows that do not see the key");
+    }
+
     private sealed record Result(ushort[] O, float[] Rem, float[] LogRem, float[] Snapshots);
 
     private Result Run(bool bf16, AttentionShape shape, ushort[] q, ushort[] k, ushort[] v, float scale, bool attendCurrent,

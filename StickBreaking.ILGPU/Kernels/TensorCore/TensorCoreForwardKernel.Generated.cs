@@ -317,20 +317,16 @@ internal static partial class TensorCoreForwardKernel
 
     /// <summary>
     /// O += P V for the output columns 8n + g (n-tile n), 64 or 128 columns: per n-tile two 16-byte loads of
-    /// the transposed V tile (this thread's keys 16t .. 16t+7 and 16t+8 .. 16t+15, the keys of its weights),
-    /// zeroed by selection where the warp's rows see none of those keys (<paramref name="keepLow"/>,
-    /// <paramref name="keepHigh"/>), and four mma (eight with <paramref name="split"/>: the weights' residuals
-    /// <paramref name="q"/> times the same V fragments).
+    /// the transposed V tile (this thread's keys 16t .. 16t+7 and 16t+8 .. 16t+15, the keys of its weights)
+    /// and four mma (eight with <paramref name="split"/>: the weights' residuals <paramref name="q"/> times the
+    /// same V fragments).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void AccumulateOutput<TStorage>(ref Tile16 o, in Frag16 p, bool split, in Frag16 q, ArrayView<U4> v,
-        bool keepLow, bool keepHigh,
         bool wide, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
     {
         U4 v0a = v[0 * 8 * VtStrideU4];
         U4 v0b = v[0 * 8 * VtStrideU4 + 1];
-        v0a = keepLow ? v0a : default;
-        v0b = keepHigh ? v0b : default;
         Mma.Run<TStorage>(ref o.N0, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v0a.X0, v0a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N0, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v0a.X2, v0a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N0, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v0b.X0, v0b.X1, shared, emu);
@@ -344,8 +340,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v1a = v[1 * 8 * VtStrideU4];
         U4 v1b = v[1 * 8 * VtStrideU4 + 1];
-        v1a = keepLow ? v1a : default;
-        v1b = keepHigh ? v1b : default;
         Mma.Run<TStorage>(ref o.N1, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v1a.X0, v1a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N1, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v1a.X2, v1a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N1, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v1b.X0, v1b.X1, shared, emu);
@@ -359,8 +353,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v2a = v[2 * 8 * VtStrideU4];
         U4 v2b = v[2 * 8 * VtStrideU4 + 1];
-        v2a = keepLow ? v2a : default;
-        v2b = keepHigh ? v2b : default;
         Mma.Run<TStorage>(ref o.N2, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v2a.X0, v2a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N2, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v2a.X2, v2a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N2, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v2b.X0, v2b.X1, shared, emu);
@@ -374,8 +366,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v3a = v[3 * 8 * VtStrideU4];
         U4 v3b = v[3 * 8 * VtStrideU4 + 1];
-        v3a = keepLow ? v3a : default;
-        v3b = keepHigh ? v3b : default;
         Mma.Run<TStorage>(ref o.N3, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v3a.X0, v3a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N3, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v3a.X2, v3a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N3, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v3b.X0, v3b.X1, shared, emu);
@@ -389,8 +379,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v4a = v[4 * 8 * VtStrideU4];
         U4 v4b = v[4 * 8 * VtStrideU4 + 1];
-        v4a = keepLow ? v4a : default;
-        v4b = keepHigh ? v4b : default;
         Mma.Run<TStorage>(ref o.N4, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v4a.X0, v4a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N4, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v4a.X2, v4a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N4, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v4b.X0, v4b.X1, shared, emu);
@@ -404,8 +392,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v5a = v[5 * 8 * VtStrideU4];
         U4 v5b = v[5 * 8 * VtStrideU4 + 1];
-        v5a = keepLow ? v5a : default;
-        v5b = keepHigh ? v5b : default;
         Mma.Run<TStorage>(ref o.N5, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v5a.X0, v5a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N5, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v5a.X2, v5a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N5, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v5b.X0, v5b.X1, shared, emu);
@@ -419,8 +405,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v6a = v[6 * 8 * VtStrideU4];
         U4 v6b = v[6 * 8 * VtStrideU4 + 1];
-        v6a = keepLow ? v6a : default;
-        v6b = keepHigh ? v6b : default;
         Mma.Run<TStorage>(ref o.N6, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v6a.X0, v6a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N6, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v6a.X2, v6a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N6, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v6b.X0, v6b.X1, shared, emu);
@@ -434,8 +418,6 @@ internal static partial class TensorCoreForwardKernel
         }
         U4 v7a = v[7 * 8 * VtStrideU4];
         U4 v7b = v[7 * 8 * VtStrideU4 + 1];
-        v7a = keepLow ? v7a : default;
-        v7b = keepHigh ? v7b : default;
         Mma.Run<TStorage>(ref o.N7, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v7a.X0, v7a.X1, shared, emu);
         Mma.Run<TStorage>(ref o.N7, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v7a.X2, v7a.X3, shared, emu);
         Mma.Run<TStorage>(ref o.N7, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v7b.X0, v7b.X1, shared, emu);
@@ -451,8 +433,6 @@ internal static partial class TensorCoreForwardKernel
         {
             U4 v8a = v[8 * 8 * VtStrideU4];
             U4 v8b = v[8 * 8 * VtStrideU4 + 1];
-            v8a = keepLow ? v8a : default;
-            v8b = keepHigh ? v8b : default;
             Mma.Run<TStorage>(ref o.N8, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v8a.X0, v8a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N8, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v8a.X2, v8a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N8, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v8b.X0, v8b.X1, shared, emu);
@@ -466,8 +446,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v9a = v[9 * 8 * VtStrideU4];
             U4 v9b = v[9 * 8 * VtStrideU4 + 1];
-            v9a = keepLow ? v9a : default;
-            v9b = keepHigh ? v9b : default;
             Mma.Run<TStorage>(ref o.N9, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v9a.X0, v9a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N9, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v9a.X2, v9a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N9, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v9b.X0, v9b.X1, shared, emu);
@@ -481,8 +459,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v10a = v[10 * 8 * VtStrideU4];
             U4 v10b = v[10 * 8 * VtStrideU4 + 1];
-            v10a = keepLow ? v10a : default;
-            v10b = keepHigh ? v10b : default;
             Mma.Run<TStorage>(ref o.N10, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v10a.X0, v10a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N10, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v10a.X2, v10a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N10, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v10b.X0, v10b.X1, shared, emu);
@@ -496,8 +472,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v11a = v[11 * 8 * VtStrideU4];
             U4 v11b = v[11 * 8 * VtStrideU4 + 1];
-            v11a = keepLow ? v11a : default;
-            v11b = keepHigh ? v11b : default;
             Mma.Run<TStorage>(ref o.N11, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v11a.X0, v11a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N11, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v11a.X2, v11a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N11, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v11b.X0, v11b.X1, shared, emu);
@@ -511,8 +485,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v12a = v[12 * 8 * VtStrideU4];
             U4 v12b = v[12 * 8 * VtStrideU4 + 1];
-            v12a = keepLow ? v12a : default;
-            v12b = keepHigh ? v12b : default;
             Mma.Run<TStorage>(ref o.N12, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v12a.X0, v12a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N12, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v12a.X2, v12a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N12, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v12b.X0, v12b.X1, shared, emu);
@@ -526,8 +498,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v13a = v[13 * 8 * VtStrideU4];
             U4 v13b = v[13 * 8 * VtStrideU4 + 1];
-            v13a = keepLow ? v13a : default;
-            v13b = keepHigh ? v13b : default;
             Mma.Run<TStorage>(ref o.N13, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v13a.X0, v13a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N13, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v13a.X2, v13a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N13, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v13b.X0, v13b.X1, shared, emu);
@@ -541,8 +511,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v14a = v[14 * 8 * VtStrideU4];
             U4 v14b = v[14 * 8 * VtStrideU4 + 1];
-            v14a = keepLow ? v14a : default;
-            v14b = keepHigh ? v14b : default;
             Mma.Run<TStorage>(ref o.N14, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v14a.X0, v14a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N14, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v14a.X2, v14a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N14, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v14b.X0, v14b.X1, shared, emu);
@@ -556,8 +524,6 @@ internal static partial class TensorCoreForwardKernel
             }
             U4 v15a = v[15 * 8 * VtStrideU4];
             U4 v15b = v[15 * 8 * VtStrideU4 + 1];
-            v15a = keepLow ? v15a : default;
-            v15b = keepHigh ? v15b : default;
             Mma.Run<TStorage>(ref o.N15, p.K0A0, p.K0A1, p.K0A2, p.K0A3, v15a.X0, v15a.X1, shared, emu);
             Mma.Run<TStorage>(ref o.N15, p.K1A0, p.K1A1, p.K1A2, p.K1A3, v15a.X2, v15a.X3, shared, emu);
             Mma.Run<TStorage>(ref o.N15, p.K2A0, p.K2A1, p.K2A2, p.K2A3, v15b.X0, v15b.X1, shared, emu);
@@ -572,27 +538,32 @@ internal static partial class TensorCoreForwardKernel
         }
     }
 
-    /// <summary>Writes row g (C0, C1) or g + 8 (C2, C3) of the output: columns 8n + 2t, 8n + 2t + 1 as one 16-bit pair each.</summary>
+    /// <summary>
+    /// Writes row g (C0, C1) or g + 8 (C2, C3) of the output: columns 8n + 2t, 8n + 2t + 1 as one 16-bit pair
+    /// each; NaN everywhere for a row that saw a non-finite value the staging replaced (<paramref name="poisoned"/>).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreRow<TStorage>(in Tile16 o, bool hi, ArrayView<uint> row, bool wide) where TStorage : struct, IStorage
+    private static void StoreRow<TStorage>(in Tile16 o, bool hi, bool poisoned, ArrayView<uint> row, bool wide)
+        where TStorage : struct, IStorage
     {
-        row[0 * 4] = hi ? Pack<TStorage>(o.N0.C2, o.N0.C3) : Pack<TStorage>(o.N0.C0, o.N0.C1);
-        row[1 * 4] = hi ? Pack<TStorage>(o.N1.C2, o.N1.C3) : Pack<TStorage>(o.N1.C0, o.N1.C1);
-        row[2 * 4] = hi ? Pack<TStorage>(o.N2.C2, o.N2.C3) : Pack<TStorage>(o.N2.C0, o.N2.C1);
-        row[3 * 4] = hi ? Pack<TStorage>(o.N3.C2, o.N3.C3) : Pack<TStorage>(o.N3.C0, o.N3.C1);
-        row[4 * 4] = hi ? Pack<TStorage>(o.N4.C2, o.N4.C3) : Pack<TStorage>(o.N4.C0, o.N4.C1);
-        row[5 * 4] = hi ? Pack<TStorage>(o.N5.C2, o.N5.C3) : Pack<TStorage>(o.N5.C0, o.N5.C1);
-        row[6 * 4] = hi ? Pack<TStorage>(o.N6.C2, o.N6.C3) : Pack<TStorage>(o.N6.C0, o.N6.C1);
-        row[7 * 4] = hi ? Pack<TStorage>(o.N7.C2, o.N7.C3) : Pack<TStorage>(o.N7.C0, o.N7.C1);
+        uint nan = default(TStorage).IsBFloat16 ? 0x7FC0_7FC0u : 0x7E00_7E00u;
+        row[0 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N0.C2, o.N0.C3) : Pack<TStorage>(o.N0.C0, o.N0.C1);
+        row[1 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N1.C2, o.N1.C3) : Pack<TStorage>(o.N1.C0, o.N1.C1);
+        row[2 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N2.C2, o.N2.C3) : Pack<TStorage>(o.N2.C0, o.N2.C1);
+        row[3 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N3.C2, o.N3.C3) : Pack<TStorage>(o.N3.C0, o.N3.C1);
+        row[4 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N4.C2, o.N4.C3) : Pack<TStorage>(o.N4.C0, o.N4.C1);
+        row[5 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N5.C2, o.N5.C3) : Pack<TStorage>(o.N5.C0, o.N5.C1);
+        row[6 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N6.C2, o.N6.C3) : Pack<TStorage>(o.N6.C0, o.N6.C1);
+        row[7 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N7.C2, o.N7.C3) : Pack<TStorage>(o.N7.C0, o.N7.C1);
         if (!wide)
             return;
-        row[8 * 4] = hi ? Pack<TStorage>(o.N8.C2, o.N8.C3) : Pack<TStorage>(o.N8.C0, o.N8.C1);
-        row[9 * 4] = hi ? Pack<TStorage>(o.N9.C2, o.N9.C3) : Pack<TStorage>(o.N9.C0, o.N9.C1);
-        row[10 * 4] = hi ? Pack<TStorage>(o.N10.C2, o.N10.C3) : Pack<TStorage>(o.N10.C0, o.N10.C1);
-        row[11 * 4] = hi ? Pack<TStorage>(o.N11.C2, o.N11.C3) : Pack<TStorage>(o.N11.C0, o.N11.C1);
-        row[12 * 4] = hi ? Pack<TStorage>(o.N12.C2, o.N12.C3) : Pack<TStorage>(o.N12.C0, o.N12.C1);
-        row[13 * 4] = hi ? Pack<TStorage>(o.N13.C2, o.N13.C3) : Pack<TStorage>(o.N13.C0, o.N13.C1);
-        row[14 * 4] = hi ? Pack<TStorage>(o.N14.C2, o.N14.C3) : Pack<TStorage>(o.N14.C0, o.N14.C1);
-        row[15 * 4] = hi ? Pack<TStorage>(o.N15.C2, o.N15.C3) : Pack<TStorage>(o.N15.C0, o.N15.C1);
+        row[8 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N8.C2, o.N8.C3) : Pack<TStorage>(o.N8.C0, o.N8.C1);
+        row[9 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N9.C2, o.N9.C3) : Pack<TStorage>(o.N9.C0, o.N9.C1);
+        row[10 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N10.C2, o.N10.C3) : Pack<TStorage>(o.N10.C0, o.N10.C1);
+        row[11 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N11.C2, o.N11.C3) : Pack<TStorage>(o.N11.C0, o.N11.C1);
+        row[12 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N12.C2, o.N12.C3) : Pack<TStorage>(o.N12.C0, o.N12.C1);
+        row[13 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N13.C2, o.N13.C3) : Pack<TStorage>(o.N13.C0, o.N13.C1);
+        row[14 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N14.C2, o.N14.C3) : Pack<TStorage>(o.N14.C0, o.N14.C1);
+        row[15 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N15.C2, o.N15.C3) : Pack<TStorage>(o.N15.C0, o.N15.C1);
     }
 }

@@ -32,10 +32,13 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// </para>
 /// <para>
 /// Masks select, never multiply by zero: a key that a row does not see gets lb = 0 and weight 0 by selection.
-/// K and V rows at or past T, and keys that no row of the block sees, are staged as zeros; in the diagonal
-/// tile each warp also zeroes (by selection, on load) the V fragments of keys its 16 rows cannot see. What
-/// remains: a non-finite v_j of a key j inside a warp's own 16 x 16 diagonal square reaches, as 0 * Inf = NaN
-/// through the mma, the rows of that warp before j (at most 15 rows) that do not see key j.
+/// K and V rows at or past T, and keys that no row of the block sees, are staged as zeros (never read). A weight
+/// 0 still meets every value of the tile inside the mma (0 * Inf = NaN), and only the diagonal tile holds keys
+/// that some rows of the block see and others do not (every key of an earlier tile is seen by every row). So the
+/// diagonal tile's V is staged with each non-finite value replaced by 0, the first key holding one is noted
+/// (a shared atomic min), and a row that sees that key gets NaN for all of o: a non-finite value reaches
+/// exactly the rows that see it (as NaN in every column, where a plain product would give Inf or NaN in its own
+/// columns); in the other tiles every row sees every key, and the mma propagates it as the product would.
 /// </para>
 /// </summary>
 internal static partial class TensorCoreForwardKernel
@@ -61,7 +64,9 @@ internal static partial class TensorCoreForwardKernel
     private const int QOffset = 0;                                             // in 32-bit words
     private const int KOffset = QOffset + BlockRows * RowStride / 2;
     private const int VtOffset = KOffset + KeyTile * RowStride / 2;
-    private const int SharedUints = VtOffset + MaxHeadDim * VtStride / 2;
+    /// <summary>The diagonal tile's first key (relative) with a non-finite value; <see cref="KeyTile"/> when none.</summary>
+    private const int FlagOffset = VtOffset + MaxHeadDim * VtStride / 2;
+    private const int SharedUints = FlagOffset + 4;
 
     /// <summary>Dynamic shared memory per group on CUDA, in bytes (58 KB: above the default 48 KB, so the loader raises the limit).</summary>
     public const int SharedBytes = 4 * SharedUints;
@@ -91,12 +96,15 @@ internal static partial class TensorCoreForwardKernel
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
         Stage(a.Q, vectors, QOffset / 4, headBase, row0, T, D, tid);
+        if (tid == 0)
+            shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the loop's first barrier
+        uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
+        bool poisonedLo = false, poisonedHi = false;
 
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
         // Row i sees keys j < i (j <= i when attending to the current token); a row past T sees none.
         int limitLo = rowLo < T ? rowLo + a.AttendCurrent : 0;
         int limitHi = rowHi < T ? rowHi + a.AttendCurrent : 0;
-        int warpLimit = row0 + 16 * warp + 16;           // keys at or past it: seen by no row of this warp
         float accLo = 0f, accHi = 0f;
         var o = new Tile16();
 
@@ -112,8 +120,15 @@ internal static partial class TensorCoreForwardKernel
             int key0 = tile * KeyTile;
             Group.Barrier();
             Stage(a.K, vectors, KOffset / 4, headBase, key0, stageLimit, D, tid);
-            StageTransposed(a.V, shared, headBase, key0, stageLimit, D, tid);
+            bool diagonal = key0 == row0;                // the first tile walked
+            StageTransposed(a.V, shared, headBase, key0, stageLimit, D, tid, diagonal, exponentMask);
             Group.Barrier();
+            if (diagonal)
+            {
+                int firstBad = key0 + (int)shared[FlagOffset];
+                poisonedLo = firstBad < limitLo;
+                poisonedHi = firstBad < limitHi;
+            }
 
             var s = new Tile8();
             for (int m = 0; m < D / 32; m++)
@@ -123,15 +138,14 @@ internal static partial class TensorCoreForwardKernel
             accLo = RowLo(ref s, a.Scale, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
             accHi = RowHi(ref s, a.Scale, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
             var p = PackWeights<TStorage>(s, split, out var residuals);
-            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), firstKey < warpLimit, firstKey + 8 < warpLimit,
-                wide, shared, emu);
+            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), wide, shared, emu);
         }
 
         var words = a.O.Cast<uint>();
         if (rowLo < T)
-            StoreRow<TStorage>(o, false, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
+            StoreRow<TStorage>(o, false, poisonedLo, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
         if (rowHi < T)
-            StoreRow<TStorage>(o, true, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
+            StoreRow<TStorage>(o, true, poisonedHi, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
         if (t == 0)
         {
             long stat = (long)head * T;
@@ -171,22 +185,30 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>
     /// Stages a V tile transposed, Vt[d][key] (row stride <see cref="VtStride"/>): each thread reads 8 dimensions of
     /// two neighbouring keys (two 16-byte loads) and writes 8 words, each the pair (key 2j, key 2j+1) of one
-    /// dimension. Keys at or past <paramref name="limit"/> are zeros.
+    /// dimension; the 32 lanes of a warp take 32 key pairs, so that their stores fall in 32 different banks. Keys
+    /// at or past <paramref name="limit"/> are zeros. In the <paramref name="diagonal"/> tile non-finite values
+    /// become zeros and the first key holding one is noted at <see cref="FlagOffset"/>.
     /// </summary>
     private static void StageTransposed(ArrayView<ushort> x, ArrayView<uint> shared, long headBase, int key0, int limit,
-        int D, int tid)
+        int D, int tid, bool diagonal, uint exponentMask)
     {
         var source = x.Cast<U4>();
         int chunks = D >> 3;
         for (int e = tid; e < KeyTile / 2 * chunks; e += GroupSize)
         {
-            int j = e / chunks, c = e - j * chunks;
+            int c = e / (KeyTile / 2), j = e - c * (KeyTile / 2);
             int key = key0 + 2 * j;
             U4 lo = default, hi = default;
             if (key < limit)
                 lo = source[(headBase + (long)key * D) / 8 + c];
             if (key + 1 < limit)
                 hi = source[(headBase + (long)(key + 1) * D) / 8 + c];
+            if (diagonal)
+            {
+                bool badLo = Sanitize(ref lo, exponentMask), badHi = Sanitize(ref hi, exponentMask);
+                if (badLo || badHi)
+                    Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
+            }
             int at = VtOffset + 8 * c * (VtStride / 2) + j;
             shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
             shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
@@ -197,6 +219,28 @@ internal static partial class TensorCoreForwardKernel
             shared[at + 6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
             shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
         }
+    }
+
+    /// <summary>Replaces each non-finite 16-bit value of a 16-byte piece by 0 (by selection); true when there was one.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool Sanitize(ref U4 x, uint exponentMask)
+    {
+        uint bad0 = NonFinite(x.X0, exponentMask), bad1 = NonFinite(x.X1, exponentMask);
+        uint bad2 = NonFinite(x.X2, exponentMask), bad3 = NonFinite(x.X3, exponentMask);
+        x.X0 &= ~bad0;
+        x.X1 &= ~bad1;
+        x.X2 &= ~bad2;
+        x.X3 &= ~bad3;
+        return (bad0 | bad1 | bad2 | bad3) != 0;
+    }
+
+    /// <summary>0xFFFF over each half of <paramref name="pair"/> whose exponent bits are all set (Inf or NaN), else 0.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint NonFinite(uint pair, uint exponentMask)
+    {
+        uint lo = (pair & exponentMask & 0xFFFFu) == (exponentMask & 0xFFFFu) ? 0xFFFFu : 0u;
+        uint hi = (pair & exponentMask & 0xFFFF_0000u) == (exponentMask & 0xFFFF_0000u) ? 0xFFFF_0000u : 0u;
+        return lo | hi;
     }
 
     /// <summary>lb = log(1 - beta) = -(max(z, 0) + l) for a visible key, 0 (selected) otherwise; l = log1p(exp(-|z|)).</summary>
