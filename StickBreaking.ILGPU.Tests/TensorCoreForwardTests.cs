@@ -18,9 +18,10 @@ namespace StickBreaking.ILGPU.Tests;
 /// Tolerance of o: the output is rounded to 16 bits, so no kernel can beat the floor
 /// max |round(o_exact) - o_exact| (about half a unit in the last place near |o|max). On top of that the kernel
 /// rounds the weights to 16 bits before the P V product (relative 2^-9 for bf16, 2^-12 for fp16, per weight,
-/// errors of both signs), so the allowed error is max(2 floor, 1 ulp of the storage type at |o|max):
-/// twice the floor as docs/math.md, section 5 allows at most (measured: 1.2x to 1.9x, and 3.5x = 0.9 ulp for T = 1
-/// in bf16, where the floor happens to be small). With <see cref="SplitWeights"/> the weights go into the product
+/// errors of both signs), so the allowed error is max(2 floor, 1.5 ulp of the storage type at |o|max): twice
+/// the floor as docs/math.md, section 5 allows at most, or, where the floor happens to be small, 1.5 ulp
+/// (measured on the CPU accelerator: 1.2x to 1.9x the floor, and 3.5x = 0.9 ulp for T = 1 in bf16; the half ulp
+/// above 1 leaves room for the GPU's own mma accumulation order). With <see cref="SplitWeights"/> the weights go into the product
 /// as two 16-bit parts, P V is exact to about 2^-17 and only the final rounding is left: max(1.2 floor, half an ulp)
 /// (measured: 1.00x the floor in every case).
 /// rem and LogRem are fp32: 2e-5 absolute, plus 1e-6 |LogRem| where the stick is used up (a sum of hundreds of
@@ -92,7 +93,7 @@ public sealed class TensorCoreForwardTests(string backend)
         void Check(bool split)
         {
         var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false, split);
-        double tolerance = split ? Math.Max(1.2 * floor, Ulp(oMax, bf16) / 2) : Math.Max(2 * floor, Ulp(oMax, bf16));
+        double tolerance = split ? Math.Max(1.2 * floor, Ulp(oMax, bf16) / 2) : Math.Max(2 * floor, 1.5 * Ulp(oMax, bf16));
         double oError = Errors.MaxAbs(run.O.Select(b => (float)ToDouble(b, bf16)).ToArray(), expected.O);
         double remError = Errors.MaxAbs(run.Rem, expected.Rem);
         double logRemExcess = expected.LogRem.Select((e, i) => Math.Abs(run.LogRem[i] - e) - 1e-6 * Math.Abs(e)).Max();
