@@ -219,6 +219,96 @@ public sealed class TensorCoreForwardTests(string backend)
         Assert.That(worst, Is.LessThanOrEqualTo(bf16 ? 4e-3 : 5e-4), "rows that do not see the key");
     }
 
+    /// <summary>CUDA only (the simulators would take minutes): a long sequence against float64, both weight modes.</summary>
+    [TestCase(true, 1024, 128)]
+    [TestCase(false, 1024, 64)]
+    public void LongSequenceOnCuda(bool bf16, int length, int headDim)
+    {
+        if (backend != Backends.Cuda)
+            Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
+        var shape = new AttentionShape(1, 2, length, headDim);
+        var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 29);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        double scale = 1.0 / Math.Sqrt(headDim);
+        var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 2, length, headDim, scale, false);
+        double floor = expected.O.Max(e => Math.Abs(ToDouble(FromDouble(e, bf16), bf16) - e));
+        double ulp = Ulp(expected.O.Max(Math.Abs), bf16);
+        foreach (bool split in new[] { false, true })
+        {
+            var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, false, snapshots: false, split);
+            double oError = Errors.MaxAbs(run.O.Select(b => (float)ToDouble(b, bf16)).ToArray(), expected.O);
+            double remError = Errors.MaxAbs(run.Rem, expected.Rem);
+            TestContext.Out.WriteLine($"{(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} T={length} D={headDim}: " +
+                $"o error {oError:E2} ({oError / floor:F2} x floor {floor:E2}), rem {remError:E2}");
+            Assert.Multiple(() =>
+            {
+                Assert.That(oError, Is.LessThanOrEqualTo(split ? Math.Max(1.2 * floor, ulp / 2) : Math.Max(2 * floor, 1.5 * ulp)), "O");
+                Assert.That(remError, Is.LessThanOrEqualTo(2e-5), "Rem");
+            });
+        }
+    }
+
+    /// <summary>
+    /// CUDA only: times the four specializations at B=4, H=12, T=4096 (D = 128 and 64) and prints milliseconds and
+    /// TFLOP/s (4 T^2 D / 2 per head, causal), the peers' figures being in the project's notes. Asserts nothing
+    /// but that the outputs are finite.
+    /// </summary>
+    [TestCase(128)]
+    [TestCase(64)]
+    public void TimingOnCuda(int headDim)
+    {
+        if (backend != Backends.Cuda)
+            Assert.Ignore("CUDA only");
+        int batch = 4, heads = headDim == 128 ? 12 : 16, length = 4096;
+        var shape = new AttentionShape(batch, heads, length, headDim);
+        var random = new Random(3);
+        ushort[] Make(bool bf16) => Enumerable.Range(0, (int)shape.TensorLength)
+            .Select(_ => FromDouble(0.25 * (random.NextDouble() * 2 - 1), bf16)).ToArray();
+        foreach (bool bf16 in new[] { true, false })
+        {
+            var q = Make(bf16); var k = Make(bf16); var v = Make(bf16);
+            foreach (bool split in new[] { false, true })
+            {
+                var acc = Accelerator;
+                using var qb = acc.Allocate1D(q);
+                using var kb = acc.Allocate1D(k);
+                using var vb = acc.Allocate1D(v);
+                using var ob = acc.Allocate1D<ushort>(q.Length);
+                using var rem = acc.Allocate1D<float>(shape.RowCount);
+                using var logRem = acc.Allocate1D<float>(shape.RowCount);
+                var args = new TensorCoreForwardArgs
+                {
+                    Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
+                    AccSnapshots = ArrayView<float>.Empty, SnapshotTiles = Snapshots.TileCount(length),
+                    Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
+                };
+                var config = TensorCoreForwardKernel.Config(acc, shape.HeadCount, ref args);
+                var kernel = LoadKernel(acc, bf16, split);
+                kernel(acc.DefaultStream, config, args);
+                acc.Synchronize();
+                const int runs = 10;
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                for (int r = 0; r < runs; r++)
+                    kernel(acc.DefaultStream, config, args);
+                acc.Synchronize();
+                double ms = watch.Elapsed.TotalMilliseconds / runs;
+                double flops = 4.0 * length * length * headDim / 2 * batch * heads;
+                TestContext.Out.WriteLine($"{(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} B={batch} H={heads} T={length} " +
+                    $"D={headDim}: {ms:F3} ms, {flops / ms / 1e9:F1} TFLOP/s");
+                Assert.That(rem.GetAsArray1D().All(float.IsFinite), "finite rem");
+            }
+        }
+    }
+
+    private static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> LoadKernel(Accelerator acc, bool bf16, bool split) =>
+        (bf16, split) switch
+        {
+            (true, false) => TensorCoreForwardKernel.Load<Bf16Storage, RoundedWeights>(acc),
+            (true, true) => TensorCoreForwardKernel.Load<Bf16Storage, SplitWeights>(acc),
+            (false, false) => TensorCoreForwardKernel.Load<Fp16Storage, RoundedWeights>(acc),
+            (false, true) => TensorCoreForwardKernel.Load<Fp16Storage, SplitWeights>(acc),
+        };
+
     private sealed record Result(ushort[] O, float[] Rem, float[] LogRem, float[] Snapshots);
 
     private Result Run(bool bf16, AttentionShape shape, ushort[] q, ushort[] k, ushort[] v, float scale, bool attendCurrent,
@@ -242,13 +332,7 @@ public sealed class TensorCoreForwardTests(string backend)
             Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
         var config = TensorCoreForwardKernel.Config(acc, shape.HeadCount, ref args);
-        var kernel = (bf16, split) switch
-        {
-            (true, false) => TensorCoreForwardKernel.Load<Bf16Storage, RoundedWeights>(acc),
-            (true, true) => TensorCoreForwardKernel.Load<Bf16Storage, SplitWeights>(acc),
-            (false, false) => TensorCoreForwardKernel.Load<Fp16Storage, RoundedWeights>(acc),
-            (false, true) => TensorCoreForwardKernel.Load<Fp16Storage, SplitWeights>(acc),
-        };
+        var kernel = LoadKernel(acc, bf16, split);
         kernel(acc.DefaultStream, config, args);
         acc.Synchronize();
         return new Result(ob.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D(), snaps.GetAsArray1D());
