@@ -164,61 +164,104 @@ internal static partial class TensorCoreForwardKernel
 
     /// <summary>
     /// Stages 64 rows first .. first+63 of a [T, D] head in shared memory (row stride <see cref="RowStride"/>), in
-    /// 16-byte pieces; rows at or past <paramref name="limit"/> are zeros (selected, never read).
+    /// 16-byte pieces: thread tid takes piece c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8),
+    /// D / 16 passes). All of a thread's loads are issued before its stores (ILGPU does not unroll loops: a
+    /// load-store loop would wait for each load in turn). Rows at or past <paramref name="limit"/> are zeros
+    /// (never read).
     /// </summary>
     private static void Stage(ArrayView<ushort> x, ArrayView<U4> vectors, int at, long headBase, int first, int limit,
         int D, int tid)
     {
         var source = x.Cast<U4>();
+        bool wide = D > 64;
         int chunks = D >> 3;
-        for (int e = tid; e < BlockRows * chunks; e += GroupSize)
+        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
+        U4 x0 = Piece(source, headBase, first + r, limit, D, c, true);
+        U4 x1 = Piece(source, headBase, first + r + step, limit, D, c, true);
+        U4 x2 = Piece(source, headBase, first + r + 2 * step, limit, D, c, true);
+        U4 x3 = Piece(source, headBase, first + r + 3 * step, limit, D, c, true);
+        U4 x4 = Piece(source, headBase, first + r + 4 * step, limit, D, c, wide);
+        U4 x5 = Piece(source, headBase, first + r + 5 * step, limit, D, c, wide);
+        U4 x6 = Piece(source, headBase, first + r + 6 * step, limit, D, c, wide);
+        U4 x7 = Piece(source, headBase, first + r + 7 * step, limit, D, c, wide);
+        int to = at + r * RowStrideU4 + c;
+        vectors[to] = x0;
+        vectors[to + step * RowStrideU4] = x1;
+        vectors[to + 2 * step * RowStrideU4] = x2;
+        vectors[to + 3 * step * RowStrideU4] = x3;
+        if (wide)
         {
-            int r = e / chunks, c = e - r * chunks;
-            int row = first + r;
-            U4 value = default;
-            if (row < limit)
-                value = source[(headBase + (long)row * D) / 8 + c];
-            vectors[at + r * RowStrideU4 + c] = value;
+            vectors[to + 4 * step * RowStrideU4] = x4;
+            vectors[to + 5 * step * RowStrideU4] = x5;
+            vectors[to + 6 * step * RowStrideU4] = x6;
+            vectors[to + 7 * step * RowStrideU4] = x7;
         }
     }
 
+    /// <summary>Piece c (16 bytes) of row <paramref name="row"/>; zeros at or past <paramref name="limit"/> or when not <paramref name="active"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static U4 Piece(ArrayView<U4> source, long headBase, int row, int limit, int D, int c, bool active)
+    {
+        U4 value = default;
+        if (active && row < limit)
+            value = source[(headBase + (long)row * D) / 8 + c];
+        return value;
+    }
+
     /// <summary>
-    /// Stages a V tile transposed, Vt[d][key] (row stride <see cref="VtStride"/>): each thread reads 8 dimensions of
-    /// two neighbouring keys (two 16-byte loads) and writes 8 words, each the pair (key 2j, key 2j+1) of one
-    /// dimension; the 32 lanes of a warp take 32 key pairs, so that their stores fall in 32 different banks. Keys
-    /// at or past <paramref name="limit"/> are zeros. In the <paramref name="diagonal"/> tile non-finite values
-    /// become zeros and the first key holding one is noted at <see cref="FlagOffset"/>.
+    /// Stages a V tile transposed, Vt[d][key] (row stride <see cref="VtStride"/>): the 32 lanes of a warp take the
+    /// 32 key pairs (2j, 2j+1), so that their stores fall in 32 different banks, warp w the 16-byte pieces
+    /// c = w + 4i of the head dimension (D / 32 of them); each reads two pieces (keys 2j and 2j+1, all loads first)
+    /// and writes 8 words per piece, each the pair (key 2j, key 2j+1) of one dimension. Keys at or past
+    /// <paramref name="limit"/> are zeros. In the <paramref name="diagonal"/> tile non-finite values become zeros
+    /// and the first key holding one is noted at <see cref="FlagOffset"/>.
     /// </summary>
     private static void StageTransposed(ArrayView<ushort> x, ArrayView<uint> shared, long headBase, int key0, int limit,
         int D, int tid, bool diagonal, uint exponentMask)
     {
         var source = x.Cast<U4>();
-        int chunks = D >> 3;
-        for (int e = tid; e < KeyTile / 2 * chunks; e += GroupSize)
+        bool wide = D > 64;
+        int j = tid & 31, c = tid >> 5;
+        int key = key0 + 2 * j;
+        U4 lo0 = Piece(source, headBase, key, limit, D, c, true);
+        U4 hi0 = Piece(source, headBase, key + 1, limit, D, c, true);
+        U4 lo1 = Piece(source, headBase, key, limit, D, c + 4, true);
+        U4 hi1 = Piece(source, headBase, key + 1, limit, D, c + 4, true);
+        U4 lo2 = Piece(source, headBase, key, limit, D, c + 8, wide);
+        U4 hi2 = Piece(source, headBase, key + 1, limit, D, c + 8, wide);
+        U4 lo3 = Piece(source, headBase, key, limit, D, c + 12, wide);
+        U4 hi3 = Piece(source, headBase, key + 1, limit, D, c + 12, wide);
+        if (diagonal)
         {
-            int c = e / (KeyTile / 2), j = e - c * (KeyTile / 2);
-            int key = key0 + 2 * j;
-            U4 lo = default, hi = default;
-            if (key < limit)
-                lo = source[(headBase + (long)key * D) / 8 + c];
-            if (key + 1 < limit)
-                hi = source[(headBase + (long)(key + 1) * D) / 8 + c];
-            if (diagonal)
-            {
-                bool badLo = Sanitize(ref lo, exponentMask), badHi = Sanitize(ref hi, exponentMask);
-                if (badLo || badHi)
-                    Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
-            }
-            int at = VtOffset + 8 * c * (VtStride / 2) + j;
-            shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
-            shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
-            shared[at + 2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
-            shared[at + 3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
-            shared[at + 4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
-            shared[at + 5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
-            shared[at + 6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
-            shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
+            bool badLo = Sanitize(ref lo0, exponentMask) | Sanitize(ref lo1, exponentMask)
+                | Sanitize(ref lo2, exponentMask) | Sanitize(ref lo3, exponentMask);
+            bool badHi = Sanitize(ref hi0, exponentMask) | Sanitize(ref hi1, exponentMask)
+                | Sanitize(ref hi2, exponentMask) | Sanitize(ref hi3, exponentMask);
+            if (badLo || badHi)
+                Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
+        PutTransposed(shared, c, j, lo0, hi0);
+        PutTransposed(shared, c + 4, j, lo1, hi1);
+        if (wide)
+        {
+            PutTransposed(shared, c + 8, j, lo2, hi2);
+            PutTransposed(shared, c + 12, j, lo3, hi3);
+        }
+    }
+
+    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt, one word per dimension.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void PutTransposed(ArrayView<uint> shared, int c, int j, U4 lo, U4 hi)
+    {
+        int at = VtOffset + 8 * c * (VtStride / 2) + j;
+        shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
+        shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
+        shared[at + 2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
+        shared[at + 3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
+        shared[at + 4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
+        shared[at + 5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
+        shared[at + 6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
+        shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
     }
 
     /// <summary>Replaces each non-finite 16-bit value of a 16-byte piece by 0 (by selection); true when there was one.</summary>
