@@ -90,6 +90,54 @@ public sealed class PtxTests
         });
     }
 
+    /// <summary>
+    /// The tensor-core forward, specialized for each storage type: the mma is the inline PTX instruction of that
+    /// type only (the storage branch folds away). Per tile a warp issues 16 mma per 32 head dimensions for S (the
+    /// loop body) and 64 for P V (16 output n-tiles x 4 k-steps, 32 of them under the D = 128 branch): 80 in the
+    /// code; 128 for P V when the weights are split into two 16-bit parts. Every fragment is a 16-byte shared load: 2 of Q and 8 of K in the S loop body, 32 of V.
+    /// <para>
+    /// Local memory: ILGPU passes each operand of inline PTX through a 4-byte <c>.local</c> slot (stored before
+    /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion, which ptxas keeps in registers (measured on the H200: the
+    /// SASS has HMMA and no local memory; the GPU box's resource check reads LOCAL_SIZE_BYTES). So the check here
+    /// is that every local declaration is such a 4-byte scalar slot, 10 per mma, and nothing else (no array of
+    /// registers spilled by ILGPU). The emulation of the mma for other accelerators sits behind
+    /// <c>CudaAsm.IsSupported</c>, which the PTX compares as two constants (<c>setp.ne.s32 %p, 1, 1</c>) for
+    /// ptxas to fold away.
+    /// </para>
+    /// </summary>
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false)]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", false)]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", true)]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", true)]
+    public void TensorCoreForwardUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split)
+    {
+        var kernel = typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)
+            .GetMethod(nameof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
+            .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
+                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights));
+        string ptx = CompileForSm90(kernel);
+        if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.ptx"), ptx);
+        int Count(string pattern) => Regex.Matches(ptx, pattern).Count;
+        int mma = Count(@"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\." + Regex.Escape(type) + @"\.f32");
+        int slots = Count(@"\.local \.align 4 \.b8 __local_depot\d+\[4\];");
+        int localDeclarations = Count(@"\.local \.align");
+        int vectorLoads = Count(@"ld\.shared\.v4\.b32");
+        int packs = Count(@"cvt\.rn\." + (type == "bf16.bf16" ? "bf16x2" : "f16x2") + @"\.f32");
+        TestContext.Out.WriteLine($"{storage.Name}: mma.sync {mma}, 16-bit pair conversions {packs}, 4-byte local slots {slots} of {localDeclarations} local declarations, " +
+            $"ld.shared.v4.b32 {vectorLoads}, st.shared.v4.b32 {Count(@"st\.shared\.v4\.b32")}, ld.v4.b32 (global) {Count(@"ld\.v4\.b32")}, " +
+            $"shfl {Count(@"shfl\.")}, ex2 {Count(@"ex2\.approx")}, lines {ptx.Split('\n').Length}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(mma, Is.EqualTo(16 + (split ? 128 : 64)), "mma.sync of the storage type");
+            Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
+            Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
+            Assert.That(packs, Is.EqualTo((split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of P (and 16 of its residuals), 2 rows x 16 n-tiles of o");
+            Assert.That(slots, Is.EqualTo(10 * mma + packs), "10 operand slots per mma, 1 per conversion, nothing else");
+            Assert.That(vectorLoads, Is.EqualTo(2 + 8 + 32), "16-byte fragment loads: Q 2 and K 8 per S step, V 32");
+        });
+    }
+
     /// <summary>The check itself: a kernel with a dynamically indexed local array does show <c>.local</c>.</summary>
     [Test]
     public void CheckSeesLocalMemoryWhereThereIsSome()

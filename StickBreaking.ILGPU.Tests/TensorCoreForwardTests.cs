@@ -1,0 +1,356 @@
+using System;
+using System.Linq;
+using ILGPU;
+using ILGPU.Runtime;
+using NUnit.Framework;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.TensorCore;
+using StickBreaking.ILGPU.Tests.Infrastructure;
+using StickBreaking.ILGPU.Tests.Reference;
+
+namespace StickBreaking.ILGPU.Tests;
+
+/// <summary>
+/// The tensor-core forward (<see cref="TensorCoreForwardKernel"/>) for fp16 and bf16 storage against the float64
+/// reference computed from the SAME rounded inputs (q, k, v rounded to the storage type first). On the CPU
+/// accelerator the mma runs as an emulation of its fragment layout, on CUDA as the instruction.
+/// <para>
+/// Tolerance of o: the output is rounded to 16 bits, so no kernel can beat the floor
+/// max |round(o_exact) - o_exact| (about half a unit in the last place near |o|max). On top of that the kernel
+/// rounds the weights to 16 bits before the P V product (relative 2^-9 for bf16, 2^-12 for fp16, per weight,
+/// errors of both signs), so the allowed error is max(2 floor, 1.5 ulp of the storage type at |o|max): twice
+/// the floor as docs/math.md, section 5 allows at most, or, where the floor happens to be small, 1.5 ulp
+/// (measured on the CPU accelerator: 1.2x to 1.9x the floor, and 3.5x = 0.9 ulp for T = 1 in bf16; the half ulp
+/// above 1 leaves room for the GPU's own mma accumulation order). With <see cref="SplitWeights"/> the weights go into the product
+/// as two 16-bit parts, P V is exact to about 2^-17 and only the final rounding is left: max(1.2 floor, half an ulp)
+/// (measured: 1.00x the floor in every case).
+/// rem and LogRem are fp32: 2e-5 absolute, plus 1e-6 |LogRem| where the stick is used up (a sum of hundreds of
+/// terms of size 3 in fp32, each with a relative error of a few 1e-8).
+/// </para>
+/// </summary>
+[TestFixtureSource(typeof(Backends), nameof(Backends.All))]
+public sealed class TensorCoreForwardTests(string backend)
+{
+    private Context? context;
+    private Accelerator? accelerator;
+
+    private Accelerator Accelerator => accelerator ?? throw new InvalidOperationException("fixture not set up");
+
+    [OneTimeSetUp]
+    public void Open()
+    {
+        if (backend == Backends.OpenCL)
+            Assert.Ignore("the tensor-core forward needs warp shuffles (CUDA, or the CPU accelerator's emulation)");
+        if (Backends.Selected is { } selected && !selected.Contains(backend))
+            Assert.Ignore($"{backend} not selected by STICKBREAKING_BACKENDS");
+        var (ctx, acc, reason) = Backends.Open(backend);
+        if (acc is null)
+        {
+            if (Backends.Required.Contains(backend))
+                Assert.Fail($"{backend} is required (STICKBREAKING_REQUIRE) but absent: {reason}");
+            Assert.Ignore($"{backend} absent: {reason}");
+        }
+        context = ctx;
+        accelerator = acc;
+    }
+
+    [OneTimeTearDown]
+    public void Close()
+    {
+        accelerator?.Dispose();
+        context?.Dispose();
+    }
+
+    [TestCase(false, InputKind.Standard, 1, 2, 1, 64, false)]
+    [TestCase(true, InputKind.Standard, 1, 1, 1, 128, true)]
+    [TestCase(false, InputKind.Standard, 1, 1, 15, 128, true)]
+    [TestCase(true, InputKind.Standard, 2, 1, 64, 64, false)]
+    [TestCase(false, InputKind.Standard, 1, 1, 65, 128, false)]
+    [TestCase(true, InputKind.Standard, 1, 1, 65, 64, true)]
+    [TestCase(true, InputKind.Standard, 1, 1, 130, 128, false)]
+    [TestCase(false, InputKind.Standard, 1, 2, 130, 64, true)]
+    [TestCase(true, InputKind.Saturated, 1, 1, 130, 64, false)]
+    [TestCase(false, InputKind.Saturated, 1, 1, 97, 128, true)]
+    [TestCase(true, InputKind.UsedUp, 1, 1, 130, 64, true)]
+    [TestCase(false, InputKind.UsedUp, 1, 1, 130, 64, false)]
+    public void MatchesReferenceOnRoundedInputs(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
+        bool attendCurrent)
+    {
+        var shape = new AttentionShape(batch, heads, length, headDim);
+        var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 7 * length + headDim + (bf16 ? 1 : 0));
+        double scale = 1.0 / Math.Sqrt(headDim);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, batch, heads, length, headDim, scale, attendCurrent);
+        double floor = 0, oMax = 0;
+        foreach (double e in expected.O)
+        {
+            floor = Math.Max(floor, Math.Abs(ToDouble(FromDouble(e, bf16), bf16) - e));
+            oMax = Math.Max(oMax, Math.Abs(e));
+        }
+        foreach (bool split in new[] { false, true })
+            Check(split);
+
+        void Check(bool split)
+        {
+        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false, split);
+        double tolerance = split ? Math.Max(1.2 * floor, Ulp(oMax, bf16) / 2) : Math.Max(2 * floor, 1.5 * Ulp(oMax, bf16));
+        double oError = Errors.MaxAbs(run.O.Select(b => (float)ToDouble(b, bf16)).ToArray(), expected.O);
+        double remError = Errors.MaxAbs(run.Rem, expected.Rem);
+        double logRemExcess = expected.LogRem.Select((e, i) => Math.Abs(run.LogRem[i] - e) - 1e-6 * Math.Abs(e)).Max();
+        TestContext.Out.WriteLine($"{(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} {kind} T={length} D={headDim}: o error {oError:E2} " +
+            $"(floor {floor:E2}, ratio {oError / Math.Max(floor, 1e-30):F2}, tolerance {tolerance:E2}), rem {remError:E2}, " +
+            $"LogRem excess over 1e-6 |LogRem| {logRemExcess:E2}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(oError, Is.LessThanOrEqualTo(tolerance), split ? "O (split weights)" : "O (rounded weights)");
+            Assert.That(remError, Is.LessThanOrEqualTo(2e-5), "Rem");
+            Assert.That(logRemExcess, Is.LessThanOrEqualTo(2e-5), "LogRem");
+        });
+        }
+    }
+
+    /// <summary>
+    /// The acc snapshots (per row and 32-key tile) are those the fp32 CUDA-code forward writes for the same
+    /// (rounded) inputs, so that the backward can read them; and repeat runs are bitwise identical.
+    /// </summary>
+    [TestCase(true, 130, 64, false)]
+    [TestCase(false, 97, 128, true)]
+    public void SnapshotsMatchTheFp32ForwardAndRunsRepeat(bool bf16, int length, int headDim, bool attendCurrent)
+    {
+        var shape = new AttentionShape(1, 1, length, headDim);
+        var x = TestInputs.Create(InputKind.LongRange, 1, 1, length, headDim, seed: 19 + length);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        float scale = (float)(1.0 / Math.Sqrt(headDim));
+        var first = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true);
+        var second = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true);
+
+        float[] Floats(double[] values) => values.Select(d => (float)d).ToArray();
+        var rounded = x with { Q = Floats(q.Values), K = Floats(k.Values), V = Floats(v.Values) };
+        var options = new StickBreakingOptions { AttendCurrent = attendCurrent };
+        using var fp32 = new StickBreakingAttention(Accelerator, null, StickBreakingAttention.KernelChoice.Cuda);
+        using var tensors = new DeviceTensors(Accelerator, shape, rounded);
+        tensors.Forward(fp32, Accelerator.DefaultStream, options);
+        Accelerator.Synchronize();
+        float[] expected = ((ArrayView1D<float, Stride1D.Dense>)tensors.Workspace.AccFor(shape)).GetAsArray1D();
+
+        // Both kernels write, for a row of 64-row block b, the 32-key tiles 0 .. 2b+1 (those of the 64-key tiles
+        // they walk); the other slots are never written (nor read by the backward).
+        int tiles = Snapshots.TileCount(length);
+        double worst = 0;
+        for (int row = 0; row < length; row++)
+        {
+            for (int tile = 0; tile < Math.Min(tiles, 2 * (row / 64) + 2); tile++)
+            {
+                int i = row * tiles + tile;
+                worst = Math.Max(worst, Math.Abs(first.Snapshots[i] - expected[i]) - 1e-6 * Math.Abs(expected[i]));
+            }
+        }
+        TestContext.Out.WriteLine($"snapshots: worst excess over 1e-6 relative {worst:E2}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(worst, Is.LessThanOrEqualTo(2e-5), "snapshots");
+            Assert.That(second.O, Is.EqualTo(first.O), "O repeats");
+            Assert.That(second.Rem, Is.EqualTo(first.Rem), "Rem repeats");
+            Assert.That(second.LogRem, Is.EqualTo(first.LogRem), "LogRem repeats");
+            Assert.That(second.Snapshots, Is.EqualTo(first.Snapshots), "snapshots repeat");
+        });
+    }
+
+    /// <summary>Non-finite keys and values that no row sees (past the last row's reach) reach no output.</summary>
+    [TestCase(true, false)]
+    [TestCase(false, true)]
+    public void UnseenNonFiniteKeysAndValuesReachNoOutput(bool bf16, bool attendCurrent)
+    {
+        int length = 70, headDim = 64;
+        var shape = new AttentionShape(1, 1, length, headDim);
+        var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 3);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        // Without AttendCurrent no row sees the last key: poison its k and v.
+        int last = length - 1;
+        if (!attendCurrent)
+        {
+            for (int d = 0; d < headDim; d++)
+            {
+                k.Bits[last * headDim + d] = FromDouble(double.NaN, bf16);
+                v.Bits[last * headDim + d] = FromDouble(d % 2 == 0 ? double.PositiveInfinity : double.NaN, bf16);
+            }
+        }
+        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, 0.125f, attendCurrent, snapshots: false);
+        Assert.That(run.O.All(b => double.IsFinite(ToDouble(b, bf16))) && run.Rem.All(float.IsFinite), "all outputs finite");
+    }
+
+    /// <summary>
+    /// A non-finite value of a key inside a row block's diagonal tile (where some rows of the block see the key and
+    /// others do not) reaches exactly the rows that see it (non-finite in its columns at least: the kernel gives NaN
+    /// in every column of the rows of that block, the mma Inf or NaN in the rows of later blocks); the other rows
+    /// equal the reference computed with that value replaced by zero. Keys 5 (block 0) and 70 (block 1).
+    /// </summary>
+    [TestCase(true, false, 5)]
+    [TestCase(false, true, 70)]
+    [TestCase(true, true, 70)]
+    public void NonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
+    {
+        int length = 100, headDim = 64;
+        var shape = new AttentionShape(1, 1, length, headDim);
+        var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 23);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        for (int d = 0; d < headDim; d += 3)
+        {
+            v.Bits[badKey * headDim + d] = FromDouble(d % 2 == 0 ? double.PositiveInfinity : double.NaN, bf16);
+            v.Values[badKey * headDim + d] = 0;
+        }
+        double scale = 0.125;
+        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false);
+        var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 1, length, headDim, scale, attendCurrent);
+        double worst = 0;
+        for (int row = 0; row < length; row++)
+        {
+            bool sees = attendCurrent ? badKey <= row : badKey < row;
+            for (int d = 0; d < headDim; d++)
+            {
+                double o = ToDouble(run.O[row * headDim + d], bf16);
+                if (sees && d % 3 == 0)
+                    Assert.That(double.IsFinite(o), Is.False, $"row {row} sees key {badKey}: column {d} must be non-finite");
+                else if (!sees)
+                    worst = Math.Max(worst, Math.Abs(o - expected.O[row * headDim + d]));
+            }
+        }
+        TestContext.Out.WriteLine($"rows that do not see key {badKey}: max abs error {worst:E2}");
+        Assert.That(worst, Is.LessThanOrEqualTo(bf16 ? 4e-3 : 5e-4), "rows that do not see the key");
+    }
+
+    /// <summary>CUDA only (the simulators would take minutes): a long sequence against float64, both weight modes.</summary>
+    [TestCase(true, 1024, 128)]
+    [TestCase(false, 1024, 64)]
+    public void LongSequenceOnCuda(bool bf16, int length, int headDim)
+    {
+        if (backend != Backends.Cuda)
+            Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
+        var shape = new AttentionShape(1, 2, length, headDim);
+        var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 29);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        double scale = 1.0 / Math.Sqrt(headDim);
+        var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 2, length, headDim, scale, false);
+        double floor = expected.O.Max(e => Math.Abs(ToDouble(FromDouble(e, bf16), bf16) - e));
+        double ulp = Ulp(expected.O.Max(Math.Abs), bf16);
+        foreach (bool split in new[] { false, true })
+        {
+            var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, false, snapshots: false, split);
+            double oError = Errors.MaxAbs(run.O.Select(b => (float)ToDouble(b, bf16)).ToArray(), expected.O);
+            double remError = Errors.MaxAbs(run.Rem, expected.Rem);
+            TestContext.Out.WriteLine($"{(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} T={length} D={headDim}: " +
+                $"o error {oError:E2} ({oError / floor:F2} x floor {floor:E2}), rem {remError:E2}");
+            Assert.Multiple(() =>
+            {
+                Assert.That(oError, Is.LessThanOrEqualTo(split ? Math.Max(1.2 * floor, ulp / 2) : Math.Max(2 * floor, 1.5 * ulp)), "O");
+                Assert.That(remError, Is.LessThanOrEqualTo(2e-5), "Rem");
+            });
+        }
+    }
+
+    /// <summary>
+    /// CUDA only: times the four specializations at B=4, H=12, T=4096 (D = 128 and 64) and prints milliseconds and
+    /// TFLOP/s (4 T^2 D / 2 per head, causal), the peers' figures being in the project's notes. Asserts nothing
+    /// but that the outputs are finite.
+    /// </summary>
+    [TestCase(128)]
+    [TestCase(64)]
+    public void TimingOnCuda(int headDim)
+    {
+        if (backend != Backends.Cuda)
+            Assert.Ignore("CUDA only");
+        int batch = 4, heads = headDim == 128 ? 12 : 16, length = 4096;
+        var shape = new AttentionShape(batch, heads, length, headDim);
+        var random = new Random(3);
+        ushort[] Make(bool bf16) => Enumerable.Range(0, (int)shape.TensorLength)
+            .Select(_ => FromDouble(0.25 * (random.NextDouble() * 2 - 1), bf16)).ToArray();
+        foreach (bool bf16 in new[] { true, false })
+        {
+            var q = Make(bf16); var k = Make(bf16); var v = Make(bf16);
+            foreach (bool split in new[] { false, true })
+            {
+                var acc = Accelerator;
+                using var qb = acc.Allocate1D(q);
+                using var kb = acc.Allocate1D(k);
+                using var vb = acc.Allocate1D(v);
+                using var ob = acc.Allocate1D<ushort>(q.Length);
+                using var rem = acc.Allocate1D<float>(shape.RowCount);
+                using var logRem = acc.Allocate1D<float>(shape.RowCount);
+                var args = new TensorCoreForwardArgs
+                {
+                    Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
+                    AccSnapshots = ArrayView<float>.Empty, SnapshotTiles = Snapshots.TileCount(length),
+                    Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
+                };
+                var config = TensorCoreForwardKernel.Config(acc, shape.HeadCount, ref args);
+                var kernel = LoadKernel(acc, bf16, split);
+                kernel(acc.DefaultStream, config, args);
+                acc.Synchronize();
+                const int runs = 10;
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                for (int r = 0; r < runs; r++)
+                    kernel(acc.DefaultStream, config, args);
+                acc.Synchronize();
+                double ms = watch.Elapsed.TotalMilliseconds / runs;
+                double flops = 4.0 * length * length * headDim / 2 * batch * heads;
+                TestContext.Out.WriteLine($"{(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} B={batch} H={heads} T={length} " +
+                    $"D={headDim}: {ms:F3} ms, {flops / ms / 1e9:F1} TFLOP/s");
+                Assert.That(rem.GetAsArray1D().All(float.IsFinite), "finite rem");
+            }
+        }
+    }
+
+    private static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> LoadKernel(Accelerator acc, bool bf16, bool split) =>
+        (bf16, split) switch
+        {
+            (true, false) => TensorCoreForwardKernel.Load<Bf16Storage, RoundedWeights>(acc),
+            (true, true) => TensorCoreForwardKernel.Load<Bf16Storage, SplitWeights>(acc),
+            (false, false) => TensorCoreForwardKernel.Load<Fp16Storage, RoundedWeights>(acc),
+            (false, true) => TensorCoreForwardKernel.Load<Fp16Storage, SplitWeights>(acc),
+        };
+
+    private sealed record Result(ushort[] O, float[] Rem, float[] LogRem, float[] Snapshots);
+
+    private Result Run(bool bf16, AttentionShape shape, ushort[] q, ushort[] k, ushort[] v, float scale, bool attendCurrent,
+        bool snapshots, bool split = false)
+    {
+        var acc = Accelerator;
+        using var qb = acc.Allocate1D(q);
+        using var kb = acc.Allocate1D(k);
+        using var vb = acc.Allocate1D(v);
+        using var ob = acc.Allocate1D<ushort>(q.Length);
+        using var rem = acc.Allocate1D<float>(shape.RowCount);
+        using var logRem = acc.Allocate1D<float>(shape.RowCount);
+        int tiles = Snapshots.TileCount(shape.Length);
+        using var snaps = acc.Allocate1D<float>(shape.RowCount * tiles);
+        ob.MemSetToZero();
+        snaps.MemSetToZero();
+        var args = new TensorCoreForwardArgs
+        {
+            Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
+            AccSnapshots = snaps.View, WriteSnapshots = snapshots ? 1 : 0, SnapshotTiles = tiles,
+            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
+        };
+        var config = TensorCoreForwardKernel.Config(acc, shape.HeadCount, ref args);
+        var kernel = LoadKernel(acc, bf16, split);
+        kernel(acc.DefaultStream, config, args);
+        acc.Synchronize();
+        return new Result(ob.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D(), snaps.GetAsArray1D());
+    }
+
+    private static (ushort[] Bits, double[] Values) Round(float[] x, bool bf16)
+    {
+        var bits = x.Select(f => FromDouble(f, bf16)).ToArray();
+        return (bits, bits.Select(b => ToDouble(b, bf16)).ToArray());
+    }
+
+    private static ushort FromDouble(double x, bool bf16) =>
+        bf16 ? ((BFloat16)(float)x).Bits : BitConverter.HalfToUInt16Bits((System.Half)x);
+
+    private static double ToDouble(ushort bits, bool bf16) =>
+        bf16 ? (float)BFloat16.FromBits(bits) : (double)BitConverter.UInt16BitsToHalf(bits);
+
+    /// <summary>The spacing of the storage type's values at magnitude x (normal range).</summary>
+    private static double Ulp(double x, bool bf16) =>
+        x == 0 ? 0 : Math.Pow(2, Math.Floor(Math.Log2(x)) - (bf16 ? 7 : 10));
+}

@@ -1,0 +1,22 @@
+using ILGPU;
+
+namespace StickBreaking.ILGPU.Kernels.TensorCore;
+
+/// <summary>
+/// Arguments of <see cref="TensorCoreForwardKernel"/>: q, k, v and o as 16-bit storage bits (fp16 or bf16, as the
+/// kernel's storage type says), contiguous [B, H, T, D] and starting at 16-byte aligned addresses (the kernel
+/// reads and writes them in 16-byte and 4-byte pieces); rem and LogRem fp32 [B, H, T]; acc snapshots fp32 per
+/// (row, 32-key tile) (<see cref="Common.Snapshots"/>), exactly as the fp32 forwards write them.
+/// </summary>
+internal struct TensorCoreForwardArgs
+{
+    public ArrayView<ushort> Q, K, V, O;
+    public ArrayView<float> Rem, LogRem;
+    /// <summary>acc per (row, 32-key tile) before that tile; written only when <see cref="WriteSnapshots"/> != 0.</summary>
+    public ArrayView<float> AccSnapshots;
+    public int Length, HeadDim, AttendCurrent, WriteSnapshots, SnapshotTiles;
+    /// <summary>Blocks of <see cref="TensorCoreForwardKernel.BlockRows"/> query rows in the grid's y dimension (heaviest first).</summary>
+    public int RowBlocks;
+    /// <summary>z = Scale * q.k (InvTemperature).</summary>
+    public float Scale;
+}

@@ -1,0 +1,427 @@
+using System;
+using System.Runtime.CompilerServices;
+using ILGPU;
+using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
+
+namespace StickBreaking.ILGPU.Kernels.TensorCore;
+
+/// <summary>
+/// The tensor-core forward (docs/math.md, section 1, the tiled forward) for 16-bit storage (fp16 or bf16, the
+/// <c>TStorage</c> type argument), head dimensions 64 and 128 (<see cref="Supports"/>): S = Q K^T and O += P V
+/// on <c>mma.sync.m16n8k16</c> with fp32 accumulation (<see cref="Mma"/>), softplus, the in-tile reverse scan
+/// and exp in fp32 on the accumulator registers.
+/// <para>
+/// One group of <see cref="GroupSize"/> threads (4 warps) per (head, block of <see cref="BlockRows"/> query
+/// rows); warp w owns rows 16w .. 16w+15 of the block (lane 4g + t: rows g and g+8). Key tiles of
+/// <see cref="KeyTile"/> are walked from the diagonal back to key 0. The whole Q block, one K tile (row-major)
+/// and one V tile (transposed, [d][key]) sit in shared memory as 16-bit values; every fragment is one 16-byte
+/// shared load feeding two mma.
+/// </para>
+/// <para>
+/// The key permutation: mma column n of score n-tile nt stands for key 16 (n / 2) + 2 nt + n % 2 (the K
+/// fragments are read through it), so that the 16 scores a thread holds of each of its rows are 16
+/// CONSECUTIVE keys 16t .. 16t+15. The in-tile reverse scan is then a sequential scan over the thread's own
+/// keys plus the sums of the nearer threads of the quad (4 shuffles), and the accumulators of n-tiles 2ks and
+/// 2ks+1 are, converted to 16 bits, exactly the A fragment of k-step ks of P V (keys 16t + 4ks .. +3), whose
+/// V fragments are again consecutive keys of the transposed V tile. The head dimension is permuted the same
+/// way for Q and K (k-steps 2m and 2m+1 take dimensions 32m + 8t .. +3 and +4 .. +7), so that one 16-byte load
+/// per row gives the fragments of two k-steps.
+/// </para>
+/// <para>
+/// Masks select, never multiply by zero: a key that a row does not see gets lb = 0 and weight 0 by selection.
+/// K and V rows at or past T, and keys that no row of the block sees, are staged as zeros (never read). A weight
+/// 0 still meets every value of the tile inside the mma (0 * Inf = NaN), and only the diagonal tile holds keys
+/// that some rows of the block see and others do not (every key of an earlier tile is seen by every row). So the
+/// diagonal tile's V is staged with each non-finite value replaced by 0, the first key holding one is noted
+/// (a shared atomic min), and a row that sees that key gets NaN for all of o: a non-finite value reaches
+/// exactly the rows that see it (as NaN in every column, where a plain product would give Inf or NaN in its own
+/// columns); in the other tiles every row sees every key, and the mma propagates it as the product would.
+/// </para>
+/// </summary>
+internal static partial class TensorCoreForwardKernel
+{
+    /// <summary>Threads per group: 4 warps of 32 (the kernel needs 32-thread warps).</summary>
+    public const int GroupSize = 128;
+    /// <summary>Query rows per group: 16 per warp.</summary>
+    public const int BlockRows = 64;
+    /// <summary>Keys per tile (two 32-key snapshot tiles).</summary>
+    public const int KeyTile = 64;
+    /// <summary>The largest head dimension; <see cref="Supports"/> says which are served.</summary>
+    public const int MaxHeadDim = 128;
+    /// <summary>Launch bound: groups per SM the compiler must allow registers for (2 x 128 threads: up to 255 registers).</summary>
+    public const int MinGroupsPerMultiprocessor = 2;
+
+    /// <summary>Row stride of the Q and K tiles in 16-bit values (320 bytes: conflict-free 16-byte fragment loads).</summary>
+    private const int RowStride = 160;
+    private const int RowStrideU4 = RowStride / 8;
+    /// <summary>Row stride of the transposed V tile [d][key] in 16-bit values (144 bytes: conflict-free fragment loads).</summary>
+    private const int VtStride = 72;
+    private const int VtStrideU4 = VtStride / 8;
+
+    private const int QOffset = 0;                                             // in 32-bit words
+    private const int KOffset = QOffset + BlockRows * RowStride / 2;
+    private const int VtOffset = KOffset + KeyTile * RowStride / 2;
+    /// <summary>The diagonal tile's first key (relative) with a non-finite value; <see cref="KeyTile"/> when none.</summary>
+    private const int FlagOffset = VtOffset + MaxHeadDim * VtStride / 2;
+    private const int SharedUints = FlagOffset + 4;
+
+    /// <summary>Dynamic shared memory per group on CUDA, in bytes (58 KB: above the default 48 KB, so the loader raises the limit).</summary>
+    public const int SharedBytes = 4 * SharedUints;
+    /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
+    public const int EmulatedSharedBytes = SharedBytes + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
+
+    /// <summary>Whether the kernel serves this head dimension (others fall back to the portable kernels).</summary>
+    public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
+
+    public static void Kernel<TStorage, TWeights>(TensorCoreForwardArgs a)
+        where TStorage : struct, IStorage
+        where TWeights : struct, IWeights
+    {
+        bool split = default(TWeights).Split;
+        int tid = Group.IdxX;
+        int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+        int head = Grid.IdxX;
+        int rowBlock = a.RowBlocks - 1 - Grid.IdxY;
+        int T = a.Length, D = a.HeadDim;
+        bool wide = D > 64;
+        int row0 = rowBlock * BlockRows;
+        long headBase = (long)head * T * D;
+        var shared = SharedMemory.GetDynamic<uint>();
+        var vectors = shared.Cast<U4>();
+        int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+
+        // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
+        int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
+        Stage(a.Q, vectors, QOffset / 4, headBase, row0, T, D, tid);
+        if (tid == 0)
+            shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the loop's first barrier
+        uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
+        bool poisonedLo = false, poisonedHi = false;
+
+        int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
+        // Row i sees keys j < i (j <= i when attending to the current token); a row past T sees none.
+        int limitLo = rowLo < T ? rowLo + a.AttendCurrent : 0;
+        int limitHi = rowHi < T ? rowHi + a.AttendCurrent : 0;
+        float accLo = 0f, accHi = 0f;
+        var o = new Tile16();
+
+        // Fragment views ("sub-view + constant index"): Q rows g and g+8 of the warp, K key 16 (g / 2) + g % 2,
+        // V^T row d = g, this thread's keys 16t ...
+        int qAt = QOffset / 4 + (16 * warp + g) * RowStrideU4 + t;
+        int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
+        int vAt = VtOffset / 4 + g * VtStrideU4 + 2 * t;
+
+        int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
+        for (int tile = lastKey / KeyTile; tile >= 0; tile--)
+        {
+            int key0 = tile * KeyTile;
+            Group.Barrier();
+            Stage(a.K, vectors, KOffset / 4, headBase, key0, stageLimit, D, tid);
+            bool diagonal = key0 == row0;                // the first tile walked
+            StageTransposed(a.V, shared, headBase, key0, stageLimit, D, tid, diagonal, exponentMask);
+            Group.Barrier();
+            if (diagonal)
+            {
+                int firstBad = key0 + (int)shared[FlagOffset];
+                poisonedLo = firstBad < limitLo;
+                poisonedHi = firstBad < limitHi;
+            }
+
+            var s = new Tile8();
+            for (int m = 0; m < D / 32; m++)
+                Scores<TStorage>(ref s, vectors.SubView(qAt + 4 * m), vectors.SubView(kAt + 4 * m), shared, emu);
+
+            int firstKey = key0 + 16 * t;
+            accLo = RowLo(ref s, a.Scale, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
+            accHi = RowHi(ref s, a.Scale, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
+            var p = PackWeights<TStorage>(s, split, out var residuals);
+            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), wide, shared, emu);
+        }
+
+        var words = a.O.Cast<uint>();
+        if (rowLo < T)
+            StoreRow<TStorage>(o, false, poisonedLo, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
+        if (rowHi < T)
+            StoreRow<TStorage>(o, true, poisonedHi, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
+        if (t == 0)
+        {
+            long stat = (long)head * T;
+            if (rowLo < T)
+            {
+                a.LogRem[stat + rowLo] = accLo;
+                a.Rem[stat + rowLo] = MathF.Exp(accLo);
+            }
+            if (rowHi < T)
+            {
+                a.LogRem[stat + rowHi] = accHi;
+                a.Rem[stat + rowHi] = MathF.Exp(accHi);
+            }
+        }
+    }
+
+    /// <summary>
+    /// Stages 64 rows first .. first+63 of a [T, D] head in shared memory (row stride <see cref="RowStride"/>), in
+    /// 16-byte pieces: thread tid takes piece c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8),
+    /// D / 16 passes). All of a thread's loads are issued before its stores (ILGPU does not unroll loops: a
+    /// load-store loop would wait for each load in turn). Rows at or past <paramref name="limit"/> are zeros
+    /// (never read).
+    /// </summary>
+    private static void Stage(ArrayView<ushort> x, ArrayView<U4> vectors, int at, long headBase, int first, int limit,
+        int D, int tid)
+    {
+        var source = x.Cast<U4>();
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
+        U4 x0 = Piece(source, headBase, first + r, limit, D, c, true);
+        U4 x1 = Piece(source, headBase, first + r + step, limit, D, c, true);
+        U4 x2 = Piece(source, headBase, first + r + 2 * step, limit, D, c, true);
+        U4 x3 = Piece(source, headBase, first + r + 3 * step, limit, D, c, true);
+        U4 x4 = Piece(source, headBase, first + r + 4 * step, limit, D, c, wide);
+        U4 x5 = Piece(source, headBase, first + r + 5 * step, limit, D, c, wide);
+        U4 x6 = Piece(source, headBase, first + r + 6 * step, limit, D, c, wide);
+        U4 x7 = Piece(source, headBase, first + r + 7 * step, limit, D, c, wide);
+        int to = at + r * RowStrideU4 + c;
+        vectors[to] = x0;
+        vectors[to + step * RowStrideU4] = x1;
+        vectors[to + 2 * step * RowStrideU4] = x2;
+        vectors[to + 3 * step * RowStrideU4] = x3;
+        if (wide)
+        {
+            vectors[to + 4 * step * RowStrideU4] = x4;
+            vectors[to + 5 * step * RowStrideU4] = x5;
+            vectors[to + 6 * step * RowStrideU4] = x6;
+            vectors[to + 7 * step * RowStrideU4] = x7;
+        }
+    }
+
+    /// <summary>Piece c (16 bytes) of row <paramref name="row"/>; zeros at or past <paramref name="limit"/> or when not <paramref name="active"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static U4 Piece(ArrayView<U4> source, long headBase, int row, int limit, int D, int c, bool active)
+    {
+        U4 value = default;
+        if (active && row < limit)
+            value = source[(headBase + (long)row * D) / 8 + c];
+        return value;
+    }
+
+    /// <summary>
+    /// Stages a V tile transposed, Vt[d][key] (row stride <see cref="VtStride"/>): the 32 lanes of a warp take the
+    /// 32 key pairs (2j, 2j+1), so that their stores fall in 32 different banks, warp w the 16-byte pieces
+    /// c = w + 4i of the head dimension (D / 32 of them); each reads two pieces (keys 2j and 2j+1, all loads first)
+    /// and writes 8 words per piece, each the pair (key 2j, key 2j+1) of one dimension. Keys at or past
+    /// <paramref name="limit"/> are zeros. In the <paramref name="diagonal"/> tile non-finite values become zeros
+    /// and the first key holding one is noted at <see cref="FlagOffset"/>.
+    /// </summary>
+    private static void StageTransposed(ArrayView<ushort> x, ArrayView<uint> shared, long headBase, int key0, int limit,
+        int D, int tid, bool diagonal, uint exponentMask)
+    {
+        var source = x.Cast<U4>();
+        bool wide = D > 64;
+        int j = tid & 31, c = tid >> 5;
+        int key = key0 + 2 * j;
+        U4 lo0 = Piece(source, headBase, key, limit, D, c, true);
+        U4 hi0 = Piece(source, headBase, key + 1, limit, D, c, true);
+        U4 lo1 = Piece(source, headBase, key, limit, D, c + 4, true);
+        U4 hi1 = Piece(source, headBase, key + 1, limit, D, c + 4, true);
+        U4 lo2 = Piece(source, headBase, key, limit, D, c + 8, wide);
+        U4 hi2 = Piece(source, headBase, key + 1, limit, D, c + 8, wide);
+        U4 lo3 = Piece(source, headBase, key, limit, D, c + 12, wide);
+        U4 hi3 = Piece(source, headBase, key + 1, limit, D, c + 12, wide);
+        if (diagonal)
+        {
+            bool badLo = Sanitize(ref lo0, exponentMask) | Sanitize(ref lo1, exponentMask)
+                | Sanitize(ref lo2, exponentMask) | Sanitize(ref lo3, exponentMask);
+            bool badHi = Sanitize(ref hi0, exponentMask) | Sanitize(ref hi1, exponentMask)
+                | Sanitize(ref hi2, exponentMask) | Sanitize(ref hi3, exponentMask);
+            if (badLo || badHi)
+                Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
+        }
+        PutTransposed(shared, c, j, lo0, hi0);
+        PutTransposed(shared, c + 4, j, lo1, hi1);
+        if (wide)
+        {
+            PutTransposed(shared, c + 8, j, lo2, hi2);
+            PutTransposed(shared, c + 12, j, lo3, hi3);
+        }
+    }
+
+    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt, one word per dimension.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void PutTransposed(ArrayView<uint> shared, int c, int j, U4 lo, U4 hi)
+    {
+        int at = VtOffset + 8 * c * (VtStride / 2) + j;
+        shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
+        shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
+        shared[at + 2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
+        shared[at + 3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
+        shared[at + 4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
+        shared[at + 5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
+        shared[at + 6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
+        shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
+    }
+
+    /// <summary>Replaces each non-finite 16-bit value of a 16-byte piece by 0 (by selection); true when there was one.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool Sanitize(ref U4 x, uint exponentMask)
+    {
+        uint bad0 = NonFinite(x.X0, exponentMask), bad1 = NonFinite(x.X1, exponentMask);
+        uint bad2 = NonFinite(x.X2, exponentMask), bad3 = NonFinite(x.X3, exponentMask);
+        x.X0 &= ~bad0;
+        x.X1 &= ~bad1;
+        x.X2 &= ~bad2;
+        x.X3 &= ~bad3;
+        return (bad0 | bad1 | bad2 | bad3) != 0;
+    }
+
+    /// <summary>0xFFFF over each half of <paramref name="pair"/> whose exponent bits are all set (Inf or NaN), else 0.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint NonFinite(uint pair, uint exponentMask)
+    {
+        uint lo = (pair & exponentMask & 0xFFFFu) == (exponentMask & 0xFFFFu) ? 0xFFFFu : 0u;
+        uint hi = (pair & exponentMask & 0xFFFF_0000u) == (exponentMask & 0xFFFF_0000u) ? 0xFFFF_0000u : 0u;
+        return lo | hi;
+    }
+
+    /// <summary>lb = log(1 - beta) = -(max(z, 0) + l) for a visible key, 0 (selected) otherwise; l = log1p(exp(-|z|)).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Lb(float z, float l, bool visible) => visible ? -(MathF.Max(z, 0f) + l) : 0f;
+
+    /// <summary>exp(log beta + suffix) with log beta = min(z, 0) - l for a visible key, 0 (selected) otherwise.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Weight(float z, float l, bool visible, float suffix) =>
+        visible ? MathF.Exp(MathF.Min(z, 0f) - l + suffix) : 0f;
+
+    /// <summary>
+    /// The quad (4 lanes, one row) exchange of the thread sums x_t of lb: returns the sum over the nearer threads
+    /// (t' &gt; t), and the row's total, the same bits in all four lanes (the same additions, nearest first).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float QuadNearer(float x, int lane, int t, out float total)
+    {
+        int quad = lane & ~3;
+        float x0 = Warp.Shuffle(x, quad);
+        float x1 = Warp.Shuffle(x, quad + 1);
+        float x2 = Warp.Shuffle(x, quad + 2);
+        float x3 = Warp.Shuffle(x, quad + 3);
+        float nearer2 = x3 + x2;
+        float nearer1 = nearer2 + x1;
+        total = nearer1 + x0;
+        return t == 0 ? nearer1 : t == 1 ? nearer2 : t == 2 ? x3 : 0f;
+    }
+
+    /// <summary>
+    /// The acc snapshots of the two 32-key tiles of this 64-key tile (<see cref="Snapshots"/>): before the lower one
+    /// (keys 32 .. 63 of the tile nearer: thread t = 1's nearer sum), and before the upper one (the row's acc).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Snapshot(in TensorCoreForwardArgs a, int row, int tile, int t, float rowAcc, float nearer)
+    {
+        if (a.WriteSnapshots == 0 || row >= a.Length)
+            return;
+        int half = 2 * tile;
+        if (t == 1)
+            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half, a.Length, a.SnapshotTiles)] = rowAcc + nearer;
+        if (t == 3 && half + 1 < a.SnapshotTiles)
+            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc;
+    }
+
+    /// <summary>
+    /// The residuals w - round(w) of a pair of weights (exact in fp32: w and round(w) are within a 16-bit ulp of each
+    /// other), rounded to the storage type in turn; <paramref name="rounded"/> is the pair <see cref="Pack"/> made.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint Residuals<TStorage>(uint rounded, float lo, float hi) where TStorage : struct, IStorage
+    {
+        float roundedLo = default(TStorage).Load((ushort)rounded);
+        float roundedHi = default(TStorage).Load((ushort)(rounded >> 16));
+        return Pack<TStorage>(lo - roundedLo, hi - roundedHi);
+    }
+
+    /// <summary>
+    /// Two floats rounded to the storage type (nearest, ties to even), as one word (low half first): on CUDA one
+    /// <c>cvt.rn.{bf16x2|f16x2}.f32</c> (its first source goes to the upper half), elsewhere the integer rounding
+    /// of <see cref="IStorage.Store"/> (the same bits for every non-NaN value).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint Pack<TStorage>(float lo, float hi) where TStorage : struct, IStorage
+    {
+        if (CudaAsm.IsSupported)
+        {
+            uint packed;
+            if (default(TStorage).IsBFloat16)
+                CudaAsm.Emit("cvt.rn.bf16x2.f32 %0, %1, %2;", out packed, hi, lo);
+            else
+                CudaAsm.Emit("cvt.rn.f16x2.f32 %0, %1, %2;", out packed, hi, lo);
+            return packed;
+        }
+        return default(TStorage).Store(lo) | ((uint)default(TStorage).Store(hi) << 16);
+    }
+
+    /// <summary>
+    /// Loads the fp16 or bf16 kernel (weights rounded or split, <typeparamref name="TWeights"/>) for this accelerator: on CUDA with its launch bound and its shared-memory
+    /// limit raised (<see cref="CudaDriver"/>), elsewhere as plain ILGPU code (the mma emulated).
+    /// </summary>
+    internal static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> Load<TStorage, TWeights>(Accelerator accelerator)
+        where TStorage : struct, IStorage
+        where TWeights : struct, IWeights =>
+        accelerator is CudaAccelerator cuda
+            ? CudaDriver.Load<TensorCoreForwardArgs>(cuda, Kernel<TStorage, TWeights>, GroupSize, MinGroupsPerMultiprocessor, SharedBytes)
+            : accelerator.LoadKernel<TensorCoreForwardArgs>(Kernel<TStorage, TWeights>);
+
+    /// <summary>The launch of <paramref name="heads"/> (B H) heads of <c>a.Length</c> tokens; sets <c>a.RowBlocks</c>.</summary>
+    internal static KernelConfig Config(Accelerator accelerator, long heads, ref TensorCoreForwardArgs a)
+    {
+        a.RowBlocks = (a.Length + BlockRows - 1) / BlockRows;
+        int bytes = accelerator is CudaAccelerator ? SharedBytes : EmulatedSharedBytes;
+        return new KernelConfig(new Index3D((int)heads, a.RowBlocks, 1), new Index3D(GroupSize, 1, 1),
+            SharedMemoryConfig.RequestDynamic<uint>(bytes / 4));
+    }
+}
+
+/// <summary>
+/// How the tensor-core forward feeds its fp32 weights P to the 16-bit P V product (a type argument of the kernel,
+/// so that the choice folds away at compile time).
+/// </summary>
+internal interface IWeights
+{
+    /// <summary>
+    /// False: P rounded to the storage type, one mma per k-step (relative error 2^-9 per weight in bf16, 2^-12
+    /// in fp16, which in bf16 puts o at up to about 2x the error of rounding the exact o). True: P = high + low,
+    /// both 16-bit, two mma per k-step on the same V fragments (P V exact to about 2^-17: o at the rounding floor).
+    /// </summary>
+    bool Split { get; }
+}
+
+/// <summary>P rounded to 16 bits: 64 mma per 64-key tile for P V (D = 128).</summary>
+internal readonly struct RoundedWeights : IWeights
+{
+    public bool Split => false;
+}
+
+/// <summary>P split into two 16-bit parts: 128 mma per 64-key tile for P V (D = 128).</summary>
+internal readonly struct SplitWeights : IWeights
+{
+    public bool Split => true;
+}
+
+/// <summary>The score tile of one warp: 8 n-tiles of 8 keys (16 rows x 64 keys).</summary>
+internal struct Tile8
+{
+    public Acc4 N0, N1, N2, N3, N4, N5, N6, N7;
+}
+
+/// <summary>The output tile of one warp: 16 n-tiles of 8 columns (16 rows x 128 columns).</summary>
+internal struct Tile16
+{
+    public Acc4 N0, N1, N2, N3, N4, N5, N6, N7, N8, N9, N10, N11, N12, N13, N14, N15;
+}
+
+/// <summary>The weights of one warp's 16 rows x 64 keys as the A fragments of the four k-steps of P V.</summary>
+internal struct Frag16
+{
+    public uint K0A0, K0A1, K0A2, K0A3, K1A0, K1A1, K1A2, K1A3, K2A0, K2A1, K2A2, K2A3, K3A0, K3A1, K3A2, K3A3;
+}
