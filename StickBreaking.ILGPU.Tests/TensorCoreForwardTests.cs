@@ -5,6 +5,7 @@ using ILGPU.Runtime;
 using NUnit.Framework;
 using StickBreaking.ILGPU.Kernels.Common;
 using StickBreaking.ILGPU.Kernels.TensorCore;
+using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 
@@ -127,7 +128,7 @@ public sealed class TensorCoreForwardTests(string backend)
         float[] Floats(double[] values) => values.Select(d => (float)d).ToArray();
         var rounded = x with { Q = Floats(q.Values), K = Floats(k.Values), V = Floats(v.Values) };
         var options = new StickBreakingOptions { AttendCurrent = attendCurrent };
-        using var fp32 = new StickBreakingAttention(Accelerator, null, StickBreakingAttention.KernelChoice.Cuda);
+        using var fp32 = new StickBreakingAttention(Accelerator, null, KernelChoice.Cuda);
         using var tensors = new DeviceTensors(Accelerator, shape, rounded);
         tensors.Forward(fp32, Accelerator.DefaultStream, options);
         Accelerator.Synchronize();
@@ -295,6 +296,8 @@ public sealed class TensorCoreForwardTests(string backend)
                 double flops = 4.0 * length * length * headDim / 2 * batch * heads;
                 TestContext.Out.WriteLine($"{(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} B={batch} H={heads} T={length} " +
                     $"D={headDim}: {ms:F3} ms, {flops / ms / 1e9:F1} TFLOP/s");
+                if (StickBreaking.ILGPU.Launch.CudaDriver.Loaded.TryGetValue("TensorCoreForwardKernel.Kernel", out var resources))
+                    TestContext.Out.WriteLine($"  {resources}");
                 Assert.That(rem.GetAsArray1D().All(float.IsFinite), "finite rem");
             }
         }
