@@ -97,10 +97,11 @@ public sealed class PtxTests
     /// code; 128 for P V when the weights are split into two 16-bit parts. Every fragment is a 16-byte shared load: 2 of Q and 8 of K in the S loop body, 32 of V.
     /// <para>
     /// Local memory: ILGPU passes each operand of inline PTX through a 4-byte <c>.local</c> slot (stored before
-    /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion, which ptxas keeps in registers (measured on the H200: the
-    /// SASS has HMMA and no local memory; the GPU box's resource check reads LOCAL_SIZE_BYTES). So the check here
-    /// is that every local declaration is such a 4-byte scalar slot, 10 per mma, and nothing else (no array of
-    /// registers spilled by ILGPU). The emulation of the mma for other accelerators sits behind
+    /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion. ptxas kept all 848 of
+    /// them in memory here (a 3392-byte stack per thread on the H200), so the loader rewrites them into registers
+    /// (<see cref="StickBreaking.ILGPU.Launch.PtxOperandSlots"/>). The check: every local declaration is such a
+    /// 4-byte slot, 10 per mma and 1 per conversion, nothing else (no array of registers spilled by ILGPU), and
+    /// after the rewrite no local memory is left. The emulation of the mma for other accelerators sits behind
     /// <c>CudaAsm.IsSupported</c>, which the PTX compares as two constants (<c>setp.ne.s32 %p, 1, 1</c>) for
     /// ptxas to fold away.
     /// </para>
@@ -116,8 +117,12 @@ public sealed class PtxTests
             .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
                 : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights));
         string ptx = CompileForSm90(kernel);
+        bool promotes = StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(ptx, out string promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
-            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.ptx"), ptx);
+        {
+            // As the loader hands it to the driver: the operand slots as registers.
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.ptx"), promoted);
+        }
         int Count(string pattern) => Regex.Matches(ptx, pattern).Count;
         int mma = Count(@"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\." + Regex.Escape(type) + @"\.f32");
         int slots = Count(@"\.local \.align 4 \.b8 __local_depot\d+\[4\];");
@@ -135,6 +140,9 @@ public sealed class PtxTests
             Assert.That(packs, Is.EqualTo((split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of P (and 16 of its residuals), 2 rows x 16 n-tiles of o");
             Assert.That(slots, Is.EqualTo(10 * mma + packs), "10 operand slots per mma, 1 per conversion, nothing else");
             Assert.That(vectorLoads, Is.EqualTo(2 + 8 + 32), "16-byte fragment loads: Q 2 and K 8 per S step, V 32");
+            Assert.That(promotes, Is.True, "the loader's rewrite applies (PtxOperandSlots)");
+            Assert.That(Regex.Matches(promoted, @"\.local\b|__local_depot"), Is.Empty, "no local memory once the slots are registers");
+            Assert.That(Regex.Matches(promoted, @"mma\.sync").Count, Is.EqualTo(mma), "the rewrite keeps every mma");
         });
     }
 

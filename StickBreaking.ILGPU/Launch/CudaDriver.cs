@@ -4,6 +4,9 @@ using System.Collections.Generic;
 using System.Reflection;
 using System.Runtime.InteropServices;
 using ILGPU;
+using ILGPU.Backends;
+using ILGPU.Backends.EntryPoints;
+using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 
@@ -29,12 +32,23 @@ internal static class CudaDriver
     /// </summary>
     public static IReadOnlyDictionary<string, CudaKernelResources> Loaded => loaded;
 
+    /// <param name="accelerator">The CUDA accelerator.</param>
+    /// <param name="kernel">The explicitly grouped kernel.</param>
+    /// <param name="groupSize">Threads per group (the launch bound).</param>
+    /// <param name="minGroupsPerMultiprocessor">Groups per SM the compiler must allow registers for.</param>
+    /// <param name="sharedBytes">Dynamic shared memory per group.</param>
+    /// <param name="promoteOperandSlots">Rewrites the PTX so that the operand slots of inline PTX are registers
+    /// (<see cref="PtxOperandSlots"/>): for kernels with many inline instructions, where ptxas keeps them in memory.</param>
     public static Action<AcceleratorStream, KernelConfig, TArgs> Load<TArgs>(
-        CudaAccelerator accelerator, Action<TArgs> kernel, int groupSize, int minGroupsPerMultiprocessor, int sharedBytes)
+        CudaAccelerator accelerator, Action<TArgs> kernel, int groupSize, int minGroupsPerMultiprocessor, int sharedBytes,
+        bool promoteOperandSlots = false)
         where TArgs : struct
     {
-        var compiled = (CudaKernel)accelerator.LoadKernel(kernel.Method,
-            new KernelSpecialization(groupSize, minGroupsPerMultiprocessor));
+        var specialization = new KernelSpecialization(groupSize, minGroupsPerMultiprocessor);
+        var compiled = promoteOperandSlots
+            ? (CudaKernel)accelerator.LoadKernel(PromoteOperandSlots(
+                accelerator.CompileKernel(EntryPointDescription.FromExplicitlyGroupedKernel(kernel.Method), specialization)))
+            : (CudaKernel)accelerator.LoadKernel(kernel.Method, specialization);
         int status = CuFuncSetAttribute(compiled.FunctionPtr, MaxDynamicSharedSizeBytes, sharedBytes);
         if (status != 0)
             throw new InvalidOperationException(
@@ -48,6 +62,24 @@ internal static class CudaDriver
         loaded[$"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}"] =
             new CudaKernelResources(registers, localBytes, sharedBytes, minGroupsPerMultiprocessor, resident);
         return compiled.CreateLauncherDelegate<Action<AcceleratorStream, KernelConfig, TArgs>>();
+    }
+
+    /// <summary>
+    /// The compiled kernel with its PTX rewritten by <see cref="PtxOperandSlots"/> (ILGPU 1.5.3 makes a
+    /// <see cref="PTXCompiledKernel"/> only internally: its constructor and the entry point are reached by
+    /// reflection); the kernel as it was when the rewrite does not apply or ILGPU's internals differ.
+    /// </summary>
+    private static CompiledKernel PromoteOperandSlots(CompiledKernel compiled)
+    {
+        if (compiled is not PTXCompiledKernel ptx || !PtxOperandSlots.TryPromote(ptx.PTXAssembly, out string promoted))
+            return compiled;
+        const BindingFlags Internal = BindingFlags.NonPublic | BindingFlags.Instance;
+        object? entryPoint = typeof(CompiledKernel).GetProperty("EntryPoint", Internal | BindingFlags.Public)?.GetValue(compiled);
+        var constructor = Array.Find(typeof(PTXCompiledKernel).GetConstructors(Internal | BindingFlags.Public),
+            c => c.GetParameters().Length == 4 && c.GetParameters()[3].ParameterType == typeof(string));
+        if (entryPoint is null || constructor is null)
+            return compiled;
+        return (CompiledKernel)constructor.Invoke([ptx.Context, entryPoint, ptx.Info, promoted]);
     }
 
     /// <summary>Opt-in dynamic shared memory per group this device allows (cudaDevAttrMaxSharedMemoryPerBlockOptin).</summary>

@@ -369,7 +369,8 @@ internal static partial class TensorCoreForwardKernel
         where TStorage : struct, IStorage
         where TWeights : struct, IWeights =>
         accelerator is CudaAccelerator cuda
-            ? CudaDriver.Load<TensorCoreForwardArgs>(cuda, Kernel<TStorage, TWeights>, GroupSize, MinGroupsPerMultiprocessor, SharedBytes)
+            ? CudaDriver.Load<TensorCoreForwardArgs>(cuda, Kernel<TStorage, TWeights>, GroupSize, MinGroupsPerMultiprocessor, SharedBytes,
+                promoteOperandSlots: true)
             : accelerator.LoadKernel<TensorCoreForwardArgs>(Kernel<TStorage, TWeights>);
 
     /// <summary>The launch of <paramref name="heads"/> (B H) heads of <c>a.Length</c> tokens; sets <c>a.RowBlocks</c>.</summary>
