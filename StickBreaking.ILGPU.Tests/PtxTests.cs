@@ -97,7 +97,7 @@ public sealed class PtxTests
     /// code; 128 for P V when the weights are split into two 16-bit parts. Every fragment is a 16-byte shared load: 2 of Q and 8 of K in the S loop body, 32 of V.
     /// <para>
     /// Local memory: ILGPU passes each operand of inline PTX through a 4-byte <c>.local</c> slot (stored before
-    /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion. ptxas kept all 848 of
+    /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion, <c>ex2</c> or <c>rcp</c>. ptxas kept all 848 of
     /// them in memory here (a 3392-byte stack per thread on the H200), so the loader rewrites them into registers
     /// (<see cref="StickBreaking.ILGPU.Launch.PtxOperandSlots"/>). The check: every local declaration is such a
     /// 4-byte slot, 10 per mma and 1 per conversion, nothing else (no array of registers spilled by ILGPU), and
@@ -129,6 +129,7 @@ public sealed class PtxTests
         int localDeclarations = Count(@"\.local \.align");
         int vectorLoads = Count(@"ld\.shared\.v4\.b32");
         int packs = Count(@"cvt\.rn\." + (type == "bf16.bf16" ? "bf16x2" : "f16x2") + @"\.f32");
+        int approx = Count(@"(?:ex2|rcp)\.approx\.ftz\.f32");
         TestContext.Out.WriteLine($"{storage.Name}: mma.sync {mma}, 16-bit pair conversions {packs}, 4-byte local slots {slots} of {localDeclarations} local declarations, " +
             $"ld.shared.v4.b32 {vectorLoads}, st.shared.v4.b32 {Count(@"st\.shared\.v4\.b32")}, ld.v4.b32 (global) {Count(@"ld\.v4\.b32")}, " +
             $"shfl {Count(@"shfl\.")}, ex2 {Count(@"ex2\.approx")}, lines {ptx.Split('\n').Length}");
@@ -138,7 +139,8 @@ public sealed class PtxTests
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
             Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
             Assert.That(packs, Is.EqualTo((split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of P (and 16 of its residuals), 2 rows x 16 n-tiles of o");
-            Assert.That(slots, Is.EqualTo(10 * mma + packs), "10 operand slots per mma, 1 per conversion, nothing else");
+            Assert.That(approx, Is.EqualTo(3 * 32), "per score ex2 twice (2^-|z|, the weight) and rcp once, 32 scores per thread");
+            Assert.That(slots, Is.EqualTo(10 * mma + packs + approx), "10 operand slots per mma, 1 per conversion, ex2 and rcp, nothing else");
             Assert.That(vectorLoads, Is.EqualTo(2 + 8 + 32), "16-byte fragment loads: Q 2 and K 8 per S step, V 32");
             Assert.That(promotes, Is.True, "the loader's rewrite applies (PtxOperandSlots)");
             Assert.That(Regex.Matches(promoted, @"\.local\b|__local_depot"), Is.Empty, "no local memory once the slots are registers");

@@ -16,9 +16,10 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// <para>
 /// One group of <see cref="GroupSize"/> threads (4 warps) per (head, block of <see cref="BlockRows"/> query
 /// rows); warp w owns rows 16w .. 16w+15 of the block (lane 4g + t: rows g and g+8). Key tiles of
-/// <see cref="KeyTile"/> are walked from the diagonal back to key 0. The whole Q block, one K tile (row-major)
-/// and one V tile (transposed, [d][key]) sit in shared memory as 16-bit values; every fragment is one 16-byte
-/// shared load feeding two mma.
+/// <see cref="KeyTile"/> are walked from the diagonal back to key 0. The Q block (as each thread's A fragments, in
+/// mma operand order), one K tile (row-major) and one V tile (transposed, [d][key]) sit in shared memory as
+/// 16-bit values; every K and V fragment is one 16-byte shared load feeding two mma, every Q fragment one load
+/// feeding eight.
 /// </para>
 /// <para>
 /// The key permutation: mma column n of score n-tile nt stands for key 16 (n / 2) + 2 nt + n % 2 (the K
@@ -54,15 +55,18 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>Launch bound: groups per SM the compiler must allow registers for (2 x 128 threads: up to 255 registers).</summary>
     public const int MinGroupsPerMultiprocessor = 2;
 
-    /// <summary>Row stride of the Q and K tiles in 16-bit values (320 bytes: conflict-free 16-byte fragment loads).</summary>
+    /// <summary>Row stride of the K tile in 16-bit values (320 bytes: conflict-free 16-byte fragment loads).</summary>
     private const int RowStride = 160;
     private const int RowStrideU4 = RowStride / 8;
     /// <summary>Row stride of the transposed V tile [d][key] in 16-bit values (144 bytes: conflict-free fragment loads).</summary>
     private const int VtStride = 72;
     private const int VtStrideU4 = VtStride / 8;
 
+    /// <summary>16-byte vectors per warp of the Q fragments: 8 k-steps (D = 128) of 32 lanes.</summary>
+    private const int QWarpVectors = 8 * 32;
+
     private const int QOffset = 0;                                             // in 32-bit words
-    private const int KOffset = QOffset + BlockRows * RowStride / 2;
+    private const int KOffset = QOffset + (GroupSize / 32) * QWarpVectors * 4;
     private const int VtOffset = KOffset + KeyTile * RowStride / 2;
     /// <summary>The diagonal tile's first key (relative) with a non-finite value; <see cref="KeyTile"/> when none.</summary>
     private const int FlagOffset = VtOffset + MaxHeadDim * VtStride / 2;
@@ -95,22 +99,23 @@ internal static partial class TensorCoreForwardKernel
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
-        Stage(a.Q, vectors, QOffset / 4, headBase, row0, T, D, tid);
+        int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
+        StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), headBase, rowLo, T, D, t);
         if (tid == 0)
             shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the loop's first barrier
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
         bool poisonedLo = false, poisonedHi = false;
 
-        int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
         // Row i sees keys j < i (j <= i when attending to the current token); a row past T sees none.
         int limitLo = rowLo < T ? rowLo + a.AttendCurrent : 0;
         int limitHi = rowHi < T ? rowHi + a.AttendCurrent : 0;
-        float accLo = 0f, accHi = 0f;
+        float accLo = 0f, accHi = 0f;                    // acc in base 2 (log2 of what the stick has left)
+        float scale2 = a.Scale * Log2E;
         var o = new Tile16();
 
         // Fragment views ("sub-view + constant index"): Q rows g and g+8 of the warp, K key 16 (g / 2) + g % 2,
         // V^T row d = g, this thread's keys 16t ...
-        int qAt = QOffset / 4 + (16 * warp + g) * RowStrideU4 + t;
+        int qAt = QOffset / 4 + warp * QWarpVectors + lane;
         int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
         int vAt = VtOffset / 4 + g * VtStrideU4 + 2 * t;
 
@@ -132,11 +137,11 @@ internal static partial class TensorCoreForwardKernel
 
             var s = new Tile8();
             for (int m = 0; m < D / 32; m++)
-                Scores<TStorage>(ref s, vectors.SubView(qAt + 4 * m), vectors.SubView(kAt + 4 * m), shared, emu);
+                Scores<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
 
             int firstKey = key0 + 16 * t;
-            accLo = RowLo(ref s, a.Scale, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
-            accHi = RowHi(ref s, a.Scale, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
+            accLo = RowLo(ref s, scale2, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
+            accHi = RowHi(ref s, scale2, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
             var p = PackWeights<TStorage>(s, split, out var residuals);
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), wide, shared, emu);
         }
@@ -151,15 +156,61 @@ internal static partial class TensorCoreForwardKernel
             long stat = (long)head * T;
             if (rowLo < T)
             {
-                a.LogRem[stat + rowLo] = accLo;
-                a.Rem[stat + rowLo] = MathF.Exp(accLo);
+                float logRem = accLo * Ln2;
+                a.LogRem[stat + rowLo] = logRem;
+                a.Rem[stat + rowLo] = MathF.Exp(logRem);
             }
             if (rowHi < T)
             {
-                a.LogRem[stat + rowHi] = accHi;
-                a.Rem[stat + rowHi] = MathF.Exp(accHi);
+                float logRem = accHi * Ln2;
+                a.LogRem[stat + rowHi] = logRem;
+                a.Rem[stat + rowHi] = MathF.Exp(logRem);
             }
         }
+    }
+
+    /// <summary>
+    /// Stages this thread's A fragments of Q (rows <paramref name="rowLo"/> and rowLo + 8, zeros past T) in the
+    /// order the mma takes them, so that each k-step's fragment is one 16-byte shared load straight into the
+    /// mma's operand registers: vector <c>32 ks</c> of <paramref name="to"/> (the warp's area at this lane) holds
+    /// {a0, a1, a2, a3} of k-step ks. With the head dimension permuted as for K (k-steps 2m and 2m+1 take
+    /// dimensions 32m + 8t .. +3 and +4 .. +7), one 16-byte global load per row and m gives both k-steps.
+    /// Only this thread reads them back (no barrier needed beyond the loop's).
+    /// </summary>
+    private static void StageQueryFragments(ArrayView<ushort> x, ArrayView<U4> to, long headBase, int rowLo, int T,
+        int D, int t)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        var source = x.Cast<U4>().SubView(headBase / 8 + t);
+        int lo = rowLo * chunks, hi = lo + 8 * chunks;
+        bool loIn = rowLo < T, hiIn = rowLo + 8 < T;
+        U4 l0 = Piece(source, lo, loIn), h0 = Piece(source, hi, hiIn);
+        U4 l1 = Piece(source, lo + 4, loIn), h1 = Piece(source, hi + 4, hiIn);
+        U4 l2 = Piece(source, lo + 8, wide && loIn), h2 = Piece(source, hi + 8, wide && hiIn);
+        U4 l3 = Piece(source, lo + 12, wide && loIn), h3 = Piece(source, hi + 12, wide && hiIn);
+        to[0] = Fragment(l0.X0, h0.X0, l0.X1, h0.X1);
+        to[32] = Fragment(l0.X2, h0.X2, l0.X3, h0.X3);
+        to[64] = Fragment(l1.X0, h1.X0, l1.X1, h1.X1);
+        to[96] = Fragment(l1.X2, h1.X2, l1.X3, h1.X3);
+        if (wide)
+        {
+            to[128] = Fragment(l2.X0, h2.X0, l2.X1, h2.X1);
+            to[160] = Fragment(l2.X2, h2.X2, l2.X3, h2.X3);
+            to[192] = Fragment(l3.X0, h3.X0, l3.X1, h3.X1);
+            to[224] = Fragment(l3.X2, h3.X2, l3.X3, h3.X3);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static U4 Fragment(uint a0, uint a1, uint a2, uint a3)
+    {
+        U4 f;
+        f.X0 = a0;
+        f.X1 = a1;
+        f.X2 = a2;
+        f.X3 = a3;
+        return f;
     }
 
     /// <summary>
@@ -167,44 +218,47 @@ internal static partial class TensorCoreForwardKernel
     /// 16-byte pieces: thread tid takes piece c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8),
     /// D / 16 passes). All of a thread's loads are issued before its stores (ILGPU does not unroll loops: a
     /// load-store loop would wait for each load in turn). Rows at or past <paramref name="limit"/> are zeros
-    /// (never read).
+    /// (never read). The global pieces are addressed from one sub-view per thread (its piece c of the head) plus a
+    /// 32-bit index, row (D / 8) + 128 i (the rows of a pass are 128 pieces apart): a 64-bit address computation
+    /// per piece cost about 14 instructions.
     /// </summary>
     private static void Stage(ArrayView<ushort> x, ArrayView<U4> vectors, int at, long headBase, int first, int limit,
         int D, int tid)
     {
-        var source = x.Cast<U4>();
         bool wide = D > 64;
         int chunks = D >> 3;
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        U4 x0 = Piece(source, headBase, first + r, limit, D, c, true);
-        U4 x1 = Piece(source, headBase, first + r + step, limit, D, c, true);
-        U4 x2 = Piece(source, headBase, first + r + 2 * step, limit, D, c, true);
-        U4 x3 = Piece(source, headBase, first + r + 3 * step, limit, D, c, true);
-        U4 x4 = Piece(source, headBase, first + r + 4 * step, limit, D, c, wide);
-        U4 x5 = Piece(source, headBase, first + r + 5 * step, limit, D, c, wide);
-        U4 x6 = Piece(source, headBase, first + r + 6 * step, limit, D, c, wide);
-        U4 x7 = Piece(source, headBase, first + r + 7 * step, limit, D, c, wide);
-        int to = at + r * RowStrideU4 + c;
-        vectors[to] = x0;
-        vectors[to + step * RowStrideU4] = x1;
-        vectors[to + 2 * step * RowStrideU4] = x2;
-        vectors[to + 3 * step * RowStrideU4] = x3;
+        var source = x.Cast<U4>().SubView(headBase / 8 + c);
+        int row = first + r, index = row * chunks;
+        U4 x0 = Piece(source, index, row < limit);
+        U4 x1 = Piece(source, index + GroupSize, row + step < limit);
+        U4 x2 = Piece(source, index + 2 * GroupSize, row + 2 * step < limit);
+        U4 x3 = Piece(source, index + 3 * GroupSize, row + 3 * step < limit);
+        U4 x4 = Piece(source, index + 4 * GroupSize, wide && row + 4 * step < limit);
+        U4 x5 = Piece(source, index + 5 * GroupSize, wide && row + 5 * step < limit);
+        U4 x6 = Piece(source, index + 6 * GroupSize, wide && row + 6 * step < limit);
+        U4 x7 = Piece(source, index + 7 * GroupSize, wide && row + 7 * step < limit);
+        var to = vectors.SubView(at + r * RowStrideU4 + c);
+        to[0] = x0;
+        to[step * RowStrideU4] = x1;
+        to[2 * step * RowStrideU4] = x2;
+        to[3 * step * RowStrideU4] = x3;
         if (wide)
         {
-            vectors[to + 4 * step * RowStrideU4] = x4;
-            vectors[to + 5 * step * RowStrideU4] = x5;
-            vectors[to + 6 * step * RowStrideU4] = x6;
-            vectors[to + 7 * step * RowStrideU4] = x7;
+            to[4 * step * RowStrideU4] = x4;
+            to[5 * step * RowStrideU4] = x5;
+            to[6 * step * RowStrideU4] = x6;
+            to[7 * step * RowStrideU4] = x7;
         }
     }
 
-    /// <summary>Piece c (16 bytes) of row <paramref name="row"/>; zeros at or past <paramref name="limit"/> or when not <paramref name="active"/>.</summary>
+    /// <summary>The 16-byte piece at <paramref name="index"/> when <paramref name="active"/>, else zeros.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static U4 Piece(ArrayView<U4> source, long headBase, int row, int limit, int D, int c, bool active)
+    private static U4 Piece(ArrayView<U4> source, int index, bool active)
     {
         U4 value = default;
-        if (active && row < limit)
-            value = source[(headBase + (long)row * D) / 8 + c];
+        if (active)
+            value = source[index];
         return value;
     }
 
@@ -219,18 +273,20 @@ internal static partial class TensorCoreForwardKernel
     private static void StageTransposed(ArrayView<ushort> x, ArrayView<uint> shared, long headBase, int key0, int limit,
         int D, int tid, bool diagonal, uint exponentMask)
     {
-        var source = x.Cast<U4>();
         bool wide = D > 64;
+        int chunks = D >> 3;
         int j = tid & 31, c = tid >> 5;
-        int key = key0 + 2 * j;
-        U4 lo0 = Piece(source, headBase, key, limit, D, c, true);
-        U4 hi0 = Piece(source, headBase, key + 1, limit, D, c, true);
-        U4 lo1 = Piece(source, headBase, key, limit, D, c + 4, true);
-        U4 hi1 = Piece(source, headBase, key + 1, limit, D, c + 4, true);
-        U4 lo2 = Piece(source, headBase, key, limit, D, c + 8, wide);
-        U4 hi2 = Piece(source, headBase, key + 1, limit, D, c + 8, wide);
-        U4 lo3 = Piece(source, headBase, key, limit, D, c + 12, wide);
-        U4 hi3 = Piece(source, headBase, key + 1, limit, D, c + 12, wide);
+        var source = x.Cast<U4>().SubView(headBase / 8 + c);
+        int key = key0 + 2 * j, index = key * chunks;
+        bool lo = key < limit, hi = key + 1 < limit;
+        U4 lo0 = Piece(source, index, lo);
+        U4 hi0 = Piece(source, index + chunks, hi);
+        U4 lo1 = Piece(source, index + 4, lo);
+        U4 hi1 = Piece(source, index + chunks + 4, hi);
+        U4 lo2 = Piece(source, index + 8, wide && lo);
+        U4 hi2 = Piece(source, index + chunks + 8, wide && hi);
+        U4 lo3 = Piece(source, index + 12, wide && lo);
+        U4 hi3 = Piece(source, index + chunks + 12, wide && hi);
         if (diagonal)
         {
             bool badLo = Sanitize(ref lo0, exponentMask) | Sanitize(ref lo1, exponentMask)
@@ -286,14 +342,55 @@ internal static partial class TensorCoreForwardKernel
         return lo | hi;
     }
 
-    /// <summary>lb = log(1 - beta) = -(max(z, 0) + l) for a visible key, 0 (selected) otherwise; l = log1p(exp(-|z|)).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Lb(float z, float l, bool visible) => visible ? -(MathF.Max(z, 0f) + l) : 0f;
+    private const float Log2E = 1.44269504088896341f;
+    private const float Ln2 = 0.693147180559945309f;
 
-    /// <summary>exp(log beta + suffix) with log beta = min(z, 0) - l for a visible key, 0 (selected) otherwise.</summary>
+    /// <summary>
+    /// lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)) for z = logit log2 e (never overflows): one ex2, and
+    /// log2(1 + u) for u in (0, 1] as 2 atanh(s) log2 e with s = u / (2 + u) in [0, 1/3], its series to s^15
+    /// (truncation at most (1/9)^8 / 17 = 1.4e-9 relative), s from one approximate reciprocal (rcp.approx: 1 ulp).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Weight(float z, float l, bool visible, float suffix) =>
-        visible ? MathF.Exp(MathF.Min(z, 0f) - l + suffix) : 0f;
+    private static float Lb2(float z)
+    {
+        float u = Exp2(-MathF.Abs(z));
+        float s = u * Reciprocal(2f + u);
+        float t = s * s;
+        const float C = 2f * Log2E;
+        float series = C / 15f;
+        series = series * t + C / 13f;
+        series = series * t + C / 11f;
+        series = series * t + C / 9f;
+        series = series * t + C / 7f;
+        series = series * t + C / 5f;
+        series = series * t + C / 3f;
+        series = series * t + C;
+        return -(MathF.Max(z, 0f) + s * series);
+    }
+
+    /// <summary>2^x: <c>ex2.approx.ftz.f32</c> on CUDA (relative error about 2^-22; results below 2^-126 flush to 0), exp(x ln 2) elsewhere.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Exp2(float x)
+    {
+        if (CudaAsm.IsSupported)
+        {
+            CudaAsm.Emit("ex2.approx.ftz.f32 %0, %1;", out float y, x);
+            return y;
+        }
+        return MathF.Exp(x * Ln2);
+    }
+
+    /// <summary>1 / x: <c>rcp.approx.ftz.f32</c> on CUDA (1 ulp), the IEEE division elsewhere.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float Reciprocal(float x)
+    {
+        if (CudaAsm.IsSupported)
+        {
+            CudaAsm.Emit("rcp.approx.ftz.f32 %0, %1;", out float y, x);
+            return y;
+        }
+        return 1f / x;
+    }
 
     /// <summary>
     /// The quad (4 lanes, one row) exchange of the thread sums x_t of lb: returns the sum over the nearer threads
@@ -315,7 +412,8 @@ internal static partial class TensorCoreForwardKernel
 
     /// <summary>
     /// The acc snapshots of the two 32-key tiles of this 64-key tile (<see cref="Snapshots"/>): before the lower one
-    /// (keys 32 .. 63 of the tile nearer: thread t = 1's nearer sum), and before the upper one (the row's acc).
+    /// (keys 32 .. 63 of the tile nearer: thread t = 1's nearer sum), and before the upper one (the row's acc);
+    /// the kernel sums in base 2, the snapshots are natural logs like the fp32 forwards'.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Snapshot(in TensorCoreForwardArgs a, int row, int tile, int t, float rowAcc, float nearer)
@@ -324,9 +422,9 @@ internal static partial class TensorCoreForwardKernel
             return;
         int half = 2 * tile;
         if (t == 1)
-            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half, a.Length, a.SnapshotTiles)] = rowAcc + nearer;
+            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half, a.Length, a.SnapshotTiles)] = (rowAcc + nearer) * Ln2;
         if (t == 3 && half + 1 < a.SnapshotTiles)
-            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc;
+            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc * Ln2;
     }
 
     /// <summary>
