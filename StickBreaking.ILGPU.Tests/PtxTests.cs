@@ -139,7 +139,7 @@ public sealed class PtxTests
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
             Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
             Assert.That(packs, Is.EqualTo((split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of P (and 16 of its residuals), 2 rows x 16 n-tiles of o");
-            Assert.That(approx, Is.EqualTo(3 * 32), "per score ex2 twice (2^-|z|, the weight) and rcp once, 32 scores per thread");
+            Assert.That(approx, Is.EqualTo(2 * 3 * 32), "per score ex2 twice (2^-|z|, the weight) and rcp once, 32 scores per thread, in the masked (diagonal) and the unmasked code");
             Assert.That(slots, Is.EqualTo(10 * mma + packs + approx), "10 operand slots per mma, 1 per conversion, ex2 and rcp, nothing else");
             Assert.That(vectorLoads, Is.EqualTo(2 + 8 + 32), "16-byte fragment loads: Q 2 and K 8 per S step, V 32");
             Assert.That(promotes, Is.True, "the loader's rewrite applies (PtxOperandSlots)");

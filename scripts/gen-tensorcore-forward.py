@@ -53,25 +53,34 @@ def key_field(i, hi):
     return f"s.N{nt}.{c}"
 
 
-for hi in (False, True):
-    name = "RowHi" if hi else "RowLo"
+for masked in (True, False):
+  for hi in (False, True):
+    name = ("RowHi" if hi else "RowLo") + ("" if masked else "Unmasked")
     which = "g + 8 (fields C2, C3)" if hi else "g (fields C0, C1)"
     w("    /// <summary>")
     w(f"    /// One row's 16 consecutive keys of this thread (row {which}), in base 2 (every log below is log2):")
     w("    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and")
     w("    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where")
-    w("    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i. Keys")
-    w("    /// i &gt;= <paramref name=\"visible\"/> (relative to the thread's first key) are not visible: lb = 0 and")
-    w("    /// weight = 0 by selection. Returns the row's acc (base 2) after the tile; writes the acc snapshots.")
+    w("    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.")
+    if masked:
+        w("    /// Keys i &gt;= <paramref name=\"visible\"/> (relative to the thread's first key) are not visible: lb = 0")
+        w("    /// and weight = 0 by selection (the diagonal tile).")
+    else:
+        w("    /// Every key is visible (every tile but the diagonal one: all its keys lie before every row of the block;")
+        w("    /// a row past T computes weights that no output reads). Same additions as the masked form.")
+    w("    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.")
     w("    /// </summary>")
     w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-    w(f"    private static float {name}(ref Tile8 s, float scale2, int visible, float rowAcc, int lane, int t,")
+    w(f"    private static float {name}(ref Tile8 s, float scale2, {'int visible, ' if masked else ''}float rowAcc, int lane, int t,")
     w("        in TensorCoreForwardArgs a, int row, int tile)")
     w("    {")
     for i in range(16):
         w(f"        float z{i} = scale2 * {key_field(i, hi)};")
-        w(f"        float l{i} = Lb2(z{i});")
-        w(f"        float b{i} = {i} < visible ? l{i} : 0f;")
+        if masked:
+            w(f"        float l{i} = Lb2(z{i});")
+            w(f"        float b{i} = {i} < visible ? l{i} : 0f;")
+        else:
+            w(f"        float b{i} = Lb2(z{i});")
     w("        float x = b15;")
     for i in range(14, -1, -1):
         w(f"        x += b{i};")
@@ -80,8 +89,11 @@ for hi in (False, True):
     w("        float suffix = rowAcc + nearer;")
     for i in range(15, -1, -1):
         w(f"        suffix += b{i};")
-        w(f"        float w{i} = Exp2(z{i} + suffix);")
-        w(f"        {key_field(i, hi)} = {i} < visible ? w{i} : 0f;")
+        if masked:
+            w(f"        float w{i} = Exp2(z{i} + suffix);")
+            w(f"        {key_field(i, hi)} = {i} < visible ? w{i} : 0f;")
+        else:
+            w(f"        {key_field(i, hi)} = Exp2(z{i} + suffix);")
     w("        return rowAcc + total;")
     w("    }")
     w()

@@ -48,9 +48,10 @@ internal static partial class TensorCoreForwardKernel
     /// One row's 16 consecutive keys of this thread (row g (fields C0, C1)), in base 2 (every log below is log2):
     /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
     /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
-    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i. Keys
-    /// i &gt;= <paramref name="visible"/> (relative to the thread's first key) are not visible: lb = 0 and
-    /// weight = 0 by selection. Returns the row's acc (base 2) after the tile; writes the acc snapshots.
+    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
+    /// Keys i &gt;= <paramref name="visible"/> (relative to the thread's first key) are not visible: lb = 0
+    /// and weight = 0 by selection (the diagonal tile).
+    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float RowLo(ref Tile8 s, float scale2, int visible, float rowAcc, int lane, int t,
@@ -178,9 +179,10 @@ internal static partial class TensorCoreForwardKernel
     /// One row's 16 consecutive keys of this thread (row g + 8 (fields C2, C3)), in base 2 (every log below is log2):
     /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
     /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
-    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i. Keys
-    /// i &gt;= <paramref name="visible"/> (relative to the thread's first key) are not visible: lb = 0 and
-    /// weight = 0 by selection. Returns the row's acc (base 2) after the tile; writes the acc snapshots.
+    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
+    /// Keys i &gt;= <paramref name="visible"/> (relative to the thread's first key) are not visible: lb = 0
+    /// and weight = 0 by selection (the diagonal tile).
+    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float RowHi(ref Tile8 s, float scale2, int visible, float rowAcc, int lane, int t,
@@ -301,6 +303,204 @@ internal static partial class TensorCoreForwardKernel
         suffix += b0;
         float w0 = Exp2(z0 + suffix);
         s.N0.C2 = 0 < visible ? w0 : 0f;
+        return rowAcc + total;
+    }
+
+    /// <summary>
+    /// One row's 16 consecutive keys of this thread (row g (fields C0, C1)), in base 2 (every log below is log2):
+    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
+    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
+    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
+    /// Every key is visible (every tile but the diagonal one: all its keys lie before every row of the block;
+    /// a row past T computes weights that no output reads). Same additions as the masked form.
+    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float RowLoUnmasked(ref Tile8 s, float scale2, float rowAcc, int lane, int t,
+        in TensorCoreForwardArgs a, int row, int tile)
+    {
+        float z0 = scale2 * s.N0.C0;
+        float b0 = Lb2(z0);
+        float z1 = scale2 * s.N0.C1;
+        float b1 = Lb2(z1);
+        float z2 = scale2 * s.N1.C0;
+        float b2 = Lb2(z2);
+        float z3 = scale2 * s.N1.C1;
+        float b3 = Lb2(z3);
+        float z4 = scale2 * s.N2.C0;
+        float b4 = Lb2(z4);
+        float z5 = scale2 * s.N2.C1;
+        float b5 = Lb2(z5);
+        float z6 = scale2 * s.N3.C0;
+        float b6 = Lb2(z6);
+        float z7 = scale2 * s.N3.C1;
+        float b7 = Lb2(z7);
+        float z8 = scale2 * s.N4.C0;
+        float b8 = Lb2(z8);
+        float z9 = scale2 * s.N4.C1;
+        float b9 = Lb2(z9);
+        float z10 = scale2 * s.N5.C0;
+        float b10 = Lb2(z10);
+        float z11 = scale2 * s.N5.C1;
+        float b11 = Lb2(z11);
+        float z12 = scale2 * s.N6.C0;
+        float b12 = Lb2(z12);
+        float z13 = scale2 * s.N6.C1;
+        float b13 = Lb2(z13);
+        float z14 = scale2 * s.N7.C0;
+        float b14 = Lb2(z14);
+        float z15 = scale2 * s.N7.C1;
+        float b15 = Lb2(z15);
+        float x = b15;
+        x += b14;
+        x += b13;
+        x += b12;
+        x += b11;
+        x += b10;
+        x += b9;
+        x += b8;
+        x += b7;
+        x += b6;
+        x += b5;
+        x += b4;
+        x += b3;
+        x += b2;
+        x += b1;
+        x += b0;
+        float nearer = QuadNearer(x, lane, t, out float total);
+        Snapshot(a, row, tile, t, rowAcc, nearer);
+        float suffix = rowAcc + nearer;
+        suffix += b15;
+        s.N7.C1 = Exp2(z15 + suffix);
+        suffix += b14;
+        s.N7.C0 = Exp2(z14 + suffix);
+        suffix += b13;
+        s.N6.C1 = Exp2(z13 + suffix);
+        suffix += b12;
+        s.N6.C0 = Exp2(z12 + suffix);
+        suffix += b11;
+        s.N5.C1 = Exp2(z11 + suffix);
+        suffix += b10;
+        s.N5.C0 = Exp2(z10 + suffix);
+        suffix += b9;
+        s.N4.C1 = Exp2(z9 + suffix);
+        suffix += b8;
+        s.N4.C0 = Exp2(z8 + suffix);
+        suffix += b7;
+        s.N3.C1 = Exp2(z7 + suffix);
+        suffix += b6;
+        s.N3.C0 = Exp2(z6 + suffix);
+        suffix += b5;
+        s.N2.C1 = Exp2(z5 + suffix);
+        suffix += b4;
+        s.N2.C0 = Exp2(z4 + suffix);
+        suffix += b3;
+        s.N1.C1 = Exp2(z3 + suffix);
+        suffix += b2;
+        s.N1.C0 = Exp2(z2 + suffix);
+        suffix += b1;
+        s.N0.C1 = Exp2(z1 + suffix);
+        suffix += b0;
+        s.N0.C0 = Exp2(z0 + suffix);
+        return rowAcc + total;
+    }
+
+    /// <summary>
+    /// One row's 16 consecutive keys of this thread (row g + 8 (fields C2, C3)), in base 2 (every log below is log2):
+    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
+    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
+    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
+    /// Every key is visible (every tile but the diagonal one: all its keys lie before every row of the block;
+    /// a row past T computes weights that no output reads). Same additions as the masked form.
+    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float RowHiUnmasked(ref Tile8 s, float scale2, float rowAcc, int lane, int t,
+        in TensorCoreForwardArgs a, int row, int tile)
+    {
+        float z0 = scale2 * s.N0.C2;
+        float b0 = Lb2(z0);
+        float z1 = scale2 * s.N0.C3;
+        float b1 = Lb2(z1);
+        float z2 = scale2 * s.N1.C2;
+        float b2 = Lb2(z2);
+        float z3 = scale2 * s.N1.C3;
+        float b3 = Lb2(z3);
+        float z4 = scale2 * s.N2.C2;
+        float b4 = Lb2(z4);
+        float z5 = scale2 * s.N2.C3;
+        float b5 = Lb2(z5);
+        float z6 = scale2 * s.N3.C2;
+        float b6 = Lb2(z6);
+        float z7 = scale2 * s.N3.C3;
+        float b7 = Lb2(z7);
+        float z8 = scale2 * s.N4.C2;
+        float b8 = Lb2(z8);
+        float z9 = scale2 * s.N4.C3;
+        float b9 = Lb2(z9);
+        float z10 = scale2 * s.N5.C2;
+        float b10 = Lb2(z10);
+        float z11 = scale2 * s.N5.C3;
+        float b11 = Lb2(z11);
+        float z12 = scale2 * s.N6.C2;
+        float b12 = Lb2(z12);
+        float z13 = scale2 * s.N6.C3;
+        float b13 = Lb2(z13);
+        float z14 = scale2 * s.N7.C2;
+        float b14 = Lb2(z14);
+        float z15 = scale2 * s.N7.C3;
+        float b15 = Lb2(z15);
+        float x = b15;
+        x += b14;
+        x += b13;
+        x += b12;
+        x += b11;
+        x += b10;
+        x += b9;
+        x += b8;
+        x += b7;
+        x += b6;
+        x += b5;
+        x += b4;
+        x += b3;
+        x += b2;
+        x += b1;
+        x += b0;
+        float nearer = QuadNearer(x, lane, t, out float total);
+        Snapshot(a, row, tile, t, rowAcc, nearer);
+        float suffix = rowAcc + nearer;
+        suffix += b15;
+        s.N7.C3 = Exp2(z15 + suffix);
+        suffix += b14;
+        s.N7.C2 = Exp2(z14 + suffix);
+        suffix += b13;
+        s.N6.C3 = Exp2(z13 + suffix);
+        suffix += b12;
+        s.N6.C2 = Exp2(z12 + suffix);
+        suffix += b11;
+        s.N5.C3 = Exp2(z11 + suffix);
+        suffix += b10;
+        s.N5.C2 = Exp2(z10 + suffix);
+        suffix += b9;
+        s.N4.C3 = Exp2(z9 + suffix);
+        suffix += b8;
+        s.N4.C2 = Exp2(z8 + suffix);
+        suffix += b7;
+        s.N3.C3 = Exp2(z7 + suffix);
+        suffix += b6;
+        s.N3.C2 = Exp2(z6 + suffix);
+        suffix += b5;
+        s.N2.C3 = Exp2(z5 + suffix);
+        suffix += b4;
+        s.N2.C2 = Exp2(z4 + suffix);
+        suffix += b3;
+        s.N1.C3 = Exp2(z3 + suffix);
+        suffix += b2;
+        s.N1.C2 = Exp2(z2 + suffix);
+        suffix += b1;
+        s.N0.C3 = Exp2(z1 + suffix);
+        suffix += b0;
+        s.N0.C2 = Exp2(z0 + suffix);
         return rowAcc + total;
     }
 

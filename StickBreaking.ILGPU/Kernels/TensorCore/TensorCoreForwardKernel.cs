@@ -120,13 +120,18 @@ internal static partial class TensorCoreForwardKernel
         int vAt = VtOffset / 4 + g * VtStrideU4 + 2 * t;
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
-        for (int tile = lastKey / KeyTile; tile >= 0; tile--)
+        int tile = lastKey / KeyTile;
+        // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's P V
+        // runs (they are dead through S and the elementwise work, where registers are scarcest).
+        var kPieces = LoadRows(a.K, headBase, tile * KeyTile, stageLimit, D, tid);
+        var vPieces = LoadKeyPairs(a.V, headBase, tile * KeyTile, stageLimit, D, tid);
+        for (; tile >= 0; tile--)
         {
             int key0 = tile * KeyTile;
             Group.Barrier();
-            Stage(a.K, vectors, KOffset / 4, headBase, key0, stageLimit, D, tid);
+            StoreRows(kPieces, vectors, KOffset / 4, D, tid);
             bool diagonal = key0 == row0;                // the first tile walked
-            StageTransposed(a.V, shared, headBase, key0, stageLimit, D, tid, diagonal, exponentMask);
+            StoreTransposed(ref vPieces, shared, D, tid, diagonal, exponentMask);
             Group.Barrier();
             if (diagonal)
             {
@@ -140,9 +145,21 @@ internal static partial class TensorCoreForwardKernel
                 Scores<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
 
             int firstKey = key0 + 16 * t;
-            accLo = RowLo(ref s, scale2, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
-            accHi = RowHi(ref s, scale2, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
+            if (diagonal)
+            {
+                accLo = RowLo(ref s, scale2, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
+                accHi = RowHi(ref s, scale2, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
+            }
+            else
+            {
+                accLo = RowLoUnmasked(ref s, scale2, accLo, lane, t, a, rowLo, tile);
+                accHi = RowHiUnmasked(ref s, scale2, accHi, lane, t, a, rowHi, tile);
+            }
             var p = PackWeights<TStorage>(s, split, out var residuals);
+            // Past the last tile (tile 0) nothing is loaded: every piece inactive.
+            int nextLimit = tile > 0 ? stageLimit : int.MinValue;
+            kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+            vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), wide, shared, emu);
         }
 
@@ -214,41 +231,50 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// Stages 64 rows first .. first+63 of a [T, D] head in shared memory (row stride <see cref="RowStride"/>), in
-    /// 16-byte pieces: thread tid takes piece c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8),
-    /// D / 16 passes). All of a thread's loads are issued before its stores (ILGPU does not unroll loops: a
-    /// load-store loop would wait for each load in turn). Rows at or past <paramref name="limit"/> are zeros
-    /// (never read). The global pieces are addressed from one sub-view per thread (its piece c of the head) plus a
-    /// 32-bit index, row (D / 8) + 128 i (the rows of a pass are 128 pieces apart): a 64-bit address computation
-    /// per piece cost about 14 instructions.
+    /// Loads this thread's share of 64 rows first .. first+63 of a [T, D] head, in 16-byte pieces: piece
+    /// c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8), D / 16 passes), for
+    /// <see cref="StoreRows"/>. Rows at or past <paramref name="limit"/> are zeros (never read). The pieces are
+    /// addressed from one sub-view per thread (its piece c of the head) plus a 32-bit index, row (D / 8) + 128 i
+    /// (the rows of a pass are 128 pieces apart): a 64-bit address computation per piece cost about 14 instructions.
     /// </summary>
-    private static void Stage(ArrayView<ushort> x, ArrayView<U4> vectors, int at, long headBase, int first, int limit,
-        int D, int tid)
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, int first, int limit, int D, int tid)
     {
         bool wide = D > 64;
         int chunks = D >> 3;
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
         var source = x.Cast<U4>().SubView(headBase / 8 + c);
         int row = first + r, index = row * chunks;
-        U4 x0 = Piece(source, index, row < limit);
-        U4 x1 = Piece(source, index + GroupSize, row + step < limit);
-        U4 x2 = Piece(source, index + 2 * GroupSize, row + 2 * step < limit);
-        U4 x3 = Piece(source, index + 3 * GroupSize, row + 3 * step < limit);
-        U4 x4 = Piece(source, index + 4 * GroupSize, wide && row + 4 * step < limit);
-        U4 x5 = Piece(source, index + 5 * GroupSize, wide && row + 5 * step < limit);
-        U4 x6 = Piece(source, index + 6 * GroupSize, wide && row + 6 * step < limit);
-        U4 x7 = Piece(source, index + 7 * GroupSize, wide && row + 7 * step < limit);
+        Pieces8 p;
+        p.P0 = Piece(source, index, row < limit);
+        p.P1 = Piece(source, index + GroupSize, row + step < limit);
+        p.P2 = Piece(source, index + 2 * GroupSize, row + 2 * step < limit);
+        p.P3 = Piece(source, index + 3 * GroupSize, row + 3 * step < limit);
+        p.P4 = Piece(source, index + 4 * GroupSize, wide && row + 4 * step < limit);
+        p.P5 = Piece(source, index + 5 * GroupSize, wide && row + 5 * step < limit);
+        p.P6 = Piece(source, index + 6 * GroupSize, wide && row + 6 * step < limit);
+        p.P7 = Piece(source, index + 7 * GroupSize, wide && row + 7 * step < limit);
+        return p;
+    }
+
+    /// <summary>Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreRows(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
         var to = vectors.SubView(at + r * RowStrideU4 + c);
-        to[0] = x0;
-        to[step * RowStrideU4] = x1;
-        to[2 * step * RowStrideU4] = x2;
-        to[3 * step * RowStrideU4] = x3;
+        to[0] = p.P0;
+        to[step * RowStrideU4] = p.P1;
+        to[2 * step * RowStrideU4] = p.P2;
+        to[3 * step * RowStrideU4] = p.P3;
         if (wide)
         {
-            to[4 * step * RowStrideU4] = x4;
-            to[5 * step * RowStrideU4] = x5;
-            to[6 * step * RowStrideU4] = x6;
-            to[7 * step * RowStrideU4] = x7;
+            to[4 * step * RowStrideU4] = p.P4;
+            to[5 * step * RowStrideU4] = p.P5;
+            to[6 * step * RowStrideU4] = p.P6;
+            to[7 * step * RowStrideU4] = p.P7;
         }
     }
 
@@ -263,15 +289,13 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// Stages a V tile transposed, Vt[d][key] (row stride <see cref="VtStride"/>): the 32 lanes of a warp take the
-    /// 32 key pairs (2j, 2j+1), so that their stores fall in 32 different banks, warp w the 16-byte pieces
-    /// c = w + 4i of the head dimension (D / 32 of them); each reads two pieces (keys 2j and 2j+1, all loads first)
-    /// and writes 8 words per piece, each the pair (key 2j, key 2j+1) of one dimension. Keys at or past
-    /// <paramref name="limit"/> are zeros. In the <paramref name="diagonal"/> tile non-finite values become zeros
-    /// and the first key holding one is noted at <see cref="FlagOffset"/>.
+    /// Loads this thread's share of a V tile for <see cref="StoreTransposed"/>: the 32 lanes of a warp take the 32
+    /// key pairs (2j, 2j+1), warp w the 16-byte pieces c = w + 4i of the head dimension (D / 32 of them), two
+    /// pieces each (keys 2j and 2j+1: P0, P1 for c, P2, P3 for c + 4, ...). Keys at or past
+    /// <paramref name="limit"/> are zeros.
     /// </summary>
-    private static void StageTransposed(ArrayView<ushort> x, ArrayView<uint> shared, long headBase, int key0, int limit,
-        int D, int tid, bool diagonal, uint exponentMask)
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 LoadKeyPairs(ArrayView<ushort> x, long headBase, int key0, int limit, int D, int tid)
     {
         bool wide = D > 64;
         int chunks = D >> 3;
@@ -279,29 +303,45 @@ internal static partial class TensorCoreForwardKernel
         var source = x.Cast<U4>().SubView(headBase / 8 + c);
         int key = key0 + 2 * j, index = key * chunks;
         bool lo = key < limit, hi = key + 1 < limit;
-        U4 lo0 = Piece(source, index, lo);
-        U4 hi0 = Piece(source, index + chunks, hi);
-        U4 lo1 = Piece(source, index + 4, lo);
-        U4 hi1 = Piece(source, index + chunks + 4, hi);
-        U4 lo2 = Piece(source, index + 8, wide && lo);
-        U4 hi2 = Piece(source, index + chunks + 8, wide && hi);
-        U4 lo3 = Piece(source, index + 12, wide && lo);
-        U4 hi3 = Piece(source, index + chunks + 12, wide && hi);
+        Pieces8 p;
+        p.P0 = Piece(source, index, lo);
+        p.P1 = Piece(source, index + chunks, hi);
+        p.P2 = Piece(source, index + 4, lo);
+        p.P3 = Piece(source, index + chunks + 4, hi);
+        p.P4 = Piece(source, index + 8, wide && lo);
+        p.P5 = Piece(source, index + chunks + 8, wide && hi);
+        p.P6 = Piece(source, index + 12, wide && lo);
+        p.P7 = Piece(source, index + chunks + 12, wide && hi);
+        return p;
+    }
+
+    /// <summary>
+    /// Stores the V pieces of <see cref="LoadKeyPairs"/> transposed, Vt[d][key] (row stride <see cref="VtStride"/>):
+    /// 8 words per piece pair, each the pair (key 2j, key 2j+1) of one dimension; the 32 lanes' stores fall in 32
+    /// different banks. In the <paramref name="diagonal"/> tile non-finite values become zeros and the first key
+    /// holding one is noted at <see cref="FlagOffset"/>.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int D, int tid, bool diagonal,
+        uint exponentMask)
+    {
+        bool wide = D > 64;
+        int j = tid & 31, c = tid >> 5;
         if (diagonal)
         {
-            bool badLo = Sanitize(ref lo0, exponentMask) | Sanitize(ref lo1, exponentMask)
-                | Sanitize(ref lo2, exponentMask) | Sanitize(ref lo3, exponentMask);
-            bool badHi = Sanitize(ref hi0, exponentMask) | Sanitize(ref hi1, exponentMask)
-                | Sanitize(ref hi2, exponentMask) | Sanitize(ref hi3, exponentMask);
+            bool badLo = Sanitize(ref p.P0, exponentMask) | Sanitize(ref p.P2, exponentMask)
+                | Sanitize(ref p.P4, exponentMask) | Sanitize(ref p.P6, exponentMask);
+            bool badHi = Sanitize(ref p.P1, exponentMask) | Sanitize(ref p.P3, exponentMask)
+                | Sanitize(ref p.P5, exponentMask) | Sanitize(ref p.P7, exponentMask);
             if (badLo || badHi)
                 Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
-        PutTransposed(shared, c, j, lo0, hi0);
-        PutTransposed(shared, c + 4, j, lo1, hi1);
+        PutTransposed(shared, c, j, p.P0, p.P1);
+        PutTransposed(shared, c + 4, j, p.P2, p.P3);
         if (wide)
         {
-            PutTransposed(shared, c + 8, j, lo2, hi2);
-            PutTransposed(shared, c + 12, j, lo3, hi3);
+            PutTransposed(shared, c + 8, j, p.P4, p.P5);
+            PutTransposed(shared, c + 12, j, p.P6, p.P7);
         }
     }
 
@@ -347,8 +387,9 @@ internal static partial class TensorCoreForwardKernel
 
     /// <summary>
     /// lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)) for z = logit log2 e (never overflows): one ex2, and
-    /// log2(1 + u) for u in (0, 1] as 2 atanh(s) log2 e with s = u / (2 + u) in [0, 1/3], its series to s^15
-    /// (truncation at most (1/9)^8 / 17 = 1.4e-9 relative), s from one approximate reciprocal (rcp.approx: 1 ulp).
+    /// log2(1 + u) for u in (0, 1] as 2 atanh(s) log2 e with s = u / (2 + u) in [0, 1/3], atanh(s) / s as a
+    /// degree-4 polynomial in t = s^2 on [0, 1/9] (Chebyshev-node fit, relative error 4e-9; the truncated series
+    /// needs degree 7 for 1.5e-9), s from one approximate reciprocal (rcp.approx: 1 ulp).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float Lb2(float z)
@@ -357,14 +398,11 @@ internal static partial class TensorCoreForwardKernel
         float s = u * Reciprocal(2f + u);
         float t = s * s;
         const float C = 2f * Log2E;
-        float series = C / 15f;
-        series = series * t + C / 13f;
-        series = series * t + C / 11f;
-        series = series * t + C / 9f;
-        series = series * t + C / 7f;
-        series = series * t + C / 5f;
-        series = series * t + C / 3f;
-        series = series * t + C;
+        float series = C * 0.1407888918330113f;
+        series = series * t + C * 0.13982578872278584f;
+        series = series * t + C * 0.20012297615355937f;
+        series = series * t + C * 0.33333160820690017f;
+        series = series * t + C * 1.0000000038408794f;
         return -(MathF.Max(z, 0f) + s * series);
     }
 
@@ -505,6 +543,12 @@ internal readonly struct RoundedWeights : IWeights
 internal readonly struct SplitWeights : IWeights
 {
     public bool Split => true;
+}
+
+/// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>
+internal struct Pieces8
+{
+    public U4 P0, P1, P2, P3, P4, P5, P6, P7;
 }
 
 /// <summary>The score tile of one warp: 8 n-tiles of 8 keys (16 rows x 64 keys).</summary>
