@@ -68,11 +68,13 @@ internal static partial class TensorCoreForwardKernel
     private const int QOffset = 0;                                             // in 32-bit words
     private const int KOffset = QOffset + (GroupSize / 32) * QWarpVectors * 4;
     private const int VtOffset = KOffset + KeyTile * RowStride / 2;
+    /// <summary>Words of one K and V^T buffer pair; tile i uses the pair at (i % 2) BufferWords (double buffering).</summary>
+    private const int BufferWords = KeyTile * RowStride / 2 + MaxHeadDim * VtStride / 2;
     /// <summary>The diagonal tile's first key (relative) with a non-finite value; <see cref="KeyTile"/> when none.</summary>
-    private const int FlagOffset = VtOffset + MaxHeadDim * VtStride / 2;
+    private const int FlagOffset = KOffset + 2 * BufferWords;
     private const int SharedUints = FlagOffset + 4;
 
-    /// <summary>Dynamic shared memory per group on CUDA, in bytes (58 KB: above the default 48 KB, so the loader raises the limit).</summary>
+    /// <summary>Dynamic shared memory per group on CUDA, in bytes (92 KB: above the default 48 KB, so the loader raises the limit; two groups per SM fit).</summary>
     public const int SharedBytes = 4 * SharedUints;
     /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
     public const int EmulatedSharedBytes = SharedBytes + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
@@ -102,7 +104,7 @@ internal static partial class TensorCoreForwardKernel
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
         StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), headBase, rowLo, T, D, t);
         if (tid == 0)
-            shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the loop's first barrier
+            shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the barrier below
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
         bool poisonedLo = false, poisonedHi = false;
 
@@ -125,14 +127,19 @@ internal static partial class TensorCoreForwardKernel
         // runs (they are dead through S and the elementwise work, where registers are scarcest).
         var kPieces = LoadRows(a.K, headBase, tile * KeyTile, stageLimit, D, tid);
         var vPieces = LoadKeyPairs(a.V, headBase, tile * KeyTile, stageLimit, D, tid);
+        Group.Barrier();
+        // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
+        // reads that pair any more, and one barrier per tile suffices: a warp stores into pair (i - 1) % 2 only
+        // after the barrier that ended tile i + 1, the last reader of that pair.
+        int buffer = (tile & 1) * BufferWords;
+        StoreRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid);
+        StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask);
+        Group.Barrier();
         for (; tile >= 0; tile--)
         {
             int key0 = tile * KeyTile;
-            Group.Barrier();
-            StoreRows(kPieces, vectors, KOffset / 4, D, tid);
+            buffer = (tile & 1) * BufferWords;
             bool diagonal = key0 == row0;                // the first tile walked
-            StoreTransposed(ref vPieces, shared, D, tid, diagonal, exponentMask);
-            Group.Barrier();
             if (diagonal)
             {
                 int firstBad = key0 + (int)shared[FlagOffset];
@@ -142,7 +149,7 @@ internal static partial class TensorCoreForwardKernel
 
             var s = new Tile8();
             for (int m = 0; m < D / 32; m++)
-                Scores<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
+                Scores<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + buffer / 4 + 4 * m), shared, emu);
 
             int firstKey = key0 + 16 * t;
             if (diagonal)
@@ -156,11 +163,20 @@ internal static partial class TensorCoreForwardKernel
                 accHi = RowHiUnmasked(ref s, scale2, accHi, lane, t, a, rowHi, tile);
             }
             var p = PackWeights<TStorage>(s, split, out var residuals);
-            // Past the last tile (tile 0) nothing is loaded: every piece inactive.
+            // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's
+            // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
+            // stored into the other buffer pair. Past the last tile (tile 0) nothing is loaded or stored.
             int nextLimit = tile > 0 ? stageLimit : int.MinValue;
             kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
             vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
-            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt), wide, shared, emu);
+            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
+            if (tile > 0)
+            {
+                int next = BufferWords - buffer;
+                StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
+                StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask);
+                Group.Barrier();
+            }
         }
 
         var words = a.O.Cast<uint>();
@@ -322,7 +338,7 @@ internal static partial class TensorCoreForwardKernel
     /// holding one is noted at <see cref="FlagOffset"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int D, int tid, bool diagonal,
+    private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int vt, int D, int tid, bool diagonal,
         uint exponentMask)
     {
         bool wide = D > 64;
@@ -336,20 +352,20 @@ internal static partial class TensorCoreForwardKernel
             if (badLo || badHi)
                 Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
-        PutTransposed(shared, c, j, p.P0, p.P1);
-        PutTransposed(shared, c + 4, j, p.P2, p.P3);
+        PutTransposed(shared, vt, c, j, p.P0, p.P1);
+        PutTransposed(shared, vt, c + 4, j, p.P2, p.P3);
         if (wide)
         {
-            PutTransposed(shared, c + 8, j, p.P4, p.P5);
-            PutTransposed(shared, c + 12, j, p.P6, p.P7);
+            PutTransposed(shared, vt, c + 8, j, p.P4, p.P5);
+            PutTransposed(shared, vt, c + 12, j, p.P6, p.P7);
         }
     }
 
     /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt, one word per dimension.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void PutTransposed(ArrayView<uint> shared, int c, int j, U4 lo, U4 hi)
+    private static void PutTransposed(ArrayView<uint> shared, int vt, int c, int j, U4 lo, U4 hi)
     {
-        int at = VtOffset + 8 * c * (VtStride / 2) + j;
+        int at = vt + 8 * c * (VtStride / 2) + j;
         shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
         shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
         shared[at + 2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
