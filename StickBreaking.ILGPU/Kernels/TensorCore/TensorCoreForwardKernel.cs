@@ -17,9 +17,10 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// One group of <see cref="GroupSize"/> threads (4 warps) per (head, block of <see cref="BlockRows"/> query
 /// rows); warp w owns rows 16w .. 16w+15 of the block (lane 4g + t: rows g and g+8). Key tiles of
 /// <see cref="KeyTile"/> are walked from the diagonal back to key 0. The Q block (as each thread's A fragments, in
-/// mma operand order), one K tile (row-major) and one V tile (transposed, [d][key]) sit in shared memory as
-/// 16-bit values; every K and V fragment is one 16-byte shared load feeding two mma, every Q fragment one load
-/// feeding eight.
+/// mma operand order) and two K tiles (row-major) and V tiles (transposed, [d][key]) sit in shared memory as
+/// 16-bit values (double buffering: the next tile, loaded into registers during this tile's P V, is stored into
+/// the other buffer pair, one barrier per tile); every K and V fragment is one 16-byte shared load feeding two
+/// mma, every Q fragment one load feeding eight. Scores, lb and acc are in base 2 (ex2 without multiplies).
 /// </para>
 /// <para>
 /// The key permutation: mma column n of score n-tile nt stands for key 16 (n / 2) + 2 nt + n % 2 (the K
