@@ -4,6 +4,7 @@ using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
 using StickBreaking.ILGPU.Kernels.Cuda;
 using StickBreaking.ILGPU.Kernels.Portable;
+using StickBreaking.ILGPU.Kernels.TensorCore;
 
 namespace StickBreaking.ILGPU.Launch;
 
@@ -26,6 +27,7 @@ internal sealed class KernelSet
 {
     private readonly KernelLaunch<ForwardArgs>? fastForward;
     private readonly KernelLaunch<BackwardArgs>? fastBackwardQuery, fastBackwardKey;
+    private readonly KernelLaunch<TensorCoreForwardArgs>? tensorCoreBf16, tensorCoreFp16;
 
     public KernelSet(Accelerator accelerator, KernelChoice choice)
     {
@@ -33,6 +35,12 @@ internal sealed class KernelSet
             return;
         long sharedBytes = accelerator is CudaAccelerator cuda ? CudaDriver.MaxOptInSharedBytes(cuda) : accelerator.MaxSharedMemoryPerGroup;
         fastForward = Fit(CudaForwardKernel.Launch, accelerator, sharedBytes, choice);
+        // 16-bit storage: the tensor-core forward where it fits (on the CPU accelerator, with the mma emulated).
+        if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
+        {
+            tensorCoreBf16 = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreFp16 = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+        }
         // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is between
         // the two runs the CUDA forward and the portable backward (both read the same snapshots).
         if (fastForward is not null
@@ -53,6 +61,13 @@ internal sealed class KernelSet
     /// <summary>The forward kernel for head dimension <paramref name="headDim"/>.</summary>
     public KernelLaunch<ForwardArgs> Forward(int headDim) =>
         fastForward is { } fast && fast.ServesHeadDim(headDim) ? fast : ForwardKernel.Launch;
+
+    /// <summary>Whether the tensor-core forward serves 16-bit storage for the head dimensions it covers.</summary>
+    public bool TensorCoreForward => tensorCoreBf16 is not null;
+
+    /// <summary>The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves it.</summary>
+    public KernelLaunch<TensorCoreForwardArgs>? Forward16(int headDim, bool bf16) =>
+        (bf16 ? tensorCoreBf16 : tensorCoreFp16) is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
 
     /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>
     public (KernelLaunch<BackwardArgs> Query, KernelLaunch<BackwardArgs> Key) Backward(int headDim) =>
