@@ -120,9 +120,13 @@ internal static class CudaBackwardQueryKernel
             }
             if (diagonal && ty < chunks)
             {
-                var z = vectors.SubView(zRow + ty, 3 * Chunks + 1);   // rows ty*4+i, keys ty*4+m: m < i + AttendCurrent
-                CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks],
-                    -3, a.AttendCurrent - 1, ref dq);
+                // rows ty*4+i, keys ty*4+m: m < i + AttendCurrent. The band's bounds are constants in each branch, so
+                // every term's select folds away at compile time (a runtime bound kept 7 predicates live and spilled).
+                var z = vectors.SubView(zRow + ty, 3 * Chunks + 1);
+                if (a.AttendCurrent != 0)
+                    CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks], -3, 0, ref dq);
+                else
+                    CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks], -3, -1, ref dq);
             }
         }
 
