@@ -285,7 +285,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
-        var args = new ForwardArgs
+        var args = new ForwardArgs<float>
         {
             Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
             AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
@@ -306,7 +306,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
         int D = shape.HeadDim, T = shape.Length;
-        var args = new BackwardArgs
+        var args = new BackwardArgs<float>
         {
             Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
             AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
