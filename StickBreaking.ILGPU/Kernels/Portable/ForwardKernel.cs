@@ -149,7 +149,17 @@ internal static class ForwardKernel
             Group.Barrier();
         }
 
-        if (!inOutput || !element.Wide)   // on OpenCL an fp32 O already holds the result
+        if (!inOutput)
+        {
+            for (int e = tid; e < BlockRows * cols; e += groupSize)
+            {
+                int r = e / cols, c = e - r * cols;
+                int row = row0 + r;
+                if (row < T)
+                    a.O[headBase + (long)row * D + col0 + c] = element.Store(outAcc[r * a.ColumnsPerGroup + c]);
+            }
+        }
+        else if (!element.Wide)   // OpenCL, 16-bit o: round the fp32 scratch once (an fp32 O already holds the result)
         {
             for (int e = tid; e < BlockRows * cols; e += groupSize)
             {
@@ -158,7 +168,7 @@ internal static class ForwardKernel
                 if (row < T)
                 {
                     long at = headBase + (long)row * D + col0 + c;
-                    a.O[at] = element.Store(inOutput ? outGlobal[at] : outAcc[r * a.ColumnsPerGroup + c]);
+                    a.O[at] = element.Store(outGlobal[at]);
                 }
             }
         }
