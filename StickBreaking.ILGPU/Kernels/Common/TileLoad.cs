@@ -52,6 +52,11 @@ internal static class TileLoad
 /// global and local memory are the same RAM.
 /// </para>
 /// <para>
+/// With 16-bit storage (<see cref="IElement{T}.Wide"/> false) the output cannot hold a running fp32 sum: there the
+/// accumulator is the arguments' fp32 <c>AccumulatorScratch</c>, indexed as the output, rounded into the output at
+/// the end (<see cref="IElement{T}.Accumulator"/> picks the view; docs/design.md).
+/// </para>
+/// <para>
 /// ILGPU does not fold <see cref="Accelerator.CurrentType"/> in its IR (the PTX and the OpenCL C compare two
 /// constants; ptxas and the OpenCL compiler fold them), so the kernels branch on <see cref="InOutput"/> around
 /// each accumulator access and never select between a global and a shared view: a select would make every
