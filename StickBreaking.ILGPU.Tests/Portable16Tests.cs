@@ -130,6 +130,35 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
         });
     }
 
+    /// <summary>
+    /// Non-finite k and v of a key no row sees (the last one, without AttendCurrent) reach no output: masks select,
+    /// never multiply, in the 16-bit specializations as in fp32; the key's own dk and dv are zero.
+    /// </summary>
+    [TestCase(true)]
+    [TestCase(false)]
+    public void UnseenNonFiniteKeyReachesNoOutput(bool bf16)
+    {
+        int length = 40, headDim = 16;
+        var shape = new AttentionShape(1, 1, length, headDim);
+        var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 41);
+        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        int last = length - 1;
+        for (int d = 0; d < headDim; d++)
+        {
+            k.Bits[last * headDim + d] = FromDouble(d % 2 == 0 ? double.NaN : double.NegativeInfinity, bf16);
+            v.Bits[last * headDim + d] = FromDouble(d % 2 == 0 ? double.PositiveInfinity : double.NaN, bf16);
+        }
+        var run = Run16(bf16, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, 0.25f, attendCurrent: false, sliced: false);
+        bool Finite(ushort[] bits) => bits.All(b => double.IsFinite(ToDouble(b, bf16)));
+        Assert.Multiple(() =>
+        {
+            Assert.That(Finite(run.O) && run.Rem.All(float.IsFinite) && run.LogRem.All(float.IsFinite), "forward outputs finite");
+            Assert.That(Finite(run.DQ) && Finite(run.DK) && Finite(run.DV), "gradients finite");
+            Assert.That(Enumerable.Range(0, headDim).All(d => ToDouble(run.DK[last * headDim + d], bf16) == 0
+                && ToDouble(run.DV[last * headDim + d], bf16) == 0), "the unseen key's dk and dv are zero");
+        });
+    }
+
     private sealed record Result<T>(T[] O, float[] Rem, float[] LogRem, T[] DQ, T[] DK, T[] DV);
 
     private Result<ushort> Run16(bool bf16, AttentionShape shape, ushort[] q, ushort[] k, ushort[] v, ushort[] dO,
