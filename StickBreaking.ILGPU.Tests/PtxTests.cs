@@ -30,21 +30,66 @@ public sealed class PtxTests
 
     public static readonly object[] Kernels =
     [
-        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel) },
-        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel) },
-        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel) },
-        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel) },
-        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel.Kernel) },
-        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel.Kernel) },
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Fp32Element) },
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Fp16Storage) },
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Bf16Storage) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel), typeof(Fp32Element) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel), typeof(Fp16Storage) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel), typeof(Bf16Storage) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel), typeof(Fp32Element) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel), typeof(Fp16Storage) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel), typeof(Bf16Storage) },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel), null! },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel.Kernel), null! },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel.Kernel), null! },
     ];
 
-    [TestCaseSource(nameof(Kernels))]
-    public void KernelUsesNoLocalMemory(Type type, string method)
+    /// <summary>A kernel method, a portable one specialized for <paramref name="element"/> (its storage type follows).</summary>
+    private static MethodInfo KernelMethod(Type type, string method, Type? element)
     {
-        string ptx = CompileForSm90(type.GetMethod(method, BindingFlags.Public | BindingFlags.Static)!);
+        var kernel = type.GetMethod(method, BindingFlags.Public | BindingFlags.Static)!;
+        return element is null ? kernel : kernel.MakeGenericMethod(element == typeof(Fp32Element) ? typeof(float) : typeof(ushort), element);
+    }
+
+    [TestCaseSource(nameof(Kernels))]
+    public void KernelUsesNoLocalMemory(Type type, string method, Type? element)
+    {
+        string ptx = CompileForSm90(KernelMethod(type, method, element));
+        if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"{type.Name}.{element?.Name ?? "fp32"}.ptx"), ptx);
         Assert.That(ptx, Does.Contain(".entry"), "the PTX holds the kernel");
         var local = Regex.Matches(ptx, @"\.local\b");
         Assert.That(local, Is.Empty, $"{type.Name} uses local memory:\n" + string.Join("\n", Regex.Matches(ptx, @".*\.local.*")));
+    }
+
+    /// <summary>
+    /// One body, specialized per storage: the fp32 instantiation of a portable kernel touches no 16-bit memory; the
+    /// fp16 and bf16 ones load q, k, v (and dO) as 16-bit words and store their outputs as 16-bit words, with the
+    /// conversions inlined (no calls). The 16-bit store count includes the OpenCL scratch path's own store, which the
+    /// PTX keeps behind a comparison of two constants for ptxas to fold (see OutputAccumulator). The fp32 instantiation's
+    /// instructions are those of the kernels before they became generic, bar two loads of the (unused) scratch view's
+    /// parameter (compared by hand when the change was made).
+    /// </summary>
+    [TestCase(typeof(ForwardKernel), 3, 2)]
+    [TestCase(typeof(BackwardQueryKernel), 5, 1)]
+    [TestCase(typeof(BackwardKeyKernel), 6, 4)]
+    public void PortableKernelsConvertStorageInline(Type kernel, int loads16, int stores16)
+    {
+        foreach (var element in new[] { typeof(Fp32Element), typeof(Fp16Storage), typeof(Bf16Storage) })
+        {
+            string ptx = CompileForSm90(KernelMethod(kernel, "Kernel", element));
+            int loads = Regex.Matches(ptx, @"\bld\.[a-z.]*b16\b").Count;
+            int stores = Regex.Matches(ptx, @"\bst\.[a-z.]*b16\b").Count;
+            int calls = Regex.Matches(ptx, @"\bcall\b").Count;
+            TestContext.Out.WriteLine($"{kernel.Name}<{element.Name}>: ld.b16 {loads}, st.b16 {stores}, calls {calls}");
+            bool wide = element == typeof(Fp32Element);
+            Assert.Multiple(() =>
+            {
+                Assert.That(loads, Is.EqualTo(wide ? 0 : loads16), $"{element.Name}: 16-bit loads");
+                Assert.That(stores, Is.EqualTo(wide ? 0 : stores16), $"{element.Name}: 16-bit stores");
+                Assert.That(calls, Is.Zero, $"{element.Name}: conversions inlined");
+            });
+        }
     }
 
     /// <summary>

@@ -28,6 +28,7 @@ public sealed class StickBreakingAttention : IDisposable
     private readonly KernelLauncher launcher;
     private readonly KernelSet kernels;
     private bool disposed;
+    private MemoryBuffer1D<float, Stride1D.Dense>? scratch;
     private readonly Guards.CallGate calls = new();
 
     /// <summary>Admits one call at a time (tests reach its pause hook).</summary>
@@ -346,7 +347,7 @@ public sealed class StickBreakingAttention : IDisposable
         options.Validate(nameof(options));
         if (workspace is not null)
             CheckWorkspace(workspace, shape);
-        if (kernels.Forward16(shape.HeadDim, bf16) is not null)
+        if (kernels.TensorCoreForward16(shape.HeadDim, bf16) is not null)
         {
             Guards.Aligned(q, 16, nameof(q));
             Guards.Aligned(k, 16, nameof(k));
@@ -410,7 +411,12 @@ public sealed class StickBreakingAttention : IDisposable
     }
 
     /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
-    public void Dispose() => disposed = true;
+    public void Dispose()
+    {
+        disposed = true;
+        scratch?.Dispose();
+        scratch = null;
+    }
 
     // ------------------------------------------------------------------------------------------------
     // Arguments and launch (inputs already validated).
@@ -422,7 +428,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
-        var args = new ForwardArgs
+        var args = new ForwardArgs<float>
         {
             Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
             AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
@@ -442,18 +448,26 @@ public sealed class StickBreakingAttention : IDisposable
     {
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
-        var kernel = kernels.Forward16(D, bf16) ?? throw new NotSupportedException(
-            $"16-bit storage for shape {shape} on {Guards.Describe(accelerator)}: the tensor-core forward serves D = 64 and 128 " +
-            "on CUDA; other head dimensions and accelerators need the portable 16-bit kernels.");
-        var args = new TensorCoreForwardArgs
+        var snapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty;
+        if (kernels.TensorCoreForward16(D, bf16) is { } tensorCores)
         {
-            Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
-            AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
-            WriteSnapshots = workspace is null ? 0 : 1,
-            SnapshotTiles = Snapshots.TileCount(T),
-            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
-        };
-        launcher.Launch(kernel, stream, shape, args);
+            launcher.Launch(tensorCores, stream, shape, new TensorCoreForwardArgs
+            {
+                Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
+                AccSnapshots = snapshots, WriteSnapshots = workspace is null ? 0 : 1, SnapshotTiles = Snapshots.TileCount(T),
+                Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+            });
+        }
+        else
+        {
+            launcher.Launch(kernels.Forward16(D, bf16), stream, shape, new ForwardArgs<ushort>
+            {
+                Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
+                AccSnapshots = snapshots, WriteSnapshots = workspace is null ? 0 : 1, SnapshotTiles = Snapshots.TileCount(T),
+                Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+                AccumulatorScratch = Scratch16(shape, floatsPerElement: 1),
+            });
+        }
         if (workspace is not null)
             workspace.FilledBy = (shape, scale, options.AttendCurrent);
     }
@@ -466,7 +480,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
         int D = shape.HeadDim, T = shape.Length;
-        var args = new BackwardArgs
+        var args = new BackwardArgs<float>
         {
             Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
             AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
@@ -478,6 +492,27 @@ public sealed class StickBreakingAttention : IDisposable
             launcher.Launch(query, stream, shape, args);
         if ((BackwardPasses & 2) != 0)
             launcher.Launch(key, stream, shape, args);
+    }
+
+    /// <summary>
+    /// The fp32 accumulator a portable 16-bit kernel needs on OpenCL, where it cannot accumulate in shared memory
+    /// nor in its 16-bit outputs (docs/design.md): <paramref name="floatsPerElement"/> floats per tensor element, kept
+    /// by the instance and grown (after the stream drains) only when a larger shape arrives, so that warm calls allocate
+    /// nothing. Empty elsewhere.
+    /// </summary>
+    private ArrayView<float> Scratch16(AttentionShape shape, int floatsPerElement)
+    {
+        if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
+            return ArrayView<float>.Empty;
+        long floats = checked(shape.TensorLength * floatsPerElement);
+        if (scratch is null || scratch.Length < floats)
+        {
+            accelerator.Synchronize();
+            scratch?.Dispose();
+            scratch = null;
+            scratch = accelerator.Allocate1D<float>(floats);
+        }
+        return scratch.View.SubView(0, floats);
     }
 
     private MemoryBuffer1D<T, Stride1D.Dense> Upload<T>(ReadOnlySpan<T> data)
@@ -512,7 +547,7 @@ public sealed class StickBreakingAttention : IDisposable
     }
 
     private void CheckForward16Grid(AttentionShape shape, bool bf16) =>
-        Guards.Grid(accelerator, shape, kernels.Forward16(shape.HeadDim, bf16)?.RowsPerGroup ?? ForwardRowsPerGroup(shape.HeadDim), "forward");
+        Guards.Grid(accelerator, shape, kernels.TensorCoreForward16(shape.HeadDim, bf16)?.RowsPerGroup ?? kernels.Forward16(shape.HeadDim, bf16).RowsPerGroup, "forward");
 
     private void CheckForwardGrid(AttentionShape shape) =>
         Guards.Grid(accelerator, shape, ForwardRowsPerGroup(shape.HeadDim), "forward");
