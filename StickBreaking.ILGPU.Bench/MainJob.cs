@@ -39,6 +39,8 @@ internal static class MainJob
                 var (forwardError, gradientError) = Verify(attention);
                 bool good = forwardError <= 2e-5 && gradientError <= 2e-5;
                 allGood &= good;
+                var errors16 = new[] { true, false }.ToDictionary(bf16 => bf16, bf16 => Verify16(attention, bf16));
+                allGood &= errors16.Values.All(e => e <= 2);
                 ran.Add(backend);
                 // CUDA: the shape of the peers' figures. The CPU accelerator and PoCL (an OpenCL CPU device) are
                 // orders of magnitude slower: a small shape keeps the whole job within a couple of minutes.
@@ -55,6 +57,15 @@ internal static class MainJob
                     double bwd = run.MedianMs(run.Backward, reps);
                     rows.Add([backend, shape.ToString(), "forward", $"{fwd:F3}", Gflops(run.ForwardFlops, fwd), $"{forwardError:0.0E+0}", VerifyShape.ToString(), good ? "ok" : "FAIL"]);
                     rows.Add([backend, shape.ToString(), "backward", $"{bwd:F3}", Gflops(run.BackwardFlops, bwd), $"{gradientError:0.0E+0}", VerifyShape.ToString(), good ? "ok" : "FAIL"]);
+                    foreach (bool bf16 in new[] { true, false })
+                    {
+                        using var run16 = new Forward16Run(attention, shape, inputs, bf16);
+                        double fwd16 = run.MedianMs(() => run16.Forward(training: false), reps);
+                        string name = bf16 ? "bf16" : "fp16";
+                        string kernel = attention.UsesTensorCores && shape.HeadDim is 64 or 128 ? ", tensor cores" : "";
+                        rows.Add([backend, shape.ToString(), $"forward {name}{kernel}", $"{fwd16:F3}", Gflops(run.ForwardFlops, fwd16),
+                            $"{errors16[bf16]:0.00}x floor", VerifyShape.ToString(), errors16[bf16] <= 2 ? "ok" : "FAIL"]);
+                    }
                 }
             }
         }
@@ -63,6 +74,9 @@ internal static class MainJob
         Console.WriteLine("  causal forward, 2.5 times that for the backward (1 TFLOP/s = 1000 GFLOP/s).");
         Console.WriteLine($"max error, against float64 at the shape in 'error measured at' (a smaller one than the timed shape): forward,");
         Console.WriteLine($"  the max abs error of o and rem; backward, the largest relative RMS error of dq, dk, dv. Tolerance 2e-5.");
+        Console.WriteLine("  fp16/bf16 forward: the max abs error of o against float64 on the same rounded inputs, as a multiple of the");
+        Console.WriteLine("  floor no 16-bit output can beat (the error of rounding the exact o to the storage type); at most 2x, and");
+        Console.WriteLine("  rem and LogRem (fp32) within 2e-5.");
         Console.WriteLine(allGood
             ? $"verified on every backend present: {string.Join(", ", ran)}."
             : "FAILED: a backend's error is above the tolerance.");
@@ -95,6 +109,34 @@ internal static class MainJob
         double forward = Math.Max(Errors.MaxAbs(output.O, expected.O), Errors.MaxAbs(output.Rem, expected.Rem));
         double gradients = new[] { Errors.RelativeRms(grads.DQ, expectedGrads.DQ), Errors.RelativeRms(grads.DK, expectedGrads.DK), Errors.RelativeRms(grads.DV, expectedGrads.DV) }.Max();
         return (forward, gradients);
+    }
+
+    /// <summary>
+    /// The 16-bit forward's max abs error of o against float64 on the same rounded inputs, as a multiple of the
+    /// rounding floor (infinite when rem or LogRem is off by more than 2e-5).
+    /// </summary>
+    private static double Verify16(StickBreakingAttention attention, bool bf16)
+    {
+        var s = VerifyShape;
+        var x = TestInputs.Standard(s.Batch, s.Heads, s.Length, s.HeadDim, seed: 42);
+        double Round(float f) => bf16 ? (float)(BFloat16)f : (double)(System.Half)f;
+        double[] q = x.Q.Select(Round).ToArray(), k = x.K.Select(Round).ToArray(), v = x.V.Select(Round).ToArray();
+        var expected = Float64Reference.Forward(q, k, v, s.Batch, s.Heads, s.Length, s.HeadDim, StickBreakingOptions.Default.ScaleFor(s.HeadDim), false);
+        float[] o, rem, logRem;
+        if (bf16)
+        {
+            var y = attention.Forward(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(), x.V.Select(f => (BFloat16)f).ToArray(), s);
+            (o, rem, logRem) = (y.O.Select(b => (float)b).ToArray(), y.Rem, y.LogRem);
+        }
+        else
+        {
+            var y = attention.Forward(x.Q.Select(f => (System.Half)f).ToArray(), x.K.Select(f => (System.Half)f).ToArray(), x.V.Select(f => (System.Half)f).ToArray(), s);
+            (o, rem, logRem) = (y.O.Select(h => (float)h).ToArray(), y.Rem, y.LogRem);
+        }
+        double floor = expected.O.Max(e => Math.Abs(Round((float)e) - e));
+        if (Errors.MaxAbs(rem, expected.Rem) > 2e-5 || Errors.MaxAbs(logRem, expected.LogRem) > 2e-5)
+            return double.PositiveInfinity;
+        return Errors.MaxAbs(o, expected.O) / floor;
     }
 
     private static void Print(string[] header, List<string[]> rows)

@@ -8,7 +8,8 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N]</c>: one JSON object a line per length, for the
+/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]]</c>: one JSON object a line
+/// per length and storage type (fp32: forward and backward; fp16 and bf16: the forward, inference and training), for the
 /// GPU machine, where <c>python3 scripts/peers.py B H D T ...</c> prints the peers in the same session. On CUDA each line
 /// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
 /// (registers and spilled bytes per thread, groups per SM). <c>--groups-per-sm</c> replaces every kernel's own
@@ -31,6 +32,13 @@ internal static class Throughput
             groupsPerSm = int.Parse(args[flag + 1], CultureInfo.InvariantCulture);
             args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
         }
+        string[] dtypes = ["fp32"];
+        int dtypeFlag = Array.IndexOf(args, "--dtype");
+        if (dtypeFlag > 0 && dtypeFlag + 1 < args.Length)
+        {
+            dtypes = args[dtypeFlag + 1].Split(',');
+            args = args[..dtypeFlag].Concat(args[(dtypeFlag + 2)..]).ToArray();
+        }
         int[] n = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
         var (context, accelerator, reason) = Backends.Open(backend);
         if (accelerator is null)
@@ -45,6 +53,24 @@ internal static class Throughput
             foreach (int t in n.Skip(3))
             {
                 var shape = new AttentionShape(n[0], n[1], t, n[2]);
+                foreach (string dtype in dtypes.Where(d => d is "bf16" or "fp16"))
+                {
+                    var inputs16 = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
+                    using var run16 = new Forward16Run(attention, shape, inputs16, bf16: dtype == "bf16");
+                    int reps16 = t >= 8192 ? 10 : 20;
+                    double fwd16 = MedianMs(attention, () => run16.Forward(training: false), reps16);
+                    double fwdTrain16 = MedianMs(attention, () => run16.Forward(training: true), reps16);
+                    double flops = 4.0 * t * t * shape.HeadDim / 2 * shape.HeadCount;
+                    Console.WriteLine(JsonSerializer.Serialize(new
+                    {
+                        project = "StickBreaking.ILGPU", backend, device = accelerator.Name, dtype = run16.DType,
+                        B = shape.Batch, H = shape.Heads, T = t, D = shape.HeadDim,
+                        tensor_cores = attention.UsesTensorCores,
+                        fwd_ms = fwd16, fwd_tflops = flops / fwd16 / 1e9, fwd_training_ms = fwdTrain16,
+                    }));
+                }
+                if (!dtypes.Contains("fp32"))
+                    continue;
                 var inputs = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
                 using var run = new DeviceRun(attention, shape, inputs);
                 int reps = t >= 8192 ? 5 : 10;
@@ -89,5 +115,22 @@ internal static class Throughput
             }
         }
         return 0;
+    }
+
+    /// <summary>Median wall time in ms of <paramref name="action"/> followed by a synchronisation, after a warm-up call.</summary>
+    private static double MedianMs(StickBreakingAttention attention, Action action, int repetitions)
+    {
+        action();
+        attention.Accelerator.Synchronize();
+        var times = new double[repetitions];
+        for (int i = 0; i < repetitions; i++)
+        {
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
+            action();
+            attention.Accelerator.Synchronize();
+            times[i] = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+        }
+        Array.Sort(times);
+        return times[repetitions / 2];
     }
 }

@@ -75,8 +75,8 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         using var dv = Accelerator.Allocate1D<float>(shape.TensorLength);
         using var workspace = new StickBreakingWorkspace(Accelerator, shape);
         var stream = Accelerator.DefaultStream;
-        var emptyForward = Accelerator.LoadKernel<ForwardArgs>(Empty);
-        var emptyBackward = Accelerator.LoadKernel<BackwardArgs>(Empty);
+        var emptyForward = Accelerator.LoadKernel<ForwardArgs<float>>(Empty);
+        var emptyBackward = Accelerator.LoadKernel<BackwardArgs<float>>(Empty);
         var config = new KernelConfig(1, 1);
         void Forward() => Attention.Forward(stream, shape, x.View, x.View, x.View, o.View, rem.View, logRem.View, null, workspace);
         void Backward() => Attention.Backward(stream, shape, x.View, x.View, x.View, x.View, rows.View, logRem.View, workspace, dq.View, dk.View, dv.View);
@@ -114,11 +114,11 @@ public sealed class DeviceLevelTests(string backend) : BackendFixture(backend)
         }
     }
 
-    private static void Empty(ForwardArgs args)
+    private static void Empty(ForwardArgs<float> args)
     {
     }
 
-    private static void Empty(BackwardArgs args)
+    private static void Empty(BackwardArgs<float> args)
     {
     }
 

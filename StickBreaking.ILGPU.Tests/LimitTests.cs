@@ -94,12 +94,12 @@ public sealed class LimitTests(string backend) : BackendFixture(backend)
         {
             // This grid holds every T the shape admits: the first T refused is the shape's own limit.
             var beyond = new AttentionShape(1, 1, AttentionShape.MaxLength + 1, 1);
-            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Forward([], [], [], beyond))!.Message,
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Forward(ReadOnlySpan<float>.Empty, ReadOnlySpan<float>.Empty, ReadOnlySpan<float>.Empty, beyond))!.Message,
                 Does.Contain($"{AttentionShape.MaxLength}"));
             return;
         }
         var shape = new AttentionShape(1, 1, (int)longest + 1, 1);
-        var ex = Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Forward([], [], [], shape));
+        var ex = Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Forward(ReadOnlySpan<float>.Empty, ReadOnlySpan<float>.Empty, ReadOnlySpan<float>.Empty, shape));
         TestContext.Out.WriteLine(ex!.Message);
         Assert.That(ex.ParamName, Is.EqualTo("shape"));
         Assert.That(ex.Message, Does.Contain($"{Accelerator.MaxGridSize.Y}").And.Contain($"is {longest}")

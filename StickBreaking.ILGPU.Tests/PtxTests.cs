@@ -30,21 +30,66 @@ public sealed class PtxTests
 
     public static readonly object[] Kernels =
     [
-        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel) },
-        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel) },
-        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel) },
-        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel) },
-        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel.Kernel) },
-        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel.Kernel) },
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Fp32Element) },
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Fp16Storage) },
+        new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Bf16Storage) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel), typeof(Fp32Element) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel), typeof(Fp16Storage) },
+        new object[] { typeof(BackwardQueryKernel), nameof(BackwardQueryKernel.Kernel), typeof(Bf16Storage) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel), typeof(Fp32Element) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel), typeof(Fp16Storage) },
+        new object[] { typeof(BackwardKeyKernel), nameof(BackwardKeyKernel.Kernel), typeof(Bf16Storage) },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaForwardKernel.Kernel), null! },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel.Kernel), null! },
+        new object[] { typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), nameof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel.Kernel), null! },
     ];
 
-    [TestCaseSource(nameof(Kernels))]
-    public void KernelUsesNoLocalMemory(Type type, string method)
+    /// <summary>A kernel method, a portable one specialized for <paramref name="element"/> (its storage type follows).</summary>
+    private static MethodInfo KernelMethod(Type type, string method, Type? element)
     {
-        string ptx = CompileForSm90(type.GetMethod(method, BindingFlags.Public | BindingFlags.Static)!);
+        var kernel = type.GetMethod(method, BindingFlags.Public | BindingFlags.Static)!;
+        return element is null ? kernel : kernel.MakeGenericMethod(element == typeof(Fp32Element) ? typeof(float) : typeof(ushort), element);
+    }
+
+    [TestCaseSource(nameof(Kernels))]
+    public void KernelUsesNoLocalMemory(Type type, string method, Type? element)
+    {
+        string ptx = CompileForSm90(KernelMethod(type, method, element));
+        if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"{type.Name}.{element?.Name ?? "fp32"}.ptx"), ptx);
         Assert.That(ptx, Does.Contain(".entry"), "the PTX holds the kernel");
         var local = Regex.Matches(ptx, @"\.local\b");
         Assert.That(local, Is.Empty, $"{type.Name} uses local memory:\n" + string.Join("\n", Regex.Matches(ptx, @".*\.local.*")));
+    }
+
+    /// <summary>
+    /// One body, specialized per storage: the fp32 instantiation of a portable kernel touches no 16-bit memory; the
+    /// fp16 and bf16 ones load q, k, v (and dO) as 16-bit words and store their outputs as 16-bit words, with the
+    /// conversions inlined (no calls). The 16-bit store count includes the OpenCL scratch path's own store, which the
+    /// PTX keeps behind a comparison of two constants for ptxas to fold (see OutputAccumulator). The fp32 instantiation's
+    /// instructions are those of the kernels before they became generic, bar two loads of the (unused) scratch view's
+    /// parameter (compared by hand when the change was made).
+    /// </summary>
+    [TestCase(typeof(ForwardKernel), 3, 2)]
+    [TestCase(typeof(BackwardQueryKernel), 5, 1)]
+    [TestCase(typeof(BackwardKeyKernel), 6, 4)]
+    public void PortableKernelsConvertStorageInline(Type kernel, int loads16, int stores16)
+    {
+        foreach (var element in new[] { typeof(Fp32Element), typeof(Fp16Storage), typeof(Bf16Storage) })
+        {
+            string ptx = CompileForSm90(KernelMethod(kernel, "Kernel", element));
+            int loads = Regex.Matches(ptx, @"\bld\.[a-z.]*b16\b").Count;
+            int stores = Regex.Matches(ptx, @"\bst\.[a-z.]*b16\b").Count;
+            int calls = Regex.Matches(ptx, @"\bcall\b").Count;
+            TestContext.Out.WriteLine($"{kernel.Name}<{element.Name}>: ld.b16 {loads}, st.b16 {stores}, calls {calls}");
+            bool wide = element == typeof(Fp32Element);
+            Assert.Multiple(() =>
+            {
+                Assert.That(loads, Is.EqualTo(wide ? 0 : loads16), $"{element.Name}: 16-bit loads");
+                Assert.That(stores, Is.EqualTo(wide ? 0 : stores16), $"{element.Name}: 16-bit stores");
+                Assert.That(calls, Is.Zero, $"{element.Name}: conversions inlined");
+            });
+        }
     }
 
     /// <summary>
@@ -72,9 +117,11 @@ public sealed class PtxTests
     /// G = dO.v (2 steps per loop iteration each), and per step of dq, dk or dv 4 vectors of dz or A plus 8 of
     /// the other operand. Pass 1 also parks G and writes dz as vectors (4 each, plus 4 reads of G back); scalar
     /// shared loads are left to staged per-row values. The diagonal tile's masked steps (one of dq in pass 1, one
-    /// each of dk and dv in pass 2, outside the hot loops) read the same 12 vectors as the others.
+    /// each of dk and dv in pass 2, outside the hot loops) read the same 12 vectors as the others; pass 1 compiles
+    /// its masked step twice (one copy per visibility, so that the band's bounds are constants), which adds 11
+    /// vector loads (the PTX shares one between the copies).
     /// </summary>
-    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), 2 * 2 * 2 + 2 * 12 + 4, 4 + 4)]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardQueryKernel), 2 * 2 * 2 + 3 * 12 + 4 - 1, 4 + 4)]
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Cuda.CudaBackwardKeyKernel), 2 * 2 * 2 + 4 * 12, 0)]
     public void CudaBackwardReadsSharedMemoryInVectors(Type kernel, int vectorLoads, int vectorStores)
     {

@@ -1,7 +1,10 @@
 using System;
+using System.Runtime.InteropServices;
+using Half = System.Half;
 using ILGPU;
 using ILGPU.Runtime;
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.TensorCore;
 using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU;
@@ -25,6 +28,7 @@ public sealed class StickBreakingAttention : IDisposable
     private readonly KernelLauncher launcher;
     private readonly KernelSet kernels;
     private bool disposed;
+    private MemoryBuffer1D<float, Stride1D.Dense>? scratch;
     private readonly Guards.CallGate calls = new();
 
     /// <summary>Admits one call at a time (tests reach its pause hook).</summary>
@@ -63,6 +67,12 @@ public sealed class StickBreakingAttention : IDisposable
     /// portable backward, which reads the same snapshots.
     /// </summary>
     public bool UsesCudaBackwardKernels => kernels.CudaBackward;
+
+    /// <summary>
+    /// Whether the tensor-core forward (mma.sync, fp32 accumulation) serves fp16 and bf16 storage for head dimensions
+    /// 64 and 128: on CUDA devices that hold it; other head dimensions and accelerators run the portable kernels.
+    /// </summary>
+    public bool UsesTensorCores => kernels.TensorCoreForward;
 
     /// <summary>
     /// Benchmark diagnostics only: which backward passes Backward launches (bit 0: pass 1, dq and the P
@@ -175,6 +185,60 @@ public sealed class StickBreakingAttention : IDisposable
         return new StickBreakingGradients(gq.GetAsArray1D(), gk.GetAsArray1D(), gv.GetAsArray1D());
     }
 
+    /// <summary>
+    /// The forward on fp16 host arrays, row-major <c>[B, H, T, D]</c>: o in fp16, rem and LogRem in fp32. Every
+    /// product is accumulated and every scan summed in fp32 (docs/math.md, "16-bit storage"). Blocks until the
+    /// result is on the host.
+    /// </summary>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    public StickBreakingOutput<Half> Forward(ReadOnlySpan<Half> q, ReadOnlySpan<Half> k, ReadOnlySpan<Half> v,
+        AttentionShape shape, StickBreakingOptions? options = null) =>
+        HostForward16(q, k, v, shape, options, bf16: false);
+
+    /// <summary>The forward on bf16 host arrays: as the fp16 overload, with o in bf16.</summary>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    public StickBreakingOutput<BFloat16> Forward(ReadOnlySpan<BFloat16> q, ReadOnlySpan<BFloat16> k, ReadOnlySpan<BFloat16> v,
+        AttentionShape shape, StickBreakingOptions? options = null) =>
+        HostForward16(q, k, v, shape, options, bf16: true);
+
+    private StickBreakingOutput<T> HostForward16<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
+        AttentionShape shape, StickBreakingOptions? options, bool bf16)
+        where T : unmanaged
+    {
+        ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
+        shape.Validate(nameof(shape));
+        CheckForward16Grid(shape, bf16);
+        Guards.Memory(accelerator, Guards.HostForwardBytes(shape, elementBytes: 2), "Forward", shape);
+        Guards.Host(q, shape.TensorLength, nameof(q), shape);
+        Guards.Host(k, shape.TensorLength, nameof(k), shape);
+        Guards.Host(v, shape.TensorLength, nameof(v), shape);
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
+
+        using var dq = Upload(MemoryMarshal.Cast<T, ushort>(q));
+        using var dk = Upload(MemoryMarshal.Cast<T, ushort>(k));
+        using var dv = Upload(MemoryMarshal.Cast<T, ushort>(v));
+        using var o = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var rem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
+        var stream = accelerator.DefaultStream;
+        EnqueueForward16(stream, shape, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options, workspace: null, bf16);
+        stream.Synchronize();
+        var result = new T[shape.TensorLength];
+        o.View.CopyToCPU(stream, MemoryMarshal.Cast<T, ushort>(result.AsSpan()));
+        return new StickBreakingOutput<T>(result, rem.GetAsArray1D(), logRem.GetAsArray1D());
+    }
+
     // ------------------------------------------------------------------------------------------------
     // Device level: validate, enqueue.
 
@@ -211,13 +275,87 @@ public sealed class StickBreakingAttention : IDisposable
         CheckView(o, shape.TensorLength, nameof(o), shape);
         CheckView(rem, shape.RowCount, nameof(rem), shape);
         CheckView(logRem, shape.RowCount, nameof(logRem), shape);
-        Guards.Disjoint([new(o, nameof(o)), new(rem, nameof(rem)), new(logRem, nameof(logRem))],
-            [new(q, nameof(q)), new(k, nameof(k)), new(v, nameof(v))]);
+        Guards.Disjoint([Guards.Arg.Of(o, nameof(o)), Guards.Arg.Of(rem, nameof(rem)), Guards.Arg.Of(logRem, nameof(logRem))],
+            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v))]);
         options ??= StickBreakingOptions.Default;
         options.Validate(nameof(options));
         if (workspace is not null)
             CheckWorkspace(workspace, shape);
         EnqueueForward(stream, shape, q, k, v, o, rem, logRem, options, workspace);
+    }
+
+    /// <summary>
+    /// Enqueues the forward for fp16 views on this accelerator: o in fp16, rem and LogRem in fp32, every product and
+    /// scan in fp32. On a CUDA device with tensor cores, head dimensions 64 and 128 run the tensor-core kernel
+    /// (<see cref="UsesTensorCores"/>); q, k and v must then start at 16-byte aligned addresses (whole heads of a
+    /// buffer do). Allocates nothing once the kernel is compiled; a <paramref name="workspace"/> makes it a
+    /// training forward, as for fp32.
+    /// </summary>
+    /// <param name="stream">A stream of this accelerator.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="o">Output o, <c>[B, H, T, D]</c>.</param>
+    /// <param name="rem">Output rem, <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="logRem">Output ln(rem), <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    /// <param name="workspace">Where to write the backward's snapshots; <c>null</c> for inference.</param>
+    public void Forward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<Half> q, ArrayView<Half> k, ArrayView<Half> v,
+        ArrayView<Half> o, ArrayView<float> rem, ArrayView<float> logRem,
+        StickBreakingOptions? options = null, StickBreakingWorkspace? workspace = null) =>
+        DeviceForward16(stream, shape, q, k, v, o, rem, logRem, options, workspace, bf16: false);
+
+    /// <summary>Enqueues the forward for bf16 views: as the fp16 overload, with o in bf16.</summary>
+    /// <param name="stream">A stream of this accelerator.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c> contiguous.</param>
+    /// <param name="o">Output o, <c>[B, H, T, D]</c>.</param>
+    /// <param name="rem">Output rem, <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="logRem">Output ln(rem), <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    /// <param name="workspace">Where to write the backward's snapshots; <c>null</c> for inference.</param>
+    public void Forward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<BFloat16> q, ArrayView<BFloat16> k, ArrayView<BFloat16> v,
+        ArrayView<BFloat16> o, ArrayView<float> rem, ArrayView<float> logRem,
+        StickBreakingOptions? options = null, StickBreakingWorkspace? workspace = null) =>
+        DeviceForward16(stream, shape, q, k, v, o, rem, logRem, options, workspace, bf16: true);
+
+    private void DeviceForward16<T>(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<T> q, ArrayView<T> k, ArrayView<T> v, ArrayView<T> o, ArrayView<float> rem, ArrayView<float> logRem,
+        StickBreakingOptions? options, StickBreakingWorkspace? workspace, bool bf16)
+        where T : unmanaged
+    {
+        ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
+        CheckStream(stream);
+        shape.Validate(nameof(shape));
+        CheckForward16Grid(shape, bf16);
+        Guards.View(accelerator, q, shape.TensorLength, nameof(q), shape);
+        Guards.View(accelerator, k, shape.TensorLength, nameof(k), shape);
+        Guards.View(accelerator, v, shape.TensorLength, nameof(v), shape);
+        Guards.View(accelerator, o, shape.TensorLength, nameof(o), shape);
+        CheckView(rem, shape.RowCount, nameof(rem), shape);
+        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        Guards.Disjoint([Guards.Arg.Of(o, nameof(o)), Guards.Arg.Of(rem, nameof(rem)), Guards.Arg.Of(logRem, nameof(logRem))],
+            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v))]);
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
+        if (workspace is not null)
+            CheckWorkspace(workspace, shape);
+        if (kernels.TensorCoreForward16(shape.HeadDim, bf16) is not null)
+        {
+            Guards.Aligned(q, 16, nameof(q));
+            Guards.Aligned(k, 16, nameof(k));
+            Guards.Aligned(v, 16, nameof(v));
+            Guards.Aligned(o, 4, nameof(o));
+        }
+        EnqueueForward16(stream, shape, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), o.Cast<ushort>(), rem, logRem,
+            options, workspace, bf16);
     }
 
     /// <summary>
@@ -261,8 +399,8 @@ public sealed class StickBreakingAttention : IDisposable
         CheckView(dq, shape.TensorLength, nameof(dq), shape);
         CheckView(dk, shape.TensorLength, nameof(dk), shape);
         CheckView(dv, shape.TensorLength, nameof(dv), shape);
-        Guards.Disjoint([new(dq, nameof(dq)), new(dk, nameof(dk)), new(dv, nameof(dv))],
-            [new(q, nameof(q)), new(k, nameof(k)), new(v, nameof(v)), new(dO, nameof(dO)), new(dRem, nameof(dRem)), new(logRem, nameof(logRem))]);
+        Guards.Disjoint([Guards.Arg.Of(dq, nameof(dq)), Guards.Arg.Of(dk, nameof(dk)), Guards.Arg.Of(dv, nameof(dv))],
+            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v)), Guards.Arg.Of(dO, nameof(dO)), Guards.Arg.Of(dRem, nameof(dRem)), Guards.Arg.Of(logRem, nameof(logRem))]);
         CheckWorkspace(workspace, shape);
         if (workspace.FilledBy?.Shape != shape)
             throw new ArgumentException(
@@ -273,7 +411,12 @@ public sealed class StickBreakingAttention : IDisposable
     }
 
     /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
-    public void Dispose() => disposed = true;
+    public void Dispose()
+    {
+        disposed = true;
+        scratch?.Dispose();
+        scratch = null;
+    }
 
     // ------------------------------------------------------------------------------------------------
     // Arguments and launch (inputs already validated).
@@ -285,7 +428,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
-        var args = new ForwardArgs
+        var args = new ForwardArgs<float>
         {
             Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
             AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
@@ -298,6 +441,37 @@ public sealed class StickBreakingAttention : IDisposable
             workspace.FilledBy = (shape, scale, options.AttendCurrent);
     }
 
+    private void EnqueueForward16(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<ushort> q, ArrayView<ushort> k, ArrayView<ushort> v,
+        ArrayView<ushort> o, ArrayView<float> rem, ArrayView<float> logRem,
+        StickBreakingOptions options, StickBreakingWorkspace? workspace, bool bf16)
+    {
+        int D = shape.HeadDim, T = shape.Length;
+        float scale = options.ScaleFor(D);
+        var snapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty;
+        if (kernels.TensorCoreForward16(D, bf16) is { } tensorCores)
+        {
+            launcher.Launch(tensorCores, stream, shape, new TensorCoreForwardArgs
+            {
+                Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
+                AccSnapshots = snapshots, WriteSnapshots = workspace is null ? 0 : 1, SnapshotTiles = Snapshots.TileCount(T),
+                Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+            });
+        }
+        else
+        {
+            launcher.Launch(kernels.Forward16(D, bf16), stream, shape, new ForwardArgs<ushort>
+            {
+                Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
+                AccSnapshots = snapshots, WriteSnapshots = workspace is null ? 0 : 1, SnapshotTiles = Snapshots.TileCount(T),
+                Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+                AccumulatorScratch = Scratch16(shape, floatsPerElement: 1),
+            });
+        }
+        if (workspace is not null)
+            workspace.FilledBy = (shape, scale, options.AttendCurrent);
+    }
+
     private void EnqueueBackward(AcceleratorStream stream, AttentionShape shape,
         ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
         ArrayView<float> dO, ArrayView<float> dRem, ArrayView<float> logRem,
@@ -306,7 +480,7 @@ public sealed class StickBreakingAttention : IDisposable
     {
         var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
         int D = shape.HeadDim, T = shape.Length;
-        var args = new BackwardArgs
+        var args = new BackwardArgs<float>
         {
             Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
             AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
@@ -320,9 +494,31 @@ public sealed class StickBreakingAttention : IDisposable
             launcher.Launch(key, stream, shape, args);
     }
 
-    private MemoryBuffer1D<float, Stride1D.Dense> Upload(ReadOnlySpan<float> data)
+    /// <summary>
+    /// The fp32 accumulator a portable 16-bit kernel needs on OpenCL, where it cannot accumulate in shared memory
+    /// nor in its 16-bit outputs (docs/design.md): <paramref name="floatsPerElement"/> floats per tensor element, kept
+    /// by the instance and grown (after the stream drains) only when a larger shape arrives, so that warm calls allocate
+    /// nothing. Empty elsewhere.
+    /// </summary>
+    private ArrayView<float> Scratch16(AttentionShape shape, int floatsPerElement)
     {
-        var buffer = accelerator.Allocate1D<float>(data.Length);
+        if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
+            return ArrayView<float>.Empty;
+        long floats = checked(shape.TensorLength * floatsPerElement);
+        if (scratch is null || scratch.Length < floats)
+        {
+            accelerator.Synchronize();
+            scratch?.Dispose();
+            scratch = null;
+            scratch = accelerator.Allocate1D<float>(floats);
+        }
+        return scratch.View.SubView(0, floats);
+    }
+
+    private MemoryBuffer1D<T, Stride1D.Dense> Upload<T>(ReadOnlySpan<T> data)
+        where T : unmanaged
+    {
+        var buffer = accelerator.Allocate1D<T>(data.Length);
         try
         {
             buffer.View.CopyFromCPU(accelerator.DefaultStream, data);
@@ -349,6 +545,9 @@ public sealed class StickBreakingAttention : IDisposable
         var (query, key) = kernels.Backward(headDim);
         return Math.Min(query.RowsPerGroup, key.RowsPerGroup);
     }
+
+    private void CheckForward16Grid(AttentionShape shape, bool bf16) =>
+        Guards.Grid(accelerator, shape, kernels.TensorCoreForward16(shape.HeadDim, bf16)?.RowsPerGroup ?? kernels.Forward16(shape.HeadDim, bf16).RowsPerGroup, "forward");
 
     private void CheckForwardGrid(AttentionShape shape) =>
         Guards.Grid(accelerator, shape, ForwardRowsPerGroup(shape.HeadDim), "forward");

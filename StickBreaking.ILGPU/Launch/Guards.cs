@@ -58,19 +58,24 @@ internal static class Guards
                 nameof(stream));
     }
 
-    /// <summary>A host span of exactly <paramref name="expected"/> floats.</summary>
-    public static void Host(ReadOnlySpan<float> data, long expected, string name, AttentionShape shape)
+    /// <summary>What a tensor of <typeparamref name="T"/> holds, for messages ("floats", "16-bit values").</summary>
+    private static string Unit<T>() where T : unmanaged => typeof(T) == typeof(float) ? "floats" : $"{typeof(T).Name} values";
+
+    /// <summary>A host span of exactly <paramref name="expected"/> elements.</summary>
+    public static void Host<T>(ReadOnlySpan<T> data, long expected, string name, AttentionShape shape)
+        where T : unmanaged
     {
         if (data.Length != expected)
-            throw new ArgumentException($"{name} has {data.Length} floats; shape {shape} needs {expected}.", name);
+            throw new ArgumentException($"{name} has {data.Length} {Unit<T>()}; shape {shape} needs {expected}.", name);
     }
 
-    /// <summary>A view of <paramref name="expected"/> floats, in a live buffer of <paramref name="accelerator"/>.</summary>
-    public static void View(Accelerator accelerator, ArrayView<float> view, long expected, string name, AttentionShape shape)
+    /// <summary>A view of <paramref name="expected"/> elements, in a live buffer of <paramref name="accelerator"/>.</summary>
+    public static void View<T>(Accelerator accelerator, ArrayView<T> view, long expected, string name, AttentionShape shape)
+        where T : unmanaged
     {
         if (!view.IsValid)
             throw new ArgumentException(
-                $"{name} is an empty or default view (a disposed buffer's View is one); shape {shape} needs {expected} floats.", name);
+                $"{name} is an empty or default view (a disposed buffer's View is one); shape {shape} needs {expected} {Unit<T>()}.", name);
         var buffer = BufferOf(view);
         var owner = buffer.Accelerator;
         if (buffer.IsDisposed)
@@ -80,7 +85,18 @@ internal static class Guards
             throw new ArgumentException(
                 $"{name} is a view on {Describe(owner)}, not on {Describe(accelerator)} that this instance runs on.", name);
         if (view.Length != expected)
-            throw new ArgumentException($"{name} has {view.Length} floats; shape {shape} needs {expected}.", name);
+            throw new ArgumentException($"{name} has {view.Length} {Unit<T>()}; shape {shape} needs {expected}.", name);
+    }
+
+    /// <summary>A view whose first element sits at a multiple of <paramref name="bytes"/> (a kernel reads it in pieces that wide).</summary>
+    public static void Aligned<T>(ArrayView<T> view, int bytes, string name)
+        where T : unmanaged
+    {
+        long start = StartInBytes(view);
+        if (start % bytes != 0)
+            throw new ArgumentException(
+                $"{name} starts at byte {start} of its buffer; the tensor-core kernel reads it in {bytes}-byte pieces and needs a " +
+                $"{bytes}-byte aligned start (a whole buffer, or a sub-view at a multiple of {bytes} bytes).", name);
     }
 
     /// <summary>A live workspace of <paramref name="accelerator"/> whose capacity covers <paramref name="shape"/>.</summary>
@@ -107,8 +123,17 @@ internal static class Guards
     // ------------------------------------------------------------------------------------------------
     // Overlap: an output may not share memory with an input or another output; inputs may alias.
 
-    /// <summary>A view and the name of the argument that carries it.</summary>
-    public readonly record struct Arg(ArrayView<float> View, string Name);
+    /// <summary>The bytes [Start, End) of a buffer that a view covers, and the name of the argument that carries it.</summary>
+    public readonly record struct Arg(MemoryBuffer Buffer, long Start, long End, string Name)
+    {
+        /// <summary>The extent of <paramref name="view"/>, carried by the argument <paramref name="name"/>.</summary>
+        public static Arg Of<T>(ArrayView<T> view, string name)
+            where T : unmanaged
+        {
+            long start = StartInBytes(view);
+            return new Arg(BufferOf(view), start, start + view.LengthInBytes, name);
+        }
+    }
 
     /// <summary>
     /// Throws an <see cref="ArgumentException"/> naming the output when an output overlaps an input or an
@@ -128,10 +153,10 @@ internal static class Guards
 
     private static void ThrowIfOverlap(Arg output, Arg other, string role)
     {
-        if (!ReferenceEquals(BufferOf(output.View), BufferOf(other.View)))
+        if (!ReferenceEquals(output.Buffer, other.Buffer))
             return;
-        long a0 = StartInBytes(output.View), a1 = a0 + output.View.LengthInBytes;
-        long b0 = StartInBytes(other.View), b1 = b0 + other.View.LengthInBytes;
+        long a0 = output.Start, a1 = output.End;
+        long b0 = other.Start, b1 = other.End;
         if (a0 < b1 && b0 < a1)
             throw new ArgumentException(
                 $"{output.Name} overlaps the {role} {other.Name}: both are views of one MemoryBuffer, at bytes [{a0}, {a1}) and [{b0}, {b1}). " +
@@ -169,8 +194,8 @@ internal static class Guards
     // Memory: what a call allocates, against what the accelerator has, checked before allocating.
 
     /// <summary>Bytes a host-level Forward allocates: q, k, v, o and rem, LogRem.</summary>
-    public static long HostForwardBytes(AttentionShape shape) =>
-        checked(4 * (4 * shape.TensorLength + 2 * shape.RowCount));
+    public static long HostForwardBytes(AttentionShape shape, int elementBytes = sizeof(float)) =>
+        checked(elementBytes * 4 * shape.TensorLength + 4 * 2 * shape.RowCount);
 
     /// <summary>
     /// Bytes a host-level Backward allocates: q, k, v, dO, o, dq, dk, dv, dRem, rem, LogRem and a workspace.

@@ -17,6 +17,13 @@ internal enum KernelFamily
     /// Runs on CUDA devices that can hold it; its code also runs on the CPU accelerator (tests).
     /// </summary>
     Cuda,
+
+    /// <summary>
+    /// Tensor cores through inline PTX (<c>mma.sync</c>), warp shuffles, a fixed group and opt-in shared memory, for
+    /// 16-bit storage. Runs on CUDA devices that can hold it; elsewhere its code runs with the mma emulated in
+    /// shared memory (tests on the CPU accelerator), never on OpenCL (which drops inline PTX silently).
+    /// </summary>
+    TensorCore,
 }
 
 /// <summary>
@@ -46,6 +53,12 @@ internal sealed class KernelLaunch<TArgs>
     /// <summary>Fixed dynamic shared memory per group, in bytes (register-tile kernels).</summary>
     public int SharedBytes { get; init; }
 
+    /// <summary>Tensor-core kernels: shared memory per group their emulated mma adds where there are no tensor cores.</summary>
+    public int EmulationSharedBytes { get; init; }
+
+    /// <summary>Head dimensions it serves besides <see cref="MaxHeadDim"/> (null: every D up to it).</summary>
+    public Func<int, bool>? HeadDims { get; init; }
+
     /// <summary>Portable kernels: static shared memory per group, in bytes, besides the per-column accumulator.</summary>
     public int StaticSharedBytes { get; init; }
 
@@ -62,7 +75,7 @@ internal sealed class KernelLaunch<TArgs>
     public int WarpSize { get; init; }
 
     /// <summary>Whether it serves head dimension <paramref name="headDim"/>.</summary>
-    public bool ServesHeadDim(int headDim) => headDim <= MaxHeadDim;
+    public bool ServesHeadDim(int headDim) => headDim <= MaxHeadDim && (HeadDims?.Invoke(headDim) ?? true);
 
     /// <summary>
     /// Why <paramref name="accelerator"/> cannot hold this kernel (a fixed-group kernel: its group, warp and shared
@@ -73,6 +86,8 @@ internal sealed class KernelLaunch<TArgs>
     {
         if (Family == KernelFamily.Portable)
             return null;   // the launch plan sizes it to the accelerator, or says why it cannot
+        if (Family == KernelFamily.TensorCore && accelerator.AcceleratorType == AcceleratorType.OpenCL)
+            return $"the {Name} kernel uses inline PTX, which ILGPU's OpenCL backend drops";
         if (accelerator.MaxNumThreadsPerGroup < GroupSize)
             return $"the {Name} kernel needs {GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}";
         if (WarpSize != 0 && accelerator.WarpSize != WarpSize)

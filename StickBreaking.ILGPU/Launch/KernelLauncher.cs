@@ -53,7 +53,8 @@ internal sealed class KernelLauncher
             columns = D;
             slices = 1;
             groupSize = kernel.GroupSize;
-            dynamicFloats = kernel.SharedBytes / sizeof(float);
+            int bytes = kernel.SharedBytes + (accelerator is CudaAccelerator ? 0 : kernel.EmulationSharedBytes);
+            dynamicFloats = (bytes + sizeof(float) - 1) / sizeof(float);
         }
         var config = Plan.GridConfig(kernel.Name, shape.HeadCount, blocks, slices, groupSize, dynamicFloats);
         Compiled(kernel)(stream, config, args.WithGrid(blocks, columns));
@@ -74,7 +75,7 @@ internal sealed class KernelLauncher
     {
         try
         {
-            if (kernel.Family == KernelFamily.Cuda && accelerator is CudaAccelerator cuda)
+            if (kernel.Family != KernelFamily.Portable && accelerator is CudaAccelerator cuda)
                 return CudaDriver.Load(cuda, kernel.Body, kernel.GroupSize,
                     GroupsPerMultiprocessorOverride ?? kernel.MinGroupsPerMultiprocessor, kernel.SharedBytes);
             return accelerator.LoadKernel(kernel.Body);

@@ -4,6 +4,7 @@ using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
 using StickBreaking.ILGPU.Kernels.Cuda;
 using StickBreaking.ILGPU.Kernels.Portable;
+using StickBreaking.ILGPU.Kernels.TensorCore;
 
 namespace StickBreaking.ILGPU.Launch;
 
@@ -24,8 +25,9 @@ internal enum KernelChoice
 /// </summary>
 internal sealed class KernelSet
 {
-    private readonly KernelLaunch<ForwardArgs>? fastForward;
-    private readonly KernelLaunch<BackwardArgs>? fastBackwardQuery, fastBackwardKey;
+    private readonly KernelLaunch<ForwardArgs<float>>? fastForward;
+    private readonly KernelLaunch<BackwardArgs<float>>? fastBackwardQuery, fastBackwardKey;
+    private readonly KernelLaunch<TensorCoreForwardArgs>? tensorCoreBf16, tensorCoreFp16;
 
     public KernelSet(Accelerator accelerator, KernelChoice choice)
     {
@@ -33,6 +35,12 @@ internal sealed class KernelSet
             return;
         long sharedBytes = accelerator is CudaAccelerator cuda ? CudaDriver.MaxOptInSharedBytes(cuda) : accelerator.MaxSharedMemoryPerGroup;
         fastForward = Fit(CudaForwardKernel.Launch, accelerator, sharedBytes, choice);
+        // 16-bit storage: the tensor-core forward where it fits (on the CPU accelerator, with the mma emulated).
+        if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
+        {
+            tensorCoreBf16 = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreFp16 = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+        }
         // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is between
         // the two runs the CUDA forward and the portable backward (both read the same snapshots).
         if (fastForward is not null
@@ -51,14 +59,38 @@ internal sealed class KernelSet
     public bool CudaBackward => fastBackwardQuery is not null;
 
     /// <summary>The forward kernel for head dimension <paramref name="headDim"/>.</summary>
-    public KernelLaunch<ForwardArgs> Forward(int headDim) =>
+    public KernelLaunch<ForwardArgs<float>> Forward(int headDim) =>
         fastForward is { } fast && fast.ServesHeadDim(headDim) ? fast : ForwardKernel.Launch;
 
+    /// <summary>Whether the tensor-core forward serves 16-bit storage for the head dimensions it covers.</summary>
+    public bool TensorCoreForward => tensorCoreBf16 is not null;
+
+    /// <summary>The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves it.</summary>
+    public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, bool bf16) =>
+        (bf16 ? tensorCoreBf16 : tensorCoreFp16) is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
+
     /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>
-    public (KernelLaunch<BackwardArgs> Query, KernelLaunch<BackwardArgs> Key) Backward(int headDim) =>
+    public (KernelLaunch<BackwardArgs<float>> Query, KernelLaunch<BackwardArgs<float>> Key) Backward(int headDim) =>
         fastBackwardQuery is { } query && fastBackwardKey is { } key && query.ServesHeadDim(headDim) && key.ServesHeadDim(headDim)
             ? (query, key)
             : (BackwardQueryKernel.Launch, BackwardKeyKernel.Launch);
+
+    /// <summary>
+    /// The portable forward on 16-bit storage (q, k, v, o as fp16 or bf16 bits; rem, LogRem, snapshots fp32), on
+    /// every backend and head dimension, where <see cref="TensorCoreForward16"/> serves none. On OpenCL (<see cref="OutputAccumulator.InOutput"/>) its
+    /// arguments need <c>AccumulatorScratch</c>: B * H * T * D floats.
+    /// </summary>
+    public KernelLaunch<ForwardArgs<ushort>> Forward16(int headDim, bool bf16) =>
+        bf16 ? ForwardKernel.LaunchBf16 : ForwardKernel.LaunchFp16;
+
+    /// <summary>
+    /// The two backward passes on 16-bit storage (q, k, v, dO, dq, dk, dv as fp16 or bf16 bits; dRem, LogRem,
+    /// snapshots fp32): the portable passes on every backend and head dimension. They read the same snapshots as the
+    /// fp32 passes. On OpenCL (<see cref="OutputAccumulator.InOutput"/>) their arguments need
+    /// <c>AccumulatorScratch</c>: 2 * B * H * T * D floats, shared by the two passes.
+    /// </summary>
+    public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key) Backward16(int headDim, bool bf16) =>
+        bf16 ? (BackwardQueryKernel.LaunchBf16, BackwardKeyKernel.LaunchBf16) : (BackwardQueryKernel.LaunchFp16, BackwardKeyKernel.LaunchFp16);
 
     /// <summary>The kernel if the accelerator can hold it; otherwise null (Auto) or a clear error (a forced choice).</summary>
     private static KernelLaunch<TArgs>? Fit<TArgs>(KernelLaunch<TArgs> kernel, Accelerator accelerator, long sharedBytes, KernelChoice choice)

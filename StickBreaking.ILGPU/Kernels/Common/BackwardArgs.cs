@@ -7,15 +7,27 @@ namespace StickBreaking.ILGPU.Kernels.Common;
 /// Arguments of the backward passes, portable and CUDA alike (each pass reads what it needs). Tensors are
 /// contiguous [B, H, T, D], statistics [B, H, T], snapshots per (row, 32-key tile) (<see cref="Snapshots"/>).
 /// </summary>
-internal struct BackwardArgs : IGridArgs<BackwardArgs>
+/// <typeparam name="T">Storage of q, k, v, dO, dq, dk, dv (<see cref="float"/>, or <see cref="ushort"/> bits of fp16 / bf16:
+/// see <see cref="IElement{T}"/>); dRem, LogRem and the snapshots are always fp32.</typeparam>
+internal struct BackwardArgs<T> : IGridArgs<BackwardArgs<T>>
+    where T : unmanaged
 {
-    public ArrayView<float> Q, K, V, DO, DRem, LogRem;
+    public ArrayView<T> Q, K, V, DO;
+    public ArrayView<float> DRem, LogRem;
     /// <summary>The forward's acc per (row, key tile) (read by both passes).</summary>
     public ArrayView<float> AccSnapshots;
     /// <summary>P per (row, key tile) before that tile (written by pass 1, read by pass 2).</summary>
     public ArrayView<float> PrefixSnapshots;
     /// <summary>Outputs: dq of pass 1, dk and dv of pass 2.</summary>
-    public ArrayView<float> DQ, DK, DV;
+    public ArrayView<T> DQ, DK, DV;
+    /// <summary>
+    /// The portable passes' fp32 accumulators where they cannot use shared memory (OpenCL,
+    /// <see cref="OutputAccumulator.InOutput"/>) and the gradients are 16-bit: 2 * B * H * T * D floats. Pass 1
+    /// accumulates dq in the first B * H * T * D (indexed as DQ), pass 2 dk there and dv in the second half; the
+    /// passes run one after the other on one stream, so they share it. Unused (may be empty) for fp32 storage,
+    /// which accumulates in the outputs themselves, and on CUDA and the CPU accelerator.
+    /// </summary>
+    public ArrayView<float> AccumulatorScratch;
     public int Length, HeadDim, AttendCurrent, SnapshotTiles;
     /// <summary>Output columns per group (portable kernels; a grid z slice each).</summary>
     public int ColumnsPerGroup;
@@ -24,6 +36,6 @@ internal struct BackwardArgs : IGridArgs<BackwardArgs>
     public float Scale;
 
     /// <inheritdoc />
-    public readonly BackwardArgs WithGrid(int rowBlocks, int columnsPerGroup) =>
+    public readonly BackwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) =>
         this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup };
 }

@@ -3,11 +3,23 @@ using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Common;
 
-/// <summary>Arguments of the forward kernels; all tensors contiguous [B, H, T, D] / [B, H, T].</summary>
-internal struct ForwardArgs : IGridArgs<ForwardArgs>
+/// <summary>
+/// Arguments of the forward kernels; all tensors contiguous [B, H, T, D] / [B, H, T]. <typeparamref name="T"/> is
+/// the storage of q, k, v and o (<see cref="float"/>, or <see cref="ushort"/> bits of fp16 / bf16: see
+/// <see cref="IElement{T}"/>); rem, LogRem and the snapshots are always fp32.
+/// </summary>
+internal struct ForwardArgs<T> : IGridArgs<ForwardArgs<T>>
+    where T : unmanaged
 {
-    public ArrayView<float> Q, K, V;
-    public ArrayView<float> O, Rem, LogRem;
+    public ArrayView<T> Q, K, V;
+    public ArrayView<T> O;
+    public ArrayView<float> Rem, LogRem;
+    /// <summary>
+    /// The portable kernel's fp32 output accumulator where it cannot use shared memory (OpenCL,
+    /// <see cref="OutputAccumulator.InOutput"/>) and o is 16-bit: B * H * T * D floats, indexed as O. Unused
+    /// (may be empty) for fp32 storage, which accumulates in O itself, and on CUDA and the CPU accelerator.
+    /// </summary>
+    public ArrayView<float> AccumulatorScratch;
     /// <summary>acc per (row, key tile) before that tile; written only when <see cref="WriteSnapshots"/> != 0.</summary>
     public ArrayView<float> AccSnapshots;
     public int Length, HeadDim, AttendCurrent, WriteSnapshots, SnapshotTiles;
@@ -17,6 +29,6 @@ internal struct ForwardArgs : IGridArgs<ForwardArgs>
     public int RowBlocks;
 
     /// <inheritdoc />
-    public readonly ForwardArgs WithGrid(int rowBlocks, int columnsPerGroup) =>
+    public readonly ForwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) =>
         this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup };
 }

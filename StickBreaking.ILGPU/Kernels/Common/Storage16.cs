@@ -9,21 +9,25 @@ namespace StickBreaking.ILGPU.Kernels.Common;
 /// has no Half support). Kernels are generic over the implementing struct: ILGPU specializes a generic kernel
 /// per type argument, so the calls inline and <see cref="IsBFloat16"/> is a constant in each specialization.
 /// </summary>
-internal interface IStorage
+internal interface IStorage : IElement<ushort>
 {
     /// <summary>True for bfloat16, false for IEEE fp16 (a compile-time constant in each specialization).</summary>
     bool IsBFloat16 { get; }
 
-    /// <summary>The exact float value of 16 storage bits.</summary>
-    float Load(ushort bits);
+    /// <summary>The exact float value of 16 storage bits (the same method as <see cref="IElement{T}.Load"/>).</summary>
+    new float Load(ushort bits);
 
-    /// <summary>A float rounded to the storage type (nearest, ties to even), as bits; NaN stays NaN.</summary>
-    ushort Store(float x);
+    /// <summary>A float rounded to the storage type (nearest, ties to even), as bits; NaN stays NaN (the same method as <see cref="IElement{T}.Store"/>).</summary>
+    new ushort Store(float x);
 }
 
 /// <summary>IEEE binary16 storage: bit for bit what <see cref="System.Half"/> gives on the host.</summary>
 internal readonly struct Fp16Storage : IStorage
 {
+    public bool Wide => false;
+
+    public ArrayView<float> Accumulator(ArrayView<ushort> output, ArrayView<float> scratch) => scratch;
+
     public bool IsBFloat16 => false;
 
     public float Load(ushort bits)
@@ -68,6 +72,10 @@ internal readonly struct Fp16Storage : IStorage
 /// <summary>bfloat16 storage (the upper half of an fp32 number): bit for bit what <see cref="BFloat16"/> gives on the host.</summary>
 internal readonly struct Bf16Storage : IStorage
 {
+    public bool Wide => false;
+
+    public ArrayView<float> Accumulator(ArrayView<ushort> output, ArrayView<float> scratch) => scratch;
+
     public bool IsBFloat16 => true;
 
     public float Load(ushort bits) => Interop.IntAsFloat((uint)bits << 16);

@@ -13,16 +13,19 @@ internal static class TileLoad
 
     /// <summary>
     /// chunk[r, dd] = x[head, first + r, c0 + dd] for r &lt; <paramref name="rows"/>, dd &lt; DimChunk; 0 where the
-    /// row is at or past <paramref name="length"/> or the column at or past <paramref name="headDim"/>.
+    /// row is at or past <paramref name="length"/> or the column at or past <paramref name="headDim"/>; each element
+    /// converted from its storage to fp32.
     /// </summary>
-    public static void Rows(ArrayView<float> x, ArrayView<float> chunk, long headBase, int first, int rows,
+    public static void Rows<T, TElement>(ArrayView<T> x, ArrayView<float> chunk, long headBase, int first, int rows,
         int length, int headDim, int c0, int tid, int groupSize)
+        where T : unmanaged
+        where TElement : struct, IElement<T>
     {
         for (int e = tid; e < rows * DimChunk; e += groupSize)
         {
             int r = e / DimChunk, dd = e - r * DimChunk;
             int row = first + r, d = c0 + dd;
-            chunk[r * ChunkStride + dd] = row < length && d < headDim ? x[headBase + (long)row * headDim + d] : 0f;
+            chunk[r * ChunkStride + dd] = row < length && d < headDim ? default(TElement).Load(x[headBase + (long)row * headDim + d]) : 0f;
         }
     }
 }
@@ -47,6 +50,11 @@ internal static class TileLoad
 /// are separated by <see cref="Group.Barrier"/>, which ILGPU emits on OpenCL as
 /// <c>work_group_barrier(CLK_GLOBAL_MEM_FENCE)</c>: the fence global memory needs. On a CPU OpenCL device
 /// global and local memory are the same RAM.
+/// </para>
+/// <para>
+/// With 16-bit storage (<see cref="IElement{T}.Wide"/> false) the output cannot hold a running fp32 sum: there the
+/// accumulator is the arguments' fp32 <c>AccumulatorScratch</c>, indexed as the output, rounded into the output at
+/// the end (<see cref="IElement{T}.Accumulator"/> picks the view; docs/design.md).
 /// </para>
 /// <para>
 /// ILGPU does not fold <see cref="Accelerator.CurrentType"/> in its IR (the PTX and the OpenCL C compare two

@@ -44,14 +44,14 @@ internal static class CudaBackwardKeyKernel
     public const int SharedFloats = DRemRemOffset + BlockRows;
 
     /// <summary>How the launch layer runs it: the CUDA tile (<see cref="CudaTiles"/>), its shared memory and launch bound.</summary>
-    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    public static readonly KernelLaunch<BackwardArgs<float>> Launch = new()
     {
         Name = "CUDA backward dk/dv", Body = Kernel, Family = KernelFamily.Cuda, RowsPerGroup = KeyTile, GroupSize = GroupSize,
         SharedBytes = sizeof(float) * SharedFloats, MinGroupsPerMultiprocessor = MinGroupsPerMultiprocessor,
         MaxHeadDim = MaxHeadDim, WarpSize = WarpSize,
     };
 
-    public static void Kernel(BackwardArgs a)
+    public static void Kernel(BackwardArgs<float> a)
     {
         int tid = Group.IdxX;
         int ty = tid / Segments, tx = tid - ty * Segments;
@@ -140,7 +140,7 @@ internal static class CudaBackwardKeyKernel
     /// One row's A and dz for this thread's 4 keys (<see cref="CudaBackwardTile.Weights"/>, then P from pass 1's
     /// snapshot of the thread's 32-key half, staged, and dz), stored by key for the dk and dv steps.
     /// </summary>
-    private static void RowDz(BackwardArgs a, ArrayView<float> shared, F4 s, F4 g, int row, int key, int r, int tx)
+    private static void RowDz(BackwardArgs<float> a, ArrayView<float> shared, F4 s, F4 g, int row, int key, int r, int tx)
     {
         var weighted = CudaBackwardTile.Weights(s, g, a.Scale, row, key, a.Length, a.AttendCurrent,
             CudaBackwardTile.StagedSnapshot(shared, AccOffset, r, tx), tx, out var lb, out var logBeta, out var weights);
@@ -150,7 +150,7 @@ internal static class CudaBackwardKeyKernel
         CudaBackwardTile.StoreRowByKey(shared, DzOffset, r, tx, CudaBackwardTile.Dz(weighted, lb, logBeta, prefix, shared[DRemRemOffset + r]));
     }
 
-    private static void Store(BackwardArgs a, long headBase, int key, int tx, F8 dk, F8 dv)
+    private static void Store(BackwardArgs<float> a, long headBase, int key, int tx, F8 dk, F8 dv)
     {
         if (key >= a.Length)
             return;

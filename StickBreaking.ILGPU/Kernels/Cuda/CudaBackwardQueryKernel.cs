@@ -40,14 +40,14 @@ internal static class CudaBackwardQueryKernel
     public const int SharedFloats = DRemRemOffset + BlockRows;
 
     /// <summary>How the launch layer runs it: the CUDA tile (<see cref="CudaTiles"/>), its shared memory and launch bound.</summary>
-    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    public static readonly KernelLaunch<BackwardArgs<float>> Launch = new()
     {
         Name = "CUDA backward dq", Body = Kernel, Family = KernelFamily.Cuda, RowsPerGroup = BlockRows, GroupSize = GroupSize,
         SharedBytes = sizeof(float) * SharedFloats, MinGroupsPerMultiprocessor = MinGroupsPerMultiprocessor,
         MaxHeadDim = MaxHeadDim, WarpSize = WarpSize,
     };
 
-    public static void Kernel(BackwardArgs a)
+    public static void Kernel(BackwardArgs<float> a)
     {
         int tid = Group.IdxX;
         int ty = tid / Segments, tx = tid - ty * Segments;
@@ -120,9 +120,13 @@ internal static class CudaBackwardQueryKernel
             }
             if (diagonal && ty < chunks)
             {
-                var z = vectors.SubView(zRow + ty, 3 * Chunks + 1);   // rows ty*4+i, keys ty*4+m: m < i + AttendCurrent
-                CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks],
-                    -3, a.AttendCurrent - 1, ref dq);
+                // rows ty*4+i, keys ty*4+m: m < i + AttendCurrent. The band's bounds are constants in each branch, so
+                // every term's select folds away at compile time (a runtime bound kept 7 predicates live and spilled).
+                var z = vectors.SubView(zRow + ty, 3 * Chunks + 1);
+                if (a.AttendCurrent != 0)
+                    CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks], -3, 0, ref dq);
+                else
+                    CudaBackwardTile.DiagonalColumnStep(vectors, XOffset / 4, ty, tx, z[0], z[Chunks], z[2 * Chunks], z[3 * Chunks], -3, -1, ref dq);
             }
         }
 
@@ -137,7 +141,7 @@ internal static class CudaBackwardQueryKernel
     /// row's staged acc snapshots, P before the tile and dRem rem; stages the row's P snapshots of this tile in
     /// place of the acc ones and P after the tile.
     /// </summary>
-    private static F4 RowDz(BackwardArgs a, ArrayView<float> shared, F4 s, F4 g, int row, int key, int r, int tx)
+    private static F4 RowDz(BackwardArgs<float> a, ArrayView<float> shared, F4 s, F4 g, int row, int key, int r, int tx)
     {
         float accSnapshot = CudaBackwardTile.StagedSnapshot(shared, SnapshotOffset, r, tx);
         float tilePrefix = shared[PrefixOffset + r];
@@ -157,7 +161,7 @@ internal static class CudaBackwardQueryKernel
         return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem);
     }
 
-    private static void Store(BackwardArgs a, long headBase, int row, int tx, F8 dq)
+    private static void Store(BackwardArgs<float> a, long headBase, int row, int tx, F8 dq)
     {
         if (row < a.Length)
             CudaBackwardTile.StoreColumns(a.DQ, headBase + (long)row * a.HeadDim, tx, a.HeadDim, dq, a.Scale);

@@ -37,14 +37,14 @@ internal static class CudaForwardKernel
     public const int SharedFloats = SegOffset + BlockRows * SegStride;
 
     /// <summary>How the launch layer runs it: the CUDA tile (<see cref="CudaTiles"/>), its shared memory and launch bound.</summary>
-    public static readonly KernelLaunch<ForwardArgs> Launch = new()
+    public static readonly KernelLaunch<ForwardArgs<float>> Launch = new()
     {
         Name = "CUDA forward", Body = Kernel, Family = KernelFamily.Cuda, RowsPerGroup = BlockRows, GroupSize = GroupSize,
         SharedBytes = sizeof(float) * SharedFloats, MinGroupsPerMultiprocessor = MinGroupsPerMultiprocessor,
         MaxHeadDim = MaxHeadDim, WarpSize = WarpSize,
     };
 
-    public static void Kernel(ForwardArgs a)
+    public static void Kernel(ForwardArgs<float> a)
     {
         int tid = Group.IdxX;
         int ty = tid / Segments, tx = tid - ty * Segments;
@@ -229,7 +229,7 @@ internal static class CudaForwardKernel
     /// writes the acc snapshots of the two 32-key tiles inside this 64-key tile.
     /// </summary>
     private static float Weights(ArrayView<float> shared, F4 lb, F4 logBeta, float rowAcc, int r, int tx, int pAt,
-        ForwardArgs a, int row, int tile)
+        ForwardArgs<float> a, int row, int tile)
     {
         int segRow = SegOffset + r * SegStride;
         float nearer = 0f;        // sum of lb over the segments right of this thread's
@@ -264,7 +264,7 @@ internal static class CudaForwardKernel
         return rowAcc + total;
     }
 
-    private static void Store(ForwardArgs a, long headBase, int row, int tx, F8 o, float rowAcc)
+    private static void Store(ForwardArgs<float> a, long headBase, int row, int tx, F8 o, float rowAcc)
     {
         if (row >= a.Length)
             return;
@@ -285,7 +285,7 @@ internal static class CudaForwardKernel
         }
     }
 
-    private static void StoreColumn(ForwardArgs a, long rowAt, int column, float value)
+    private static void StoreColumn(ForwardArgs<float> a, long rowAt, int column, float value)
     {
         if (column < a.HeadDim)
             a.O[rowAt + column] = value;

@@ -25,14 +25,24 @@ internal static class BackwardKeyKernel
     /// <summary>Dynamic shared floats per dk/dv column (both accumulators).</summary>
     public const int DynamicFloatsPerColumn = 2 * KeyTile;
 
-    /// <summary>How the launch layer runs it: one group per key tile; adapts to any group size and splits D over the grid's z when needed.</summary>
-    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    /// <summary>How the launch layer runs the fp32 pass: one group per key tile; adapts to any group size and splits D over the grid's z when needed.</summary>
+    public static readonly KernelLaunch<BackwardArgs<float>> Launch = Describe<float, Fp32Element>("backward dk/dv");
+    /// <summary>The same body on fp16 storage (q, k, v, dO, dk, dv as IEEE binary16 bits).</summary>
+    public static readonly KernelLaunch<BackwardArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Storage>("backward dk/dv fp16");
+    /// <summary>The same body on bf16 storage (q, k, v, dO, dk, dv as bfloat16 bits).</summary>
+    public static readonly KernelLaunch<BackwardArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Storage>("backward dk/dv bf16");
+
+    private static KernelLaunch<BackwardArgs<T>> Describe<T, TElement>(string name)
+        where T : unmanaged
+        where TElement : struct, IElement<T> => new()
     {
-        Name = "backward dk/dv", Body = Kernel, Family = KernelFamily.Portable, RowsPerGroup = KeyTile,
+        Name = name, Body = Kernel<T, TElement>, Family = KernelFamily.Portable, RowsPerGroup = KeyTile,
         StaticSharedBytes = StaticSharedBytes, DynamicFloatsPerColumn = DynamicFloatsPerColumn,
     };
 
-    public static void Kernel(BackwardArgs a)
+    public static void Kernel<TStored, TElement>(BackwardArgs<TStored> a)
+        where TStored : unmanaged
+        where TElement : struct, IElement<TStored>
     {
         int tid = Group.IdxX, groupSize = Group.DimX;
         int head = Grid.IdxX;
@@ -53,15 +63,20 @@ internal static class BackwardKeyKernel
         var weights = SharedMemory.Allocate<float>(BlockRows * KeyTile);
         var acc = SharedMemory.GetDynamic<float>();                   // dk [KeyTile, cols], then dv
         int dvBase = KeyTile * a.ColumnsPerGroup;
-        // On OpenCL the (unscaled) dk and the dv accumulators are DK and DV themselves (see OutputAccumulator):
-        // never a select between the views.
+        // On OpenCL the (unscaled) dk and the dv accumulators are in global memory (see OutputAccumulator): DK and DV
+        // themselves for fp32, the two halves of the fp32 scratch for 16-bit storage (a constant choice per
+        // specialization); never a select with the shared view.
         bool inOutput = OutputAccumulator.InOutput;
+        var element = default(TElement);
+        var dkGlobal = element.Accumulator(a.DK, a.AccumulatorScratch);
+        var dvGlobal = element.Accumulator(a.DV, a.AccumulatorScratch);
+        long dvOffset = element.Wide ? 0L : (long)Grid.DimX * T * D;   // dv: the scratch's second half
         long outBase = headBase + (long)key0 * D + col0;              // DK/DV[key0, col0] of this group
 
         if (inOutput)
         {
-            OutputAccumulator.ZeroOutput(a.DK, outBase, key0, KeyTile, T, D, cols, tid, groupSize);
-            OutputAccumulator.ZeroOutput(a.DV, outBase, key0, KeyTile, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(dkGlobal, outBase, key0, KeyTile, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(dvGlobal, dvOffset + outBase, key0, KeyTile, T, D, cols, tid, groupSize);
         }
         else
         {
@@ -78,10 +93,10 @@ internal static class BackwardKeyKernel
             for (int c0 = 0; c0 < D; c0 += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
                 {
@@ -120,8 +135,8 @@ internal static class BackwardKeyKernel
             for (int c = 0; c < cols; c += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, col0 + c, tid, groupSize);
-                TileLoad.Rows(a.DO, doChunk, headBase, row0, BlockRows, T, D, col0 + c, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, col0 + c, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.DO, doChunk, headBase, row0, BlockRows, T, D, col0 + c, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < KeyTile * DimChunk; e += groupSize)
                 {
@@ -130,8 +145,8 @@ internal static class BackwardKeyKernel
                     {
                         int slot = j * a.ColumnsPerGroup + c + dd;
                         long outAt = outBase + (long)j * D + c + dd;
-                        float dk = inOutput ? a.DK[outAt] : acc[slot];
-                        float dv = inOutput ? a.DV[outAt] : acc[dvBase + slot];
+                        float dk = inOutput ? dkGlobal[outAt] : acc[slot];
+                        float dv = inOutput ? dvGlobal[dvOffset + outAt] : acc[dvBase + slot];
                         int firstRow = StickMath.FirstRowSeeing(key0 + j, row0, BlockRows, a.AttendCurrent);
                         int endRow = Math.Min(BlockRows, T - row0);
                         for (int r = firstRow; r < endRow; r++)
@@ -141,8 +156,8 @@ internal static class BackwardKeyKernel
                         }
                         if (inOutput)
                         {
-                            a.DK[outAt] = dk;
-                            a.DV[outAt] = dv;
+                            dkGlobal[outAt] = dk;
+                            dvGlobal[dvOffset + outAt] = dv;
                         }
                         else
                         {
@@ -164,12 +179,14 @@ internal static class BackwardKeyKernel
                 long at = headBase + (long)key * D + col0 + c;
                 if (inOutput)
                 {
-                    a.DK[at] = a.Scale * a.DK[at];   // in place; DV already holds dv
+                    a.DK[at] = element.Store(a.Scale * dkGlobal[at]);   // in place for fp32, where DV already holds dv
+                    if (!element.Wide)
+                        a.DV[at] = element.Store(dvGlobal[dvOffset + at]);
                 }
                 else
                 {
-                    a.DK[at] = a.Scale * acc[j * a.ColumnsPerGroup + c];
-                    a.DV[at] = acc[dvBase + j * a.ColumnsPerGroup + c];
+                    a.DK[at] = element.Store(a.Scale * acc[j * a.ColumnsPerGroup + c]);
+                    a.DV[at] = element.Store(acc[dvBase + j * a.ColumnsPerGroup + c]);
                 }
             }
         }

@@ -26,14 +26,24 @@ internal static class BackwardQueryKernel
     /// <summary>Dynamic shared floats per dq column.</summary>
     public const int DynamicFloatsPerColumn = BlockRows;
 
-    /// <summary>How the launch layer runs it: adapts to any group size and splits D over the grid's z when needed.</summary>
-    public static readonly KernelLaunch<BackwardArgs> Launch = new()
+    /// <summary>How the launch layer runs the fp32 pass: adapts to any group size and splits D over the grid's z when needed.</summary>
+    public static readonly KernelLaunch<BackwardArgs<float>> Launch = Describe<float, Fp32Element>("backward dq");
+    /// <summary>The same body on fp16 storage (q, k, v, dO, dq as IEEE binary16 bits).</summary>
+    public static readonly KernelLaunch<BackwardArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Storage>("backward dq fp16");
+    /// <summary>The same body on bf16 storage (q, k, v, dO, dq as bfloat16 bits).</summary>
+    public static readonly KernelLaunch<BackwardArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Storage>("backward dq bf16");
+
+    private static KernelLaunch<BackwardArgs<T>> Describe<T, TElement>(string name)
+        where T : unmanaged
+        where TElement : struct, IElement<T> => new()
     {
-        Name = "backward dq", Body = Kernel, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
+        Name = name, Body = Kernel<T, TElement>, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
         StaticSharedBytes = StaticSharedBytes, DynamicFloatsPerColumn = DynamicFloatsPerColumn,
     };
 
-    public static void Kernel(BackwardArgs a)
+    public static void Kernel<TStored, TElement>(BackwardArgs<TStored> a)
+        where TStored : unmanaged
+        where TElement : struct, IElement<TStored>
     {
         int tid = Group.IdxX, groupSize = Group.DimX;
         int head = Grid.IdxX;
@@ -54,12 +64,15 @@ internal static class BackwardQueryKernel
         var prefix = SharedMemory.Allocate<float>(BlockRows);         // P carried across tiles
         var dRemRem = SharedMemory.Allocate<float>(BlockRows);
         var dqAcc = SharedMemory.GetDynamic<float>();                 // [BlockRows, ColumnsPerGroup]
-        // On OpenCL the (unscaled) dq accumulator is DQ itself (see OutputAccumulator): never a select between the two views.
+        // On OpenCL the (unscaled) dq accumulator is in global memory (see OutputAccumulator): DQ itself for fp32,
+        // the fp32 scratch for 16-bit storage (a constant choice per specialization); never a select with the shared view.
         bool inOutput = OutputAccumulator.InOutput;
+        var element = default(TElement);
+        var dqGlobal = element.Accumulator(a.DQ, a.AccumulatorScratch);
         long outBase = headBase + (long)row0 * D + col0;              // DQ[row0, col0] of this group
 
         if (inOutput)
-            OutputAccumulator.ZeroOutput(a.DQ, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(dqGlobal, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
         else
             OutputAccumulator.ZeroShared(dqAcc, BlockRows * a.ColumnsPerGroup, tid, groupSize);
         for (int r = tid; r < BlockRows; r += groupSize)
@@ -83,10 +96,10 @@ internal static class BackwardQueryKernel
             for (int c0 = 0; c0 < D; c0 += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
                 {
@@ -125,7 +138,7 @@ internal static class BackwardQueryKernel
             for (int c = 0; c < cols; c += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows(a.K, kChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
                 {
@@ -134,12 +147,12 @@ internal static class BackwardQueryKernel
                     {
                         int slot = r * a.ColumnsPerGroup + c + dd;
                         long outAt = outBase + (long)r * D + c + dd;
-                        float dq = inOutput ? a.DQ[outAt] : dqAcc[slot];
+                        float dq = inOutput ? dqGlobal[outAt] : dqAcc[slot];
                         int visible = StickMath.VisibleKeys(row0 + r, key0, KeyTile, T, a.AttendCurrent);
                         for (int j = 0; j < visible; j++)
                             dq += z[r * KeyTile + j] * kChunk[j * ChunkStride + dd];
                         if (inOutput)
-                            a.DQ[outAt] = dq;
+                            dqGlobal[outAt] = dq;
                         else
                             dqAcc[slot] = dq;
                     }
@@ -155,7 +168,7 @@ internal static class BackwardQueryKernel
             if (row < T)
             {
                 long at = headBase + (long)row * D + col0 + c;
-                a.DQ[at] = a.Scale * (inOutput ? a.DQ[at] : dqAcc[r * a.ColumnsPerGroup + c]);   // in place on OpenCL
+                a.DQ[at] = element.Store(a.Scale * (inOutput ? dqGlobal[at] : dqAcc[r * a.ColumnsPerGroup + c]));   // in place on OpenCL fp32
             }
         }
     }

@@ -26,14 +26,24 @@ internal static class ForwardKernel
     /// <summary>Dynamic shared floats per output column (the output accumulator).</summary>
     public const int DynamicFloatsPerColumn = BlockRows;
 
-    /// <summary>How the launch layer runs it: adapts to any group size and splits D over the grid's z when needed.</summary>
-    public static readonly KernelLaunch<ForwardArgs> Launch = new()
+    /// <summary>How the launch layer runs the fp32 kernel: adapts to any group size and splits D over the grid's z when needed.</summary>
+    public static readonly KernelLaunch<ForwardArgs<float>> Launch = Describe<float, Fp32Element>("forward");
+    /// <summary>The same body on fp16 storage (q, k, v, o as IEEE binary16 bits).</summary>
+    public static readonly KernelLaunch<ForwardArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Storage>("forward fp16");
+    /// <summary>The same body on bf16 storage (q, k, v, o as bfloat16 bits).</summary>
+    public static readonly KernelLaunch<ForwardArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Storage>("forward bf16");
+
+    private static KernelLaunch<ForwardArgs<T>> Describe<T, TElement>(string name)
+        where T : unmanaged
+        where TElement : struct, IElement<T> => new()
     {
-        Name = "forward", Body = Kernel, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
+        Name = name, Body = Kernel<T, TElement>, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
         StaticSharedBytes = StaticSharedBytes, DynamicFloatsPerColumn = DynamicFloatsPerColumn,
     };
 
-    public static void Kernel(ForwardArgs a)
+    public static void Kernel<TStored, TElement>(ForwardArgs<TStored> a)
+        where TStored : unmanaged
+        where TElement : struct, IElement<TStored>
     {
         int tid = Group.IdxX, groupSize = Group.DimX;
         int head = Grid.IdxX;
@@ -49,12 +59,15 @@ internal static class ForwardKernel
         var p = SharedMemory.Allocate<float>(BlockRows * KeyTile);   // q.k, then the weights A
         var acc = SharedMemory.Allocate<float>(BlockRows);
         var outAcc = SharedMemory.GetDynamic<float>();              // [BlockRows, ColumnsPerGroup]
-        // On OpenCL the output accumulator is O itself (see OutputAccumulator): never a select between the two views.
+        // On OpenCL the output accumulator is in global memory (see OutputAccumulator): O itself for fp32, the fp32
+        // scratch for 16-bit storage (a constant choice per specialization); never a select with the shared view.
         bool inOutput = OutputAccumulator.InOutput;
+        var element = default(TElement);
+        var outGlobal = element.Accumulator(a.O, a.AccumulatorScratch);
         long outBase = headBase + (long)row0 * D + col0;            // O[row0, col0] of this group
 
         if (inOutput)
-            OutputAccumulator.ZeroOutput(a.O, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(outGlobal, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
         else
             OutputAccumulator.ZeroShared(outAcc, BlockRows * a.ColumnsPerGroup, tid, groupSize);
         for (int r = tid; r < BlockRows; r += groupSize)
@@ -71,8 +84,8 @@ internal static class ForwardKernel
             for (int c0 = 0; c0 < D; c0 += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows(a.K, kvChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.K, kvChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
                 {
@@ -113,7 +126,7 @@ internal static class ForwardKernel
             for (int c = 0; c < cols; c += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows(a.V, kvChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.V, kvChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
                 {
@@ -122,12 +135,12 @@ internal static class ForwardKernel
                     {
                         int slot = r * a.ColumnsPerGroup + c + dd;
                         long outAt = outBase + (long)r * D + c + dd;
-                        float o = inOutput ? a.O[outAt] : outAcc[slot];
+                        float o = inOutput ? outGlobal[outAt] : outAcc[slot];
                         int visible = StickMath.VisibleKeys(row0 + r, key0, KeyTile, T, a.AttendCurrent);
                         for (int j = 0; j < visible; j++)
                             o += p[r * KeyTile + j] * kvChunk[j * ChunkStride + dd];
                         if (inOutput)
-                            a.O[outAt] = o;
+                            outGlobal[outAt] = o;
                         else
                             outAcc[slot] = o;
                     }
@@ -136,14 +149,27 @@ internal static class ForwardKernel
             Group.Barrier();
         }
 
-        if (!inOutput)   // on OpenCL O already holds the result
+        if (!inOutput)
         {
             for (int e = tid; e < BlockRows * cols; e += groupSize)
             {
                 int r = e / cols, c = e - r * cols;
                 int row = row0 + r;
                 if (row < T)
-                    a.O[headBase + (long)row * D + col0 + c] = outAcc[r * a.ColumnsPerGroup + c];
+                    a.O[headBase + (long)row * D + col0 + c] = element.Store(outAcc[r * a.ColumnsPerGroup + c]);
+            }
+        }
+        else if (!element.Wide)   // OpenCL, 16-bit o: round the fp32 scratch once (an fp32 O already holds the result)
+        {
+            for (int e = tid; e < BlockRows * cols; e += groupSize)
+            {
+                int r = e / cols, c = e - r * cols;
+                int row = row0 + r;
+                if (row < T)
+                {
+                    long at = headBase + (long)row * D + col0 + c;
+                    a.O[at] = element.Store(outGlobal[at]);
+                }
             }
         }
         if (Grid.IdxZ == 0)

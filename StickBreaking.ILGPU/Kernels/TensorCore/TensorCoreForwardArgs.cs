@@ -1,4 +1,5 @@
 using ILGPU;
+using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.TensorCore;
 
@@ -8,7 +9,7 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// reads and writes them in 16-byte and 4-byte pieces); rem and LogRem fp32 [B, H, T]; acc snapshots fp32 per
 /// (row, 32-key tile) (<see cref="Common.Snapshots"/>), exactly as the fp32 forwards write them.
 /// </summary>
-internal struct TensorCoreForwardArgs
+internal struct TensorCoreForwardArgs : IGridArgs<TensorCoreForwardArgs>
 {
     public ArrayView<ushort> Q, K, V, O;
     public ArrayView<float> Rem, LogRem;
@@ -19,4 +20,7 @@ internal struct TensorCoreForwardArgs
     public int RowBlocks;
     /// <summary>z = Scale * q.k (InvTemperature).</summary>
     public float Scale;
+
+    /// <inheritdoc />
+    public readonly TensorCoreForwardArgs WithGrid(int rowBlocks, int columnsPerGroup) => this with { RowBlocks = rowBlocks };
 }
