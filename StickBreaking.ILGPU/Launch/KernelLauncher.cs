@@ -77,7 +77,8 @@ internal sealed class KernelLauncher
         {
             if (kernel.Family != KernelFamily.Portable && accelerator is CudaAccelerator cuda)
                 return CudaDriver.Load(cuda, kernel.Body, kernel.GroupSize,
-                    GroupsPerMultiprocessorOverride ?? kernel.MinGroupsPerMultiprocessor, kernel.SharedBytes);
+                    GroupsPerMultiprocessorOverride ?? kernel.MinGroupsPerMultiprocessor, kernel.SharedBytes,
+                    promoteOperandSlots: kernel.Family == KernelFamily.TensorCore);   // inline-PTX operand slots as registers
             return accelerator.LoadKernel(kernel.Body);
         }
         catch (Exception ex) when (ex is not OutOfMemoryException and not InvalidOperationException)
