@@ -239,11 +239,11 @@ internal static class CudaBackwardTile
         weights.X0 = MathF.Exp(logBeta.X0 + suffix);
         // A and a of a key the row cannot see are selected to 0: G = dO.v there may be NaN or infinite (a poisoned
         // v_j or dO_i of a pair that is not visible), and 0 times it would carry the NaN into P and dz.
-        int visible = TileLogs.VisibleKeys(row, key, length, attendCurrent);
-        weights = new F4(0 < visible ? weights.X0 : 0f, 1 < visible ? weights.X1 : 0f,
-            2 < visible ? weights.X2 : 0f, 3 < visible ? weights.X3 : 0f);
-        return new F4(0 < visible ? weights.X0 * g.X0 : 0f, 1 < visible ? weights.X1 * g.X1 : 0f,
-            2 < visible ? weights.X2 * g.X2 : 0f, 3 < visible ? weights.X3 * g.X3 : 0f);
+        // An unseen key is the one whose logBeta TileLogs.Logs set to -inf (see Dz).
+        weights = new F4(Seen(logBeta.X0, weights.X0), Seen(logBeta.X1, weights.X1),
+            Seen(logBeta.X2, weights.X2), Seen(logBeta.X3, weights.X3));
+        return new F4(Seen(logBeta.X0, weights.X0 * g.X0), Seen(logBeta.X1, weights.X1 * g.X1),
+            Seen(logBeta.X2, weights.X2 * g.X2), Seen(logBeta.X3, weights.X3 * g.X3));
     }
 
     /// <summary>
