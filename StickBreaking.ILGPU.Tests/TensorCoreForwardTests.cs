@@ -35,7 +35,11 @@ public sealed class TensorCoreForwardTests(string backend)
     private Context? context;
     private Accelerator? accelerator;
 
+    private KernelLauncher? launcher;
+
     private Accelerator Accelerator => accelerator ?? throw new InvalidOperationException("fixture not set up");
+
+    private KernelLauncher Launcher => launcher ?? throw new InvalidOperationException("fixture not set up");
 
     [OneTimeSetUp]
     public void Open()
@@ -53,6 +57,7 @@ public sealed class TensorCoreForwardTests(string backend)
         }
         context = ctx;
         accelerator = acc;
+        launcher = new KernelLauncher(acc, sharedMemoryLimit: null);
     }
 
     [OneTimeTearDown]
@@ -283,14 +288,13 @@ public sealed class TensorCoreForwardTests(string backend)
                     AccSnapshots = ArrayView<float>.Empty, SnapshotTiles = Snapshots.TileCount(length),
                     Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
                 };
-                var config = TensorCoreForwardKernel.Config(acc, shape.HeadCount, ref args);
-                var kernel = LoadKernel(acc, bf16, split);
-                kernel(acc.DefaultStream, config, args);
+                var kernel = KernelFor(bf16, split);
+                Launcher.Launch(kernel, acc.DefaultStream, shape, args);
                 acc.Synchronize();
                 const int runs = 10;
                 var watch = System.Diagnostics.Stopwatch.StartNew();
                 for (int r = 0; r < runs; r++)
-                    kernel(acc.DefaultStream, config, args);
+                    Launcher.Launch(kernel, acc.DefaultStream, shape, args);
                 acc.Synchronize();
                 double ms = watch.Elapsed.TotalMilliseconds / runs;
                 double flops = 4.0 * length * length * headDim / 2 * batch * heads;
@@ -303,13 +307,14 @@ public sealed class TensorCoreForwardTests(string backend)
         }
     }
 
-    private static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> LoadKernel(Accelerator acc, bool bf16, bool split) =>
+    /// <summary>The launch description of one specialization: the tests launch it through the library's own launch layer.</summary>
+    private static KernelLaunch<TensorCoreForwardArgs> KernelFor(bool bf16, bool split) =>
         (bf16, split) switch
         {
-            (true, false) => TensorCoreForwardKernel.Load<Bf16Storage, RoundedWeights>(acc),
-            (true, true) => TensorCoreForwardKernel.Load<Bf16Storage, SplitWeights>(acc),
-            (false, false) => TensorCoreForwardKernel.Load<Fp16Storage, RoundedWeights>(acc),
-            (false, true) => TensorCoreForwardKernel.Load<Fp16Storage, SplitWeights>(acc),
+            (true, false) => TensorCoreForwardKernel.LaunchFor<Bf16Storage, RoundedWeights>(),
+            (true, true) => TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights>(),
+            (false, false) => TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(),
+            (false, true) => TensorCoreForwardKernel.LaunchFor<Fp16Storage, SplitWeights>(),
         };
 
     private sealed record Result(ushort[] O, float[] Rem, float[] LogRem, float[] Snapshots);
@@ -334,9 +339,7 @@ public sealed class TensorCoreForwardTests(string backend)
             AccSnapshots = snaps.View, WriteSnapshots = snapshots ? 1 : 0, SnapshotTiles = tiles,
             Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
-        var config = TensorCoreForwardKernel.Config(acc, shape.HeadCount, ref args);
-        var kernel = LoadKernel(acc, bf16, split);
-        kernel(acc.DefaultStream, config, args);
+        Launcher.Launch(KernelFor(bf16, split), acc.DefaultStream, shape, args);
         acc.Synchronize();
         return new Result(ob.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D(), snaps.GetAsArray1D());
     }

@@ -513,27 +513,6 @@ internal static partial class TensorCoreForwardKernel
         }
         return default(TStorage).Store(lo) | ((uint)default(TStorage).Store(hi) << 16);
     }
-
-    /// <summary>
-    /// Loads the fp16 or bf16 kernel (weights rounded or split, <typeparamref name="TWeights"/>) for this accelerator: on CUDA with its launch bound and its shared-memory
-    /// limit raised (<see cref="CudaDriver"/>), elsewhere as plain ILGPU code (the mma emulated).
-    /// </summary>
-    internal static Action<AcceleratorStream, KernelConfig, TensorCoreForwardArgs> Load<TStorage, TWeights>(Accelerator accelerator)
-        where TStorage : struct, IStorage
-        where TWeights : struct, IWeights =>
-        accelerator is CudaAccelerator cuda
-            ? CudaDriver.Load<TensorCoreForwardArgs>(cuda, Kernel<TStorage, TWeights>, GroupSize, MinGroupsPerMultiprocessor, SharedBytes,
-                promoteOperandSlots: true)
-            : accelerator.LoadKernel<TensorCoreForwardArgs>(Kernel<TStorage, TWeights>);
-
-    /// <summary>The launch of <paramref name="heads"/> (B H) heads of <c>a.Length</c> tokens; sets <c>a.RowBlocks</c>.</summary>
-    internal static KernelConfig Config(Accelerator accelerator, long heads, ref TensorCoreForwardArgs a)
-    {
-        a.RowBlocks = (a.Length + BlockRows - 1) / BlockRows;
-        int bytes = accelerator is CudaAccelerator ? SharedBytes : EmulatedSharedBytes;
-        return new KernelConfig(new Index3D((int)heads, a.RowBlocks, 1), new Index3D(GroupSize, 1, 1),
-            SharedMemoryConfig.RequestDynamic<uint>(bytes / 4));
-    }
 }
 
 /// <summary>
