@@ -15,28 +15,8 @@ namespace StickBreaking.ILGPU.Tests;
 /// box the per-backend fixtures run them for real on CUDA.
 /// </summary>
 [TestFixture]
-public sealed class CudaKernelOnCpuTests
+public sealed class CudaKernelOnCpuTests : CudaCodeOnCpuFixture
 {
-    private Context context = null!;
-    private Accelerator accelerator = null!;
-    private StickBreakingAttention attention = null!;
-
-    [OneTimeSetUp]
-    public void Open()
-    {
-        context = Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms());
-        accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-        attention = new StickBreakingAttention(accelerator, null, KernelChoice.Cuda);
-    }
-
-    [OneTimeTearDown]
-    public void Close()
-    {
-        attention.Dispose();
-        accelerator.Dispose();
-        context.Dispose();
-    }
-
     [TestCase(InputKind.Standard, 1, 1, 8, false)]
     [TestCase(InputKind.Standard, 1, 65, 128, true)]
     [TestCase(InputKind.Standard, 2, 130, 50, false)]
@@ -61,7 +41,7 @@ public sealed class CudaKernelOnCpuTests
         var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 5 * length + headDim);
         if (zeroDRem)
             x = x.WithZeroDRem();
-        CheckGradients(attention, attention, x, shape, options);
+        CheckGradients(Attention, Attention, x, shape, options);
     }
 
     /// <summary>
@@ -75,18 +55,18 @@ public sealed class CudaKernelOnCpuTests
         var shape = new AttentionShape(1, 1, 97, 24);
         var options = new StickBreakingOptions { AttendCurrent = cudaForward };
         var x = TestInputs.Create(InputKind.LongRange, 1, 1, shape.Length, shape.HeadDim, seed: 11);
-        using var portable = new StickBreakingAttention(accelerator, null, KernelChoice.Portable);
-        CheckGradients(cudaForward ? attention : portable, cudaForward ? portable : attention, x, shape, options);
+        using var portable = new StickBreakingAttention(Accelerator, null, KernelChoice.Portable);
+        CheckGradients(cudaForward ? Attention : portable, cudaForward ? portable : Attention, x, shape, options);
     }
 
     /// <summary>Which kernels serve the backward is visible: the CUDA passes when asked for here, the portable ones otherwise.</summary>
     [Test]
     public void WhichBackwardRunsIsVisible()
     {
-        using var portable = new StickBreakingAttention(accelerator, null, KernelChoice.Portable);
+        using var portable = new StickBreakingAttention(Accelerator, null, KernelChoice.Portable);
         Assert.Multiple(() =>
         {
-            Assert.That(attention.UsesCudaKernels && attention.UsesCudaBackwardKernels, Is.True);
+            Assert.That(Attention.UsesCudaKernels && Attention.UsesCudaBackwardKernels, Is.True);
             Assert.That(portable.UsesCudaKernels || portable.UsesCudaBackwardKernels, Is.False);
         });
     }
@@ -106,8 +86,8 @@ public sealed class CudaKernelOnCpuTests
     private void CheckGradients(StickBreakingAttention forward, StickBreakingAttention backward, AttentionInputs x,
         AttentionShape shape, StickBreakingOptions options)
     {
-        using var tensors = new DeviceTensors(accelerator, shape, x);
-        var stream = accelerator.DefaultStream;
+        using var tensors = new DeviceTensors(Accelerator, shape, x);
+        var stream = Accelerator.DefaultStream;
         tensors.Forward(forward, stream, options);
         tensors.Backward(backward, stream);
         stream.Synchronize();
@@ -131,14 +111,14 @@ public sealed class CudaKernelOnCpuTests
         double scale = options.ScaleFor(shape.HeadDim);
         double[] q = TestInputs.ToDouble(x.Q), k = TestInputs.ToDouble(x.K), v = TestInputs.ToDouble(x.V);
         var expected = Float64Reference.Forward(q, k, v, shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, attendCurrent);
-        var output = attention.Forward(x.Q, x.K, x.V, shape, options);
+        var output = Attention.Forward(x.Q, x.K, x.V, shape, options);
         Assert.Multiple(() =>
         {
             Assert.That(Errors.MaxAbs(output.O, expected.O), Is.LessThanOrEqualTo(2e-5), "O");
             Assert.That(Errors.MaxAbs(output.Rem, expected.Rem), Is.LessThanOrEqualTo(2e-5), "Rem");
         });
         // A training forward's snapshots feed the backward (the CUDA passes up to D = 128): its gradients must match too.
-        var grads = attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, shape, options);
+        var grads = Attention.Backward(x.Q, x.K, x.V, x.DO, x.DRem, shape, options);
         var expectedGrads = Float64Reference.Backward(q, k, v, TestInputs.ToDouble(x.DO), TestInputs.ToDouble(x.DRem),
             shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, attendCurrent);
         Assert.Multiple(() =>

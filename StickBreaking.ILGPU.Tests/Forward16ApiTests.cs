@@ -18,30 +18,8 @@ namespace StickBreaking.ILGPU.Tests;
 /// 1.5 units in the last place at |o|max where that floor happens to be small; rem and LogRem within 2e-5. The
 /// device level must give the host level's bits, and views the kernel cannot read are refused.
 /// </summary>
-public sealed class Forward16ApiTests
+public sealed class Forward16ApiTests : CudaCodeOnCpuFixture
 {
-    private Context? context;
-    private Accelerator? accelerator;
-    private StickBreakingAttention? attention;
-
-    private StickBreakingAttention Attention => attention ?? throw new InvalidOperationException("not set up");
-
-    [OneTimeSetUp]
-    public void Open()
-    {
-        context = Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms());
-        accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-        attention = new StickBreakingAttention(accelerator, null, KernelChoice.Cuda);
-    }
-
-    [OneTimeTearDown]
-    public void Close()
-    {
-        attention?.Dispose();
-        accelerator?.Dispose();
-        context?.Dispose();
-    }
-
     [TestCase(true, 70, 64, false)]
     [TestCase(false, 70, 128, true)]
     [TestCase(true, 33, 128, true)]
@@ -56,7 +34,7 @@ public sealed class Forward16ApiTests
     /// max(2 x the rounding floor, 1.5 ulp at |o|max), rem and LogRem within 2e-5 (plus 1e-6 |LogRem| where the stick
     /// is used up: LogRem in the hundreds is an fp32 sum of hundreds of terms).
     /// </summary>
-    internal static void CheckAgainstFloat64(StickBreakingAttention attention, bool bf16, InputKind kind, AttentionShape shape, bool attendCurrent)
+    internal static void CheckAgainstFloat64(StickBreakingAttention Attention, bool bf16, InputKind kind, AttentionShape shape, bool attendCurrent)
     {
         int b = shape.Batch, h = shape.Heads, length = shape.Length, headDim = shape.HeadDim;
         var x = TestInputs.Create(kind, b, h, length, headDim, seed: 5);
@@ -66,13 +44,13 @@ public sealed class Forward16ApiTests
         float[] o, rem, logRem;
         if (bf16)
         {
-            var y = attention.Forward(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(),
+            var y = Attention.Forward(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(),
                 x.V.Select(f => (BFloat16)f).ToArray(), shape, options);
             (o, rem, logRem) = (y.O.Select(h => (float)h).ToArray(), y.Rem, y.LogRem);
         }
         else
         {
-            var y = attention.Forward(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(),
+            var y = Attention.Forward(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(),
                 x.V.Select(f => (Half)f).ToArray(), shape, options);
             (o, rem, logRem) = (y.O.Select(h => (float)h).ToArray(), y.Rem, y.LogRem);
         }
@@ -99,7 +77,7 @@ public sealed class Forward16ApiTests
         var k = x.K.Select(f => (BFloat16)f).ToArray();
         var v = x.V.Select(f => (BFloat16)f).ToArray();
         var host = Attention.Forward(q, k, v, shape);
-        var acc = accelerator!;
+        var acc = Accelerator;
         using var qb = acc.Allocate1D(q);
         using var kb = acc.Allocate1D(k);
         using var vb = acc.Allocate1D(v);
@@ -120,7 +98,7 @@ public sealed class Forward16ApiTests
     public void AMisalignedViewIsRefusedNamingIt()
     {
         var shape = new AttentionShape(1, 1, 8, 64);
-        var acc = accelerator!;
+        var acc = Accelerator;
         using var big = acc.Allocate1D<Half>(shape.TensorLength + 4);
         using var ok = acc.Allocate1D<Half>(shape.TensorLength);
         using var o = acc.Allocate1D<Half>(shape.TensorLength);

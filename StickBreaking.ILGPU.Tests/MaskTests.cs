@@ -30,32 +30,13 @@ public sealed class MaskTests(string backend) : BackendFixture(backend)
 
 /// <summary>The same scenarios on the CUDA kernels' code, run by the CPU accelerator (as <see cref="CudaKernelOnCpuTests"/>).</summary>
 [TestFixture]
-public sealed class CudaKernelMaskTests
+public sealed class CudaKernelMaskTests : CudaCodeOnCpuFixture
 {
     private readonly Dictionary<(AttentionShape, bool), MaskRun.Outputs> baselines = [];
-    private Context context = null!;
-    private Accelerator accelerator = null!;
-    private StickBreakingAttention attention = null!;
-
-    [OneTimeSetUp]
-    public void Open()
-    {
-        context = Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms());
-        accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-        attention = new StickBreakingAttention(accelerator, null, KernelChoice.Cuda);
-    }
-
-    [OneTimeTearDown]
-    public void Close()
-    {
-        attention.Dispose();
-        accelerator.Dispose();
-        context.Dispose();
-    }
 
     [TestCaseSource(typeof(MaskRun), nameof(MaskRun.AlternateScenarios))]
     public void PoisonReachesOnlyWhatDependsOnIt(MaskScenario scenario) =>
-        MaskRun.Check(accelerator, attention, scenario, baselines);
+        MaskRun.Check(Accelerator, Attention, scenario, baselines);
 }
 
 /// <summary>The dependency rule of <see cref="MaskDependencies"/> against the float64 reference.</summary>
