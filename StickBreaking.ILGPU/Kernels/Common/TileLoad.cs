@@ -31,6 +31,51 @@ internal static class TileLoad
 }
 
 /// <summary>
+/// The two products both portable backward passes rebuild per (block of query rows, key tile): z[r, j] = q_r . k_j and
+/// g[r, j] = dO_r . v_j (unscaled), over all of D, staged <see cref="TileLoad.DimChunk"/> dimensions at a time.
+/// Rows and keys past T are staged as zeros. Ends with a barrier: z and g are ready for every thread.
+/// </summary>
+internal static class BackwardDots
+{
+    public static void Run<TStored, TElement>(BackwardArgs<TStored> a, ArrayView<float> qChunk, ArrayView<float> doChunk,
+        ArrayView<float> kChunk, ArrayView<float> vChunk, ArrayView<float> z, ArrayView<float> g, long headBase,
+        int row0, int rows, int key0, int keyTile, int tid, int groupSize)
+        where TStored : unmanaged
+        where TElement : struct, IElement<TStored>
+    {
+        const int DimChunk = TileLoad.DimChunk, ChunkStride = TileLoad.ChunkStride;
+        int T = a.Length, D = a.HeadDim;
+        for (int e = tid; e < rows * keyTile; e += groupSize)
+        {
+            z[e] = 0f;
+            g[e] = 0f;
+        }
+        for (int c0 = 0; c0 < D; c0 += DimChunk)
+        {
+            Group.Barrier();
+            TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, rows, T, D, c0, tid, groupSize);
+            TileLoad.Rows<TStored, TElement>(a.DO, doChunk, headBase, row0, rows, T, D, c0, tid, groupSize);
+            TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, keyTile, T, D, c0, tid, groupSize);
+            TileLoad.Rows<TStored, TElement>(a.V, vChunk, headBase, key0, keyTile, T, D, c0, tid, groupSize);
+            Group.Barrier();
+            for (int e = tid; e < rows * keyTile; e += groupSize)
+            {
+                int r = e / keyTile, j = e - r * keyTile;
+                float qk = z[e], dov = g[e];
+                for (int dd = 0; dd < DimChunk; dd++)
+                {
+                    qk += qChunk[r * ChunkStride + dd] * kChunk[j * ChunkStride + dd];
+                    dov += doChunk[r * ChunkStride + dd] * vChunk[j * ChunkStride + dd];
+                }
+                z[e] = qk;
+                g[e] = dov;
+            }
+        }
+        Group.Barrier();
+    }
+}
+
+/// <summary>
 /// Where the kernels keep their per-group output accumulators (forward O, backward dq, dk and dv).
 /// <para>
 /// CUDA and the CPU accelerator: in the dynamic shared memory the host requests. OpenCL: directly in the
@@ -69,6 +114,48 @@ internal static class OutputAccumulator
 {
     /// <summary>True where the accumulators live in the output tensors (OpenCL); a constant per backend.</summary>
     public static bool InOutput => Accelerator.CurrentType == AcceleratorType.OpenCL;
+
+    /// <summary>
+    /// acc[r, c] += sum_j w[r, j] x[key0 + j, col0 + c] over this group's <paramref name="cols"/> columns, x staged
+    /// <see cref="TileLoad.DimChunk"/> columns at a time: o += A v in the forward, dq += dz k in backward pass 1.
+    /// Only the keys the row sees are summed (<see cref="StickMath.VisibleKeys"/>): a key it cannot see has w = 0,
+    /// but 0 times a NaN or infinite x is NaN (masks select, never multiply). The accumulator is
+    /// <paramref name="shared"/> (row stride <paramref name="columnsPerGroup"/>) or, where <see cref="InOutput"/>,
+    /// <paramref name="global"/> from <paramref name="outBase"/> (row stride D).
+    /// </summary>
+    public static void AddWeightedKeys<TStored, TElement>(ArrayView<TStored> x, ArrayView<float> chunk, ArrayView<float> w,
+        ArrayView<float> global, ArrayView<float> shared, long headBase, long outBase, int row0, int rows, int key0,
+        int keyTile, int length, int headDim, int col0, int cols, int columnsPerGroup, int attendCurrent, int tid, int groupSize)
+        where TStored : unmanaged
+        where TElement : struct, IElement<TStored>
+    {
+        const int DimChunk = TileLoad.DimChunk, ChunkStride = TileLoad.ChunkStride;
+        bool inOutput = InOutput;
+        for (int c = 0; c < cols; c += DimChunk)
+        {
+            Group.Barrier();
+            TileLoad.Rows<TStored, TElement>(x, chunk, headBase, key0, keyTile, length, headDim, col0 + c, tid, groupSize);
+            Group.Barrier();
+            for (int e = tid; e < rows * DimChunk; e += groupSize)
+            {
+                int r = e / DimChunk, dd = e - r * DimChunk;
+                if (c + dd < cols && (!inOutput || row0 + r < length))
+                {
+                    int slot = r * columnsPerGroup + c + dd;
+                    long outAt = outBase + (long)r * headDim + c + dd;
+                    float sum = inOutput ? global[outAt] : shared[slot];
+                    int visible = StickMath.VisibleKeys(row0 + r, key0, keyTile, length, attendCurrent);
+                    for (int j = 0; j < visible; j++)
+                        sum += w[r * keyTile + j] * chunk[j * ChunkStride + dd];
+                    if (inOutput)
+                        global[outAt] = sum;
+                    else
+                        shared[slot] = sum;
+                }
+            }
+        }
+        Group.Barrier();
+    }
 
     /// <summary>
     /// Zeroes a group's slice of an output used as its accumulator (OpenCL): rows [<paramref name="first"/>,

@@ -85,33 +85,7 @@ internal static class BackwardKeyKernel
 
         for (int row0 = key0 - key0 % BlockRows; row0 < T; row0 += BlockRows)
         {
-            for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
-            {
-                z[e] = 0f;
-                g[e] = 0f;
-            }
-            for (int c0 = 0; c0 < D; c0 += DimChunk)
-            {
-                Group.Barrier();
-                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
-                Group.Barrier();
-                for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
-                {
-                    int r = e / KeyTile, j = e - r * KeyTile;
-                    float qk = z[e], dov = g[e];
-                    for (int dd = 0; dd < DimChunk; dd++)
-                    {
-                        qk += qChunk[r * ChunkStride + dd] * kChunk[j * ChunkStride + dd];
-                        dov += doChunk[r * ChunkStride + dd] * vChunk[j * ChunkStride + dd];
-                    }
-                    z[e] = qk;
-                    g[e] = dov;
-                }
-            }
-            Group.Barrier();
+            BackwardDots.Run<TStored, TElement>(a, qChunk, doChunk, kChunk, vChunk, z, g, headBase, row0, BlockRows, key0, KeyTile, tid, groupSize);
 
             for (int r = tid; r < BlockRows; r += groupSize)
             {

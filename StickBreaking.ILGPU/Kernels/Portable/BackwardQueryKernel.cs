@@ -88,33 +88,7 @@ internal static class BackwardQueryKernel
         {
             int key0 = tile * KeyTile;
 
-            for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
-            {
-                z[e] = 0f;
-                g[e] = 0f;
-            }
-            for (int c0 = 0; c0 < D; c0 += DimChunk)
-            {
-                Group.Barrier();
-                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.DO, doChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.V, vChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
-                Group.Barrier();
-                for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
-                {
-                    int r = e / KeyTile, j = e - r * KeyTile;
-                    float qk = z[e], dov = g[e];
-                    for (int dd = 0; dd < DimChunk; dd++)
-                    {
-                        qk += qChunk[r * ChunkStride + dd] * kChunk[j * ChunkStride + dd];
-                        dov += doChunk[r * ChunkStride + dd] * vChunk[j * ChunkStride + dd];
-                    }
-                    z[e] = qk;
-                    g[e] = dov;
-                }
-            }
-            Group.Barrier();
+            BackwardDots.Run<TStored, TElement>(a, qChunk, doChunk, kChunk, vChunk, z, g, headBase, row0, BlockRows, key0, KeyTile, tid, groupSize);
 
             for (int r = tid; r < BlockRows; r += groupSize)
             {
@@ -133,32 +107,10 @@ internal static class BackwardQueryKernel
                 }
             }
 
-            // dq += dz k over this group's columns, and over the keys the row sees only (dz is 0 for the others,
-            // but 0 times a NaN or infinite k is NaN).
-            for (int c = 0; c < cols; c += DimChunk)
-            {
-                Group.Barrier();
-                TileLoad.Rows<TStored, TElement>(a.K, kChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
-                Group.Barrier();
-                for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
-                {
-                    int r = e / DimChunk, dd = e - r * DimChunk;
-                    if (c + dd < cols && (!inOutput || row0 + r < T))
-                    {
-                        int slot = r * a.ColumnsPerGroup + c + dd;
-                        long outAt = outBase + (long)r * D + c + dd;
-                        float dq = inOutput ? dqGlobal[outAt] : dqAcc[slot];
-                        int visible = StickMath.VisibleKeys(row0 + r, key0, KeyTile, T, a.AttendCurrent);
-                        for (int j = 0; j < visible; j++)
-                            dq += z[r * KeyTile + j] * kChunk[j * ChunkStride + dd];
-                        if (inOutput)
-                            dqGlobal[outAt] = dq;
-                        else
-                            dqAcc[slot] = dq;
-                    }
-                }
-            }
-            Group.Barrier();
+            // dq += dz k over this group's columns and the keys each row sees (dz is 0 for the others, but 0 times a
+            // NaN or infinite k is NaN).
+            OutputAccumulator.AddWeightedKeys<TStored, TElement>(a.K, kChunk, z, dqGlobal, dqAcc, headBase, outBase, row0, BlockRows,
+                key0, KeyTile, T, D, col0, cols, a.ColumnsPerGroup, a.AttendCurrent, tid, groupSize);
         }
 
         for (int e = tid; e < BlockRows * cols; e += groupSize)

@@ -121,32 +121,9 @@ internal static class ForwardKernel
                 acc[r] = rowAcc + suffix;
             }
 
-            // 4. out += A v, over chunks of this group's output columns, and over the keys the row sees only: a
-            // key it cannot see has weight 0, but 0 times a NaN or infinite v is NaN (masks select, never multiply).
-            for (int c = 0; c < cols; c += DimChunk)
-            {
-                Group.Barrier();
-                TileLoad.Rows<TStored, TElement>(a.V, kvChunk, headBase, key0, KeyTile, T, D, col0 + c, tid, groupSize);
-                Group.Barrier();
-                for (int e = tid; e < BlockRows * DimChunk; e += groupSize)
-                {
-                    int r = e / DimChunk, dd = e - r * DimChunk;
-                    if (c + dd < cols && (!inOutput || row0 + r < T))
-                    {
-                        int slot = r * a.ColumnsPerGroup + c + dd;
-                        long outAt = outBase + (long)r * D + c + dd;
-                        float o = inOutput ? outGlobal[outAt] : outAcc[slot];
-                        int visible = StickMath.VisibleKeys(row0 + r, key0, KeyTile, T, a.AttendCurrent);
-                        for (int j = 0; j < visible; j++)
-                            o += p[r * KeyTile + j] * kvChunk[j * ChunkStride + dd];
-                        if (inOutput)
-                            outGlobal[outAt] = o;
-                        else
-                            outAcc[slot] = o;
-                    }
-                }
-            }
-            Group.Barrier();
+            // 4. out += A v over this group's columns and the keys each row sees (masks select, never multiply).
+            OutputAccumulator.AddWeightedKeys<TStored, TElement>(a.V, kvChunk, p, outGlobal, outAcc, headBase, outBase, row0, BlockRows,
+                key0, KeyTile, T, D, col0, cols, a.ColumnsPerGroup, a.AttendCurrent, tid, groupSize);
         }
 
         if (!inOutput)
