@@ -3,6 +3,7 @@ using System;
 using System.Runtime.CompilerServices;
 using ILGPU;
 using StickBreaking.ILGPU.Kernels.Common;
+using static StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreOps;
 
 namespace StickBreaking.ILGPU.Kernels.TensorCore;
 

@@ -5,6 +5,7 @@ using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
 using StickBreaking.ILGPU.Launch;
+using static StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreOps;
 
 namespace StickBreaking.ILGPU.Kernels.TensorCore;
 
@@ -236,17 +237,6 @@ internal static partial class TensorCoreForwardKernel
         }
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static U4 Fragment(uint a0, uint a1, uint a2, uint a3)
-    {
-        U4 f;
-        f.X0 = a0;
-        f.X1 = a1;
-        f.X2 = a2;
-        f.X3 = a3;
-        return f;
-    }
-
     /// <summary>
     /// Loads this thread's share of 64 rows first .. first+63 of a [T, D] head, in 16-byte pieces: piece
     /// c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8), D / 16 passes), for
@@ -293,16 +283,6 @@ internal static partial class TensorCoreForwardKernel
             to[6 * step * RowStrideU4] = p.P6;
             to[7 * step * RowStrideU4] = p.P7;
         }
-    }
-
-    /// <summary>The 16-byte piece at <paramref name="index"/> when <paramref name="active"/>, else zeros.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static U4 Piece(ArrayView<U4> source, int index, bool active)
-    {
-        U4 value = default;
-        if (active)
-            value = source[index];
-        return value;
     }
 
     /// <summary>
@@ -377,94 +357,6 @@ internal static partial class TensorCoreForwardKernel
         shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
     }
 
-    /// <summary>Replaces each non-finite 16-bit value of a 16-byte piece by 0 (by selection); true when there was one.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static bool Sanitize(ref U4 x, uint exponentMask)
-    {
-        uint bad0 = NonFinite(x.X0, exponentMask), bad1 = NonFinite(x.X1, exponentMask);
-        uint bad2 = NonFinite(x.X2, exponentMask), bad3 = NonFinite(x.X3, exponentMask);
-        x.X0 &= ~bad0;
-        x.X1 &= ~bad1;
-        x.X2 &= ~bad2;
-        x.X3 &= ~bad3;
-        return (bad0 | bad1 | bad2 | bad3) != 0;
-    }
-
-    /// <summary>0xFFFF over each half of <paramref name="pair"/> whose exponent bits are all set (Inf or NaN), else 0.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint NonFinite(uint pair, uint exponentMask)
-    {
-        uint lo = (pair & exponentMask & 0xFFFFu) == (exponentMask & 0xFFFFu) ? 0xFFFFu : 0u;
-        uint hi = (pair & exponentMask & 0xFFFF_0000u) == (exponentMask & 0xFFFF_0000u) ? 0xFFFF_0000u : 0u;
-        return lo | hi;
-    }
-
-    private const float Log2E = 1.44269504088896341f;
-    private const float Ln2 = 0.693147180559945309f;
-
-    /// <summary>
-    /// lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)) for z = logit log2 e (never overflows): one ex2, and
-    /// log2(1 + u) for u in (0, 1] as 2 atanh(s) log2 e with s = u / (2 + u) in [0, 1/3], atanh(s) / s as a
-    /// degree-4 polynomial in t = s^2 on [0, 1/9] (Chebyshev-node fit, relative error 4e-9; the truncated series
-    /// needs degree 7 for 1.5e-9), s from one approximate reciprocal (rcp.approx: 1 ulp).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Lb2(float z)
-    {
-        float u = Exp2(-MathF.Abs(z));
-        float s = u * Reciprocal(2f + u);
-        float t = s * s;
-        const float C = 2f * Log2E;
-        float series = C * 0.1407888918330113f;
-        series = series * t + C * 0.13982578872278584f;
-        series = series * t + C * 0.20012297615355937f;
-        series = series * t + C * 0.33333160820690017f;
-        series = series * t + C * 1.0000000038408794f;
-        return -(MathF.Max(z, 0f) + s * series);
-    }
-
-    /// <summary>2^x: <c>ex2.approx.ftz.f32</c> on CUDA (relative error about 2^-22; results below 2^-126 flush to 0), exp(x ln 2) elsewhere.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Exp2(float x)
-    {
-        if (CudaAsm.IsSupported)
-        {
-            CudaAsm.Emit("ex2.approx.ftz.f32 %0, %1;", out float y, x);
-            return y;
-        }
-        return MathF.Exp(x * Ln2);
-    }
-
-    /// <summary>1 / x: <c>rcp.approx.ftz.f32</c> on CUDA (1 ulp), the IEEE division elsewhere.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float Reciprocal(float x)
-    {
-        if (CudaAsm.IsSupported)
-        {
-            CudaAsm.Emit("rcp.approx.ftz.f32 %0, %1;", out float y, x);
-            return y;
-        }
-        return 1f / x;
-    }
-
-    /// <summary>
-    /// The quad (4 lanes, one row) exchange of the thread sums x_t of lb: returns the sum over the nearer threads
-    /// (t' &gt; t), and the row's total, the same bits in all four lanes (the same additions, nearest first).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float QuadNearer(float x, int lane, int t, out float total)
-    {
-        int quad = lane & ~3;
-        float x0 = Warp.Shuffle(x, quad);
-        float x1 = Warp.Shuffle(x, quad + 1);
-        float x2 = Warp.Shuffle(x, quad + 2);
-        float x3 = Warp.Shuffle(x, quad + 3);
-        float nearer2 = x3 + x2;
-        float nearer1 = nearer2 + x1;
-        total = nearer1 + x0;
-        return t == 0 ? nearer1 : t == 1 ? nearer2 : t == 2 ? x3 : 0f;
-    }
-
     /// <summary>
     /// The acc snapshots of the two 32-key tiles of this 64-key tile (<see cref="Snapshots"/>): before the lower one
     /// (keys 32 .. 63 of the tile nearer: thread t = 1's nearer sum), and before the upper one (the row's acc);
@@ -482,37 +374,6 @@ internal static partial class TensorCoreForwardKernel
             a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc * Ln2;
     }
 
-    /// <summary>
-    /// The residuals w - round(w) of a pair of weights (exact in fp32: w and round(w) are within a 16-bit ulp of each
-    /// other), rounded to the storage type in turn; <paramref name="rounded"/> is the pair <see cref="Pack"/> made.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint Residuals<TStorage>(uint rounded, float lo, float hi) where TStorage : struct, IStorage
-    {
-        float roundedLo = default(TStorage).Load((ushort)rounded);
-        float roundedHi = default(TStorage).Load((ushort)(rounded >> 16));
-        return Pack<TStorage>(lo - roundedLo, hi - roundedHi);
-    }
-
-    /// <summary>
-    /// Two floats rounded to the storage type (nearest, ties to even), as one word (low half first): on CUDA one
-    /// <c>cvt.rn.{bf16x2|f16x2}.f32</c> (its first source goes to the upper half), elsewhere the integer rounding
-    /// of <see cref="IStorage.Store"/> (the same bits for every non-NaN value).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint Pack<TStorage>(float lo, float hi) where TStorage : struct, IStorage
-    {
-        if (CudaAsm.IsSupported)
-        {
-            uint packed;
-            if (default(TStorage).IsBFloat16)
-                CudaAsm.Emit("cvt.rn.bf16x2.f32 %0, %1, %2;", out packed, hi, lo);
-            else
-                CudaAsm.Emit("cvt.rn.f16x2.f32 %0, %1, %2;", out packed, hi, lo);
-            return packed;
-        }
-        return default(TStorage).Store(lo) | ((uint)default(TStorage).Store(hi) << 16);
-    }
 }
 
 /// <summary>
