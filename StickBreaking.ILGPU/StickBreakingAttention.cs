@@ -22,7 +22,7 @@ namespace StickBreaking.ILGPU;
 /// for GPU backends; launch shapes follow the accelerator's group-size, shared-memory and grid limits.
 /// The instance uses the accelerator it is given and never picks a device itself. Not thread-safe.
 /// </remarks>
-public sealed class StickBreakingAttention : IDisposable
+public sealed partial class StickBreakingAttention : IDisposable
 {
     private readonly Accelerator accelerator;
     private readonly KernelLauncher launcher;
