@@ -60,6 +60,19 @@ internal sealed class KernelLauncher
         Compiled(kernel)(stream, config, args.WithGrid(blocks, columns));
     }
 
+    /// <summary>
+    /// Enqueues a portable kernel whose grid is not the (heads, row blocks, column slices) of an attention shape (the
+    /// decode and merge kernels): <paramref name="groupsX"/> x <paramref name="groupsY"/> groups of
+    /// <see cref="LaunchPlan.GroupSize"/> threads with static shared memory only, its arguments passed as given. The
+    /// caller checks the grid against the accelerator's limits before anything is enqueued.
+    /// </summary>
+    public void LaunchGroups<TArgs>(KernelLaunch<TArgs> kernel, AcceleratorStream stream, int groupsX, int groupsY, TArgs args)
+        where TArgs : struct, IGridArgs<TArgs>
+    {
+        var config = new KernelConfig(new Index3D(groupsX, groupsY, 1), new Index3D(Plan.GroupSize, 1, 1));
+        Compiled(kernel)(stream, config, args);
+    }
+
     private Action<AcceleratorStream, KernelConfig, TArgs> Compiled<TArgs>(KernelLaunch<TArgs> kernel)
         where TArgs : struct, IGridArgs<TArgs>
     {

@@ -1,0 +1,440 @@
+using System;
+using System.Diagnostics;
+using System.Linq;
+using ILGPU;
+using ILGPU.Runtime;
+using NUnit.Framework;
+using StickBreaking.ILGPU.Tests.Infrastructure;
+using StickBreaking.ILGPU.Tests.Reference;
+using Half = System.Half;
+
+namespace StickBreaking.ILGPU.Tests;
+
+/// <summary>The storage type of a decode test.</summary>
+public enum DecodeStorage
+{
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+/// <summary>
+/// Queries behind a key/value cache (docs/math.md, "Queries behind a cache", "Split and merge", "Grouped-query heads") on
+/// every backend, for fp32, fp16 and bf16 storage: against the float64 reference written from the definition on the same
+/// (rounded) cache, against the library's own full forward on the whole sequence (its last n rows), split into 2 and 5
+/// chunks against no split, the public merge of two and five parts against the unsplit result, NaN in slots past each
+/// sequence's length and in keys no query sees (never reaching an output), and bad inputs (each an exception naming the
+/// argument, nothing enqueued). Tolerances: fp32 2e-5 max abs; 16-bit o within 2x its rounding floor (or 1.5 ulp of the
+/// largest |o|), rem and LogRem 2e-5.
+/// </summary>
+public sealed class DecodeTests(string backend) : BackendFixture(backend)
+{
+    /// <summary>One test shape: lengths per sequence (each below the capacity unless equal is wanted).</summary>
+    public sealed record Case(int B, int Hq, int Hkv, int N, int Capacity, int D, int[] Lengths, bool AttendCurrent)
+    {
+        public DecodeShape Shape => new(B, Hq, Hkv, N, Capacity, D);
+
+        public override string ToString() =>
+            $"B={B} Hq={Hq} Hkv={Hkv} n={N} cap={Capacity} D={D} L=[{string.Join(",", Lengths)}]{(AttendCurrent ? " current" : "")}";
+    }
+
+    private static readonly Case[] Cases =
+    [
+        new(2, 4, 1, 1, 70, 16, [53, 31], false),   // MQA decode, lengths differ, capacity above both
+        new(2, 4, 2, 3, 64, 32, [40, 57], true),    // GQA chunked prefill
+        new(1, 2, 2, 4, 50, 16, [45], false),       // Hkv = Hq
+        new(2, 3, 3, 1, 40, 50, [33, 1], false),    // a sequence of one token: its query sees nothing
+        new(1, 8, 2, 2, 80, 64, [77], false),       // 4 query heads per kv head, D = 64
+    ];
+
+    private static readonly object[] CaseSource =
+        (from c in Cases from s in Enum.GetValues<DecodeStorage>() select new object[] { c, s }).ToArray();
+
+    [TestCaseSource(nameof(CaseSource))]
+    public void MatchesFloat64FromTheDefinition(Case c, DecodeStorage storage)
+    {
+        var x = Make(c, storage, seed: c.Capacity + c.D);
+        var got = Run(Attention, c, storage, x);
+        var exact = DecodeReference.Forward(ToDouble(x.Q), ToDouble(x.K), ToDouble(x.V), c.Lengths, null, c.B, c.Hq, c.Hkv, c.N,
+            c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        CheckClose(got, exact, storage, $"{Backend} {storage} {c}");
+    }
+
+    [TestCase(DecodeStorage.Fp32, 1, false)]
+    [TestCase(DecodeStorage.Fp32, 5, true)]
+    [TestCase(DecodeStorage.Bf16, 3, false)]
+    [TestCase(DecodeStorage.Fp16, 1, true)]
+    public void LastRowsOfTheLibraryForwardOnTheWholeSequence(DecodeStorage storage, int n, bool attendCurrent)
+    {
+        // Hq = Hkv, capacity = L: the cache is the whole sequence's k and v; the queries are its last n rows.
+        const int L = 45, H = 2, D = 32;
+        var c = new Case(1, H, H, n, L, D, [L], attendCurrent);
+        var whole = TestInputs.Standard(1, H, L, D, seed: 41);
+        float[] qWhole = Round(whole.Q, storage), k = Round(whole.K, storage), v = Round(whole.V, storage);
+        var q = new float[H * n * D];
+        for (int h = 0; h < H; h++)
+            Array.Copy(qWhole, (h * L + L - n) * D, q, h * n * D, n * D);
+        var got = Run(Attention, c, storage, new Inputs(q, k, v));
+        var shape = new AttentionShape(1, H, L, D);
+        var options = new StickBreakingOptions { AttendCurrent = attendCurrent };
+        float[] fo, frem, flog;
+        switch (storage)
+        {
+            case DecodeStorage.Fp32:
+                var y = Attention.Forward(qWhole, k, v, shape, options);
+                (fo, frem, flog) = (y.O, y.Rem, y.LogRem);
+                break;
+            case DecodeStorage.Fp16:
+                var yh = Attention.Forward(qWhole.Select(f => (Half)f).ToArray(), k.Select(f => (Half)f).ToArray(), v.Select(f => (Half)f).ToArray(), shape, options);
+                (fo, frem, flog) = (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
+                break;
+            default:
+                var yb = Attention.Forward(qWhole.Select(f => (BFloat16)f).ToArray(), k.Select(f => (BFloat16)f).ToArray(), v.Select(f => (BFloat16)f).ToArray(), shape, options);
+                (fo, frem, flog) = (yb.O.Select(h => (float)h).ToArray(), yb.Rem, yb.LogRem);
+                break;
+        }
+        var exact = Float64Reference.Forward(ToDouble(qWhole), ToDouble(k), ToDouble(v), 1, H, L, D, 1.0 / Math.Sqrt(D), attendCurrent);
+        var lastO = new double[H * n * D];
+        var lastRem = new double[H * n];
+        var lastLog = new double[H * n];
+        var forwardO = new float[H * n * D];
+        var forwardRem = new float[H * n];
+        var forwardLog = new float[H * n];
+        for (int h = 0; h < H; h++)
+        {
+            Array.Copy(fo, (h * L + L - n) * D, forwardO, h * n * D, n * D);
+            Array.Copy(frem, h * L + L - n, forwardRem, h * n, n);
+            Array.Copy(flog, h * L + L - n, forwardLog, h * n, n);
+            Array.Copy(exact.O, (h * L + L - n) * D, lastO, h * n * D, n * D);
+            Array.Copy(exact.Rem, h * L + L - n, lastRem, h * n, n);
+            Array.Copy(exact.LogRem, h * L + L - n, lastLog, h * n, n);
+        }
+        // The library's forward (last n rows) is one more 16-bit result near the same exact values: decode within the
+        // tolerance of it, taking the forward's own rounding as the floor's second share.
+        double floor = storage == DecodeStorage.Fp32 ? 0 : lastO.Max(e => Math.Abs(RoundTrip(e, storage) - e));
+        double ulp = storage == DecodeStorage.Fp32 ? 0 : Ulp(lastO.Max(Math.Abs), storage);
+        double oTolerance = storage == DecodeStorage.Fp32 ? 2e-5 : Math.Max(2 * floor, 1.5 * ulp);
+        double oError = MaxAbs(got.O, forwardO);
+        TestContext.Out.WriteLine($"{Backend} {storage} n={n}: |decode - forward| o {oError:E2} (tolerance {oTolerance:E2}), " +
+            $"rem {MaxAbs(got.Rem, forwardRem):E2}, LogRem {MaxAbs(got.LogRem, forwardLog):E2}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(oError, Is.LessThanOrEqualTo(oTolerance), "o against the forward's last rows");
+            Assert.That(MaxAbs(got.Rem, forwardRem), Is.LessThanOrEqualTo(2e-5), "rem against the forward's last rows");
+            Assert.That(MaxAbs(got.LogRem, forwardLog), Is.LessThanOrEqualTo(2e-5), "LogRem against the forward's last rows");
+        });
+        CheckClose(got, new ReferenceForward(lastO, lastRem, lastLog), storage, $"{Backend} {storage} n={n} against float64");
+    }
+
+    [TestCase(DecodeStorage.Fp32, 2)]
+    [TestCase(DecodeStorage.Fp32, 5)]
+    [TestCase(DecodeStorage.Bf16, 2)]
+    [TestCase(DecodeStorage.Fp16, 5)]
+    public void SplitIntoChunksMatchesNoSplit(DecodeStorage storage, int chunks)
+    {
+        var c = new Case(2, 4, 2, 2, 72, 32, [70, 23], false);
+        var x = Make(c, storage, seed: 7 * chunks);
+        var whole = RunChunks(c, storage, x, 1);
+        var split = RunChunks(c, storage, x, chunks);
+        Assert.That(Attention.LastDecodeChunks, Is.EqualTo(chunks), "chunks run");
+        var again = RunChunks(c, storage, x, chunks);
+        var exact = DecodeReference.Forward(ToDouble(x.Q), ToDouble(x.K), ToDouble(x.V), c.Lengths, null, c.B, c.Hq, c.Hkv, c.N,
+            c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        CheckClose(split, exact, storage, $"{Backend} {storage} {chunks} chunks");
+        double ulp = storage == DecodeStorage.Fp32 ? 0 : Ulp(exact.O.Max(Math.Abs), storage);
+        Assert.Multiple(() =>
+        {
+            Assert.That(MaxAbs(split.O, whole.O), Is.LessThanOrEqualTo(storage == DecodeStorage.Fp32 ? 2e-5 : ulp), "o split vs whole");
+            Assert.That(MaxAbs(split.Rem, whole.Rem), Is.LessThanOrEqualTo(2e-5), "rem split vs whole");
+            Assert.That(MaxAbs(split.LogRem, whole.LogRem), Is.LessThanOrEqualTo(2e-5), "LogRem split vs whole");
+            Assert.That(Bits(again.O), Is.EqualTo(Bits(split.O)), "repeat: o bitwise");
+            Assert.That(Bits(again.LogRem), Is.EqualTo(Bits(split.LogRem)), "repeat: LogRem bitwise");
+        });
+    }
+
+    [TestCase(DecodeStorage.Fp32, 2)]
+    [TestCase(DecodeStorage.Fp32, 5)]
+    [TestCase(DecodeStorage.Bf16, 2)]
+    [TestCase(DecodeStorage.Fp16, 5)]
+    public void PublicMergeOfPartsMatchesTheUnsplitResult(DecodeStorage storage, int parts)
+    {
+        // One sequence of L keys cut into `parts` caches (as on several devices), nearest part last in the sequence; each
+        // part's Decode is told how many keys follow it (keysAfter), and the parts are merged nearest first.
+        var c = new Case(1, 4, 2, 2, 64, 16, [64], true);
+        var x = Make(c, storage, seed: 3 + parts);
+        var whole = RunChunks(c, storage, x, 1);
+        int[] cuts = Enumerable.Range(0, parts + 1).Select(p => c.Capacity - p * c.Capacity / parts).ToArray();   // cuts[0] = L
+        (float[] O, float[] Rem, float[] LogRem) total = (Array.Empty<float>(), Array.Empty<float>(), Array.Empty<float>());
+        for (int p = 0; p < parts; p++)
+        {
+            int hi = cuts[p], lo = cuts[p + 1], len = hi - lo;
+            var part = new Case(1, c.Hq, c.Hkv, c.N, len, c.D, [len], c.AttendCurrent);
+            var k = new float[c.Hkv * len * c.D];
+            var v = new float[k.Length];
+            for (int kv = 0; kv < c.Hkv; kv++)
+            {
+                Array.Copy(x.K, (kv * c.Capacity + lo) * c.D, k, kv * len * c.D, len * c.D);
+                Array.Copy(x.V, (kv * c.Capacity + lo) * c.D, v, kv * len * c.D, len * c.D);
+            }
+            var y = Run(Attention, part, storage, new Inputs(x.Q, k, v), keysAfter: [c.Capacity - hi]);
+            if (p == 0)
+            {
+                total = y;
+                continue;
+            }
+            total = MergeHost(storage, total, y, c.D);
+        }
+        double ulp = storage == DecodeStorage.Fp32 ? 0 : Ulp(whole.O.Max(MathF.Abs), storage);
+        double oTolerance = storage == DecodeStorage.Fp32 ? 2e-5 : (parts + 1) * ulp;   // each 16-bit part and merge rounds once
+        TestContext.Out.WriteLine($"{Backend} {storage} {parts} parts: |merged - whole| o {MaxAbs(total.O, whole.O):E2}, LogRem {MaxAbs(total.LogRem, whole.LogRem):E2}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(MaxAbs(total.O, whole.O), Is.LessThanOrEqualTo(oTolerance), "o");
+            Assert.That(MaxAbs(total.Rem, whole.Rem), Is.LessThanOrEqualTo(2e-5), "rem");
+            Assert.That(MaxAbs(total.LogRem, whole.LogRem), Is.LessThanOrEqualTo(2e-5), "LogRem");
+        });
+    }
+
+    [TestCase(DecodeStorage.Fp32, 1)]
+    [TestCase(DecodeStorage.Bf16, 1)]
+    [TestCase(DecodeStorage.Fp32, 3)]
+    [TestCase(DecodeStorage.Fp16, 3)]
+    public void NaNInSlotsNoQuerySeesReachesNoOutput(DecodeStorage storage, int chunks)
+    {
+        // Slots past each length are NaN (Make), and so are k and v of the last key present, which no query sees
+        // without AttendCurrent (query i sees keys below L - n + i <= L - 1).
+        var c = new Case(2, 2, 1, 3, 48, 16, [40, 29], false);
+        var x = Make(c, storage, seed: 19);
+        for (int b = 0; b < c.B; b++)
+        {
+            int at = ((b * c.Hkv) * c.Capacity + c.Lengths[b] - 1) * c.D;
+            for (int d = 0; d < c.D; d++)
+            {
+                x.K[at + d] = float.NaN;
+                x.V[at + d] = float.PositiveInfinity;
+            }
+        }
+        var got = RunChunks(c, storage, x, chunks);
+        Assert.That(got.O.Concat(got.Rem).Concat(got.LogRem).All(float.IsFinite), Is.True, "every output finite");
+        var exact = DecodeReference.Forward(ToDouble(x.Q), ToDouble(x.K), ToDouble(x.V), c.Lengths, null, c.B, c.Hq, c.Hkv, c.N,
+            c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        CheckClose(got, exact, storage, $"{Backend} {storage} poisoned, {chunks} chunks");
+    }
+
+    [Test]
+    public void DeviceLevelGivesTheHostLevelBits()
+    {
+        var c = new Case(2, 4, 2, 2, 40, 32, [37, 12], false);
+        var x = Make(c, DecodeStorage.Bf16, seed: 23);
+        var host = Run(Attention, c, DecodeStorage.Bf16, x);
+        var acc = Accelerator;
+        using var q = acc.Allocate1D(x.Q.Select(f => (BFloat16)f).ToArray());
+        using var k = acc.Allocate1D(x.K.Select(f => (BFloat16)f).ToArray());
+        using var v = acc.Allocate1D(x.V.Select(f => (BFloat16)f).ToArray());
+        using var lengths = acc.Allocate1D(c.Lengths);
+        using var o = acc.Allocate1D<BFloat16>(c.Shape.QueryLength);
+        using var rem = acc.Allocate1D<float>(c.Shape.RowCount);
+        using var logRem = acc.Allocate1D<float>(c.Shape.RowCount);
+        Attention.Decode(acc.DefaultStream, c.Shape, q.View, k.View, v.View, lengths.View, o.View, rem.View, logRem.View);
+        acc.Synchronize();
+        Assert.Multiple(() =>
+        {
+            Assert.That(o.GetAsArray1D().Select(b => (float)b), Is.EqualTo(host.O));
+            Assert.That(rem.GetAsArray1D(), Is.EqualTo(host.Rem));
+            Assert.That(logRem.GetAsArray1D(), Is.EqualTo(host.LogRem));
+        });
+    }
+
+    [Test]
+    public void BadInputsAreRefusedNamingTheArgument()
+    {
+        var c = new Case(2, 4, 2, 2, 16, 8, [10, 16], false);
+        var shape = c.Shape;
+        var q = new float[shape.QueryLength];
+        var k = new float[shape.CacheLength];
+        var acc = Accelerator;
+        using var dq = acc.Allocate1D<float>(shape.QueryLength);
+        using var dk = acc.Allocate1D<float>(shape.CacheLength);
+        using var dLengths = acc.Allocate1D(new[] { 10, 17 });
+        using var o = acc.Allocate1D<float>(shape.QueryLength);
+        using var rows = acc.Allocate1D<float>(2 * shape.RowCount);
+        var rem = rows.View.SubView(0, shape.RowCount);
+        var logRem = rows.View.SubView(shape.RowCount, shape.RowCount);
+        Assert.Multiple(() =>
+        {
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Decode(q, k, k, [10, 16], shape with { KeyValueHeads = 3 }))!.ParamName, Is.EqualTo("shape"), "Hq not a multiple of Hkv");
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Decode(q, k, k, [10, 16], shape with { Queries = 17 }))!.ParamName, Is.EqualTo("shape"), "n > capacity");
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Decode(q, k, k, [10, 17], shape))!.ParamName, Is.EqualTo("cacheLengths"), "length above capacity");
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Decode(q, k, k, [1, 16], shape))!.ParamName, Is.EqualTo("cacheLengths"), "n > L");
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Decode(q, k, k, [-1, 16], shape))!.ParamName, Is.EqualTo("cacheLengths"), "negative length");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Decode(q.AsSpan(1), k, k, [10, 16], shape))!.ParamName, Is.EqualTo("q"), "q length");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Decode(q, k, k.AsSpan(1), [10, 16], shape))!.ParamName, Is.EqualTo("vCache"), "vCache length");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Decode(q, k, k, [10], shape))!.ParamName, Is.EqualTo("cacheLengths"), "cacheLengths length");
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => Attention.Decode(acc.DefaultStream, shape, dq.View, dk.View, dk.View, dLengths.View,
+                o.View, rem, logRem))!.ParamName, Is.EqualTo("cacheLengths"), "device length above capacity");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Decode(acc.DefaultStream, shape, dq.View, dk.View, dk.View, dLengths.View,
+                dq.View, rem, logRem))!.ParamName, Is.EqualTo("o"), "o overlaps q");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Decode(acc.DefaultStream, shape, dq.View, dk.View, dk.View, dLengths.View,
+                o.View.SubView(1, shape.QueryLength - 1), rem, logRem))!.ParamName, Is.EqualTo("o"), "o length");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Merge(new float[32], new float[4], new float[32], new float[3], 8))!.ParamName, Is.EqualTo("logRemFar"), "merge rows");
+            Assert.That(Assert.Throws<ArgumentException>(() => Attention.Merge(new float[31], new float[4], new float[32], new float[4], 8))!.ParamName, Is.EqualTo("oNear"), "merge o length");
+        });
+        // Still usable after the refusals.
+        var good = Make(c, DecodeStorage.Fp32, seed: 2);
+        var y = Run(Attention, c, DecodeStorage.Fp32, good);
+        Assert.That(y.O.All(float.IsFinite), Is.True);
+    }
+
+    // ------------------------------------------------------------------------------------------------
+
+    internal sealed record Inputs(float[] Q, float[] K, float[] V);
+
+    /// <summary>Standard inputs rounded to the storage; slots past each sequence's length are NaN.</summary>
+    private static Inputs Make(Case c, DecodeStorage storage, int seed)
+    {
+        var normal = new Random(seed);
+        double N() => Math.Sqrt(-2 * Math.Log(1 - normal.NextDouble())) * Math.Cos(2 * Math.PI * normal.NextDouble());
+        float[] Fill(long count, Func<double> next) => Round(Enumerable.Range(0, (int)count).Select(_ => (float)next()).ToArray(), storage);
+        var shape = c.Shape;
+        var q = Fill(shape.QueryLength, () => 0.25 * (N() + 1));
+        var k = Fill(shape.CacheLength, () => 0.25 * (N() - 1));
+        var v = Fill(shape.CacheLength, () => 0.25 * N());
+        for (int b = 0; b < c.B; b++)
+            for (int kv = 0; kv < c.Hkv; kv++)
+                for (int j = c.Lengths[b]; j < c.Capacity; j++)
+                    for (int d = 0; d < c.D; d++)
+                    {
+                        long at = (((long)b * c.Hkv + kv) * c.Capacity + j) * c.D + d;
+                        k[at] = float.NaN;
+                        v[at] = float.NaN;
+                    }
+        return new Inputs(q, k, v);
+    }
+
+    private (float[] O, float[] Rem, float[] LogRem) RunChunks(Case c, DecodeStorage storage, Inputs x, int chunks)
+    {
+        Attention.DecodeChunksOverride = chunks;
+        try
+        {
+            return Run(Attention, c, storage, x);
+        }
+        finally
+        {
+            Attention.DecodeChunksOverride = null;
+        }
+    }
+
+    internal static (float[] O, float[] Rem, float[] LogRem) Run(StickBreakingAttention attention, Case c, DecodeStorage storage, Inputs x,
+        int[]? keysAfter = null)
+    {
+        var options = new StickBreakingOptions { AttendCurrent = c.AttendCurrent };
+        switch (storage)
+        {
+            case DecodeStorage.Fp32:
+                var y = attention.Decode(x.Q, x.K, x.V, c.Lengths, c.Shape, options, keysAfter);
+                return (y.O, y.Rem, y.LogRem);
+            case DecodeStorage.Fp16:
+                var yh = attention.Decode(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(),
+                    x.V.Select(f => (Half)f).ToArray(), c.Lengths, c.Shape, options, keysAfter);
+                return (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
+            default:
+                var yb = attention.Decode(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(),
+                    x.V.Select(f => (BFloat16)f).ToArray(), c.Lengths, c.Shape, options, keysAfter);
+                return (yb.O.Select(h => (float)h).ToArray(), yb.Rem, yb.LogRem);
+        }
+    }
+
+    private (float[] O, float[] Rem, float[] LogRem) MergeHost(DecodeStorage storage, (float[] O, float[] Rem, float[] LogRem) near,
+        (float[] O, float[] Rem, float[] LogRem) far, int headDim)
+    {
+        switch (storage)
+        {
+            case DecodeStorage.Fp32:
+                var y = Attention.Merge(near.O, near.LogRem, far.O, far.LogRem, headDim);
+                return (y.O, y.Rem, y.LogRem);
+            case DecodeStorage.Fp16:
+                var yh = Attention.Merge(near.O.Select(f => (Half)f).ToArray(), near.LogRem, far.O.Select(f => (Half)f).ToArray(), far.LogRem, headDim);
+                return (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
+            default:
+                var yb = Attention.Merge(near.O.Select(f => (BFloat16)f).ToArray(), near.LogRem, far.O.Select(f => (BFloat16)f).ToArray(), far.LogRem, headDim);
+                return (yb.O.Select(h => (float)h).ToArray(), yb.Rem, yb.LogRem);
+        }
+    }
+
+    private static void CheckClose((float[] O, float[] Rem, float[] LogRem) got, ReferenceForward exact, DecodeStorage storage, string what)
+    {
+        double oTolerance = 2e-5;
+        double floor = 0;
+        if (storage != DecodeStorage.Fp32)
+        {
+            floor = exact.O.Max(e => Math.Abs(RoundTrip(e, storage) - e));
+            oTolerance = Math.Max(2 * floor, 1.5 * Ulp(exact.O.Max(Math.Abs), storage));
+        }
+        double oError = MaxAbs(got.O, exact.O);
+        TestContext.Out.WriteLine($"{what}: o {oError:E2}{(floor > 0 ? $" ({oError / floor:F2} x floor)" : "")}, " +
+            $"rem {MaxAbs(got.Rem, exact.Rem):E2}, LogRem {MaxAbs(got.LogRem, exact.LogRem):E2}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(oError, Is.LessThanOrEqualTo(oTolerance), "o");
+            Assert.That(MaxAbs(got.Rem, exact.Rem), Is.LessThanOrEqualTo(2e-5), "rem");
+            Assert.That(MaxAbs(got.LogRem, exact.LogRem), Is.LessThanOrEqualTo(2e-5), "LogRem");
+        });
+    }
+
+    /// <summary>Max abs difference; NaN anywhere counts as infinite.</summary>
+    private static double MaxAbs(float[] a, double[] b)
+    {
+        Assert.That(a.Length, Is.EqualTo(b.Length), "lengths");
+        double max = 0;
+        for (int i = 0; i < a.Length; i++)
+        {
+            double e = Math.Abs(a[i] - b[i]);
+            max = double.IsNaN(e) ? double.PositiveInfinity : Math.Max(max, e);
+        }
+        return max;
+    }
+
+    private static double MaxAbs(float[] a, float[] b) => MaxAbs(a, b.Select(f => (double)f).ToArray());
+
+    private static double Ulp(double magnitude, DecodeStorage storage) =>
+        Math.Pow(2, Math.Floor(Math.Log2(magnitude)) - (storage == DecodeStorage.Bf16 ? 7 : 10));
+
+    private static double RoundTrip(double x, DecodeStorage storage) => storage switch
+    {
+        DecodeStorage.Bf16 => (float)(BFloat16)(float)x,
+        DecodeStorage.Fp16 => (double)(Half)x,
+        _ => (float)x,
+    };
+
+    private static float[] Round(float[] x, DecodeStorage storage) => x.Select(f => (float)RoundTrip(f, storage)).ToArray();
+
+    private static double[] ToDouble(float[] x) => x.Select(f => (double)f).ToArray();
+
+    private static int[] Bits(float[] x) => x.Select(BitConverter.SingleToInt32Bits).ToArray();
+}
+
+/// <summary>The decode reference itself: for Hq = Hkv its rows are the last n rows of the float64 forward on the whole sequence.</summary>
+public sealed class DecodeReferenceTests
+{
+    [TestCase(1, false)]
+    [TestCase(4, true)]
+    [TestCase(7, false)]
+    public void LastRowsOfTheFloat64Forward(int n, bool attendCurrent)
+    {
+        const int L = 30, H = 2, D = 8;
+        var x = TestInputs.Standard(1, H, L, D, seed: 5);
+        double[] qWhole = TestInputs.ToDouble(x.Q), k = TestInputs.ToDouble(x.K), v = TestInputs.ToDouble(x.V);
+        var q = new double[H * n * D];
+        for (int h = 0; h < H; h++)
+            Array.Copy(qWhole, (h * L + L - n) * D, q, h * n * D, n * D);
+        var whole = Float64Reference.Forward(qWhole, k, v, 1, H, L, D, 0.3, attendCurrent);
+        var decode = DecodeReference.Forward(q, k, v, [L], null, 1, H, H, n, L, D, 0.3, attendCurrent);
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < n; i++)
+            {
+                Assert.That(decode.LogRem[h * n + i], Is.EqualTo(whole.LogRem[h * L + L - n + i]).Within(1e-12));
+                for (int d = 0; d < D; d++)
+                    Assert.That(decode.O[(h * n + i) * D + d], Is.EqualTo(whole.O[(h * L + L - n + i) * D + d]).Within(1e-12));
+            }
+    }
+}

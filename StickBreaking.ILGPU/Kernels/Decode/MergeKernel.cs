@@ -1,0 +1,66 @@
+using System;
+using ILGPU;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
+
+namespace StickBreaking.ILGPU.Kernels.Decode;
+
+/// <summary>
+/// The exact merge of docs/math.md, "Split and merge": parts of one result over disjoint key ranges, each computed as if
+/// its stick started whole, combined from the nearest part to the farthest,
+/// <c>o = o_near + exp(LogRem_near) o_far</c>, <c>LogRem = LogRem_near + LogRem_far</c>, <c>rem = exp(LogRem)</c>.
+/// One thread per output element, parts summed in their fixed order: deterministic, no atomics. Plain loads and stores,
+/// so it builds for every backend; its grid is one-dimensional (<see cref="KernelLauncher.LaunchGroups{TArgs}"/>).
+/// </summary>
+internal static class MergeKernel
+{
+    /// <summary>The split decode's merge: fp32 chunk partials into o in the storage type.</summary>
+    public static readonly KernelLaunch<MergeArgs<float, float>> ChunksFp32 = Describe<float, Fp32Element, float, Fp32Element>("decode merge");
+    /// <inheritdoc cref="ChunksFp32"/>
+    public static readonly KernelLaunch<MergeArgs<float, ushort>> ChunksFp16 = Describe<float, Fp32Element, ushort, Fp16Storage>("decode merge fp16");
+    /// <inheritdoc cref="ChunksFp32"/>
+    public static readonly KernelLaunch<MergeArgs<float, ushort>> ChunksBf16 = Describe<float, Fp32Element, ushort, Bf16Storage>("decode merge bf16");
+    /// <summary>The public merge of two parts whose o is in the storage type.</summary>
+    public static readonly KernelLaunch<MergeArgs<ushort, ushort>> PartsFp16 = Describe<ushort, Fp16Storage, ushort, Fp16Storage>("merge fp16");
+    /// <inheritdoc cref="PartsFp16"/>
+    public static readonly KernelLaunch<MergeArgs<ushort, ushort>> PartsBf16 = Describe<ushort, Bf16Storage, ushort, Bf16Storage>("merge bf16");
+
+    private static KernelLaunch<MergeArgs<TPart, T>> Describe<TPart, TPartElement, T, TElement>(string name)
+        where TPart : unmanaged
+        where TPartElement : struct, IElement<TPart>
+        where T : unmanaged
+        where TElement : struct, IElement<T> => new()
+    {
+        Name = name, Body = Kernel<TPart, TPartElement, T, TElement>, Family = KernelFamily.Portable, RowsPerGroup = 1,
+    };
+
+    public static void Kernel<TPart, TPartElement, T, TElement>(MergeArgs<TPart, T> a)
+        where TPart : unmanaged
+        where TPartElement : struct, IElement<TPart>
+        where T : unmanaged
+        where TElement : struct, IElement<T>
+    {
+        long e = (long)Grid.IdxX * Group.DimX + Group.IdxX;
+        int D = a.HeadDim;
+        if (e >= (long)a.Rows * D)
+            return;
+        long row = e / D;
+        int d = (int)(e - row * D);
+        var part = default(TPartElement);
+        float o = part.Load(a.PartO[row * D + d]);
+        float logRem = a.PartLogRem[row];
+        for (int c = 1; c < a.Parts; c++)
+        {
+            float far = a.SeparateFar != 0 ? part.Load(a.FarO[row * D + d]) : part.Load(a.PartO[((long)c * a.Rows + row) * D + d]);
+            float farLogRem = a.SeparateFar != 0 ? a.FarLogRem[row] : a.PartLogRem[(long)c * a.Rows + row];
+            o += MathF.Exp(logRem) * far;
+            logRem += farLogRem;
+        }
+        a.O[e] = default(TElement).Store(o);
+        if (d == 0)
+        {
+            a.LogRem[row] = logRem;
+            a.Rem[row] = MathF.Exp(logRem);
+        }
+    }
+}
