@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Linq;
 using ILGPU;
 using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
 using NUnit.Framework;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
@@ -285,6 +286,94 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         Assert.That(y.O.All(float.IsFinite), Is.True);
     }
 
+    [TestCase(DecodeStorage.Bf16)]
+    [TestCase(DecodeStorage.Fp32)]
+    public void LongCacheWithTheChosenSplit(DecodeStorage storage)
+    {
+        // A cache long enough that a GPU splits it (the chunk count the instance picks for its accelerator).
+        var c = new Case(2, 8, 2, 1, 1100, 128, [1024, 700], false);
+        var x = Make(c, storage, seed: 31);
+        var got = Run(Attention, c, storage, x);
+        TestContext.Out.WriteLine($"{Backend}: {Attention.LastDecodeChunks} chunks");
+        var exact = DecodeReference.Forward(ToDouble(x.Q), ToDouble(x.K), ToDouble(x.V), c.Lengths, null, c.B, c.Hq, c.Hkv, c.N,
+            c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        CheckClose(got, exact, storage, $"{Backend} {storage} {c}");
+    }
+
+    private static void Fill(Index1D i, ArrayView<ushort> x, int seed)
+    {
+        uint h = (uint)i.X * 2654435761u ^ (uint)seed * 40503u;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        float f = ((h & 0xFFFF) / 65536f - 0.5f) * 0.5f;
+        x[i] = (ushort)(Interop.FloatAsInt(f) >> 16);   // bf16 bits (truncated), in [-0.25, 0.25]
+    }
+
+    /// <summary>
+    /// CUDA only: ms and TB/s of K + V read at the target shapes (bf16, D = 128), through the public device-level call (which
+    /// reads the lengths back first) and through the kernels alone, for the chosen split and a sweep of chunk counts.
+    /// </summary>
+    [Test]
+    public void TimingOnCuda()
+    {
+        if (Backend != Backends.Cuda)
+            Assert.Ignore("CUDA only");
+        var acc = Accelerator;
+        var fill = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<ushort>, int>(Fill);
+        (int B, int Hq, int Hkv, int L, int n)[] shapes = [(32, 32, 8, 32768, 1), (1, 32, 8, 32768, 1), (32, 12, 12, 8192, 1), (1, 32, 8, 32768, 4), (8, 32, 8, 32768, 1)];
+        foreach (var (B, Hq, Hkv, L, n) in shapes)
+        {
+            var shape = new DecodeShape(B, Hq, Hkv, n, L, 128);
+            using var q = acc.Allocate1D<ushort>(shape.QueryLength);
+            using var k = acc.Allocate1D<ushort>(shape.CacheLength);
+            using var v = acc.Allocate1D<ushort>(shape.CacheLength);
+            using var lengths = acc.Allocate1D(Enumerable.Repeat(L, B).ToArray());
+            using var o = acc.Allocate1D<ushort>(shape.QueryLength);
+            using var rem = acc.Allocate1D<float>(shape.RowCount);
+            using var logRem = acc.Allocate1D<float>(shape.RowCount);
+            fill((int)q.Length, q.View, 1);
+            fill((int)k.Length, k.View, 2);
+            fill((int)v.Length, v.View, 3);
+            acc.Synchronize();
+            double bytes = 2.0 * shape.CacheLength * 2;
+            var qb = ((ArrayView<ushort>)q.View).Cast<BFloat16>();
+            var kb = ((ArrayView<ushort>)k.View).Cast<BFloat16>();
+            var vb = ((ArrayView<ushort>)v.View).Cast<BFloat16>();
+            var ob = ((ArrayView<ushort>)o.View).Cast<BFloat16>();
+            double Time(Action call, int runs)
+            {
+                call();
+                acc.Synchronize();
+                var watch = Stopwatch.StartNew();
+                for (int r = 0; r < runs; r++)
+                    call();
+                acc.Synchronize();
+                return watch.Elapsed.TotalMilliseconds / runs;
+            }
+            int runs = B >= 8 ? 20 : 200;
+            double publicMs = Time(() => Attention.Decode(acc.DefaultStream, shape, qb, kb, vb, lengths.View, ob, rem.View, logRem.View), runs);
+            int chosen = Attention.LastDecodeChunks;
+            double kernelMs = Time(() => Attention.DecodeUnchecked(acc.DefaultStream, shape, qb, kb, vb, lengths.View, L, ob, rem.View, logRem.View), runs);
+            TestContext.Out.WriteLine($"bf16 {shape}: public call {publicMs:F3} ms ({bytes / publicMs / 1e9:F2} TB/s), kernels alone " +
+                $"{kernelMs:F3} ms ({bytes / kernelMs / 1e9:F2} TB/s), {chosen} chunks chosen");
+            Assert.That(rem.GetAsArray1D().All(float.IsFinite), "finite rem");
+            foreach (int chunks in new[] { 1, 2, 4, 8, 16, 32, 64, 128 })
+            {
+                Attention.DecodeChunksOverride = chunks;
+                try
+                {
+                    double ms = Time(() => Attention.DecodeUnchecked(acc.DefaultStream, shape, qb, kb, vb, lengths.View, L, ob, rem.View, logRem.View), runs);
+                    TestContext.Out.WriteLine($"    {chunks,4} chunks: {ms:F3} ms ({bytes / ms / 1e9:F2} TB/s)");
+                }
+                finally
+                {
+                    Attention.DecodeChunksOverride = null;
+                }
+            }
+        }
+    }
+
     // ------------------------------------------------------------------------------------------------
 
     internal sealed record Inputs(float[] Q, float[] K, float[] V);
@@ -377,7 +466,8 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         {
             Assert.That(oError, Is.LessThanOrEqualTo(oTolerance), "o");
             Assert.That(MaxAbs(got.Rem, exact.Rem), Is.LessThanOrEqualTo(2e-5), "rem");
-            Assert.That(MaxAbs(got.LogRem, exact.LogRem), Is.LessThanOrEqualTo(2e-5), "LogRem");
+            // LogRem in the hundreds is an fp32 sum of hundreds of terms (the rule of Forward16ApiTests).
+            Assert.That(MaxAbs(got.LogRem, exact.LogRem), Is.LessThanOrEqualTo(2e-5 + 1e-6 * exact.LogRem.Max(Math.Abs)), "LogRem");
         });
     }
 
@@ -436,5 +526,40 @@ public sealed class DecodeReferenceTests
                 for (int d = 0; d < D; d++)
                     Assert.That(decode.O[(h * n + i) * D + d], Is.EqualTo(whole.O[(h * L + L - n + i) * D + d]).Within(1e-12));
             }
+    }
+}
+
+/// <summary>The decode and merge kernels compile to PTX for SM_90 without a GPU, with no local memory.</summary>
+public sealed class DecodePtxTests
+{
+    private global::ILGPU.Context context = null!;
+
+    [OneTimeSetUp]
+    public void CreateContext() => context = global::ILGPU.Context.Create(b => b.Cuda().EnableAlgorithms());
+
+    [OneTimeTearDown]
+    public void DisposeContext() => context.Dispose();
+
+    [TestCase(typeof(float), typeof(StickBreaking.ILGPU.Kernels.Common.Fp32Element))]
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage))]
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage))]
+    public void DecodeKernelUsesNoLocalMemory(Type stored, Type element) =>
+        Check(typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, element), $"decode.{element.Name}");
+
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage))]
+    public void MergeKernelUsesNoLocalMemory(Type stored, Type element) =>
+        Check(typeof(StickBreaking.ILGPU.Kernels.Decode.MergeKernel).GetMethod("Kernel")!.MakeGenericMethod(typeof(float),
+            typeof(StickBreaking.ILGPU.Kernels.Common.Fp32Element), stored, element), $"merge.{element.Name}");
+
+    private void Check(System.Reflection.MethodInfo kernel, string name)
+    {
+        var backend = new global::ILGPU.Backends.PTX.PTXBackend(context, new global::ILGPU.Runtime.Cuda.CudaCapabilityContext(global::ILGPU.Runtime.Cuda.CudaArchitecture.SM_90),
+            global::ILGPU.Runtime.Cuda.CudaArchitecture.SM_90, global::ILGPU.Runtime.Cuda.CudaInstructionSet.ISA_88, null);
+        var entry = global::ILGPU.Backends.EntryPoints.EntryPointDescription.FromExplicitlyGroupedKernel(kernel);
+        string ptx = ((global::ILGPU.Backends.PTX.PTXCompiledKernel)backend.Compile(entry, global::ILGPU.Runtime.KernelSpecialization.Empty)).PTXAssembly;
+        if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"{name}.ptx"), ptx);
+        Assert.That(ptx, Does.Contain(".entry"));
+        Assert.That(System.Text.RegularExpressions.Regex.Matches(ptx, @"\.local\b"), Is.Empty, "local memory");
     }
 }

@@ -419,9 +419,9 @@ public sealed partial class StickBreakingAttention
                 $"shape {shape}: the decode grid needs {heads} groups along X (B * Hkv) and {rowBlocks} along Y ((Hq / Hkv) * n / " +
                 $"{DecodeKernel.BlockRows}); {Guards.Describe(accelerator)} allows ({max.X}, {max.Y}): use fewer sequences or queries per call.");
         MergeGroups(shape.RowCount, shape.HeadDim);
-        if (accelerator.MaxSharedMemoryPerGroup < DecodeKernel.StaticSharedBytes)
+        if (accelerator.MaxSharedMemoryPerGroup < DecodeKernel.StaticSharedBytes(sizeof(float)))
             throw new InvalidOperationException(
-                $"The decode kernel needs {DecodeKernel.StaticSharedBytes} bytes of shared memory per group; {Guards.Describe(accelerator)} offers {accelerator.MaxSharedMemoryPerGroup}.");
+                $"The decode kernel needs {DecodeKernel.StaticSharedBytes(sizeof(float))} bytes of shared memory per group; {Guards.Describe(accelerator)} offers {accelerator.MaxSharedMemoryPerGroup}.");
     }
 
     private static long DecodeRowBlocks(DecodeShape shape) =>
@@ -473,6 +473,7 @@ public sealed partial class StickBreakingAttention
             CacheLengths = cacheLengths, KeysAfter = keysAfter.IsValid ? keysAfter : cacheLengths, HasKeysAfter = keysAfter.IsValid ? 1 : 0,
             PartialO = partialO, PartialLogRem = partialLogRem,
             Layout = DecodeLayout.Of(shape), AttendCurrent = options.AttendCurrent ? 1 : 0,
+            PackedRows = DecodeKernel.PackedRows(D, Marshal.SizeOf<T>()) && DecodeGuards.Aligned16(kCache) && DecodeGuards.Aligned16(vCache) ? 1 : 0,
             Chunks = chunks, ChunkKeys = chunkKeys, KeyTile = DecodeKernel.KeyTileFor(D), Scale = options.ScaleFor(D), RowBlocks = rowBlocks,
         };
         launcher.LaunchGroups(kernel, stream, shape.Batch * shape.KeyValueHeads, rowBlocks * chunks, args);
@@ -493,6 +494,24 @@ public sealed partial class StickBreakingAttention
             SeparateFar = far.IsValid ? 1 : 0, O = o, Rem = rem, LogRem = logRem, Parts = partCount, Rows = rows, HeadDim = headDim,
         };
         launcher.LaunchGroups(merge, stream, MergeGroups(rows, headDim), 1, args);
+    }
+
+    /// <summary>
+    /// Benchmarks only: the device-level decode without its checks and without reading the lengths back, so that back-to-back
+    /// calls time the kernels alone. <paramref name="longest"/> must be the longest of the lengths on the device.
+    /// </summary>
+    internal void DecodeUnchecked<T>(AcceleratorStream stream, DecodeShape shape, ArrayView<T> q, ArrayView<T> kCache, ArrayView<T> vCache,
+        ArrayView<int> cacheLengths, int longest, ArrayView<T> o, ArrayView<float> rem, ArrayView<float> logRem, StickBreakingOptions? options = null)
+        where T : unmanaged
+    {
+        options ??= StickBreakingOptions.Default;
+        if (typeof(T) == typeof(float))
+            EnqueueDecode(stream, shape, q.Cast<float>(), kCache.Cast<float>(), vCache.Cast<float>(), cacheLengths, default, longest,
+                o.Cast<float>(), rem, logRem, options, DecodeKernel.Launch, MergeKernel.ChunksFp32);
+        else
+            EnqueueDecode(stream, shape, q.Cast<ushort>(), kCache.Cast<ushort>(), vCache.Cast<ushort>(), cacheLengths, default, longest,
+                o.Cast<ushort>(), rem, logRem, options, typeof(T) == typeof(Half) ? DecodeKernel.LaunchFp16 : DecodeKernel.LaunchBf16,
+                typeof(T) == typeof(Half) ? MergeKernel.ChunksFp16 : MergeKernel.ChunksBf16);
     }
 
     /// <summary>The fp32 scratch of the chunk partials: kept by the instance, grown (after the device drains) only for a larger shape.</summary>

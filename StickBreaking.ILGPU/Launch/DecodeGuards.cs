@@ -37,6 +37,11 @@ internal static class DecodeGuards
             throw new ArgumentException($"{name} has {view.Length} {Unit<T>()}; {Describe(shape)} needs {expected}.", name);
     }
 
+    /// <summary>Whether <paramref name="view"/> starts at a multiple of 16 bytes of its buffer.</summary>
+    public static bool Aligned16<T>(ArrayView<T> view) where T : unmanaged => StartInBytes(view) % 16 == 0;
+
+    private static long StartInBytes<TView>(TView view) where TView : IContiguousArrayView => view.IndexInBytes;
+
     private static MemoryBuffer BufferOf<TView>(TView view) where TView : IArrayView => view.Buffer;
 
     private static string Describe(object shape) => shape is string s ? s : $"shape {shape}";

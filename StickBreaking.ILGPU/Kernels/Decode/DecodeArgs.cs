@@ -48,6 +48,8 @@ internal struct DecodeArgs<T> : IGridArgs<DecodeArgs<T>>
     public ArrayView<float> PartialO, PartialLogRem;
     public DecodeLayout Layout;
     public int AttendCurrent, HasKeysAfter;
+    /// <summary>1 when each cache row is a whole number of 16-byte words and both caches start 16-byte aligned (<see cref="DecodeKernel.PackedRows"/>).</summary>
+    public int PackedRows;
     /// <summary>Chunks the keys of each sequence are split into (chunk 0 the nearest), and keys per chunk.</summary>
     public int Chunks, ChunkKeys;
     /// <summary>Keys per tile (the staging unit: <see cref="DecodeKernel.KeyTileFor"/>).</summary>

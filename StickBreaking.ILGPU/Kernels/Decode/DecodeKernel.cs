@@ -24,36 +24,39 @@ namespace StickBreaking.ILGPU.Kernels.Decode;
 /// </summary>
 internal static class DecodeKernel
 {
-    /// <summary>Rows (query head, query) per group.</summary>
-    public const int BlockRows = 8;
+    /// <summary>Rows (query head, query) per group: four, each kept in its own register by the product loops.</summary>
+    public const int BlockRows = 4;
     /// <summary>The most keys per tile.</summary>
     public const int MaxKeyTile = 64;
-    /// <summary>Floats of one staged tile of keys (or values) before padding: keys per tile = this / D, at most <see cref="MaxKeyTile"/>.</summary>
-    public const int TileFloats = 2048;
-    private const int TileStorage = TileFloats + MaxKeyTile;   // rows padded to D + 1 floats against bank conflicts
+    /// <summary>Elements of one staged tile of keys (or values): keys per tile = this / D, at most <see cref="MaxKeyTile"/>.</summary>
+    public const int TileElements = 4096;
     private const int MaxHeadDim = AttentionShape.MaxHeadDim;
-    /// <summary>Partial dot products per tile: (row, key) pairs times the pieces of D they are split into.</summary>
-    private const int PartialSlots = 512;
+    /// <summary>Partial dot products per tile: rows times keys times the pieces of D they are split into.</summary>
+    private const int PartialSlots = BlockRows * 256;
 
-    /// <summary>Static shared memory per group, in bytes.</summary>
-    public const int StaticSharedBytes = 4 * (2 * BlockRows * MaxHeadDim + 2 * TileStorage + 2 * BlockRows * MaxKeyTile + PartialSlots + BlockRows);
+    /// <summary>Static shared memory per group, in bytes, for storage elements of <paramref name="elementBytes"/> bytes.</summary>
+    public static int StaticSharedBytes(int elementBytes) =>
+        2 * TileElements * elementBytes + 4 * (2 * BlockRows * MaxHeadDim + 2 * BlockRows * MaxKeyTile + PartialSlots + BlockRows);
 
     /// <summary>Keys per tile for head dimension <paramref name="headDim"/>.</summary>
-    public static int KeyTileFor(int headDim) => Math.Min(MaxKeyTile, TileFloats / headDim);
+    public static int KeyTileFor(int headDim) => Math.Min(MaxKeyTile, TileElements / headDim);
+
+    /// <summary>Whether rows of <paramref name="headDim"/> elements of <paramref name="elementBytes"/> bytes are staged in 16-byte words (views 16-byte aligned as well).</summary>
+    public static bool PackedRows(int headDim, int elementBytes) => headDim * elementBytes % 16 == 0;
 
     /// <summary>fp32 storage.</summary>
-    public static readonly KernelLaunch<DecodeArgs<float>> Launch = Describe<float, Fp32Element>("decode");
+    public static readonly KernelLaunch<DecodeArgs<float>> Launch = Describe<float, Fp32Element>("decode", 4);
     /// <summary>fp16 storage (q, caches, o as IEEE binary16 bits).</summary>
-    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Storage>("decode fp16");
+    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Storage>("decode fp16", 2);
     /// <summary>bf16 storage (q, caches, o as bfloat16 bits).</summary>
-    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Storage>("decode bf16");
+    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Storage>("decode bf16", 2);
 
-    private static KernelLaunch<DecodeArgs<T>> Describe<T, TElement>(string name)
+    private static KernelLaunch<DecodeArgs<T>> Describe<T, TElement>(string name, int elementBytes)
         where T : unmanaged
         where TElement : struct, IElement<T> => new()
     {
         Name = name, Body = Kernel<T, TElement>, Family = KernelFamily.Portable, RowsPerGroup = BlockRows,
-        StaticSharedBytes = StaticSharedBytes,
+        StaticSharedBytes = StaticSharedBytes(elementBytes),
     };
 
     public static void Kernel<TStored, TElement>(DecodeArgs<TStored> a)
@@ -73,66 +76,98 @@ internal static class DecodeKernel
         int end = length + (a.HasKeysAfter != 0 ? a.KeysAfter[b] : 0);   // the sequence's length: queries at end - n ..
         int hi = length - chunk * a.ChunkKeys;                           // this chunk: keys [lo, hi)
         int lo = Math.Max(0, hi - a.ChunkKeys);
-        int keyTile = a.KeyTile, stride = D + 1;
+        int keyTile = a.KeyTile;
+        // Where each row's queries sit: row r sees the keys below its limit (a key past every limit is never staged in a product).
+        int limit0 = RowLimit(0, rows, row0, n, end, a.AttendCurrent), limit1 = RowLimit(1, rows, row0, n, end, a.AttendCurrent);
+        int limit2 = RowLimit(2, rows, row0, n, end, a.AttendCurrent), limit3 = RowLimit(3, rows, row0, n, end, a.AttendCurrent);
+        // Staging in 16-byte words: (line, lane) with a fixed word per thread, no division per word.
+        int words = a.PackedRows != 0 ? D * Interop.SizeOf<TStored>() / 16 : 1;
+        int wordLanes = Math.Min(words, groupSize), wordLane = tid % wordLanes, wordLine = tid / wordLanes, wordLines = groupSize / wordLanes;
 
-        var q = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);       // [rows, D]
-        var outAcc = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);  // [rows, D]
-        var k = SharedMemory.Allocate<float>(TileStorage);                  // [keys, D + 1]
-        var v = SharedMemory.Allocate<float>(TileStorage);                  // [keys, D + 1]
-        var lb = SharedMemory.Allocate<float>(BlockRows * MaxKeyTile);      // lb, then acc + the exclusive suffix of lb
+        var q = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);       // [BlockRows, D], rows past the block zero
+        var outAcc = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);  // [BlockRows, D]
+        var k = SharedMemory.Allocate<TStored>(TileElements);               // [keys, D], as stored
+        var v = SharedMemory.Allocate<TStored>(TileElements);               // [keys, D], as stored
+        var lb = SharedMemory.Allocate<float>(BlockRows * MaxKeyTile);      // lb = log(1 - beta), 0 where not visible
         var logBeta = SharedMemory.Allocate<float>(BlockRows * MaxKeyTile); // log(beta), then the weights A
-        var partial = SharedMemory.Allocate<float>(PartialSlots);
+        var partial = SharedMemory.Allocate<float>(PartialSlots);           // [pieces, BlockRows, keys]
         var acc = SharedMemory.Allocate<float>(BlockRows);
 
-        for (int e = tid; e < rows * D; e += groupSize)
+        for (int e = tid; e < BlockRows * D; e += groupSize)
         {
             int r = e / D, d = e - r * D;
             int flat = row0 + r, g = flat / n, i = flat - g * n;
-            q[e] = element.Load(a.Q[layout.QueryRow(b, kvHead * perKv + g, i) + d]);
+            q[e] = r < rows ? element.Load(a.Q[layout.QueryRow(b, kvHead * perKv + g, i) + d]) : 0f;
             outAcc[e] = 0f;
         }
-        for (int r = tid; r < rows; r += groupSize)
+        for (int r = tid; r < BlockRows; r += groupSize)
             acc[r] = 0f;
 
         for (int tileEnd = hi; tileEnd > lo; tileEnd -= keyTile)
         {
             int key0 = Math.Max(lo, tileEnd - keyTile), keys = tileEnd - key0;
             Group.Barrier();
-            // Stage the tile's keys and values (slots below the length only), converted to fp32.
-            for (int e = tid; e < keys * D; e += groupSize)
+            // Stage the tile's keys and values as stored: slots below the length only.
+            if (a.PackedRows != 0)
             {
-                int j = e / D, d = e - j * D;
-                long at = layout.CacheRow(b, kvHead, key0 + j) + d;
-                k[j * stride + d] = element.Load(a.K[at]);
-                v[j * stride + d] = element.Load(a.V[at]);
+                var kWords = k.Cast<Word16>();
+                var vWords = v.Cast<Word16>();
+                var kCache = a.K.Cast<Word16>();
+                var vCache = a.V.Cast<Word16>();
+                long first = layout.CacheRow(b, kvHead, key0) / (16 / Interop.SizeOf<TStored>());
+                for (int j = wordLine; j < keys; j += wordLines)
+                {
+                    for (int w = wordLane; w < words; w += wordLanes)
+                    {
+                        kWords[j * words + w] = kCache[first + (long)j * words + w];
+                        vWords[j * words + w] = vCache[first + (long)j * words + w];
+                    }
+                }
+            }
+            else
+            {
+                for (int e = tid; e < keys * D; e += groupSize)
+                {
+                    int j = e / D, d = e - j * D;
+                    long at = layout.CacheRow(b, kvHead, key0 + j) + d;
+                    k[e] = a.K[at];
+                    v[e] = a.V[at];
+                }
             }
             Group.Barrier();
 
-            // 1. q . k for every (row, key) pair, D split into pieces so that the whole group works.
-            int pairs = rows * keys;
-            int pieces = Math.Max(1, Math.Min(Math.Min(groupSize, PartialSlots) / pairs, D));
-            int span = (D + pieces - 1) / pieces;
-            for (int e = tid; e < pairs * pieces; e += groupSize)
+            // 1. q . k for every (row, key) pair: a thread takes one key and one piece of D (d = piece, piece + pieces, ...)
+            //    for all four rows, so each k element it reads serves four registers; neighbouring threads read neighbouring d.
+            int pieces = Math.Max(1, Math.Min(Math.Min(groupSize, PartialSlots / BlockRows) / keys, D));
+            for (int e = tid; e < keys * pieces; e += groupSize)
             {
-                int piece = e / pairs, pair = e - piece * pairs;
-                int r = pair / keys, j = pair - r * keys;
-                int d0 = piece * span, d1 = Math.Min(D, d0 + span);
-                float s = 0f;
-                for (int d = d0; d < d1; d++)
-                    s += q[r * D + d] * k[j * stride + d];
-                partial[e] = s;
+                int j = e / pieces, piece = e - j * pieces;
+                float s0 = 0f, s1 = 0f, s2 = 0f, s3 = 0f;
+                for (int d = piece; d < D; d += pieces)
+                {
+                    float kd = element.Load(k[j * D + d]);
+                    s0 += q[d] * kd;
+                    s1 += q[D + d] * kd;
+                    s2 += q[2 * D + d] * kd;
+                    s3 += q[3 * D + d] * kd;
+                }
+                int at = piece * BlockRows * keys + j;
+                partial[at] = s0;
+                partial[at + keys] = s1;
+                partial[at + 2 * keys] = s2;
+                partial[at + 3 * keys] = s3;
             }
             Group.Barrier();
 
             // 2. z, lb = log(1 - beta) and log(beta); lb = 0 where the row does not see the key (selected, not multiplied).
+            int pairs = rows * keys;
             for (int pair = tid; pair < pairs; pair += groupSize)
             {
                 int r = pair / keys, j = pair - r * keys;
                 float dot = 0f;
                 for (int piece = 0; piece < pieces; piece++)
-                    dot += partial[piece * pairs + pair];
-                int flat = row0 + r, i = flat - flat / n * n;
-                bool visible = key0 + j < end - n + i + a.AttendCurrent;
+                    dot += partial[(piece * BlockRows + r) * keys + j];
+                bool visible = key0 + j < RowLimit(r, rows, row0, n, end, a.AttendCurrent);
                 float z = a.Scale * dot;
                 StickMath.Logs(z, out float lbj, out float logBetaj);
                 lb[r * MaxKeyTile + j] = visible ? lbj : 0f;
@@ -140,41 +175,45 @@ internal static class DecodeKernel
             }
             Group.Barrier();
 
-            // 3. Per row, nearest key first: acc plus the sum of lb over the nearer keys (the exclusive suffix).
-            for (int r = tid; r < rows; r += groupSize)
-            {
-                float running = acc[r];
-                for (int j = keys - 1; j >= 0; j--)
-                {
-                    float lbj = lb[r * MaxKeyTile + j];
-                    lb[r * MaxKeyTile + j] = running;
-                    running += lbj;
-                }
-                acc[r] = running;
-            }
-            Group.Barrier();
-
-            // 4. log A = log(beta) + acc + suffix; A = 0 where not visible.
+            // 3. log A = log(beta) + acc + the sum of lb over the nearer keys of the tile (nearest first); A = 0 where not visible.
             for (int pair = tid; pair < pairs; pair += groupSize)
             {
                 int r = pair / keys, j = pair - r * keys;
-                int flat = row0 + r, i = flat - flat / n * n;
-                bool visible = key0 + j < end - n + i + a.AttendCurrent;
-                float weight = MathF.Exp(logBeta[r * MaxKeyTile + j] + lb[r * MaxKeyTile + j]);
+                bool visible = key0 + j < RowLimit(r, rows, row0, n, end, a.AttendCurrent);
+                float suffix = 0f;
+                for (int l = keys - 1; l > j; l--)
+                    suffix += lb[r * MaxKeyTile + l];
+                float weight = MathF.Exp(logBeta[r * MaxKeyTile + j] + (acc[r] + suffix));
                 logBeta[r * MaxKeyTile + j] = visible ? weight : 0f;
             }
             Group.Barrier();
 
-            // 5. out += A v over the keys each row sees (the loop stops before the others: masks select).
-            for (int e = tid; e < rows * D; e += groupSize)
+            // 4. out += A v over the keys each row sees: a thread per column, the four rows in registers; a key a row does
+            //    not see is selected away (its value may be NaN), keys no row sees are not visited. Then acc += the tile's lb.
+            int seen0 = Seen(limit0, key0, keys), seen1 = Seen(limit1, key0, keys), seen2 = Seen(limit2, key0, keys), seen3 = Seen(limit3, key0, keys);
+            int seen = Math.Max(Math.Max(seen0, seen1), Math.Max(seen2, seen3));
+            for (int d = tid; d < D; d += groupSize)
             {
-                int r = e / D, d = e - r * D;
-                int flat = row0 + r, i = flat - flat / n * n;
-                int visible = Math.Min(Math.Max(end - n + i + a.AttendCurrent - key0, 0), keys);
-                float sum = outAcc[e];
-                for (int j = 0; j < visible; j++)
-                    sum += logBeta[r * MaxKeyTile + j] * v[j * stride + d];
-                outAcc[e] = sum;
+                float o0 = outAcc[d], o1 = outAcc[D + d], o2 = outAcc[2 * D + d], o3 = outAcc[3 * D + d];
+                for (int j = 0; j < seen; j++)
+                {
+                    float vd = element.Load(v[j * D + d]);
+                    o0 += j < seen0 ? logBeta[j] * vd : 0f;
+                    o1 += j < seen1 ? logBeta[MaxKeyTile + j] * vd : 0f;
+                    o2 += j < seen2 ? logBeta[2 * MaxKeyTile + j] * vd : 0f;
+                    o3 += j < seen3 ? logBeta[3 * MaxKeyTile + j] * vd : 0f;
+                }
+                outAcc[d] = o0;
+                outAcc[D + d] = o1;
+                outAcc[2 * D + d] = o2;
+                outAcc[3 * D + d] = o3;
+            }
+            for (int r = tid; r < rows; r += groupSize)
+            {
+                float suffix = 0f;
+                for (int l = keys - 1; l >= 0; l--)
+                    suffix += lb[r * MaxKeyTile + l];
+                acc[r] += suffix;
             }
         }
         Group.Barrier();
@@ -204,4 +243,23 @@ internal static class DecodeKernel
             }
         }
     }
+
+    /// <summary>
+    /// Keys below this bound are seen by row <paramref name="r"/> of the block (the query at position end - n + i sees
+    /// keys below end - n + i, or up to it with AttendCurrent); int.MinValue for a row past the block's.
+    /// </summary>
+    private static int RowLimit(int r, int rows, int row0, int n, int end, int attendCurrent)
+    {
+        int flat = row0 + r, i = flat - flat / n * n;
+        return r < rows ? end - n + i + attendCurrent : int.MinValue;
+    }
+
+    /// <summary>How many keys of the tile from <paramref name="key0"/> (<paramref name="keys"/> of them) lie below <paramref name="limit"/>.</summary>
+    private static int Seen(int limit, int key0, int keys) => limit == int.MinValue ? 0 : Math.Min(Math.Max(limit - key0, 0), keys);
+}
+
+/// <summary>Sixteen bytes, the unit the decode kernel stages cache rows in (one vector load and store per thread).</summary>
+internal struct Word16
+{
+    public uint X, Y, Z, W;
 }
