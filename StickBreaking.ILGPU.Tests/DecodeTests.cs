@@ -286,6 +286,34 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         Assert.That(y.O.All(float.IsFinite), Is.True);
     }
 
+    [TestCase(DecodeStorage.Bf16, 1)]
+    [TestCase(DecodeStorage.Fp32, 3)]
+    [TestCase(DecodeStorage.Fp16, 2)]
+    public void GroupsOf256PrefetchTheNextTile(DecodeStorage storage, int chunks)
+    {
+        // With 256 threads a group stages a whole tile in two 16-byte words per thread and loads the next tile into
+        // registers while it works on this one (the GPU path); the CPU accelerator's own groups of 32 never do.
+        if (Accelerator.MaxNumThreadsPerGroup < 256)
+            Assert.Ignore("groups of 256 threads are not available here");
+        var c = new Case(2, 4, 2, 1, 150, 32, [150, 61], false);   // D = 32: tiles of 64 keys, 4 or 8 words a key
+        var x = Make(c, storage, seed: 17);
+        (float[] O, float[] Rem, float[] LogRem) got;
+        Attention.DecodeGroupSizeOverride = 256;
+        Attention.DecodeChunksOverride = chunks;
+        try
+        {
+            got = Run(Attention, c, storage, x);
+        }
+        finally
+        {
+            Attention.DecodeGroupSizeOverride = null;
+            Attention.DecodeChunksOverride = null;
+        }
+        var exact = DecodeReference.Forward(ToDouble(x.Q), ToDouble(x.K), ToDouble(x.V), c.Lengths, null, c.B, c.Hq, c.Hkv, c.N,
+            c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        CheckClose(got, exact, storage, $"{Backend} {storage} groups of 256, {chunks} chunks");
+    }
+
     [TestCase(DecodeStorage.Bf16)]
     [TestCase(DecodeStorage.Fp32)]
     public void LongCacheWithTheChosenSplit(DecodeStorage storage)

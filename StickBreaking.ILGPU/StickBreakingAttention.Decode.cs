@@ -19,6 +19,12 @@ public sealed partial class StickBreakingAttention
     /// </summary>
     internal int? DecodeChunksOverride { get; set; }
 
+    /// <summary>
+    /// Tests only: threads per group of the decode kernel in place of the launch plan's (the CPU accelerator runs 32; a GPU's
+    /// 256 takes the kernel's register-prefetch path, which the tests so reach on the CPU accelerator too).
+    /// </summary>
+    internal int? DecodeGroupSizeOverride { get; set; }
+
     /// <summary>The number of key chunks the last decode call ran (tests and benchmarks).</summary>
     internal int LastDecodeChunks { get; private set; }
 
@@ -428,8 +434,10 @@ public sealed partial class StickBreakingAttention
         ((long)shape.QueryHeadsPerKeyValueHead * shape.Queries + DecodeKernel.BlockRows - 1) / DecodeKernel.BlockRows;
 
     /// <summary>
-    /// Key chunks per sequence: one when B Hkv (row blocks) already fill the device, else enough groups for about four per
-    /// multiprocessor, each chunk at least 256 keys of the longest sequence; within the grid's Y limit.
+    /// Key chunks per sequence: one when B Hkv (row blocks) already fill the device many times over, else enough groups for
+    /// about 32 per multiprocessor, each chunk at least 512 keys of the longest sequence; within the grid's Y limit. (On an
+    /// H200, bf16, D = 128, L = 32768: B = 1 ran best at 64 chunks, B = 8 at 64, B = 32 at 32 to 64, B = 32 with Hq = Hkv = 12
+    /// and L = 8192 at 16; a group per chunk waits on its own loads, so many groups per multiprocessor are what hides them.)
     /// </summary>
     private int DecodeChunks(DecodeShape shape, int longest)
     {
@@ -440,8 +448,8 @@ public sealed partial class StickBreakingAttention
             chunks = forced;
         else
         {
-            long target = 4L * Math.Max(1, accelerator.NumMultiprocessors);
-            chunks = groups >= target ? 1 : (int)Math.Min((target + groups - 1) / groups, (longest + 255) / 256);
+            long target = 32L * Math.Max(1, accelerator.NumMultiprocessors);
+            chunks = groups >= target ? 1 : (int)Math.Min((target + groups - 1) / groups, (longest + 511) / 512);
         }
         chunks = (int)Math.Min(chunks, accelerator.MaxGridSize.Y / rowBlocks);
         return Math.Max(1, Math.Min(chunks, longest));
@@ -476,7 +484,7 @@ public sealed partial class StickBreakingAttention
             PackedRows = DecodeKernel.PackedRows(D, Marshal.SizeOf<T>()) && DecodeGuards.Aligned16(kCache) && DecodeGuards.Aligned16(vCache) ? 1 : 0,
             Chunks = chunks, ChunkKeys = chunkKeys, KeyTile = DecodeKernel.KeyTileFor(D), Scale = options.ScaleFor(D), RowBlocks = rowBlocks,
         };
-        launcher.LaunchGroups(kernel, stream, shape.Batch * shape.KeyValueHeads, rowBlocks * chunks, args);
+        launcher.LaunchGroups(kernel, stream, shape.Batch * shape.KeyValueHeads, rowBlocks * chunks, args, DecodeGroupSizeOverride ?? 0);
         if (chunks > 1)
             EnqueueMerge(stream, merge, partialO, partialLogRem, ArrayView<float>.Empty, ArrayView<float>.Empty, chunks,
                 (int)shape.RowCount, D, o, rem, logRem);

@@ -64,12 +64,14 @@ internal sealed class KernelLauncher
     /// Enqueues a portable kernel whose grid is not the (heads, row blocks, column slices) of an attention shape (the
     /// decode and merge kernels): <paramref name="groupsX"/> x <paramref name="groupsY"/> groups of
     /// <see cref="LaunchPlan.GroupSize"/> threads with static shared memory only, its arguments passed as given. The
-    /// caller checks the grid against the accelerator's limits before anything is enqueued.
+    /// caller checks the grid against the accelerator's limits before anything is enqueued. <paramref name="groupSize"/>: threads
+    /// per group in place of the plan's (tests run a GPU's group size on the CPU accelerator); 0 for the plan's.
     /// </summary>
-    public void LaunchGroups<TArgs>(KernelLaunch<TArgs> kernel, AcceleratorStream stream, int groupsX, int groupsY, TArgs args)
+    public void LaunchGroups<TArgs>(KernelLaunch<TArgs> kernel, AcceleratorStream stream, int groupsX, int groupsY, TArgs args,
+        int groupSize = 0)
         where TArgs : struct, IGridArgs<TArgs>
     {
-        var config = new KernelConfig(new Index3D(groupsX, groupsY, 1), new Index3D(Plan.GroupSize, 1, 1));
+        var config = new KernelConfig(new Index3D(groupsX, groupsY, 1), new Index3D(groupSize > 0 ? groupSize : Plan.GroupSize, 1, 1));
         Compiled(kernel)(stream, config, args);
     }
 

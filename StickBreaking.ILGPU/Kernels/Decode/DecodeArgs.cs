@@ -29,6 +29,12 @@ internal struct DecodeLayout
     /// <summary>Index of element 0 of cache slot <paramref name="key"/> of key/value head <paramref name="kvHead"/> of sequence b.</summary>
     public readonly long CacheRow(int b, int kvHead, int key) => (((long)b * KeyValueHeads + kvHead) * Capacity + key) * HeadDim;
 
+    /// <summary>
+    /// Index of element 0 of slots <paramref name="key0"/>, key0 + 1, ... of key/value head <paramref name="kvHead"/> of
+    /// sequence b, which follow each other without gaps in this layout (a tile of slots is one range of D-element rows).
+    /// </summary>
+    public readonly long CacheTile(int b, int kvHead, int key0) => CacheRow(b, kvHead, key0);
+
     /// <summary>Index of row (b, h, i) of chunk <paramref name="chunk"/> in the partial LogRem (times D: in the partial o).</summary>
     public readonly long PartialRow(int chunk, int b, int h, int i) => (long)chunk * Batch * QueryHeads * Queries + Row(b, h, i);
 }

@@ -80,9 +80,11 @@ internal static class DecodeKernel
         // Where each row's queries sit: row r sees the keys below its limit (a key past every limit is never staged in a product).
         int limit0 = RowLimit(0, rows, row0, n, end, a.AttendCurrent), limit1 = RowLimit(1, rows, row0, n, end, a.AttendCurrent);
         int limit2 = RowLimit(2, rows, row0, n, end, a.AttendCurrent), limit3 = RowLimit(3, rows, row0, n, end, a.AttendCurrent);
-        // Staging in 16-byte words: (line, lane) with a fixed word per thread, no division per word.
-        int words = a.PackedRows != 0 ? D * Interop.SizeOf<TStored>() / 16 : 1;
-        int wordLanes = Math.Min(words, groupSize), wordLane = tid % wordLanes, wordLine = tid / wordLanes, wordLines = groupSize / wordLanes;
+        // Staging in 16-byte words where rows allow it: words per key, and whether a whole tile fits in two words per thread
+        // (then the next tile is loaded into registers while this one is used).
+        int elementsPerWord = 16 / Interop.SizeOf<TStored>();
+        int words = a.PackedRows != 0 ? D / elementsPerWord : D;
+        bool prefetch = a.PackedRows != 0 && keyTile * words <= 2 * groupSize;
 
         var q = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);       // [BlockRows, D], rows past the block zero
         var outAcc = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);  // [BlockRows, D]
@@ -92,6 +94,28 @@ internal static class DecodeKernel
         var logBeta = SharedMemory.Allocate<float>(BlockRows * MaxKeyTile); // log(beta), then the weights A
         var partial = SharedMemory.Allocate<float>(PartialSlots);           // [pieces, BlockRows, keys]
         var acc = SharedMemory.Allocate<float>(BlockRows);
+        var tileLb = SharedMemory.Allocate<float>(BlockRows);              // the tile's sum of lb per row
+        var kWords = k.Cast<Word16>();
+        var vWords = v.Cast<Word16>();
+        var kCache = a.K.Cast<Word16>();
+        var vCache = a.V.Cast<Word16>();
+        Word16 k0 = default, k1 = default, v0 = default, v1 = default;
+        if (prefetch && hi > lo)
+        {
+            int firstKey0 = Math.Max(lo, hi - keyTile);
+            int firstTotal = (hi - firstKey0) * words;
+            long first = layout.CacheTile(b, kvHead, firstKey0) / elementsPerWord;
+            if (tid < firstTotal)
+            {
+                k0 = kCache[first + tid];
+                v0 = vCache[first + tid];
+            }
+            if (tid + groupSize < firstTotal)
+            {
+                k1 = kCache[first + tid + groupSize];
+                v1 = vCache[first + tid + groupSize];
+            }
+        }
 
         for (int e = tid; e < BlockRows * D; e += groupSize)
         {
@@ -107,31 +131,56 @@ internal static class DecodeKernel
         {
             int key0 = Math.Max(lo, tileEnd - keyTile), keys = tileEnd - key0;
             Group.Barrier();
-            // Stage the tile's keys and values as stored: slots below the length only.
-            if (a.PackedRows != 0)
+            // Stage the tile's keys and values as stored: slots below the length only. The tile's slots are one range of the
+            // cache (DecodeLayout.CacheTile). With prefetching, the words were loaded into registers during the previous
+            // tile's products; the next tile's loads are issued right after they are stored, so their latency is hidden.
+            int total = keys * words;
+            if (prefetch)
             {
-                var kWords = k.Cast<Word16>();
-                var vWords = v.Cast<Word16>();
-                var kCache = a.K.Cast<Word16>();
-                var vCache = a.V.Cast<Word16>();
-                long first = layout.CacheRow(b, kvHead, key0) / (16 / Interop.SizeOf<TStored>());
-                for (int j = wordLine; j < keys; j += wordLines)
+                if (tid < total)
                 {
-                    for (int w = wordLane; w < words; w += wordLanes)
+                    kWords[tid] = k0;
+                    vWords[tid] = v0;
+                }
+                if (tid + groupSize < total)
+                {
+                    kWords[tid + groupSize] = k1;
+                    vWords[tid + groupSize] = v1;
+                }
+                int nextEnd = tileEnd - keyTile;
+                if (nextEnd > lo)
+                {
+                    int nextKey0 = Math.Max(lo, nextEnd - keyTile);
+                    int nextTotal = (nextEnd - nextKey0) * words;
+                    long nextFirst = layout.CacheTile(b, kvHead, nextKey0) / elementsPerWord;
+                    if (tid < nextTotal)
                     {
-                        kWords[j * words + w] = kCache[first + (long)j * words + w];
-                        vWords[j * words + w] = vCache[first + (long)j * words + w];
+                        k0 = kCache[nextFirst + tid];
+                        v0 = vCache[nextFirst + tid];
                     }
+                    if (tid + groupSize < nextTotal)
+                    {
+                        k1 = kCache[nextFirst + tid + groupSize];
+                        v1 = vCache[nextFirst + tid + groupSize];
+                    }
+                }
+            }
+            else if (a.PackedRows != 0)
+            {
+                long first = layout.CacheTile(b, kvHead, key0) / elementsPerWord;
+                for (int e = tid; e < total; e += groupSize)
+                {
+                    kWords[e] = kCache[first + e];
+                    vWords[e] = vCache[first + e];
                 }
             }
             else
             {
+                long first = layout.CacheTile(b, kvHead, key0);
                 for (int e = tid; e < keys * D; e += groupSize)
                 {
-                    int j = e / D, d = e - j * D;
-                    long at = layout.CacheRow(b, kvHead, key0 + j) + d;
-                    k[e] = a.K[at];
-                    v[e] = a.V[at];
+                    k[e] = a.K[first + e];
+                    v[e] = a.V[first + e];
                 }
             }
             Group.Barrier();
@@ -143,7 +192,20 @@ internal static class DecodeKernel
             {
                 int j = e / pieces, piece = e - j * pieces;
                 float s0 = 0f, s1 = 0f, s2 = 0f, s3 = 0f;
-                for (int d = piece; d < D; d += pieces)
+                int d = piece;
+                for (; d + pieces < D; d += 2 * pieces)   // two d per pass (the compiler unrolls nothing): same order of sums
+                {
+                    float kd = element.Load(k[j * D + d]), ke = element.Load(k[j * D + d + pieces]);
+                    s0 += q[d] * kd;
+                    s1 += q[D + d] * kd;
+                    s2 += q[2 * D + d] * kd;
+                    s3 += q[3 * D + d] * kd;
+                    s0 += q[d + pieces] * ke;
+                    s1 += q[D + d + pieces] * ke;
+                    s2 += q[2 * D + d + pieces] * ke;
+                    s3 += q[3 * D + d + pieces] * ke;
+                }
+                if (d < D)
                 {
                     float kd = element.Load(k[j * D + d]);
                     s0 += q[d] * kd;
@@ -185,6 +247,8 @@ internal static class DecodeKernel
                     suffix += lb[r * MaxKeyTile + l];
                 float weight = MathF.Exp(logBeta[r * MaxKeyTile + j] + (acc[r] + suffix));
                 logBeta[r * MaxKeyTile + j] = visible ? weight : 0f;
+                if (j == 0)
+                    tileLb[r] = suffix + lb[r * MaxKeyTile];   // every lb of the tile, nearest first
             }
             Group.Barrier();
 
@@ -195,7 +259,20 @@ internal static class DecodeKernel
             for (int d = tid; d < D; d += groupSize)
             {
                 float o0 = outAcc[d], o1 = outAcc[D + d], o2 = outAcc[2 * D + d], o3 = outAcc[3 * D + d];
-                for (int j = 0; j < seen; j++)
+                int j = 0;
+                for (; j + 1 < seen; j += 2)   // two keys per pass, summed in key order
+                {
+                    float vd = element.Load(v[j * D + d]), ve = element.Load(v[(j + 1) * D + d]);
+                    o0 += j < seen0 ? logBeta[j] * vd : 0f;
+                    o1 += j < seen1 ? logBeta[MaxKeyTile + j] * vd : 0f;
+                    o2 += j < seen2 ? logBeta[2 * MaxKeyTile + j] * vd : 0f;
+                    o3 += j < seen3 ? logBeta[3 * MaxKeyTile + j] * vd : 0f;
+                    o0 += j + 1 < seen0 ? logBeta[j + 1] * ve : 0f;
+                    o1 += j + 1 < seen1 ? logBeta[MaxKeyTile + j + 1] * ve : 0f;
+                    o2 += j + 1 < seen2 ? logBeta[2 * MaxKeyTile + j + 1] * ve : 0f;
+                    o3 += j + 1 < seen3 ? logBeta[3 * MaxKeyTile + j + 1] * ve : 0f;
+                }
+                if (j < seen)
                 {
                     float vd = element.Load(v[j * D + d]);
                     o0 += j < seen0 ? logBeta[j] * vd : 0f;
@@ -209,12 +286,7 @@ internal static class DecodeKernel
                 outAcc[3 * D + d] = o3;
             }
             for (int r = tid; r < rows; r += groupSize)
-            {
-                float suffix = 0f;
-                for (int l = keys - 1; l >= 0; l--)
-                    suffix += lb[r * MaxKeyTile + l];
-                acc[r] += suffix;
-            }
+                acc[r] += tileLb[r];
         }
         Group.Barrier();
 
