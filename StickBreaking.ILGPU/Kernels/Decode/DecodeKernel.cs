@@ -243,7 +243,17 @@ internal static class DecodeKernel
                 int r = pair / keys, j = pair - r * keys;
                 bool visible = key0 + j < RowLimit(r, rows, row0, n, end, a.AttendCurrent);
                 float suffix = 0f;
-                for (int l = keys - 1; l > j; l--)
+                int l = keys - 1;
+                for (; l - 3 > j; l -= 4)   // four loads per pass, added nearest first
+                {
+                    float l0 = lb[r * MaxKeyTile + l], l1 = lb[r * MaxKeyTile + l - 1];
+                    float l2 = lb[r * MaxKeyTile + l - 2], l3 = lb[r * MaxKeyTile + l - 3];
+                    suffix += l0;
+                    suffix += l1;
+                    suffix += l2;
+                    suffix += l3;
+                }
+                for (; l > j; l--)
                     suffix += lb[r * MaxKeyTile + l];
                 float weight = MathF.Exp(logBeta[r * MaxKeyTile + j] + (acc[r] + suffix));
                 logBeta[r * MaxKeyTile + j] = visible ? weight : 0f;
