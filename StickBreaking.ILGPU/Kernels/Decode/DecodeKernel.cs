@@ -88,15 +88,16 @@ internal static class DecodeKernel
 
         var q = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);       // [BlockRows, D], rows past the block zero
         var outAcc = SharedMemory.Allocate<float>(BlockRows * MaxHeadDim);  // [BlockRows, D]
-        var k = SharedMemory.Allocate<TStored>(TileElements);               // [keys, D], as stored
-        var v = SharedMemory.Allocate<TStored>(TileElements);               // [keys, D], as stored
+        // [keys, D] as stored; allocated as 16-byte words so that the word view is aligned on every backend.
+        var kWords = SharedMemory.Allocate<Word16>(TileElements / 16 * Interop.SizeOf<TStored>());
+        var vWords = SharedMemory.Allocate<Word16>(TileElements / 16 * Interop.SizeOf<TStored>());
+        var k = kWords.Cast<TStored>();
+        var v = vWords.Cast<TStored>();
         var lb = SharedMemory.Allocate<float>(BlockRows * MaxKeyTile);      // lb = log(1 - beta), 0 where not visible
         var logBeta = SharedMemory.Allocate<float>(BlockRows * MaxKeyTile); // log(beta), then the weights A
         var partial = SharedMemory.Allocate<float>(PartialSlots);           // [pieces, BlockRows, keys]
         var acc = SharedMemory.Allocate<float>(BlockRows);
         var tileLb = SharedMemory.Allocate<float>(BlockRows);              // the tile's sum of lb per row
-        var kWords = k.Cast<Word16>();
-        var vWords = v.Cast<Word16>();
         var kCache = a.K.Cast<Word16>();
         var vCache = a.V.Cast<Word16>();
         Word16 k0 = default, k1 = default, v0 = default, v1 = default;
