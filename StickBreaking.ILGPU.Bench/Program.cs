@@ -10,11 +10,14 @@ using StickBreaking.ILGPU.Bench;
 // ... -- --throughput Cuda 4 12 128 1024 4096                               JSON lines for peers.py's comparison
 // ... -- --report ours.jsonl peers.jsonl out.md out.png [lines]              table + log-log plot from one GPU run
 // ... -- --soak [Cuda] [10000] [2 8 1024 64]                                 forward + backward N times, bitwise against call 1
+// ... -- --decode Cuda 32 32 8 128 32768 [n] [--dtype bf16] [--chunks N]      decode against a key/value cache, JSON (TB/s of K, V read)
 // ... -- --bdn [BenchmarkDotNet arguments, e.g. --filter '*']                the BenchmarkDotNet suites, in process
 if (args.Length == 0)
     return MainJob.Run();
 if (args[0] == "--throughput")
     return Throughput.Run(args[1..]);
+if (args[0] == "--decode")
+    return DecodeBench.Run(args[1..]);
 if (args[0] == "--soak")
     return Soak.Run(args[1..]);
 if (args[0] == "--report")

@@ -569,6 +569,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         disposed = true;
         scratch?.Dispose();
         scratch = null;
+        DisposeDecode();
     }
 
     // ------------------------------------------------------------------------------------------------
