@@ -54,8 +54,6 @@ internal static partial class TensorCoreForwardKernel
     public const int KeyTile = 64;
     /// <summary>The largest head dimension; <see cref="Supports"/> says which are served.</summary>
     public const int MaxHeadDim = 128;
-    /// <summary>Launch bound: groups per SM the compiler must allow registers for (2 x 128 threads: up to 255 registers).</summary>
-    public const int MinGroupsPerMultiprocessor = 2;
 
     /// <summary>Row stride of the K tile in 16-bit values (320 bytes: conflict-free 16-byte fragment loads).</summary>
     private const int RowStride = 160;
@@ -72,23 +70,35 @@ internal static partial class TensorCoreForwardKernel
     private const int VtOffset = KOffset + KeyTile * RowStride / 2;
     /// <summary>Words of one K and V^T buffer pair; tile i uses the pair at (i % 2) BufferWords (double buffering).</summary>
     private const int BufferWords = KeyTile * RowStride / 2 + MaxHeadDim * VtStride / 2;
-    /// <summary>The diagonal tile's first key (relative) with a non-finite value; <see cref="KeyTile"/> when none.</summary>
-    private const int FlagOffset = KOffset + 2 * BufferWords;
-    private const int SharedUints = FlagOffset + 4;
+    /// <summary>
+    /// The word holding the diagonal tile's first key (relative) with a non-finite value (<see cref="KeyTile"/> when
+    /// none): after the one or two K / V^T buffer pairs.
+    /// </summary>
+    private static int FlagOffset(bool doubleBuffered) => KOffset + (doubleBuffered ? 2 : 1) * BufferWords;
 
-    /// <summary>Dynamic shared memory per group on CUDA, in bytes (92 KB: above the default 48 KB, so the loader raises the limit; two groups per SM fit).</summary>
-    public const int SharedBytes = 4 * SharedUints;
+    private static int SharedUints(bool doubleBuffered) => FlagOffset(doubleBuffered) + 4;
+
+    /// <summary>
+    /// Dynamic shared memory per group on CUDA, in bytes: 92 KB double buffered (two groups per SM fit), 54 KB with one
+    /// buffer pair (three fit); both above the default 48 KB, so the loader raises the limit.
+    /// </summary>
+    public static int SharedBytes(bool doubleBuffered) => 4 * SharedUints(doubleBuffered);
+
     /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
-    public const int EmulatedSharedBytes = SharedBytes + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
+    public static int EmulatedSharedBytes(bool doubleBuffered) => SharedBytes(doubleBuffered) + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
 
     /// <summary>Whether the kernel serves this head dimension (others fall back to the portable kernels).</summary>
     public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
 
-    public static void Kernel<TStorage, TWeights>(TensorCoreForwardArgs a)
+    public static void Kernel<TStorage, TWeights, TPlan>(TensorCoreForwardArgs a)
         where TStorage : struct, IStorage
         where TWeights : struct, IWeights
+        where TPlan : struct, IForwardPlan
     {
         bool split = default(TWeights).Split;
+        bool doubleBuffered = default(TPlan).DoubleBuffered;
+        bool prefetch = default(TPlan).Prefetch;
+        int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
         int head = Grid.IdxX;
@@ -99,14 +109,14 @@ internal static partial class TensorCoreForwardKernel
         long headBase = (long)head * T * D;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
-        int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+        int emu = SharedUints(doubleBuffered) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
         StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), headBase, rowLo, T, D, t);
         if (tid == 0)
-            shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the barrier below
+            shared[flag] = KeyTile;                // ordered before the staging atomics by the barrier below
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
         bool poisonedLo = false, poisonedHi = false;
 
@@ -125,58 +135,64 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's P V
-        // runs (they are dead through S and the elementwise work, where registers are scarcest).
         var kPieces = LoadRows(a.K, headBase, tile * KeyTile, stageLimit, D, tid);
         var vPieces = LoadKeyPairs(a.V, headBase, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
         // reads that pair any more, and one barrier per tile suffices: a warp stores into pair (i - 1) % 2 only
-        // after the barrier that ended tile i + 1, the last reader of that pair.
-        int buffer = (tile & 1) * BufferWords;
+        // after the barrier that ended tile i + 1, the last reader of that pair. With one buffer pair, a barrier
+        // ends the tile's reads before the next tile is stored, and another ends the stores.
+        int buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
         StoreRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid);
-        StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask);
+        StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
         Group.Barrier();
         for (; tile >= 0; tile--)
         {
             int key0 = tile * KeyTile;
-            buffer = (tile & 1) * BufferWords;
+            buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
             bool diagonal = key0 == row0;                // the first tile walked
             if (diagonal)
             {
-                int firstBad = key0 + (int)shared[FlagOffset];
+                int firstBad = key0 + (int)shared[flag];
                 poisonedLo = firstBad < limitLo;
                 poisonedHi = firstBad < limitHi;
             }
 
             var s = new Tile8();
-            for (int m = 0; m < D / 32; m++)
-                Scores<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + buffer / 4 + 4 * m), shared, emu);
+            AllScores<TStorage>(ref s, vectors.SubView(qAt), vectors.SubView(kAt + buffer / 4), wide, shared, emu);
 
             int firstKey = key0 + 16 * t;
+            float accLoBefore = accLo, accHiBefore = accHi, nearerLo, nearerHi;
             if (diagonal)
-            {
-                accLo = RowLo(ref s, scale2, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
-                accHi = RowHi(ref s, scale2, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
-            }
+                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
             else
-            {
-                accLo = RowLoUnmasked(ref s, scale2, accLo, lane, t, a, rowLo, tile);
-                accHi = RowHiUnmasked(ref s, scale2, accHi, lane, t, a, rowHi, tile);
-            }
+                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
             var p = PackWeights<TStorage>(s, split, out var residuals);
             // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's
             // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
-            // stored into the other buffer pair. Past the last tile (tile 0) nothing is loaded or stored.
+            // stored into the other buffer pair (or, with one pair, into the same after a barrier). Past the last
+            // tile (tile 0) nothing is loaded or stored.
             int nextLimit = tile > 0 ? stageLimit : int.MinValue;
-            kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
-            vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+            if (prefetch)
+            {
+                kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+                vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+            }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
+            Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
+            Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
             if (tile > 0)
             {
-                int next = BufferWords - buffer;
+                int next = doubleBuffered ? BufferWords - buffer : 0;
+                if (!doubleBuffered)
+                    Group.Barrier();
+                if (!prefetch)
+                {
+                    kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+                    vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
-                StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask);
+                StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
                 Group.Barrier();
             }
         }
@@ -316,11 +332,11 @@ internal static partial class TensorCoreForwardKernel
     /// Stores the V pieces of <see cref="LoadKeyPairs"/> transposed, Vt[d][key] (row stride <see cref="VtStride"/>):
     /// 8 words per piece pair, each the pair (key 2j, key 2j+1) of one dimension; the 32 lanes' stores fall in 32
     /// different banks. In the <paramref name="diagonal"/> tile non-finite values become zeros and the first key
-    /// holding one is noted at <see cref="FlagOffset"/>.
+    /// holding one is noted at <paramref name="flag"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int vt, int D, int tid, bool diagonal,
-        uint exponentMask)
+        uint exponentMask, int flag)
     {
         bool wide = D > 64;
         int j = tid & 31, c = tid >> 5;
@@ -331,7 +347,7 @@ internal static partial class TensorCoreForwardKernel
             bool badHi = Sanitize(ref p.P1, exponentMask) | Sanitize(ref p.P3, exponentMask)
                 | Sanitize(ref p.P5, exponentMask) | Sanitize(ref p.P7, exponentMask);
             if (badLo || badHi)
-                Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
+                Atomic.Min(ref shared[flag], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
         PutTransposed(shared, vt, c, j, p.P0, p.P1);
         PutTransposed(shared, vt, c + 4, j, p.P2, p.P3);
@@ -400,6 +416,47 @@ internal readonly struct RoundedWeights : IWeights
 internal readonly struct SplitWeights : IWeights
 {
     public bool Split => true;
+}
+
+/// <summary>
+/// How the tensor-core forward stages K and V and how many groups share an SM (a type argument of the kernel, so that
+/// the choice folds away at compile time): registers and shared memory decide the groups per SM, and the groups per
+/// SM how well one group's waits (barriers, global loads, the exp / rcp pipe) hide behind the others' work.
+/// </summary>
+internal interface IForwardPlan
+{
+    /// <summary>Two K / V^T buffer pairs (one barrier per tile, 92 KB) rather than one (two barriers, 54 KB).</summary>
+    bool DoubleBuffered { get; }
+
+    /// <summary>The next tile's K and V are loaded into registers during this tile's P V (else after its last read).</summary>
+    bool Prefetch { get; }
+
+    /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168).</summary>
+    int MinGroupsPerMultiprocessor { get; }
+}
+
+/// <summary>Two groups per SM, double buffered, register prefetch (255 registers, 92 KB).</summary>
+internal readonly struct TwoGroupsPerSm : IForwardPlan
+{
+    public bool DoubleBuffered => true;
+    public bool Prefetch => true;
+    public int MinGroupsPerMultiprocessor => 2;
+}
+
+/// <summary>Three groups per SM: one buffer pair, register prefetch (168 registers, 54 KB).</summary>
+internal readonly struct ThreeGroupsPerSm : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => true;
+    public int MinGroupsPerMultiprocessor => 3;
+}
+
+/// <summary>Three groups per SM: one buffer pair, the next tile loaded after this tile's last read (168 registers, 54 KB).</summary>
+internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public int MinGroupsPerMultiprocessor => 3;
 }
 
 /// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>
