@@ -172,11 +172,12 @@ internal static partial class TensorCoreForwardKernel
             // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
             // stored into the other buffer pair (or, with one pair, into the same after a barrier). Past the last
             // tile (tile 0) nothing is loaded or stored.
-            int nextLimit = tile > 0 ? stageLimit : int.MinValue;
-            if (prefetch)
+            // The next tile lies wholly before the block's first row: every key exists and is seen, so its loads
+            // need no limit (LoadFullRows, LoadFullKeyPairs).
+            if (prefetch && tile > 0)
             {
-                kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
-                vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                kPieces = LoadFullRows(a.K, headBase, key0 - KeyTile, D, tid);
+                vPieces = LoadFullKeyPairs(a.V, headBase, key0 - KeyTile, D, tid);
             }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
@@ -188,8 +189,8 @@ internal static partial class TensorCoreForwardKernel
                     Group.Barrier();
                 if (!prefetch)
                 {
-                    kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
-                    vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                    kPieces = LoadFullRows(a.K, headBase, key0 - KeyTile, D, tid);
+                    vPieces = LoadFullKeyPairs(a.V, headBase, key0 - KeyTile, D, tid);
                 }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
                 StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
@@ -289,16 +290,73 @@ internal static partial class TensorCoreForwardKernel
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
         var to = vectors.SubView(at + r * RowStrideU4 + c);
         to[0] = p.P0;
-        to[step * RowStrideU4] = p.P1;
-        to[2 * step * RowStrideU4] = p.P2;
-        to[3 * step * RowStrideU4] = p.P3;
         if (wide)
         {
-            to[4 * step * RowStrideU4] = p.P4;
-            to[5 * step * RowStrideU4] = p.P5;
-            to[6 * step * RowStrideU4] = p.P6;
-            to[7 * step * RowStrideU4] = p.P7;
+            // step = 8 rows: constant offsets, folded into the store instructions
+            to[8 * RowStrideU4] = p.P1;
+            to[16 * RowStrideU4] = p.P2;
+            to[24 * RowStrideU4] = p.P3;
+            to[32 * RowStrideU4] = p.P4;
+            to[40 * RowStrideU4] = p.P5;
+            to[48 * RowStrideU4] = p.P6;
+            to[56 * RowStrideU4] = p.P7;
         }
+        else
+        {
+            to[16 * RowStrideU4] = p.P1;
+            to[32 * RowStrideU4] = p.P2;
+            to[48 * RowStrideU4] = p.P3;
+        }
+    }
+
+    /// <summary>
+    /// <see cref="LoadRows"/> for a tile whose rows all exist (no limit): one sub-view per thread at its first piece,
+    /// the others at constant offsets (128 pieces apart), so that no address is computed per piece.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 LoadFullRows(ArrayView<ushort> x, long headBase, int first, int D, int tid)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks;
+        var at = x.Cast<U4>().SubView(headBase / 8 + c + (first + r) * chunks);
+        Pieces8 p = default;
+        p.P0 = at[0];
+        p.P1 = at[GroupSize];
+        p.P2 = at[2 * GroupSize];
+        p.P3 = at[3 * GroupSize];
+        if (wide)
+        {
+            p.P4 = at[4 * GroupSize];
+            p.P5 = at[5 * GroupSize];
+            p.P6 = at[6 * GroupSize];
+            p.P7 = at[7 * GroupSize];
+        }
+        return p;
+    }
+
+    /// <summary><see cref="LoadKeyPairs"/> for a tile whose keys all exist (no limit): constant offsets from two sub-views (keys 2j and 2j+1).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 LoadFullKeyPairs(ArrayView<ushort> x, long headBase, int key0, int D, int tid)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int j = tid & 31, c = tid >> 5;
+        var lo = x.Cast<U4>().SubView(headBase / 8 + c + (key0 + 2 * j) * chunks);
+        var hi = lo.SubView(chunks);
+        Pieces8 p = default;
+        p.P0 = lo[0];
+        p.P1 = hi[0];
+        p.P2 = lo[4];
+        p.P3 = hi[4];
+        if (wide)
+        {
+            p.P4 = lo[8];
+            p.P5 = hi[8];
+            p.P6 = lo[12];
+            p.P7 = hi[12];
+        }
+        return p;
     }
 
     /// <summary>
@@ -349,28 +407,28 @@ internal static partial class TensorCoreForwardKernel
             if (badLo || badHi)
                 Atomic.Min(ref shared[flag], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
-        PutTransposed(shared, vt, c, j, p.P0, p.P1);
-        PutTransposed(shared, vt, c + 4, j, p.P2, p.P3);
+        var at = shared.SubView(vt + 8 * c * (VtStride / 2) + j);
+        PutTransposed(at, p.P0, p.P1);
+        PutTransposed(at.SubView(32 * (VtStride / 2)), p.P2, p.P3);
         if (wide)
         {
-            PutTransposed(shared, vt, c + 8, j, p.P4, p.P5);
-            PutTransposed(shared, vt, c + 12, j, p.P6, p.P7);
+            PutTransposed(at.SubView(64 * (VtStride / 2)), p.P4, p.P5);
+            PutTransposed(at.SubView(96 * (VtStride / 2)), p.P6, p.P7);
         }
     }
 
-    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt, one word per dimension.</summary>
+    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt at <paramref name="to"/> (row 8c, word j), one word per dimension.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void PutTransposed(ArrayView<uint> shared, int vt, int c, int j, U4 lo, U4 hi)
+    private static void PutTransposed(ArrayView<uint> to, U4 lo, U4 hi)
     {
-        int at = vt + 8 * c * (VtStride / 2) + j;
-        shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
-        shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
-        shared[at + 2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
-        shared[at + 3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
-        shared[at + 4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
-        shared[at + 5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
-        shared[at + 6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
-        shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
+        to[0] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
+        to[VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
+        to[2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
+        to[3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
+        to[4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
+        to[5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
+        to[6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
+        to[7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
     }
 
     /// <summary>
