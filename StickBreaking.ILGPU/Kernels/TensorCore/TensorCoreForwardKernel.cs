@@ -18,10 +18,23 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// One group of <see cref="GroupSize"/> threads (4 warps) per (head, block of <see cref="BlockRows"/> query
 /// rows); warp w owns rows 16w .. 16w+15 of the block (lane 4g + t: rows g and g+8). Key tiles of
 /// <see cref="KeyTile"/> are walked from the diagonal back to key 0. The Q block (as each thread's A fragments, in
-/// mma operand order) and two K tiles (row-major) and V tiles (transposed, [d][key]) sit in shared memory as
-/// 16-bit values (double buffering: the next tile, loaded into registers during this tile's P V, is stored into
-/// the other buffer pair, one barrier per tile); every K and V fragment is one 16-byte shared load feeding two
-/// mma, every Q fragment one load feeding eight. Scores, lb and acc are in base 2 (ex2 without multiplies).
+/// mma operand order) and the K tile (row-major) and V tile (transposed, [d][key]) sit in shared memory as
+/// 16-bit values; every K and V fragment is one 16-byte shared load feeding two mma, every Q fragment one load
+/// feeding eight. Scores, lb and acc are in base 2 (ex2 without multiplies).
+/// </para>
+/// <para>
+/// How the next tile is staged is the plan (the <c>TPlan</c> type argument, <see cref="IForwardPlan"/>): the
+/// library's (<see cref="ThreeGroupsPerSmNoPrefetch"/>) keeps one K / V^T buffer pair (54 KB) and at most 168
+/// registers, so that three groups share an SM and hide each other's waits; after a tile's P V a barrier ends its
+/// reads, the next tile is loaded and stored, and a second barrier ends the stores. The others (two buffer pairs
+/// with the next tile loaded into registers during P V, two groups per SM; or one pair with that prefetch) were
+/// measured slower and stay for comparison (TensorCoreForwardTests.TimingOnCuda).
+/// </para>
+/// <para>
+/// The elementwise work (docs/math.md, steps 1 to 3) of a thread's two rows g and g + 8 is generated as one
+/// straight-line block with the two rows' statements alternating and selects in place of branches, so that the
+/// scheduler can hide one row's latencies (ex2, rcp, the quad shuffles, the serial suffix sums) behind the other's
+/// work; the acc snapshots are written after P V.
 /// </para>
 /// <para>
 /// The key permutation: mma column n of score n-tile nt stands for key 16 (n / 2) + 2 nt + n % 2 (the K
