@@ -502,7 +502,7 @@ internal interface IForwardPlan
     /// <summary>The next tile's K and V are loaded into registers during this tile's P V (else after its last read).</summary>
     bool Prefetch { get; }
 
-    /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168).</summary>
+    /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168, 4: 128).</summary>
     int MinGroupsPerMultiprocessor { get; }
 }
 
@@ -528,6 +528,17 @@ internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
     public int MinGroupsPerMultiprocessor => 3;
+}
+
+/// <summary>
+/// Four groups per SM: one buffer pair, no prefetch, at most 128 registers (ptxas 11.8 spills about 300 bytes per
+/// thread there; 4 x 54 KB of shared memory fit). For comparison in the timing test.
+/// </summary>
+internal readonly struct FourGroupsPerSmNoPrefetch : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public int MinGroupsPerMultiprocessor => 4;
 }
 
 /// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>
