@@ -161,6 +161,8 @@ public sealed class PtxTests
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", true, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmNoPrefetch))]
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.TwoGroupsPerSm))]
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSm))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmKeyPrefetch))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.FourGroupsPerSmNoPrefetch))]
     public void TensorCoreForwardUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split, Type plan)
     {
         var kernel = typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)

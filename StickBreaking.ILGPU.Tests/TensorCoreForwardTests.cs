@@ -177,7 +177,7 @@ public sealed class TensorCoreForwardTests(string backend)
         v.Bits[70 * headDim + 3] = FromDouble(double.NaN, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var library = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16);
-        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(FourGroupsPerSmNoPrefetch) })
+        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmKeyPrefetch), typeof(FourGroupsPerSmNoPrefetch) })
         {
             var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16, plan);
             Assert.Multiple(() =>
@@ -294,7 +294,7 @@ public sealed class TensorCoreForwardTests(string backend)
         if (backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int heads = headDim == 128 ? 12 : 16;
-        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(FourGroupsPerSmNoPrefetch) })
+        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmKeyPrefetch), typeof(FourGroupsPerSmNoPrefetch) })
         {
             foreach (bool bf16 in new[] { true, false })
             {

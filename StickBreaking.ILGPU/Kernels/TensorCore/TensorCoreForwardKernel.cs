@@ -111,6 +111,7 @@ internal static partial class TensorCoreForwardKernel
         bool split = default(TWeights).Split;
         bool doubleBuffered = default(TPlan).DoubleBuffered;
         bool prefetch = default(TPlan).Prefetch;
+        bool prefetchKeys = prefetch || default(TPlan).PrefetchKeys;
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -187,11 +188,10 @@ internal static partial class TensorCoreForwardKernel
             // tile (tile 0) nothing is loaded or stored.
             // The next tile lies wholly before the block's first row: every key exists and is seen, so its loads
             // need no limit (LoadFullRows, LoadFullKeyPairs).
-            if (prefetch && tile > 0)
-            {
+            if (prefetchKeys && tile > 0)
                 kPieces = LoadFullRows(a.K, headBase, key0 - KeyTile, D, tid);
+            if (prefetch && tile > 0)
                 vPieces = LoadFullKeyPairs(a.V, headBase, key0 - KeyTile, D, tid);
-            }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
             Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
@@ -200,11 +200,10 @@ internal static partial class TensorCoreForwardKernel
                 int next = doubleBuffered ? BufferWords - buffer : 0;
                 if (!doubleBuffered)
                     Group.Barrier();
-                if (!prefetch)
-                {
+                if (!prefetchKeys)
                     kPieces = LoadFullRows(a.K, headBase, key0 - KeyTile, D, tid);
+                if (!prefetch)
                     vPieces = LoadFullKeyPairs(a.V, headBase, key0 - KeyTile, D, tid);
-                }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
                 StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
                 Group.Barrier();
@@ -502,6 +501,9 @@ internal interface IForwardPlan
     /// <summary>The next tile's K and V are loaded into registers during this tile's P V (else after its last read).</summary>
     bool Prefetch { get; }
 
+    /// <summary>Only the next tile's K is loaded into registers during this tile's P V (its V after the last read); implied by <see cref="Prefetch"/>.</summary>
+    bool PrefetchKeys { get; }
+
     /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168, 4: 128).</summary>
     int MinGroupsPerMultiprocessor { get; }
 }
@@ -511,6 +513,7 @@ internal readonly struct TwoGroupsPerSm : IForwardPlan
 {
     public bool DoubleBuffered => true;
     public bool Prefetch => true;
+    public bool PrefetchKeys => true;
     public int MinGroupsPerMultiprocessor => 2;
 }
 
@@ -519,6 +522,7 @@ internal readonly struct ThreeGroupsPerSm : IForwardPlan
 {
     public bool DoubleBuffered => false;
     public bool Prefetch => true;
+    public bool PrefetchKeys => true;
     public int MinGroupsPerMultiprocessor => 3;
 }
 
@@ -527,6 +531,16 @@ internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
 {
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
+    public bool PrefetchKeys => false;
+    public int MinGroupsPerMultiprocessor => 3;
+}
+
+/// <summary>Three groups per SM: one buffer pair, only K loaded into registers during P V (168 registers, 54 KB).</summary>
+internal readonly struct ThreeGroupsPerSmKeyPrefetch : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public bool PrefetchKeys => true;
     public int MinGroupsPerMultiprocessor => 3;
 }
 
@@ -538,6 +552,7 @@ internal readonly struct FourGroupsPerSmNoPrefetch : IForwardPlan
 {
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
+    public bool PrefetchKeys => false;
     public int MinGroupsPerMultiprocessor => 4;
 }
 
