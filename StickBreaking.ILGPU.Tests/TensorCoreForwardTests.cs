@@ -80,7 +80,21 @@ public sealed class TensorCoreForwardTests(string backend)
     [TestCase(true, InputKind.UsedUp, 1, 1, 130, 64, true)]
     [TestCase(false, InputKind.UsedUp, 1, 1, 130, 64, false)]
     public void MatchesReferenceOnRoundedInputs(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
-        bool attendCurrent)
+        bool attendCurrent) => CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, plan: null);
+
+    /// <summary>
+    /// The plan whose lb has no reciprocal (<see cref="ThreeGroupsPerSmNoReciprocal"/>: a different polynomial, so not
+    /// bitwise the library's plan) under the same rules as <see cref="MatchesReferenceOnRoundedInputs"/>.
+    /// </summary>
+    [TestCase(true, InputKind.Standard, 1, 1, 130, 128, false)]
+    [TestCase(false, InputKind.Saturated, 1, 1, 97, 128, true)]
+    [TestCase(true, InputKind.UsedUp, 1, 1, 130, 64, true)]
+    [TestCase(false, InputKind.LongRange, 1, 1, 150, 64, false)]
+    public void PlanWithoutReciprocalMatchesReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
+        bool attendCurrent) => CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, typeof(ThreeGroupsPerSmNoReciprocal));
+
+    private void CheckAgainstReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
+        bool attendCurrent, Type? plan)
     {
         var shape = new AttentionShape(batch, heads, length, headDim);
         var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 7 * length + headDim + (bf16 ? 1 : 0));
@@ -98,7 +112,7 @@ public sealed class TensorCoreForwardTests(string backend)
 
         void Check(bool split)
         {
-        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false, split);
+        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false, split, plan);
         double tolerance = split ? Math.Max(1.2 * floor, Ulp(oMax, bf16) / 2) : Math.Max(2 * floor, 1.5 * Ulp(oMax, bf16));
         double oError = Errors.MaxAbs(run.O.Select(b => (float)ToDouble(b, bf16)).ToArray(), expected.O);
         double remError = Errors.MaxAbs(run.Rem, expected.Rem);
@@ -163,7 +177,7 @@ public sealed class TensorCoreForwardTests(string backend)
     }
 
     /// <summary>
-    /// Every plan (<see cref="IForwardPlan"/>: buffering, prefetch, groups per SM) computes the same thing in the same
+    /// Every plan with the library's lb (<see cref="IForwardPlan"/>: buffering, prefetch, groups per SM) computes the same thing in the same
     /// order: o, rem, LogRem and the snapshots are bitwise those of the library's plan, over several tiles, with a
     /// non-finite value in a diagonal tile.
     /// </summary>
@@ -294,7 +308,7 @@ public sealed class TensorCoreForwardTests(string backend)
         if (backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int heads = headDim == 128 ? 12 : 16;
-        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmKeyPrefetch), typeof(FourGroupsPerSmNoPrefetch) })
+        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmKeyPrefetch), typeof(FourGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmNoReciprocal) })
         {
             foreach (bool bf16 in new[] { true, false })
             {

@@ -92,10 +92,12 @@ for masked in (True, False):
         w("    /// a row past T computes weights that no output reads). Same additions as the masked form.")
     w("    /// Adds the tile's lb sums to <paramref name=\"accLo\"/> and <paramref name=\"accHi\"/>; returns in")
     w("    /// <paramref name=\"nearerLo\"/> / <paramref name=\"nearerHi\"/> the sums over the quad's nearer threads (for the snapshots).")
+    w("    /// lb is <see cref=\"TensorCoreOps.Lb2Cubic\"/>, or <see cref=\"TensorCoreOps.Lb2Polynomial\"/> (no rcp) when")
+    w("    /// <paramref name=\"noReciprocal\"/> (a constant of the plan).")
     w("    /// </summary>")
     w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
     w(f"    private static void {name}(ref Tile8 s, float scale2, {'int visibleLo, int visibleHi, ' if masked else ''}ref float accLo, ref float accHi,")
-    w("        int lane, int t, out float nearerLo, out float nearerHi)")
+    w("        int lane, int t, bool noReciprocal, out float nearerLo, out float nearerHi)")
     w("    {")
     for i in range(16):
         for r, hi in ROWS:
@@ -103,9 +105,9 @@ for masked in (True, False):
     for i in range(16):
         for r, hi in ROWS:
             if masked:
-                w(f"        float b{r}{i} = Utilities.Select({i} < visible{r}, Lb2Cubic(z{r}{i}), 0f);")
+                w(f"        float b{r}{i} = Utilities.Select({i} < visible{r}, noReciprocal ? Lb2Polynomial(z{r}{i}) : Lb2Cubic(z{r}{i}), 0f);")
             else:
-                w(f"        float b{r}{i} = Lb2Cubic(z{r}{i});")
+                w(f"        float b{r}{i} = noReciprocal ? Lb2Polynomial(z{r}{i}) : Lb2Cubic(z{r}{i});")
     # The thread's own inclusive suffix sums sum_{l >= i} lb_l (one serial chain per row, nearest key first); the
     # last one is the thread's total for the quad exchange. Each weight then adds its suffix to the row's base (acc
     # plus the nearer threads' sums): independent additions, not a second serial chain.

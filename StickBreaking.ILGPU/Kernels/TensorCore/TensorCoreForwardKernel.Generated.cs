@@ -71,10 +71,12 @@ internal static partial class TensorCoreForwardKernel
     /// weight = 0 by selection (the diagonal tile).
     /// Adds the tile's lb sums to <paramref name="accLo"/> and <paramref name="accHi"/>; returns in
     /// <paramref name="nearerLo"/> / <paramref name="nearerHi"/> the sums over the quad's nearer threads (for the snapshots).
+    /// lb is <see cref="TensorCoreOps.Lb2Cubic"/>, or <see cref="TensorCoreOps.Lb2Polynomial"/> (no rcp) when
+    /// <paramref name="noReciprocal"/> (a constant of the plan).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Rows(ref Tile8 s, float scale2, int visibleLo, int visibleHi, ref float accLo, ref float accHi,
-        int lane, int t, out float nearerLo, out float nearerHi)
+        int lane, int t, bool noReciprocal, out float nearerLo, out float nearerHi)
     {
         float zLo0 = scale2 * s.N0.C0;
         float zHi0 = scale2 * s.N0.C2;
@@ -108,38 +110,38 @@ internal static partial class TensorCoreForwardKernel
         float zHi14 = scale2 * s.N7.C2;
         float zLo15 = scale2 * s.N7.C1;
         float zHi15 = scale2 * s.N7.C3;
-        float bLo0 = Utilities.Select(0 < visibleLo, Lb2Cubic(zLo0), 0f);
-        float bHi0 = Utilities.Select(0 < visibleHi, Lb2Cubic(zHi0), 0f);
-        float bLo1 = Utilities.Select(1 < visibleLo, Lb2Cubic(zLo1), 0f);
-        float bHi1 = Utilities.Select(1 < visibleHi, Lb2Cubic(zHi1), 0f);
-        float bLo2 = Utilities.Select(2 < visibleLo, Lb2Cubic(zLo2), 0f);
-        float bHi2 = Utilities.Select(2 < visibleHi, Lb2Cubic(zHi2), 0f);
-        float bLo3 = Utilities.Select(3 < visibleLo, Lb2Cubic(zLo3), 0f);
-        float bHi3 = Utilities.Select(3 < visibleHi, Lb2Cubic(zHi3), 0f);
-        float bLo4 = Utilities.Select(4 < visibleLo, Lb2Cubic(zLo4), 0f);
-        float bHi4 = Utilities.Select(4 < visibleHi, Lb2Cubic(zHi4), 0f);
-        float bLo5 = Utilities.Select(5 < visibleLo, Lb2Cubic(zLo5), 0f);
-        float bHi5 = Utilities.Select(5 < visibleHi, Lb2Cubic(zHi5), 0f);
-        float bLo6 = Utilities.Select(6 < visibleLo, Lb2Cubic(zLo6), 0f);
-        float bHi6 = Utilities.Select(6 < visibleHi, Lb2Cubic(zHi6), 0f);
-        float bLo7 = Utilities.Select(7 < visibleLo, Lb2Cubic(zLo7), 0f);
-        float bHi7 = Utilities.Select(7 < visibleHi, Lb2Cubic(zHi7), 0f);
-        float bLo8 = Utilities.Select(8 < visibleLo, Lb2Cubic(zLo8), 0f);
-        float bHi8 = Utilities.Select(8 < visibleHi, Lb2Cubic(zHi8), 0f);
-        float bLo9 = Utilities.Select(9 < visibleLo, Lb2Cubic(zLo9), 0f);
-        float bHi9 = Utilities.Select(9 < visibleHi, Lb2Cubic(zHi9), 0f);
-        float bLo10 = Utilities.Select(10 < visibleLo, Lb2Cubic(zLo10), 0f);
-        float bHi10 = Utilities.Select(10 < visibleHi, Lb2Cubic(zHi10), 0f);
-        float bLo11 = Utilities.Select(11 < visibleLo, Lb2Cubic(zLo11), 0f);
-        float bHi11 = Utilities.Select(11 < visibleHi, Lb2Cubic(zHi11), 0f);
-        float bLo12 = Utilities.Select(12 < visibleLo, Lb2Cubic(zLo12), 0f);
-        float bHi12 = Utilities.Select(12 < visibleHi, Lb2Cubic(zHi12), 0f);
-        float bLo13 = Utilities.Select(13 < visibleLo, Lb2Cubic(zLo13), 0f);
-        float bHi13 = Utilities.Select(13 < visibleHi, Lb2Cubic(zHi13), 0f);
-        float bLo14 = Utilities.Select(14 < visibleLo, Lb2Cubic(zLo14), 0f);
-        float bHi14 = Utilities.Select(14 < visibleHi, Lb2Cubic(zHi14), 0f);
-        float bLo15 = Utilities.Select(15 < visibleLo, Lb2Cubic(zLo15), 0f);
-        float bHi15 = Utilities.Select(15 < visibleHi, Lb2Cubic(zHi15), 0f);
+        float bLo0 = Utilities.Select(0 < visibleLo, noReciprocal ? Lb2Polynomial(zLo0) : Lb2Cubic(zLo0), 0f);
+        float bHi0 = Utilities.Select(0 < visibleHi, noReciprocal ? Lb2Polynomial(zHi0) : Lb2Cubic(zHi0), 0f);
+        float bLo1 = Utilities.Select(1 < visibleLo, noReciprocal ? Lb2Polynomial(zLo1) : Lb2Cubic(zLo1), 0f);
+        float bHi1 = Utilities.Select(1 < visibleHi, noReciprocal ? Lb2Polynomial(zHi1) : Lb2Cubic(zHi1), 0f);
+        float bLo2 = Utilities.Select(2 < visibleLo, noReciprocal ? Lb2Polynomial(zLo2) : Lb2Cubic(zLo2), 0f);
+        float bHi2 = Utilities.Select(2 < visibleHi, noReciprocal ? Lb2Polynomial(zHi2) : Lb2Cubic(zHi2), 0f);
+        float bLo3 = Utilities.Select(3 < visibleLo, noReciprocal ? Lb2Polynomial(zLo3) : Lb2Cubic(zLo3), 0f);
+        float bHi3 = Utilities.Select(3 < visibleHi, noReciprocal ? Lb2Polynomial(zHi3) : Lb2Cubic(zHi3), 0f);
+        float bLo4 = Utilities.Select(4 < visibleLo, noReciprocal ? Lb2Polynomial(zLo4) : Lb2Cubic(zLo4), 0f);
+        float bHi4 = Utilities.Select(4 < visibleHi, noReciprocal ? Lb2Polynomial(zHi4) : Lb2Cubic(zHi4), 0f);
+        float bLo5 = Utilities.Select(5 < visibleLo, noReciprocal ? Lb2Polynomial(zLo5) : Lb2Cubic(zLo5), 0f);
+        float bHi5 = Utilities.Select(5 < visibleHi, noReciprocal ? Lb2Polynomial(zHi5) : Lb2Cubic(zHi5), 0f);
+        float bLo6 = Utilities.Select(6 < visibleLo, noReciprocal ? Lb2Polynomial(zLo6) : Lb2Cubic(zLo6), 0f);
+        float bHi6 = Utilities.Select(6 < visibleHi, noReciprocal ? Lb2Polynomial(zHi6) : Lb2Cubic(zHi6), 0f);
+        float bLo7 = Utilities.Select(7 < visibleLo, noReciprocal ? Lb2Polynomial(zLo7) : Lb2Cubic(zLo7), 0f);
+        float bHi7 = Utilities.Select(7 < visibleHi, noReciprocal ? Lb2Polynomial(zHi7) : Lb2Cubic(zHi7), 0f);
+        float bLo8 = Utilities.Select(8 < visibleLo, noReciprocal ? Lb2Polynomial(zLo8) : Lb2Cubic(zLo8), 0f);
+        float bHi8 = Utilities.Select(8 < visibleHi, noReciprocal ? Lb2Polynomial(zHi8) : Lb2Cubic(zHi8), 0f);
+        float bLo9 = Utilities.Select(9 < visibleLo, noReciprocal ? Lb2Polynomial(zLo9) : Lb2Cubic(zLo9), 0f);
+        float bHi9 = Utilities.Select(9 < visibleHi, noReciprocal ? Lb2Polynomial(zHi9) : Lb2Cubic(zHi9), 0f);
+        float bLo10 = Utilities.Select(10 < visibleLo, noReciprocal ? Lb2Polynomial(zLo10) : Lb2Cubic(zLo10), 0f);
+        float bHi10 = Utilities.Select(10 < visibleHi, noReciprocal ? Lb2Polynomial(zHi10) : Lb2Cubic(zHi10), 0f);
+        float bLo11 = Utilities.Select(11 < visibleLo, noReciprocal ? Lb2Polynomial(zLo11) : Lb2Cubic(zLo11), 0f);
+        float bHi11 = Utilities.Select(11 < visibleHi, noReciprocal ? Lb2Polynomial(zHi11) : Lb2Cubic(zHi11), 0f);
+        float bLo12 = Utilities.Select(12 < visibleLo, noReciprocal ? Lb2Polynomial(zLo12) : Lb2Cubic(zLo12), 0f);
+        float bHi12 = Utilities.Select(12 < visibleHi, noReciprocal ? Lb2Polynomial(zHi12) : Lb2Cubic(zHi12), 0f);
+        float bLo13 = Utilities.Select(13 < visibleLo, noReciprocal ? Lb2Polynomial(zLo13) : Lb2Cubic(zLo13), 0f);
+        float bHi13 = Utilities.Select(13 < visibleHi, noReciprocal ? Lb2Polynomial(zHi13) : Lb2Cubic(zHi13), 0f);
+        float bLo14 = Utilities.Select(14 < visibleLo, noReciprocal ? Lb2Polynomial(zLo14) : Lb2Cubic(zLo14), 0f);
+        float bHi14 = Utilities.Select(14 < visibleHi, noReciprocal ? Lb2Polynomial(zHi14) : Lb2Cubic(zHi14), 0f);
+        float bLo15 = Utilities.Select(15 < visibleLo, noReciprocal ? Lb2Polynomial(zLo15) : Lb2Cubic(zLo15), 0f);
+        float bHi15 = Utilities.Select(15 < visibleHi, noReciprocal ? Lb2Polynomial(zHi15) : Lb2Cubic(zHi15), 0f);
         float ownLo15 = bLo15;
         float ownHi15 = bHi15;
         float ownLo14 = ownLo15 + bLo14;
@@ -223,10 +225,12 @@ internal static partial class TensorCoreForwardKernel
     /// a row past T computes weights that no output reads). Same additions as the masked form.
     /// Adds the tile's lb sums to <paramref name="accLo"/> and <paramref name="accHi"/>; returns in
     /// <paramref name="nearerLo"/> / <paramref name="nearerHi"/> the sums over the quad's nearer threads (for the snapshots).
+    /// lb is <see cref="TensorCoreOps.Lb2Cubic"/>, or <see cref="TensorCoreOps.Lb2Polynomial"/> (no rcp) when
+    /// <paramref name="noReciprocal"/> (a constant of the plan).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void RowsUnmasked(ref Tile8 s, float scale2, ref float accLo, ref float accHi,
-        int lane, int t, out float nearerLo, out float nearerHi)
+        int lane, int t, bool noReciprocal, out float nearerLo, out float nearerHi)
     {
         float zLo0 = scale2 * s.N0.C0;
         float zHi0 = scale2 * s.N0.C2;
@@ -260,38 +264,38 @@ internal static partial class TensorCoreForwardKernel
         float zHi14 = scale2 * s.N7.C2;
         float zLo15 = scale2 * s.N7.C1;
         float zHi15 = scale2 * s.N7.C3;
-        float bLo0 = Lb2Cubic(zLo0);
-        float bHi0 = Lb2Cubic(zHi0);
-        float bLo1 = Lb2Cubic(zLo1);
-        float bHi1 = Lb2Cubic(zHi1);
-        float bLo2 = Lb2Cubic(zLo2);
-        float bHi2 = Lb2Cubic(zHi2);
-        float bLo3 = Lb2Cubic(zLo3);
-        float bHi3 = Lb2Cubic(zHi3);
-        float bLo4 = Lb2Cubic(zLo4);
-        float bHi4 = Lb2Cubic(zHi4);
-        float bLo5 = Lb2Cubic(zLo5);
-        float bHi5 = Lb2Cubic(zHi5);
-        float bLo6 = Lb2Cubic(zLo6);
-        float bHi6 = Lb2Cubic(zHi6);
-        float bLo7 = Lb2Cubic(zLo7);
-        float bHi7 = Lb2Cubic(zHi7);
-        float bLo8 = Lb2Cubic(zLo8);
-        float bHi8 = Lb2Cubic(zHi8);
-        float bLo9 = Lb2Cubic(zLo9);
-        float bHi9 = Lb2Cubic(zHi9);
-        float bLo10 = Lb2Cubic(zLo10);
-        float bHi10 = Lb2Cubic(zHi10);
-        float bLo11 = Lb2Cubic(zLo11);
-        float bHi11 = Lb2Cubic(zHi11);
-        float bLo12 = Lb2Cubic(zLo12);
-        float bHi12 = Lb2Cubic(zHi12);
-        float bLo13 = Lb2Cubic(zLo13);
-        float bHi13 = Lb2Cubic(zHi13);
-        float bLo14 = Lb2Cubic(zLo14);
-        float bHi14 = Lb2Cubic(zHi14);
-        float bLo15 = Lb2Cubic(zLo15);
-        float bHi15 = Lb2Cubic(zHi15);
+        float bLo0 = noReciprocal ? Lb2Polynomial(zLo0) : Lb2Cubic(zLo0);
+        float bHi0 = noReciprocal ? Lb2Polynomial(zHi0) : Lb2Cubic(zHi0);
+        float bLo1 = noReciprocal ? Lb2Polynomial(zLo1) : Lb2Cubic(zLo1);
+        float bHi1 = noReciprocal ? Lb2Polynomial(zHi1) : Lb2Cubic(zHi1);
+        float bLo2 = noReciprocal ? Lb2Polynomial(zLo2) : Lb2Cubic(zLo2);
+        float bHi2 = noReciprocal ? Lb2Polynomial(zHi2) : Lb2Cubic(zHi2);
+        float bLo3 = noReciprocal ? Lb2Polynomial(zLo3) : Lb2Cubic(zLo3);
+        float bHi3 = noReciprocal ? Lb2Polynomial(zHi3) : Lb2Cubic(zHi3);
+        float bLo4 = noReciprocal ? Lb2Polynomial(zLo4) : Lb2Cubic(zLo4);
+        float bHi4 = noReciprocal ? Lb2Polynomial(zHi4) : Lb2Cubic(zHi4);
+        float bLo5 = noReciprocal ? Lb2Polynomial(zLo5) : Lb2Cubic(zLo5);
+        float bHi5 = noReciprocal ? Lb2Polynomial(zHi5) : Lb2Cubic(zHi5);
+        float bLo6 = noReciprocal ? Lb2Polynomial(zLo6) : Lb2Cubic(zLo6);
+        float bHi6 = noReciprocal ? Lb2Polynomial(zHi6) : Lb2Cubic(zHi6);
+        float bLo7 = noReciprocal ? Lb2Polynomial(zLo7) : Lb2Cubic(zLo7);
+        float bHi7 = noReciprocal ? Lb2Polynomial(zHi7) : Lb2Cubic(zHi7);
+        float bLo8 = noReciprocal ? Lb2Polynomial(zLo8) : Lb2Cubic(zLo8);
+        float bHi8 = noReciprocal ? Lb2Polynomial(zHi8) : Lb2Cubic(zHi8);
+        float bLo9 = noReciprocal ? Lb2Polynomial(zLo9) : Lb2Cubic(zLo9);
+        float bHi9 = noReciprocal ? Lb2Polynomial(zHi9) : Lb2Cubic(zHi9);
+        float bLo10 = noReciprocal ? Lb2Polynomial(zLo10) : Lb2Cubic(zLo10);
+        float bHi10 = noReciprocal ? Lb2Polynomial(zHi10) : Lb2Cubic(zHi10);
+        float bLo11 = noReciprocal ? Lb2Polynomial(zLo11) : Lb2Cubic(zLo11);
+        float bHi11 = noReciprocal ? Lb2Polynomial(zHi11) : Lb2Cubic(zHi11);
+        float bLo12 = noReciprocal ? Lb2Polynomial(zLo12) : Lb2Cubic(zLo12);
+        float bHi12 = noReciprocal ? Lb2Polynomial(zHi12) : Lb2Cubic(zHi12);
+        float bLo13 = noReciprocal ? Lb2Polynomial(zLo13) : Lb2Cubic(zLo13);
+        float bHi13 = noReciprocal ? Lb2Polynomial(zHi13) : Lb2Cubic(zHi13);
+        float bLo14 = noReciprocal ? Lb2Polynomial(zLo14) : Lb2Cubic(zLo14);
+        float bHi14 = noReciprocal ? Lb2Polynomial(zHi14) : Lb2Cubic(zHi14);
+        float bLo15 = noReciprocal ? Lb2Polynomial(zLo15) : Lb2Cubic(zLo15);
+        float bHi15 = noReciprocal ? Lb2Polynomial(zHi15) : Lb2Cubic(zHi15);
         float ownLo15 = bLo15;
         float ownHi15 = bHi15;
         float ownLo14 = ownLo15 + bLo14;

@@ -112,6 +112,7 @@ internal static partial class TensorCoreForwardKernel
         bool doubleBuffered = default(TPlan).DoubleBuffered;
         bool prefetch = default(TPlan).Prefetch;
         bool prefetchKeys = prefetch || default(TPlan).PrefetchKeys;
+        bool noReciprocal = default(TPlan).NoReciprocal;
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -178,9 +179,9 @@ internal static partial class TensorCoreForwardKernel
             int firstKey = key0 + 16 * t;
             float accLoBefore = accLo, accHiBefore = accHi, nearerLo, nearerHi;
             if (diagonal)
-                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
+                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, noReciprocal, out nearerLo, out nearerHi);
             else
-                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
+                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, noReciprocal, out nearerLo, out nearerHi);
             var p = PackWeights<TStorage>(s, split, out var residuals);
             // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's
             // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
@@ -504,6 +505,9 @@ internal interface IForwardPlan
     /// <summary>Only the next tile's K is loaded into registers during this tile's P V (its V after the last read); implied by <see cref="Prefetch"/>.</summary>
     bool PrefetchKeys { get; }
 
+    /// <summary>lb from <see cref="TensorCoreOps.Lb2Polynomial"/> (one ex2 per score) rather than <see cref="TensorCoreOps.Lb2Cubic"/> (ex2 and rcp).</summary>
+    bool NoReciprocal { get; }
+
     /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168, 4: 128).</summary>
     int MinGroupsPerMultiprocessor { get; }
 }
@@ -514,6 +518,7 @@ internal readonly struct TwoGroupsPerSm : IForwardPlan
     public bool DoubleBuffered => true;
     public bool Prefetch => true;
     public bool PrefetchKeys => true;
+    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 2;
 }
 
@@ -523,6 +528,7 @@ internal readonly struct ThreeGroupsPerSm : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => true;
     public bool PrefetchKeys => true;
+    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 3;
 }
 
@@ -532,6 +538,7 @@ internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
     public bool PrefetchKeys => false;
+    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 3;
 }
 
@@ -541,6 +548,17 @@ internal readonly struct ThreeGroupsPerSmKeyPrefetch : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
     public bool PrefetchKeys => true;
+    public bool NoReciprocal => false;
+    public int MinGroupsPerMultiprocessor => 3;
+}
+
+/// <summary>Three groups per SM, one buffer pair, no prefetch (as <see cref="ThreeGroupsPerSmNoPrefetch"/>), lb without the rcp.</summary>
+internal readonly struct ThreeGroupsPerSmNoReciprocal : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public bool PrefetchKeys => false;
+    public bool NoReciprocal => true;
     public int MinGroupsPerMultiprocessor => 3;
 }
 
@@ -553,6 +571,7 @@ internal readonly struct FourGroupsPerSmNoPrefetch : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
     public bool PrefetchKeys => false;
+    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 4;
 }
 
