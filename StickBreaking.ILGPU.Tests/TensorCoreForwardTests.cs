@@ -82,17 +82,6 @@ public sealed class TensorCoreForwardTests(string backend)
     public void MatchesReferenceOnRoundedInputs(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
         bool attendCurrent) => CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, plan: null);
 
-    /// <summary>
-    /// The plan whose lb has no reciprocal (<see cref="ThreeGroupsPerSmNoReciprocal"/>: a different polynomial, so not
-    /// bitwise the library's plan) under the same rules as <see cref="MatchesReferenceOnRoundedInputs"/>.
-    /// </summary>
-    [TestCase(true, InputKind.Standard, 1, 1, 130, 128, false)]
-    [TestCase(false, InputKind.Saturated, 1, 1, 97, 128, true)]
-    [TestCase(true, InputKind.UsedUp, 1, 1, 130, 64, true)]
-    [TestCase(false, InputKind.LongRange, 1, 1, 150, 64, false)]
-    public void PlanWithoutReciprocalMatchesReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
-        bool attendCurrent) => CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, typeof(ThreeGroupsPerSmNoReciprocal));
-
     private void CheckAgainstReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
         bool attendCurrent, Type? plan)
     {
@@ -191,7 +180,7 @@ public sealed class TensorCoreForwardTests(string backend)
         v.Bits[70 * headDim + 3] = FromDouble(double.NaN, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var library = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16);
-        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmKeyPrefetch), typeof(FourGroupsPerSmNoPrefetch) })
+        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch) })
         {
             var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16, plan);
             Assert.Multiple(() =>
@@ -269,7 +258,7 @@ public sealed class TensorCoreForwardTests(string backend)
 
     /// <summary>
     /// CUDA only (the simulators would take minutes): a long sequence against float64, both weight modes, the
-    /// library's plan and the one whose lb has no rcp; with long-range logits (the stick survives across all the
+    /// library's plan; with long-range logits (the stick survives across all the
     /// tiles) LogRem is held to 2e-5 + 1e-6 |LogRem| as well.
     /// </summary>
     [TestCase(true, 1024, 128, InputKind.Standard)]
@@ -286,7 +275,7 @@ public sealed class TensorCoreForwardTests(string backend)
         var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 2, length, headDim, scale, false);
         double floor = expected.O.Max(e => Math.Abs(ToDouble(FromDouble(e, bf16), bf16) - e));
         double ulp = Ulp(expected.O.Max(Math.Abs), bf16);
-        foreach (var plan in new[] { typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmNoReciprocal) })
+        foreach (var plan in new[] { typeof(ThreeGroupsPerSmNoPrefetch) })
         {
             foreach (bool split in new[] { false, true })
             {
@@ -319,7 +308,7 @@ public sealed class TensorCoreForwardTests(string backend)
         if (backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int heads = headDim == 128 ? 12 : 16;
-        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmKeyPrefetch), typeof(FourGroupsPerSmNoPrefetch), typeof(ThreeGroupsPerSmNoReciprocal) })
+        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch) })
         {
             foreach (bool bf16 in new[] { true, false })
             {

@@ -82,8 +82,7 @@ for masked in (True, False):
     w("    /// (every log below is log2): z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) =")
     w("    /// -(max(z, 0) + log2(1 + 2^-|z|)), and the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written")
     w("    /// over the scores, where log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after")
-    w("    /// adding lb_i, that is acc + (the nearer threads' lb) + (this thread's lb at or after key i). The two rows'")
-    w("    /// statements alternate (independent chains for the scheduler); no branches.")
+    w("    /// adding lb_i. The two rows' statements alternate (independent chains for the scheduler); no branches.")
     if masked:
         w("    /// Keys i &gt;= visibleLo / visibleHi (relative to the thread's first key) are not visible: lb = 0 and")
         w("    /// weight = 0 by selection (the diagonal tile).")
@@ -92,12 +91,10 @@ for masked in (True, False):
         w("    /// a row past T computes weights that no output reads). Same additions as the masked form.")
     w("    /// Adds the tile's lb sums to <paramref name=\"accLo\"/> and <paramref name=\"accHi\"/>; returns in")
     w("    /// <paramref name=\"nearerLo\"/> / <paramref name=\"nearerHi\"/> the sums over the quad's nearer threads (for the snapshots).")
-    w("    /// lb is <see cref=\"TensorCoreOps.Lb2Cubic\"/>, or <see cref=\"TensorCoreOps.Lb2Polynomial\"/> (no rcp) when")
-    w("    /// <paramref name=\"noReciprocal\"/> (a constant of the plan).")
     w("    /// </summary>")
     w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
     w(f"    private static void {name}(ref Tile8 s, float scale2, {'int visibleLo, int visibleHi, ' if masked else ''}ref float accLo, ref float accHi,")
-    w("        int lane, int t, bool noReciprocal, out float nearerLo, out float nearerHi)")
+    w("        int lane, int t, out float nearerLo, out float nearerHi)")
     w("    {")
     for i in range(16):
         for r, hi in ROWS:
@@ -105,27 +102,25 @@ for masked in (True, False):
     for i in range(16):
         for r, hi in ROWS:
             if masked:
-                w(f"        float b{r}{i} = Utilities.Select({i} < visible{r}, noReciprocal ? Lb2Polynomial(z{r}{i}) : Lb2Cubic(z{r}{i}), 0f);")
+                w(f"        float b{r}{i} = Utilities.Select({i} < visible{r}, Lb2(z{r}{i}), 0f);")
             else:
-                w(f"        float b{r}{i} = noReciprocal ? Lb2Polynomial(z{r}{i}) : Lb2Cubic(z{r}{i});")
-    # The thread's own inclusive suffix sums sum_{l >= i} lb_l (one serial chain per row, nearest key first); the
-    # last one is the thread's total for the quad exchange. Each weight then adds its suffix to the row's base (acc
-    # plus the nearer threads' sums): independent additions, not a second serial chain.
+                w(f"        float b{r}{i} = Lb2(z{r}{i});")
     for r, _ in ROWS:
-        w(f"        float own{r}15 = b{r}15;")
+        w(f"        float x{r} = b{r}15;")
     for i in range(14, -1, -1):
         for r, _ in ROWS:
-            w(f"        float own{r}{i} = own{r}{i + 1} + b{r}{i};")
+            w(f"        x{r} += b{r}{i};")
     for r, _ in ROWS:
-        w(f"        nearer{r} = QuadNearerSelected(own{r}0, lane, t, out float total{r});")
+        w(f"        nearer{r} = QuadNearerSelected(x{r}, lane, t, out float total{r});")
     for r, _ in ROWS:
-        w(f"        float base{r} = acc{r} + nearer{r};")
+        w(f"        float suffix{r} = acc{r} + nearer{r};")
     for i in range(15, -1, -1):
         for r, hi in ROWS:
+            w(f"        suffix{r} += b{r}{i};")
             if masked:
-                w(f"        {key_field(i, hi)} = Utilities.Select({i} < visible{r}, Exp2(z{r}{i} + (base{r} + own{r}{i})), 0f);")
+                w(f"        {key_field(i, hi)} = Utilities.Select({i} < visible{r}, Exp2(z{r}{i} + suffix{r}), 0f);")
             else:
-                w(f"        {key_field(i, hi)} = Exp2(z{r}{i} + (base{r} + own{r}{i}));")
+                w(f"        {key_field(i, hi)} = Exp2(z{r}{i} + suffix{r});")
     for r, _ in ROWS:
         w(f"        acc{r} += total{r};")
     w("    }")

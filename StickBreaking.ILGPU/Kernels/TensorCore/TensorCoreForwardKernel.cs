@@ -111,8 +111,6 @@ internal static partial class TensorCoreForwardKernel
         bool split = default(TWeights).Split;
         bool doubleBuffered = default(TPlan).DoubleBuffered;
         bool prefetch = default(TPlan).Prefetch;
-        bool prefetchKeys = prefetch || default(TPlan).PrefetchKeys;
-        bool noReciprocal = default(TPlan).NoReciprocal;
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -179,20 +177,20 @@ internal static partial class TensorCoreForwardKernel
             int firstKey = key0 + 16 * t;
             float accLoBefore = accLo, accHiBefore = accHi, nearerLo, nearerHi;
             if (diagonal)
-                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, noReciprocal, out nearerLo, out nearerHi);
+                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
             else
-                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, noReciprocal, out nearerLo, out nearerHi);
+                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
             var p = PackWeights<TStorage>(s, split, out var residuals);
             // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's
             // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
             // stored into the other buffer pair (or, with one pair, into the same after a barrier). Past the last
             // tile (tile 0) nothing is loaded or stored.
-            // The next tile lies wholly before the block's first row: every key exists and is seen, so its loads
-            // need no limit (LoadFullRows, LoadFullKeyPairs).
-            if (prefetchKeys && tile > 0)
-                kPieces = LoadFullRows(a.K, headBase, key0 - KeyTile, D, tid);
-            if (prefetch && tile > 0)
-                vPieces = LoadFullKeyPairs(a.V, headBase, key0 - KeyTile, D, tid);
+            int nextLimit = tile > 0 ? stageLimit : int.MinValue;
+            if (prefetch)
+            {
+                kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+                vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+            }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
             Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
@@ -201,10 +199,11 @@ internal static partial class TensorCoreForwardKernel
                 int next = doubleBuffered ? BufferWords - buffer : 0;
                 if (!doubleBuffered)
                     Group.Barrier();
-                if (!prefetchKeys)
-                    kPieces = LoadFullRows(a.K, headBase, key0 - KeyTile, D, tid);
                 if (!prefetch)
-                    vPieces = LoadFullKeyPairs(a.V, headBase, key0 - KeyTile, D, tid);
+                {
+                    kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+                    vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
                 StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
                 Group.Barrier();
@@ -303,73 +302,16 @@ internal static partial class TensorCoreForwardKernel
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
         var to = vectors.SubView(at + r * RowStrideU4 + c);
         to[0] = p.P0;
+        to[step * RowStrideU4] = p.P1;
+        to[2 * step * RowStrideU4] = p.P2;
+        to[3 * step * RowStrideU4] = p.P3;
         if (wide)
         {
-            // step = 8 rows: constant offsets, folded into the store instructions
-            to[8 * RowStrideU4] = p.P1;
-            to[16 * RowStrideU4] = p.P2;
-            to[24 * RowStrideU4] = p.P3;
-            to[32 * RowStrideU4] = p.P4;
-            to[40 * RowStrideU4] = p.P5;
-            to[48 * RowStrideU4] = p.P6;
-            to[56 * RowStrideU4] = p.P7;
+            to[4 * step * RowStrideU4] = p.P4;
+            to[5 * step * RowStrideU4] = p.P5;
+            to[6 * step * RowStrideU4] = p.P6;
+            to[7 * step * RowStrideU4] = p.P7;
         }
-        else
-        {
-            to[16 * RowStrideU4] = p.P1;
-            to[32 * RowStrideU4] = p.P2;
-            to[48 * RowStrideU4] = p.P3;
-        }
-    }
-
-    /// <summary>
-    /// <see cref="LoadRows"/> for a tile whose rows all exist (no limit): one sub-view per thread at its first piece,
-    /// the others at constant offsets (128 pieces apart), so that no address is computed per piece.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadFullRows(ArrayView<ushort> x, long headBase, int first, int D, int tid)
-    {
-        bool wide = D > 64;
-        int chunks = D >> 3;
-        int c = tid & (chunks - 1), r = tid / chunks;
-        var at = x.Cast<U4>().SubView(headBase / 8 + c + (first + r) * chunks);
-        Pieces8 p = default;
-        p.P0 = at[0];
-        p.P1 = at[GroupSize];
-        p.P2 = at[2 * GroupSize];
-        p.P3 = at[3 * GroupSize];
-        if (wide)
-        {
-            p.P4 = at[4 * GroupSize];
-            p.P5 = at[5 * GroupSize];
-            p.P6 = at[6 * GroupSize];
-            p.P7 = at[7 * GroupSize];
-        }
-        return p;
-    }
-
-    /// <summary><see cref="LoadKeyPairs"/> for a tile whose keys all exist (no limit): constant offsets from two sub-views (keys 2j and 2j+1).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadFullKeyPairs(ArrayView<ushort> x, long headBase, int key0, int D, int tid)
-    {
-        bool wide = D > 64;
-        int chunks = D >> 3;
-        int j = tid & 31, c = tid >> 5;
-        var lo = x.Cast<U4>().SubView(headBase / 8 + c + (key0 + 2 * j) * chunks);
-        var hi = lo.SubView(chunks);
-        Pieces8 p = default;
-        p.P0 = lo[0];
-        p.P1 = hi[0];
-        p.P2 = lo[4];
-        p.P3 = hi[4];
-        if (wide)
-        {
-            p.P4 = lo[8];
-            p.P5 = hi[8];
-            p.P6 = lo[12];
-            p.P7 = hi[12];
-        }
-        return p;
     }
 
     /// <summary>
@@ -420,28 +362,28 @@ internal static partial class TensorCoreForwardKernel
             if (badLo || badHi)
                 Atomic.Min(ref shared[flag], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
-        var at = shared.SubView(vt + 8 * c * (VtStride / 2) + j);
-        PutTransposed(at, p.P0, p.P1);
-        PutTransposed(at.SubView(32 * (VtStride / 2)), p.P2, p.P3);
+        PutTransposed(shared, vt, c, j, p.P0, p.P1);
+        PutTransposed(shared, vt, c + 4, j, p.P2, p.P3);
         if (wide)
         {
-            PutTransposed(at.SubView(64 * (VtStride / 2)), p.P4, p.P5);
-            PutTransposed(at.SubView(96 * (VtStride / 2)), p.P6, p.P7);
+            PutTransposed(shared, vt, c + 8, j, p.P4, p.P5);
+            PutTransposed(shared, vt, c + 12, j, p.P6, p.P7);
         }
     }
 
-    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt at <paramref name="to"/> (row 8c, word j), one word per dimension.</summary>
+    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt, one word per dimension.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void PutTransposed(ArrayView<uint> to, U4 lo, U4 hi)
+    private static void PutTransposed(ArrayView<uint> shared, int vt, int c, int j, U4 lo, U4 hi)
     {
-        to[0] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
-        to[VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
-        to[2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
-        to[3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
-        to[4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
-        to[5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
-        to[6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
-        to[7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
+        int at = vt + 8 * c * (VtStride / 2) + j;
+        shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
+        shared[at + VtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
+        shared[at + 2 * (VtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
+        shared[at + 3 * (VtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
+        shared[at + 4 * (VtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
+        shared[at + 5 * (VtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
+        shared[at + 6 * (VtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
+        shared[at + 7 * (VtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
     }
 
     /// <summary>
@@ -502,13 +444,7 @@ internal interface IForwardPlan
     /// <summary>The next tile's K and V are loaded into registers during this tile's P V (else after its last read).</summary>
     bool Prefetch { get; }
 
-    /// <summary>Only the next tile's K is loaded into registers during this tile's P V (its V after the last read); implied by <see cref="Prefetch"/>.</summary>
-    bool PrefetchKeys { get; }
-
-    /// <summary>lb from <see cref="TensorCoreOps.Lb2Polynomial"/> (one ex2 per score) rather than <see cref="TensorCoreOps.Lb2Cubic"/> (ex2 and rcp).</summary>
-    bool NoReciprocal { get; }
-
-    /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168, 4: 128).</summary>
+    /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168).</summary>
     int MinGroupsPerMultiprocessor { get; }
 }
 
@@ -517,8 +453,6 @@ internal readonly struct TwoGroupsPerSm : IForwardPlan
 {
     public bool DoubleBuffered => true;
     public bool Prefetch => true;
-    public bool PrefetchKeys => true;
-    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 2;
 }
 
@@ -527,8 +461,6 @@ internal readonly struct ThreeGroupsPerSm : IForwardPlan
 {
     public bool DoubleBuffered => false;
     public bool Prefetch => true;
-    public bool PrefetchKeys => true;
-    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 3;
 }
 
@@ -537,42 +469,7 @@ internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
 {
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
-    public bool PrefetchKeys => false;
-    public bool NoReciprocal => false;
     public int MinGroupsPerMultiprocessor => 3;
-}
-
-/// <summary>Three groups per SM: one buffer pair, only K loaded into registers during P V (168 registers, 54 KB).</summary>
-internal readonly struct ThreeGroupsPerSmKeyPrefetch : IForwardPlan
-{
-    public bool DoubleBuffered => false;
-    public bool Prefetch => false;
-    public bool PrefetchKeys => true;
-    public bool NoReciprocal => false;
-    public int MinGroupsPerMultiprocessor => 3;
-}
-
-/// <summary>Three groups per SM, one buffer pair, no prefetch (as <see cref="ThreeGroupsPerSmNoPrefetch"/>), lb without the rcp.</summary>
-internal readonly struct ThreeGroupsPerSmNoReciprocal : IForwardPlan
-{
-    public bool DoubleBuffered => false;
-    public bool Prefetch => false;
-    public bool PrefetchKeys => false;
-    public bool NoReciprocal => true;
-    public int MinGroupsPerMultiprocessor => 3;
-}
-
-/// <summary>
-/// Four groups per SM: one buffer pair, no prefetch, at most 128 registers (ptxas 11.8 spills about 300 bytes per
-/// thread there; 4 x 54 KB of shared memory fit). For comparison in the timing test.
-/// </summary>
-internal readonly struct FourGroupsPerSmNoPrefetch : IForwardPlan
-{
-    public bool DoubleBuffered => false;
-    public bool Prefetch => false;
-    public bool PrefetchKeys => false;
-    public bool NoReciprocal => false;
-    public int MinGroupsPerMultiprocessor => 4;
 }
 
 /// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>

@@ -81,46 +81,6 @@ internal static class TensorCoreOps
         return -(MathF.Max(z, 0f) + s * series);
     }
 
-    /// <summary>
-    /// <see cref="Lb2"/> with a degree-3 polynomial for atanh(s) / s (fit at Chebyshev nodes of t in [0, 1/9],
-    /// reweighted towards minimax: relative error 1.7e-7 in log2(1 + u), about what ex2.approx already costs, and well
-    /// inside the 1e-6 |LogRem| of the tests): one fused multiply-add fewer per score, for the tensor-core forward,
-    /// whose elementwise work bounds its speed.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float Lb2Cubic(float z)
-    {
-        float u = Exp2(-MathF.Abs(z));
-        float s = u * Reciprocal(2f + u);
-        float t = s * s;
-        const float C = 2f * Log2E;
-        float series = C * 0.17120639506754182f;
-        series = series * t + C * 0.19793461269501267f;
-        series = series * t + C * 0.3333805435365137f;
-        series = series * t + C * 0.9999998321627342f;
-        return -(MathF.Max(z, 0f) + s * series);
-    }
-
-    /// <summary>
-    /// <see cref="Lb2"/> without the reciprocal: log2(1 + u) = u P(u) for u = 2^-|z| in (0, 1], P a degree-7 polynomial
-    /// (fit towards minimax relative error at Chebyshev nodes; evaluated in fp32 the relative error of log2(1 + u) is
-    /// 3.2e-7 at most). One ex2 per score instead of ex2 and rcp, for two more fused multiply-adds.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float Lb2Polynomial(float z)
-    {
-        float u = Exp2(-MathF.Abs(z));
-        float p = -0.012319690755099373f;
-        p = p * u + 0.06360866250857898f;
-        p = p * u - 0.15535294813346634f;
-        p = p * u + 0.25601046525690213f;
-        p = p * u - 0.35339509505859407f;
-        p = p * u + 0.48006374247618344f;
-        p = p * u - 0.7213100912076384f;
-        p = p * u + 1.4426947605578586f;
-        return -(MathF.Max(z, 0f) + u * p);
-    }
-
     /// <summary>2^x: <c>ex2.approx.ftz.f32</c> on CUDA (relative error about 2^-22; results below 2^-126 flush to 0), exp(x ln 2) elsewhere.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Exp2(float x)
