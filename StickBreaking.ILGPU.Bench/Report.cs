@@ -85,6 +85,35 @@ internal static class Report
                 }).Trim());
             }
         }
+        if (ours16.Any(o => o.TryGetProperty("bwd_ms", out _)))
+        {
+            // Training: the 16-bit training forward plus the backward, against the Triton kernel's and SDPA's fwd+bwd.
+            md.AppendLine();
+            md.AppendLine("16-bit training (causal; fwd = the training forward, which also writes the backward's snapshots; ms):");
+            md.AppendLine();
+            md.AppendLine("| B | H | T | D | ours bf16 fwd | bwd (pass 1 + pass 2) | fwd+bwd | Triton SB bf16 fwd+bwd | ours bf16 / Triton | ours fp16 fwd+bwd | Triton SB fp16 fwd+bwd | SDPA (softmax) bf16 fwd+bwd |");
+            md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
+            foreach (var key in ours16.Where(o => o.TryGetProperty("bwd_ms", out _)).Select(o => (B: o.GetProperty("B").GetInt32(), H: o.GetProperty("H").GetInt32(),
+                         T: o.GetProperty("T").GetInt32(), D: o.GetProperty("D").GetInt32())).Distinct().OrderBy(k => k.D).ThenBy(k => k.T))
+            {
+                JsonElement? Ours(string dtype) => ours16.Where(o => DType(o) == dtype && o.TryGetProperty("bwd_ms", out _) && o.GetProperty("T").GetInt32() == key.T
+                    && o.GetProperty("D").GetInt32() == key.D && o.GetProperty("H").GetInt32() == key.H).Cast<JsonElement?>().FirstOrDefault();
+                string Cell(JsonElement? e, string field) => e is { } v ? F(v, field) : "n/a";
+                var bf = Ours("bfloat16");
+                string tritonMs = Peer(peers, "triton_stickbreaking", "torch.bfloat16", key.T, key.D, "fwdbwd_ms");
+                string ratio = bf is { } b && double.TryParse(tritonMs, NumberStyles.Float, CultureInfo.InvariantCulture, out double tm)
+                    ? (b.GetProperty("fwdbwd_ms").GetDouble() / tm).ToString("0.00", CultureInfo.InvariantCulture) : "n/a";
+                string passes = bf is { } p1 ? $"{F(p1, "bwd_ms")} ({F(p1, "bwd_pass1_ms")} + {F(p1, "bwd_pass2_ms")})" : "n/a";
+                md.AppendLine(string.Join(" | ", new[]
+                {
+                    "", key.B.ToString(CultureInfo.InvariantCulture), key.H.ToString(CultureInfo.InvariantCulture),
+                    key.T.ToString(CultureInfo.InvariantCulture), key.D.ToString(CultureInfo.InvariantCulture),
+                    Cell(bf, "fwd_training_ms"), passes, Cell(bf, "fwdbwd_ms"), tritonMs, ratio,
+                    Cell(Ours("float16"), "fwdbwd_ms"), Peer(peers, "triton_stickbreaking", "torch.float16", key.T, key.D, "fwdbwd_ms"),
+                    Peer(peers, "sdpa_causal", "torch.bfloat16", key.T, key.D, "fwdbwd_ms"), "",
+                }).Trim());
+            }
+        }
         md.AppendLine();
         foreach (var p in peers.Where(p => p.TryGetProperty("tflops", out _)))
             md.AppendLine($"- {p.GetProperty("peer").GetString()}: {p.GetProperty("tflops").GetDouble():F1} TFLOP/s (8192^3)");
@@ -112,6 +141,8 @@ internal static class Report
         foreach (var (dtype, label) in new[] { ("bfloat16", "StickBreaking.ILGPU bf16 forward (tensor cores)"), ("float16", "StickBreaking.ILGPU fp16 forward (tensor cores)") })
             AddSeries(plot, label, ours16.Where(o => DType(o) == dtype && o.GetProperty("D").GetInt32() == 128)
                 .Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwd_ms").GetDouble())));
+        AddSeries(plot, "StickBreaking.ILGPU bf16 fwd+bwd", ours16.Where(o => DType(o) == "bfloat16" && o.GetProperty("D").GetInt32() == 128 && o.TryGetProperty("fwdbwd_ms", out _))
+            .Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwdbwd_ms").GetDouble())));
         AddSeries(plot, "StickBreaking.ILGPU fp32 forward", ours.Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwd_ms").GetDouble())));
         AddSeries(plot, "StickBreaking.ILGPU fp32 backward", ours.Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("bwd_ms").GetDouble())));
         foreach (var (peer, dtype, field, label) in new[]
@@ -122,6 +153,8 @@ internal static class Report
             ("naive_torch_stickbreaking", "torch.float32", "fwd_ms", "naive PyTorch stick-breaking fp32 forward"),
             ("triton_stickbreaking", "torch.float32", "fwd_ms", "Triton stick-breaking fp32 (TF32) forward"),
             ("triton_stickbreaking", "torch.bfloat16", "fwd_ms", "Triton stick-breaking bf16 forward"),
+            ("triton_stickbreaking", "torch.bfloat16", "fwdbwd_ms", "Triton stick-breaking bf16 fwd+bwd"),
+            ("sdpa_causal", "torch.bfloat16", "fwdbwd_ms", "PyTorch SDPA (softmax) bf16 fwd+bwd"),
         })
         {
             AddSeries(plot, label, peers.Where(p => p.GetProperty("peer").GetString() == peer && p.TryGetProperty("dtype", out var d) && d.GetString() == dtype && p.TryGetProperty(field, out _))

@@ -9,7 +9,7 @@ namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
 /// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]]</c>: one JSON object a line
-/// per length and storage type (fp32: forward and backward; fp16 and bf16: the forward, inference and training), for the
+/// per length and storage type (forward, inference and training; backward, and each of its two passes alone), for the
 /// GPU machine, where <c>python3 scripts/peers.py B H D T ...</c> prints the peers in the same session. On CUDA each line
 /// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
 /// (registers and spilled bytes per thread, groups per SM). <c>--groups-per-sm</c> replaces every kernel's own
@@ -56,10 +56,16 @@ internal static class Throughput
                 foreach (string dtype in dtypes.Where(d => d is "bf16" or "fp16"))
                 {
                     var inputs16 = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
-                    using var run16 = new Forward16Run(attention, shape, inputs16, bf16: dtype == "bf16");
+                    using var run16 = new Attention16Run(attention, shape, inputs16, bf16: dtype == "bf16");
                     int reps16 = t >= 8192 ? 10 : 20;
                     double fwd16 = MedianMs(attention, () => run16.Forward(training: false), reps16);
                     double fwdTrain16 = MedianMs(attention, () => run16.Forward(training: true), reps16);
+                    double bwd16 = MedianMs(attention, run16.Backward, reps16);
+                    attention.BackwardPasses = 1;
+                    double pass1of16 = MedianMs(attention, run16.Backward, reps16);
+                    attention.BackwardPasses = 2;
+                    double pass2of16 = MedianMs(attention, run16.Backward, reps16);
+                    attention.BackwardPasses = 3;
                     double flops = 4.0 * t * t * shape.HeadDim / 2 * shape.HeadCount;
                     Console.WriteLine(JsonSerializer.Serialize(new
                     {
@@ -67,6 +73,8 @@ internal static class Throughput
                         B = shape.Batch, H = shape.Heads, T = t, D = shape.HeadDim,
                         tensor_cores = attention.UsesTensorCores,
                         fwd_ms = fwd16, fwd_tflops = flops / fwd16 / 1e9, fwd_training_ms = fwdTrain16,
+                        bwd_ms = bwd16, bwd_tflops = 2.5 * flops / bwd16 / 1e9, bwd_pass1_ms = pass1of16, bwd_pass2_ms = pass2of16,
+                        fwdbwd_ms = fwdTrain16 + bwd16,
                     }));
                 }
                 if (!dtypes.Contains("fp32"))

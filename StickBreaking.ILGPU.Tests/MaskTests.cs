@@ -39,6 +39,34 @@ public sealed class CudaKernelMaskTests : CudaCodeOnCpuFixture
         MaskRun.Check(Accelerator, Attention, scenario, baselines);
 }
 
+/// <summary>
+/// The same rule for fp16 and bf16 storage through the public 16-bit API on every backend: the tensor-core kernels
+/// where they serve (CUDA), the portable 16-bit kernels elsewhere. The scenarios run at D = 64 (a head dimension the
+/// tensor-core kernels serve), one visibility each, alternating, bf16 and fp16 in turn.
+/// </summary>
+public sealed class Mask16Tests(string backend) : BackendFixture(backend)
+{
+    private readonly Dictionary<(AttentionShape, bool), MaskRun.Outputs> baselines = [];
+
+    [TestCaseSource(typeof(MaskRun), nameof(MaskRun.AlternateScenarios16))]
+    public void PoisonReachesOnlyWhatDependsOnIt(MaskScenario scenario) =>
+        MaskRun.Check(Accelerator, Attention, scenario, baselines);
+}
+
+/// <summary>The 16-bit scenarios on the tensor-core kernels' code, run by the CPU accelerator with the mma emulated.</summary>
+[TestFixture]
+public sealed class TensorCoreMaskTests : CudaCodeOnCpuFixture
+{
+    private readonly Dictionary<(AttentionShape, bool), MaskRun.Outputs> baselines = [];
+
+    [TestCaseSource(typeof(MaskRun), nameof(MaskRun.AlternateScenarios16))]
+    public void PoisonReachesOnlyWhatDependsOnIt(MaskScenario scenario)
+    {
+        Assert.That(Attention.UsesTensorCores, Is.True, "the tensor-core code runs");
+        MaskRun.Check(Accelerator, Attention, scenario, baselines);
+    }
+}
+
 /// <summary>The dependency rule of <see cref="MaskDependencies"/> against the float64 reference.</summary>
 [TestFixture]
 public sealed class MaskRuleTests
@@ -97,8 +125,16 @@ public sealed class MaskRuleTests
     }
 }
 
-/// <summary>One poisoned run: the shape, the visibility and the poisoned input elements.</summary>
-public sealed record MaskScenario(string Name, AttentionShape Shape, bool AttendCurrent, Poison[] Poisons)
+/// <summary>How a scenario's tensors are stored: fp32, or 16-bit through the public fp16/bf16 API.</summary>
+public enum MaskStorage
+{
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+/// <summary>One poisoned run: the shape, the visibility, the poisoned input elements and the storage type.</summary>
+public sealed record MaskScenario(string Name, AttentionShape Shape, bool AttendCurrent, Poison[] Poisons, MaskStorage Storage = MaskStorage.Fp32)
 {
     public override string ToString() => Name;
 }
@@ -106,8 +142,8 @@ public sealed record MaskScenario(string Name, AttentionShape Shape, bool Attend
 /// <summary>Runs a scenario against its unpoisoned baseline and compares every output bitwise where the rule allows.</summary>
 internal static class MaskRun
 {
-    /// <summary>All outputs of one forward and backward, in <see cref="MaskOutput"/> order.</summary>
-    internal sealed record Outputs(float[][] All);
+    /// <summary>All outputs of one forward and backward, in <see cref="MaskOutput"/> order (16-bit ones widened to fp32).</summary>
+    internal sealed record Outputs(float[][] All, MaskStorage Storage);
 
     private static readonly float[] Values = [float.NaN, float.PositiveInfinity, float.NegativeInfinity];
 
@@ -132,6 +168,26 @@ internal static class MaskRun
     /// both. On a CUDA device the per-backend fixture runs them all on these kernels.
     /// </summary>
     public static IEnumerable<TestCaseData> AlternateScenarios() => Generate(alternate: true);
+
+    /// <summary>
+    /// The alternate scenarios in 16-bit storage at D = 64 (the poisoned columns are all below 20), bf16 and fp16 in
+    /// turn: the tensor-core kernels serve D = 64 on CUDA.
+    /// </summary>
+    public static IEnumerable<TestCaseData> AlternateScenarios16()
+    {
+        int n = 0;
+        foreach (var data in Generate(alternate: true))
+        {
+            var s = (MaskScenario)data.Arguments[0]!;
+            var storage = n++ % 2 == 0 ? MaskStorage.Bf16 : MaskStorage.Fp16;
+            var wide = s with
+            {
+                Shape = new AttentionShape(s.Shape.Batch, s.Shape.Heads, s.Shape.Length, 64), Storage = storage,
+                Name = $"{storage} {s.Name.Replace($"x{s.Shape.HeadDim},", "x64,", StringComparison.Ordinal)}",
+            };
+            yield return new TestCaseData(wide).SetArgDisplayNames(wide.Name);
+        }
+    }
 
     private static IEnumerable<TestCaseData> Generate(bool alternate)
     {
@@ -252,12 +308,12 @@ internal static class MaskRun
     {
         var options = new StickBreakingOptions { AttendCurrent = s.AttendCurrent };
         var x = TestInputs.Standard(s.Shape.Batch, s.Shape.Heads, s.Shape.Length, s.Shape.HeadDim, seed: 3 * s.Shape.Length + s.Shape.HeadDim);
-        if (!baselines.TryGetValue((s.Shape, s.AttendCurrent), out var baseline))
+        if (!baselines.TryGetValue((s.Shape, s.AttendCurrent), out var baseline) || baseline.Storage != s.Storage)
         {
-            baseline = Run(accelerator, attention, s.Shape, x, options);
+            baseline = Run(accelerator, attention, s.Shape, x, options, s.Storage);
             baselines[(s.Shape, s.AttendCurrent)] = baseline;
         }
-        var poisoned = Run(accelerator, attention, s.Shape, Apply(x, s.Shape, s.Poisons, (p, _) => p.Value), options);
+        var poisoned = Run(accelerator, attention, s.Shape, Apply(x, s.Shape, s.Poisons, (p, _) => p.Value), options, s.Storage);
 
         var failures = new StringBuilder();
         int leaks = 0, checkedCount = 0, dependents = 0, reached = 0;
@@ -309,13 +365,29 @@ internal static class MaskRun
     }
 
     private static Outputs Run(Accelerator accelerator, StickBreakingAttention attention, AttentionShape shape,
-        AttentionInputs x, StickBreakingOptions options)
+        AttentionInputs x, StickBreakingOptions options, MaskStorage storage)
     {
+        if (storage == MaskStorage.Bf16)
+        {
+            BFloat16[] B(float[] a) => a.Select(f => (BFloat16)f).ToArray();
+            float[] F(BFloat16[] a) => a.Select(b => (float)b).ToArray();
+            var y = attention.Forward(B(x.Q), B(x.K), B(x.V), shape, options);
+            var g = attention.Backward(B(x.Q), B(x.K), B(x.V), B(x.DO), x.DRem, shape, options);
+            return new Outputs([F(y.O), y.Rem, y.LogRem, F(g.DQ), F(g.DK), F(g.DV)], storage);
+        }
+        if (storage == MaskStorage.Fp16)
+        {
+            System.Half[] H(float[] a) => a.Select(f => (System.Half)f).ToArray();
+            float[] F(System.Half[] a) => a.Select(h => (float)h).ToArray();
+            var y = attention.Forward(H(x.Q), H(x.K), H(x.V), shape, options);
+            var g = attention.Backward(H(x.Q), H(x.K), H(x.V), H(x.DO), x.DRem, shape, options);
+            return new Outputs([F(y.O), y.Rem, y.LogRem, F(g.DQ), F(g.DK), F(g.DV)], storage);
+        }
         using var tensors = new DeviceTensors(accelerator, shape, x);
         var stream = accelerator.DefaultStream;
         tensors.Forward(attention, stream, options);
         tensors.Backward(attention, stream);
         stream.Synchronize();
-        return new Outputs([tensors.O, tensors.Rem, tensors.LogRem, tensors.DQ, tensors.DK, tensors.DV]);
+        return new Outputs([tensors.O, tensors.Rem, tensors.LogRem, tensors.DQ, tensors.DK, tensors.DV], storage);
     }
 }

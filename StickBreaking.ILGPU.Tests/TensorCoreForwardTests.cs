@@ -218,8 +218,8 @@ public sealed class TensorCoreForwardTests(string backend)
 
     /// <summary>
     /// A non-finite value of a key inside a row block's diagonal tile (where some rows of the block see the key and
-    /// others do not) reaches exactly the rows that see it (non-finite in its columns at least: the kernel gives NaN
-    /// in every column of the rows of that block, the mma Inf or NaN in the rows of later blocks); the other rows
+    /// others do not) reaches exactly the rows that see it (non-finite in its columns: the kernel gives NaN there in
+    /// the rows of that block, the mma Inf or NaN in the rows of later blocks; Mask16Tests check the other columns); the other rows
     /// equal the reference computed with that value replaced by zero. Keys 5 (block 0) and 70 (block 1).
     /// </summary>
     [TestCase(true, false, 5)]

@@ -22,7 +22,7 @@ namespace StickBreaking.ILGPU;
 /// for GPU backends; launch shapes follow the accelerator's group-size, shared-memory and grid limits.
 /// The instance uses the accelerator it is given and never picks a device itself. Not thread-safe.
 /// </remarks>
-public sealed class StickBreakingAttention : IDisposable
+public sealed partial class StickBreakingAttention : IDisposable
 {
     private readonly Accelerator accelerator;
     private readonly KernelLauncher launcher;
@@ -239,6 +239,80 @@ public sealed class StickBreakingAttention : IDisposable
         return new StickBreakingOutput<T>(result, rem.GetAsArray1D(), logRem.GetAsArray1D());
     }
 
+    /// <summary>
+    /// Gradients dq, dk, dv of L = sum dO . o + sum dRem . rem from fp16 host arrays: the gradients in fp16, every
+    /// product accumulated and every scan summed in fp32 (docs/math.md, "16-bit storage"), rounded once. Runs the
+    /// training forward it needs. <paramref name="dRem"/> is fp32 (as the forward's rem) and may be all zeros.
+    /// Bitwise deterministic.
+    /// </summary>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dRem">dL/drem, <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    public StickBreakingGradients<Half> Backward(ReadOnlySpan<Half> q, ReadOnlySpan<Half> k, ReadOnlySpan<Half> v,
+        ReadOnlySpan<Half> dO, ReadOnlySpan<float> dRem, AttentionShape shape, StickBreakingOptions? options = null) =>
+        HostBackward16(q, k, v, dO, dRem, shape, options, bf16: false);
+
+    /// <summary>The backward on bf16 host arrays: as the fp16 overload, with the gradients in bf16.</summary>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dRem">dL/drem, <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="options">Scale and visibility; <c>null</c> for the defaults.</param>
+    public StickBreakingGradients<BFloat16> Backward(ReadOnlySpan<BFloat16> q, ReadOnlySpan<BFloat16> k, ReadOnlySpan<BFloat16> v,
+        ReadOnlySpan<BFloat16> dO, ReadOnlySpan<float> dRem, AttentionShape shape, StickBreakingOptions? options = null) =>
+        HostBackward16(q, k, v, dO, dRem, shape, options, bf16: true);
+
+    private StickBreakingGradients<T> HostBackward16<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
+        ReadOnlySpan<T> dO, ReadOnlySpan<float> dRem, AttentionShape shape, StickBreakingOptions? options, bool bf16)
+        where T : unmanaged
+    {
+        ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
+        shape.Validate(nameof(shape));
+        CheckForward16Grid(shape, bf16);
+        CheckBackward16Grid(shape, bf16);
+        Guards.Memory(accelerator, Guards.HostBackwardBytes(shape, elementBytes: 2), "Backward", shape);
+        Guards.Host(q, shape.TensorLength, nameof(q), shape);
+        Guards.Host(k, shape.TensorLength, nameof(k), shape);
+        Guards.Host(v, shape.TensorLength, nameof(v), shape);
+        Guards.Host(dO, shape.TensorLength, nameof(dO), shape);
+        CheckHost(dRem, shape.RowCount, nameof(dRem), shape);
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
+
+        using var workspace = new StickBreakingWorkspace(accelerator, shape);
+        using var bq = Upload(MemoryMarshal.Cast<T, ushort>(q));
+        using var bk = Upload(MemoryMarshal.Cast<T, ushort>(k));
+        using var bv = Upload(MemoryMarshal.Cast<T, ushort>(v));
+        using var bdO = Upload(MemoryMarshal.Cast<T, ushort>(dO));
+        using var bdRem = Upload(dRem);
+        using var o = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var rem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
+        using var gq = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var gk = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var gv = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        var stream = accelerator.DefaultStream;
+        EnqueueForward16(stream, shape, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace, bf16);
+        EnqueueBackward16(stream, shape, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
+            gq.View, gk.View, gv.View, bf16);
+        stream.Synchronize();
+        T[] Download(MemoryBuffer1D<ushort, Stride1D.Dense> buffer)
+        {
+            var result = new T[shape.TensorLength];
+            buffer.View.CopyToCPU(stream, MemoryMarshal.Cast<T, ushort>(result.AsSpan()));
+            return result;
+        }
+        return new StickBreakingGradients<T>(Download(gq), Download(gk), Download(gv));
+    }
+
     // ------------------------------------------------------------------------------------------------
     // Device level: validate, enqueue.
 
@@ -410,6 +484,85 @@ public sealed class StickBreakingAttention : IDisposable
         EnqueueBackward(stream, shape, q, k, v, dO, dRem, logRem, workspace, dq, dk, dv);
     }
 
+    /// <summary>
+    /// Enqueues the backward for fp16 views: dq, dk, dv in fp16 of L = sum dO . o + sum dRem . rem, every product and
+    /// scan in fp32. <paramref name="workspace"/> must hold the snapshots of the 16-bit training forward of the same
+    /// inputs and shape, whose scale and visibility the backward uses, and <paramref name="logRem"/> that forward's
+    /// LogRem. Bitwise
+    /// deterministic; allocates nothing once compiled (on OpenCL the instance keeps an fp32 scratch, grown only for a
+    /// larger shape).
+    /// </summary>
+    /// <param name="stream">A stream of this accelerator.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dRem">dL/drem, <c>[B, H, T]</c>, fp32; may be all zeros.</param>
+    /// <param name="logRem">The forward's LogRem, <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="workspace">The workspace the training forward filled; the backward also writes its prefix snapshots there.</param>
+    /// <param name="dq">Output dL/dq, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dk">Output dL/dk, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dv">Output dL/dv, <c>[B, H, T, D]</c>.</param>
+    public void Backward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<Half> q, ArrayView<Half> k, ArrayView<Half> v,
+        ArrayView<Half> dO, ArrayView<float> dRem, ArrayView<float> logRem,
+        StickBreakingWorkspace workspace,
+        ArrayView<Half> dq, ArrayView<Half> dk, ArrayView<Half> dv) =>
+        DeviceBackward16(stream, shape, q, k, v, dO, dRem, logRem, workspace, dq, dk, dv, bf16: false);
+
+    /// <summary>Enqueues the backward for bf16 views: as the fp16 overload, with the gradients in bf16.</summary>
+    /// <param name="stream">A stream of this accelerator.</param>
+    /// <param name="shape">The sizes B, H, T, D.</param>
+    /// <param name="q">Queries, <c>[B, H, T, D]</c>.</param>
+    /// <param name="k">Keys, <c>[B, H, T, D]</c>.</param>
+    /// <param name="v">Values, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dO">dL/do, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dRem">dL/drem, <c>[B, H, T]</c>, fp32; may be all zeros.</param>
+    /// <param name="logRem">The forward's LogRem, <c>[B, H, T]</c>, fp32.</param>
+    /// <param name="workspace">The workspace the training forward filled; the backward also writes its prefix snapshots there.</param>
+    /// <param name="dq">Output dL/dq, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dk">Output dL/dk, <c>[B, H, T, D]</c>.</param>
+    /// <param name="dv">Output dL/dv, <c>[B, H, T, D]</c>.</param>
+    public void Backward(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<BFloat16> q, ArrayView<BFloat16> k, ArrayView<BFloat16> v,
+        ArrayView<BFloat16> dO, ArrayView<float> dRem, ArrayView<float> logRem,
+        StickBreakingWorkspace workspace,
+        ArrayView<BFloat16> dq, ArrayView<BFloat16> dk, ArrayView<BFloat16> dv) =>
+        DeviceBackward16(stream, shape, q, k, v, dO, dRem, logRem, workspace, dq, dk, dv, bf16: true);
+
+    private void DeviceBackward16<T>(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<T> q, ArrayView<T> k, ArrayView<T> v, ArrayView<T> dO, ArrayView<float> dRem, ArrayView<float> logRem,
+        StickBreakingWorkspace workspace, ArrayView<T> dq, ArrayView<T> dk, ArrayView<T> dv, bool bf16)
+        where T : unmanaged
+    {
+        ThrowIfDisposed();
+        using var call = calls.Enter(accelerator);
+        Guards.Accelerator(accelerator);
+        CheckStream(stream);
+        shape.Validate(nameof(shape));
+        CheckBackward16Grid(shape, bf16);
+        Guards.View(accelerator, q, shape.TensorLength, nameof(q), shape);
+        Guards.View(accelerator, k, shape.TensorLength, nameof(k), shape);
+        Guards.View(accelerator, v, shape.TensorLength, nameof(v), shape);
+        Guards.View(accelerator, dO, shape.TensorLength, nameof(dO), shape);
+        CheckView(dRem, shape.RowCount, nameof(dRem), shape);
+        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        Guards.View(accelerator, dq, shape.TensorLength, nameof(dq), shape);
+        Guards.View(accelerator, dk, shape.TensorLength, nameof(dk), shape);
+        Guards.View(accelerator, dv, shape.TensorLength, nameof(dv), shape);
+        Guards.Disjoint([Guards.Arg.Of(dq, nameof(dq)), Guards.Arg.Of(dk, nameof(dk)), Guards.Arg.Of(dv, nameof(dv))],
+            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v)), Guards.Arg.Of(dO, nameof(dO)), Guards.Arg.Of(dRem, nameof(dRem)), Guards.Arg.Of(logRem, nameof(logRem))]);
+        CheckWorkspace(workspace, shape);
+        if (workspace.FilledBy?.Shape != shape)
+            throw new ArgumentException(
+                $"workspace holds no snapshots of a training forward with shape {shape} " +
+                $"(it holds {(workspace.FilledBy is { } f ? $"those of {f.Shape}" : "none")}): run Forward with this workspace first.",
+                nameof(workspace));
+        EnqueueBackward16(stream, shape, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), dO.Cast<ushort>(), dRem, logRem,
+            workspace, dq.Cast<ushort>(), dk.Cast<ushort>(), dv.Cast<ushort>(), bf16);
+    }
+
     /// <summary>Releases the compiled kernels; the accelerator stays the caller's.</summary>
     public void Dispose()
     {
@@ -494,6 +647,29 @@ public sealed class StickBreakingAttention : IDisposable
             launcher.Launch(key, stream, shape, args);
     }
 
+    private void EnqueueBackward16(AcceleratorStream stream, AttentionShape shape,
+        ArrayView<ushort> q, ArrayView<ushort> k, ArrayView<ushort> v,
+        ArrayView<ushort> dO, ArrayView<float> dRem, ArrayView<float> logRem,
+        StickBreakingWorkspace workspace,
+        ArrayView<ushort> dq, ArrayView<ushort> dk, ArrayView<ushort> dv, bool bf16)
+    {
+        var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
+        int D = shape.HeadDim, T = shape.Length;
+        var args = new BackwardArgs<ushort>
+        {
+            Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
+            AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
+            DQ = dq, DK = dk, DV = dv,
+            AccumulatorScratch = Scratch16(shape, floatsPerElement: 2),
+            Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
+        };
+        var (query, key) = kernels.Backward16(D, bf16);
+        if ((BackwardPasses & 1) != 0)
+            launcher.Launch(query, stream, shape, args);
+        if ((BackwardPasses & 2) != 0)
+            launcher.Launch(key, stream, shape, args);
+    }
+
     /// <summary>
     /// The fp32 accumulator a portable 16-bit kernel needs on OpenCL, where it cannot accumulate in shared memory
     /// nor in its 16-bit outputs (docs/design.md): <paramref name="floatsPerElement"/> floats per tensor element, kept
@@ -548,6 +724,12 @@ public sealed class StickBreakingAttention : IDisposable
 
     private void CheckForward16Grid(AttentionShape shape, bool bf16) =>
         Guards.Grid(accelerator, shape, kernels.TensorCoreForward16(shape.HeadDim, bf16)?.RowsPerGroup ?? kernels.Forward16(shape.HeadDim, bf16).RowsPerGroup, "forward");
+
+    private void CheckBackward16Grid(AttentionShape shape, bool bf16)
+    {
+        var (query, key) = kernels.Backward16(shape.HeadDim, bf16);
+        Guards.Grid(accelerator, shape, Math.Min(query.RowsPerGroup, key.RowsPerGroup), "backward");
+    }
 
     private void CheckForwardGrid(AttentionShape shape) =>
         Guards.Grid(accelerator, shape, ForwardRowsPerGroup(shape.HeadDim), "forward");

@@ -201,8 +201,8 @@ internal static class Guards
     /// Bytes a host-level Backward allocates: q, k, v, dO, o, dq, dk, dv, dRem, rem, LogRem and a workspace.
     /// A training step at the device level holds the same buffers (the caller's).
     /// </summary>
-    public static long HostBackwardBytes(AttentionShape shape) =>
-        checked(4 * (8 * shape.TensorLength + 3 * shape.RowCount) + StickBreakingWorkspace.BytesFor(shape));
+    public static long HostBackwardBytes(AttentionShape shape, int elementBytes = sizeof(float)) =>
+        checked(elementBytes * 8 * shape.TensorLength + 4 * 3 * shape.RowCount + StickBreakingWorkspace.BytesFor(shape));
 
     /// <summary>
     /// Device memory the accelerator has in all. ILGPU's CPU accelerator reports <see cref="long.MaxValue"/>;

@@ -94,6 +94,7 @@ internal sealed class KernelSet
     public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key) Backward16(int headDim, bool bf16) =>
         bf16 ? (BackwardQueryKernel.LaunchBf16, BackwardKeyKernel.LaunchBf16) : (BackwardQueryKernel.LaunchFp16, BackwardKeyKernel.LaunchFp16);
 
+
     /// <summary>The kernel if the accelerator can hold it; otherwise null (Auto) or a clear error (a forced choice).</summary>
     private static KernelLaunch<TArgs>? Fit<TArgs>(KernelLaunch<TArgs> kernel, Accelerator accelerator, long sharedBytes, KernelChoice choice)
         where TArgs : struct, IGridArgs<TArgs>

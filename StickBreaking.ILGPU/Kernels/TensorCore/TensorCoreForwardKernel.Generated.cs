@@ -699,31 +699,52 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// Writes row g (C0, C1) or g + 8 (C2, C3) of the output: columns 8n + 2t, 8n + 2t + 1 as one 16-bit pair
-    /// each; NaN everywhere for a row that saw a non-finite value the staging replaced (<paramref name="poisoned"/>).
+    /// Stores one row of o (row g, or g + 8 when <paramref name="hi"/>), rounded to the storage type: 16 (or 8 for
+    /// D = 64) words of two columns each, columns 8 nt + 2t and + 1 of n-tile nt. Where the row saw a non-finite V value
+    /// the diagonal tile's staging replaced by 0 (<paramref name="poisoned"/>), each column whose first such key
+    /// (<paramref name="badKey"/>: the diagonal tile's per-column first bad key, at this thread's column 2t) is one
+    /// the row sees (below <paramref name="visible"/>, relative to the tile) becomes NaN: exactly the columns the
+    /// plain product would have made non-finite, no others.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreRow<TStorage>(in Tile16 o, bool hi, bool poisoned, ArrayView<uint> row, bool wide)
+    private static void StoreRow<TStorage>(in Tile16 o, bool hi, bool poisoned, ArrayView<uint> badKey, int visible,
+        ArrayView<uint> row, bool wide)
         where TStorage : struct, IStorage
     {
         uint nan = default(TStorage).IsBFloat16 ? 0x7FC0_7FC0u : 0x7E00_7E00u;
-        row[0 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N0.C2, o.N0.C3) : Pack<TStorage>(o.N0.C0, o.N0.C1);
-        row[1 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N1.C2, o.N1.C3) : Pack<TStorage>(o.N1.C0, o.N1.C1);
-        row[2 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N2.C2, o.N2.C3) : Pack<TStorage>(o.N2.C0, o.N2.C1);
-        row[3 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N3.C2, o.N3.C3) : Pack<TStorage>(o.N3.C0, o.N3.C1);
-        row[4 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N4.C2, o.N4.C3) : Pack<TStorage>(o.N4.C0, o.N4.C1);
-        row[5 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N5.C2, o.N5.C3) : Pack<TStorage>(o.N5.C0, o.N5.C1);
-        row[6 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N6.C2, o.N6.C3) : Pack<TStorage>(o.N6.C0, o.N6.C1);
-        row[7 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N7.C2, o.N7.C3) : Pack<TStorage>(o.N7.C0, o.N7.C1);
+        uint w0 = hi ? Pack<TStorage>(o.N0.C2, o.N0.C3) : Pack<TStorage>(o.N0.C0, o.N0.C1);
+        row[0 * 4] = poisoned ? PoisonColumns(w0, badKey, 0, visible, nan) : w0;
+        uint w1 = hi ? Pack<TStorage>(o.N1.C2, o.N1.C3) : Pack<TStorage>(o.N1.C0, o.N1.C1);
+        row[1 * 4] = poisoned ? PoisonColumns(w1, badKey, 8, visible, nan) : w1;
+        uint w2 = hi ? Pack<TStorage>(o.N2.C2, o.N2.C3) : Pack<TStorage>(o.N2.C0, o.N2.C1);
+        row[2 * 4] = poisoned ? PoisonColumns(w2, badKey, 16, visible, nan) : w2;
+        uint w3 = hi ? Pack<TStorage>(o.N3.C2, o.N3.C3) : Pack<TStorage>(o.N3.C0, o.N3.C1);
+        row[3 * 4] = poisoned ? PoisonColumns(w3, badKey, 24, visible, nan) : w3;
+        uint w4 = hi ? Pack<TStorage>(o.N4.C2, o.N4.C3) : Pack<TStorage>(o.N4.C0, o.N4.C1);
+        row[4 * 4] = poisoned ? PoisonColumns(w4, badKey, 32, visible, nan) : w4;
+        uint w5 = hi ? Pack<TStorage>(o.N5.C2, o.N5.C3) : Pack<TStorage>(o.N5.C0, o.N5.C1);
+        row[5 * 4] = poisoned ? PoisonColumns(w5, badKey, 40, visible, nan) : w5;
+        uint w6 = hi ? Pack<TStorage>(o.N6.C2, o.N6.C3) : Pack<TStorage>(o.N6.C0, o.N6.C1);
+        row[6 * 4] = poisoned ? PoisonColumns(w6, badKey, 48, visible, nan) : w6;
+        uint w7 = hi ? Pack<TStorage>(o.N7.C2, o.N7.C3) : Pack<TStorage>(o.N7.C0, o.N7.C1);
+        row[7 * 4] = poisoned ? PoisonColumns(w7, badKey, 56, visible, nan) : w7;
         if (!wide)
             return;
-        row[8 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N8.C2, o.N8.C3) : Pack<TStorage>(o.N8.C0, o.N8.C1);
-        row[9 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N9.C2, o.N9.C3) : Pack<TStorage>(o.N9.C0, o.N9.C1);
-        row[10 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N10.C2, o.N10.C3) : Pack<TStorage>(o.N10.C0, o.N10.C1);
-        row[11 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N11.C2, o.N11.C3) : Pack<TStorage>(o.N11.C0, o.N11.C1);
-        row[12 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N12.C2, o.N12.C3) : Pack<TStorage>(o.N12.C0, o.N12.C1);
-        row[13 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N13.C2, o.N13.C3) : Pack<TStorage>(o.N13.C0, o.N13.C1);
-        row[14 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N14.C2, o.N14.C3) : Pack<TStorage>(o.N14.C0, o.N14.C1);
-        row[15 * 4] = poisoned ? nan : hi ? Pack<TStorage>(o.N15.C2, o.N15.C3) : Pack<TStorage>(o.N15.C0, o.N15.C1);
+        uint w8 = hi ? Pack<TStorage>(o.N8.C2, o.N8.C3) : Pack<TStorage>(o.N8.C0, o.N8.C1);
+        row[8 * 4] = poisoned ? PoisonColumns(w8, badKey, 64, visible, nan) : w8;
+        uint w9 = hi ? Pack<TStorage>(o.N9.C2, o.N9.C3) : Pack<TStorage>(o.N9.C0, o.N9.C1);
+        row[9 * 4] = poisoned ? PoisonColumns(w9, badKey, 72, visible, nan) : w9;
+        uint w10 = hi ? Pack<TStorage>(o.N10.C2, o.N10.C3) : Pack<TStorage>(o.N10.C0, o.N10.C1);
+        row[10 * 4] = poisoned ? PoisonColumns(w10, badKey, 80, visible, nan) : w10;
+        uint w11 = hi ? Pack<TStorage>(o.N11.C2, o.N11.C3) : Pack<TStorage>(o.N11.C0, o.N11.C1);
+        row[11 * 4] = poisoned ? PoisonColumns(w11, badKey, 88, visible, nan) : w11;
+        uint w12 = hi ? Pack<TStorage>(o.N12.C2, o.N12.C3) : Pack<TStorage>(o.N12.C0, o.N12.C1);
+        row[12 * 4] = poisoned ? PoisonColumns(w12, badKey, 96, visible, nan) : w12;
+        uint w13 = hi ? Pack<TStorage>(o.N13.C2, o.N13.C3) : Pack<TStorage>(o.N13.C0, o.N13.C1);
+        row[13 * 4] = poisoned ? PoisonColumns(w13, badKey, 104, visible, nan) : w13;
+        uint w14 = hi ? Pack<TStorage>(o.N14.C2, o.N14.C3) : Pack<TStorage>(o.N14.C0, o.N14.C1);
+        row[14 * 4] = poisoned ? PoisonColumns(w14, badKey, 112, visible, nan) : w14;
+        uint w15 = hi ? Pack<TStorage>(o.N15.C2, o.N15.C3) : Pack<TStorage>(o.N15.C0, o.N15.C1);
+        row[15 * 4] = poisoned ? PoisonColumns(w15, badKey, 120, visible, nan) : w15;
     }
 }

@@ -51,10 +51,10 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// K and V rows at or past T, and keys that no row of the block sees, are staged as zeros (never read). A weight
 /// 0 still meets every value of the tile inside the mma (0 * Inf = NaN), and only the diagonal tile holds keys
 /// that some rows of the block see and others do not (every key of an earlier tile is seen by every row). So the
-/// diagonal tile's V is staged with each non-finite value replaced by 0, the first key holding one is noted
-/// (a shared atomic min), and a row that sees that key gets NaN for all of o: a non-finite value reaches
-/// exactly the rows that see it (as NaN in every column, where a plain product would give Inf or NaN in its own
-/// columns); in the other tiles every row sees every key, and the mma propagates it as the product would.
+/// diagonal tile's V is staged with each non-finite value replaced by 0, and per column the first key holding one
+/// is noted (shared atomic mins); a row that sees that key gets NaN in that column of o: a non-finite v[j, d]
+/// reaches exactly column d of the rows that see key j, as in the plain product (which gives Inf or NaN there);
+/// in the other tiles every row sees every key, and the mma propagates it as the product would.
 /// </para>
 /// </summary>
 internal static partial class TensorCoreForwardKernel
@@ -84,15 +84,18 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>Words of one K and V^T buffer pair; tile i uses the pair at (i % 2) BufferWords (double buffering).</summary>
     private const int BufferWords = KeyTile * RowStride / 2 + MaxHeadDim * VtStride / 2;
     /// <summary>
-    /// The word holding the diagonal tile's first key (relative) with a non-finite value (<see cref="KeyTile"/> when
+    /// The word holding the diagonal tile's first key (relative) with a non-finite V value (<see cref="KeyTile"/> when
     /// none): after the one or two K / V^T buffer pairs.
     /// </summary>
     private static int FlagOffset(bool doubleBuffered) => KOffset + (doubleBuffered ? 2 : 1) * BufferWords;
 
-    private static int SharedUints(bool doubleBuffered) => FlagOffset(doubleBuffered) + 4;
+    /// <summary>Per column d, the diagonal tile's first key (relative) whose v[key, d] is non-finite; <see cref="KeyTile"/> when none.</summary>
+    private static int BadKeyOffset(bool doubleBuffered) => FlagOffset(doubleBuffered) + 4;
+
+    private static int SharedUints(bool doubleBuffered) => BadKeyOffset(doubleBuffered) + MaxHeadDim;
 
     /// <summary>
-    /// Dynamic shared memory per group on CUDA, in bytes: 92 KB double buffered (two groups per SM fit), 54 KB with one
+    /// Dynamic shared memory per group on CUDA, in bytes: 92 KB double buffered (two groups per SM fit), 55 KB with one
     /// buffer pair (three fit); both above the default 48 KB, so the loader raises the limit.
     /// </summary>
     public static int SharedBytes(bool doubleBuffered) => 4 * SharedUints(doubleBuffered);
@@ -130,6 +133,8 @@ internal static partial class TensorCoreForwardKernel
         StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), headBase, rowLo, T, D, t);
         if (tid == 0)
             shared[flag] = KeyTile;                // ordered before the staging atomics by the barrier below
+        if (tid < MaxHeadDim)
+            shared[BadKeyOffset(doubleBuffered) + tid] = KeyTile;
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
         bool poisonedLo = false, poisonedHi = false;
 
@@ -159,6 +164,7 @@ internal static partial class TensorCoreForwardKernel
         StoreRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid);
         StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
         Group.Barrier();
+        int diagonalKey0 = tile * KeyTile;
         for (; tile >= 0; tile--)
         {
             int key0 = tile * KeyTile;
@@ -211,10 +217,11 @@ internal static partial class TensorCoreForwardKernel
         }
 
         var words = a.O.Cast<uint>();
+        var badKey = shared.SubView(BadKeyOffset(doubleBuffered) + 2 * t);
         if (rowLo < T)
-            StoreRow<TStorage>(o, false, poisonedLo, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
+            StoreRow<TStorage>(o, false, poisonedLo, badKey, limitLo - diagonalKey0, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
         if (rowHi < T)
-            StoreRow<TStorage>(o, true, poisonedHi, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
+            StoreRow<TStorage>(o, true, poisonedHi, badKey, limitHi - diagonalKey0, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
         if (t == 0)
         {
             long stat = (long)head * T;
@@ -355,12 +362,16 @@ internal static partial class TensorCoreForwardKernel
         int j = tid & 31, c = tid >> 5;
         if (diagonal)
         {
+            var original = p;
             bool badLo = Sanitize(ref p.P0, exponentMask) | Sanitize(ref p.P2, exponentMask)
                 | Sanitize(ref p.P4, exponentMask) | Sanitize(ref p.P6, exponentMask);
             bool badHi = Sanitize(ref p.P1, exponentMask) | Sanitize(ref p.P3, exponentMask)
                 | Sanitize(ref p.P5, exponentMask) | Sanitize(ref p.P7, exponentMask);
             if (badLo || badHi)
+            {
                 Atomic.Min(ref shared[flag], (uint)(badLo ? 2 * j : 2 * j + 1));
+                NoteBadColumns(shared, flag + 4, original, 2 * j, c, wide, exponentMask);
+            }
         }
         PutTransposed(shared, vt, c, j, p.P0, p.P1);
         PutTransposed(shared, vt, c + 4, j, p.P2, p.P3);
@@ -369,6 +380,59 @@ internal static partial class TensorCoreForwardKernel
             PutTransposed(shared, vt, c + 8, j, p.P4, p.P5);
             PutTransposed(shared, vt, c + 12, j, p.P6, p.P7);
         }
+    }
+
+    /// <summary>
+    /// For each column of the diagonal tile's key pair (2j, 2j+1) holding a non-finite value (looked up in the pieces
+    /// before <see cref="Sanitize"/> zeroed them: the caller passes the originals), the per-column first bad key at
+    /// <paramref name="badKeys"/> (<see cref="BadKeyOffset"/>) is lowered to that key (a shared atomic min). The rare path: only when a piece held one.
+    /// </summary>
+    private static void NoteBadColumns(ArrayView<uint> shared, int badKeys, in Pieces8 original, int key, int c, bool wide, uint exponentMask)
+    {
+        NotePiece(shared, badKeys, original.P0, key, c, exponentMask);
+        NotePiece(shared, badKeys, original.P1, key + 1, c, exponentMask);
+        NotePiece(shared, badKeys, original.P2, key, c + 4, exponentMask);
+        NotePiece(shared, badKeys, original.P3, key + 1, c + 4, exponentMask);
+        if (wide)
+        {
+            NotePiece(shared, badKeys, original.P4, key, c + 8, exponentMask);
+            NotePiece(shared, badKeys, original.P5, key + 1, c + 8, exponentMask);
+            NotePiece(shared, badKeys, original.P6, key, c + 12, exponentMask);
+            NotePiece(shared, badKeys, original.P7, key + 1, c + 12, exponentMask);
+        }
+    }
+
+    /// <summary>Notes <paramref name="key"/> for each of columns 8c .. 8c+7 whose value in <paramref name="piece"/> is non-finite.</summary>
+    private static void NotePiece(ArrayView<uint> shared, int badKeys, U4 piece, int key, int c, uint exponentMask)
+    {
+        uint bad0 = NonFinite(piece.X0, exponentMask), bad1 = NonFinite(piece.X1, exponentMask);
+        uint bad2 = NonFinite(piece.X2, exponentMask), bad3 = NonFinite(piece.X3, exponentMask);
+        if ((bad0 | bad1 | bad2 | bad3) == 0)
+            return;
+        int at = badKeys + 8 * c;
+        NoteHalves(shared, at, bad0, key);
+        NoteHalves(shared, at + 2, bad1, key);
+        NoteHalves(shared, at + 4, bad2, key);
+        NoteHalves(shared, at + 6, bad3, key);
+    }
+
+    private static void NoteHalves(ArrayView<uint> shared, int at, uint bad, int key)
+    {
+        if ((bad & 0xFFFFu) != 0)
+            Atomic.Min(ref shared[at], (uint)key);
+        if ((bad & 0xFFFF_0000u) != 0)
+            Atomic.Min(ref shared[at + 1], (uint)key);
+    }
+
+    /// <summary>
+    /// <paramref name="word"/> (columns <paramref name="column"/> + 2t and + 1 of a row) with each half whose column's
+    /// first bad diagonal key (<paramref name="badKey"/>) the row sees (below <paramref name="visible"/>) replaced by NaN.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint PoisonColumns(uint word, ArrayView<uint> badKey, int column, int visible, uint nan)
+    {
+        uint mask = ((int)badKey[column] < visible ? 0xFFFFu : 0u) | ((int)badKey[column + 1] < visible ? 0xFFFF_0000u : 0u);
+        return (word & ~mask) | (nan & mask);
     }
 
     /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Vt, one word per dimension.</summary>

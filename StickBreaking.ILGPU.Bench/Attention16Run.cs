@@ -7,19 +7,19 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// One shape's 16-bit device buffers (fp16 or bf16 q, k, v, o; fp32 rem and LogRem; a workspace for the training
-/// forward), with the forward ready to launch through the device-level API: the 16-bit counterpart of
-/// <see cref="DeviceRun"/>, timed by its <see cref="DeviceRun.MedianMs"/>.
+/// One shape's 16-bit device buffers (fp16 or bf16 q, k, v, o, dO, dq, dk, dv; fp32 rem, LogRem and dRem; a
+/// workspace for the training forward), with the forward and the backward ready to launch through the device-level
+/// API: the 16-bit counterpart of <see cref="DeviceRun"/>, timed by its <see cref="DeviceRun.MedianMs"/>.
 /// </summary>
-internal sealed class Forward16Run : IDisposable
+internal sealed class Attention16Run : IDisposable
 {
     private readonly StickBreakingAttention attention;
     private readonly bool bf16;
-    private readonly MemoryBuffer1D<ushort, Stride1D.Dense> q, k, v, o;
-    private readonly MemoryBuffer1D<float, Stride1D.Dense> rem, logRem;
+    private readonly MemoryBuffer1D<ushort, Stride1D.Dense> q, k, v, o, dO, dq, dk, dv;
+    private readonly MemoryBuffer1D<float, Stride1D.Dense> rem, logRem, dRem;
     private readonly StickBreakingWorkspace workspace;
 
-    public Forward16Run(StickBreakingAttention attention, AttentionShape shape, AttentionInputs inputs, bool bf16)
+    public Attention16Run(StickBreakingAttention attention, AttentionShape shape, AttentionInputs inputs, bool bf16)
     {
         this.attention = attention;
         this.bf16 = bf16;
@@ -34,6 +34,11 @@ internal sealed class Forward16Run : IDisposable
         o = acc.Allocate1D<ushort>(shape.TensorLength);
         rem = acc.Allocate1D<float>(shape.RowCount);
         logRem = acc.Allocate1D<float>(shape.RowCount);
+        dO = acc.Allocate1D(Bits(inputs.DO));
+        dRem = acc.Allocate1D(inputs.DRem);
+        dq = acc.Allocate1D<ushort>(shape.TensorLength);
+        dk = acc.Allocate1D<ushort>(shape.TensorLength);
+        dv = acc.Allocate1D<ushort>(shape.TensorLength);
         workspace = new StickBreakingWorkspace(acc, shape);
     }
 
@@ -54,10 +59,25 @@ internal sealed class Forward16Run : IDisposable
                 o.View.AsContiguous().Cast<System.Half>(), rem.View, logRem.View, workspace: w);
     }
 
+    /// <summary>The backward; the last <see cref="Forward"/> must have been a training one (it filled the workspace).</summary>
+    public void Backward()
+    {
+        var stream = attention.Accelerator.DefaultStream;
+        if (bf16)
+            attention.Backward(stream, Shape, As<BFloat16>(q), As<BFloat16>(k), As<BFloat16>(v), As<BFloat16>(dO), dRem.View, logRem.View,
+                workspace, As<BFloat16>(dq), As<BFloat16>(dk), As<BFloat16>(dv));
+        else
+            attention.Backward(stream, Shape, As<System.Half>(q), As<System.Half>(k), As<System.Half>(v), As<System.Half>(dO), dRem.View,
+                logRem.View, workspace, As<System.Half>(dq), As<System.Half>(dk), As<System.Half>(dv));
+    }
+
+    private static ArrayView<T> As<T>(MemoryBuffer1D<ushort, Stride1D.Dense> buffer)
+        where T : unmanaged => buffer.View.AsContiguous().Cast<T>();
+
     public void Dispose()
     {
         workspace.Dispose();
-        foreach (var b in new MemoryBuffer[] { q, k, v, o, rem, logRem })
+        foreach (var b in new MemoryBuffer[] { q, k, v, o, rem, logRem, dO, dRem, dq, dk, dv })
             b.Dispose();
     }
 }
