@@ -139,9 +139,11 @@ public sealed class PtxTests
 
     /// <summary>
     /// The tensor-core forward, specialized for each storage type: the mma is the inline PTX instruction of that
-    /// type only (the storage branch folds away). Per tile a warp issues 16 mma per 32 head dimensions for S (the
-    /// loop body) and 64 for P V (16 output n-tiles x 4 k-steps, 32 of them under the D = 128 branch): 80 in the
-    /// code; 128 for P V when the weights are split into two 16-bit parts. Every fragment is a 16-byte shared load: 2 of Q and 8 of K in the S loop body, 32 of V.
+    /// type only (the storage branch folds away). Per tile a warp issues 16 mma per 32 head dimensions for S (64, 32 of
+    /// them under the D = 128 branch) and 64 for P V (16 output n-tiles x 4 k-steps, 32 of them under the D = 128
+    /// branch): 128 in the code; 128 for P V when the weights are split into two 16-bit parts. Every fragment is a
+    /// 16-byte shared load: 2 of Q and 8 of K per 32 head dimensions, 32 of V. Each plan (staging, groups per SM) is
+    /// its own specialization; the first four cases are the library's plan.
     /// <para>
     /// Local memory: ILGPU passes each operand of inline PTX through a 4-byte <c>.local</c> slot (stored before
     /// and loaded after the instruction), 10 per mma and 1 per <c>cvt.rn</c> pair conversion, <c>ex2</c> or <c>rcp</c>. ptxas kept all 848 of
@@ -153,22 +155,24 @@ public sealed class PtxTests
     /// ptxas to fold away.
     /// </para>
     /// </summary>
-    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false)]
-    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", false)]
-    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", true)]
-    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", true)]
-    public void TensorCoreForwardUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split)
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmNoPrefetch))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmNoPrefetch))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", true, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmNoPrefetch))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", true, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmNoPrefetch))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.TwoGroupsPerSm))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", "f16.f16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSm))]
+    public void TensorCoreForwardUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split, Type plan)
     {
         var kernel = typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)
             .GetMethod(nameof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
             .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
-                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights));
+                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights), plan);
         string ptx = CompileForSm90(kernel);
         bool promotes = StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(ptx, out string promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
         {
             // As the loader hands it to the driver: the operand slots as registers.
-            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.ptx"), promoted);
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.{plan.Name}.ptx"), promoted);
         }
         int Count(string pattern) => Regex.Matches(ptx, pattern).Count;
         int mma = Count(@"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\." + Regex.Escape(type) + @"\.f32");
@@ -182,13 +186,13 @@ public sealed class PtxTests
             $"shfl {Count(@"shfl\.")}, ex2 {Count(@"ex2\.approx")}, lines {ptx.Split('\n').Length}");
         Assert.Multiple(() =>
         {
-            Assert.That(mma, Is.EqualTo(16 + (split ? 128 : 64)), "mma.sync of the storage type");
+            Assert.That(mma, Is.EqualTo(64 + (split ? 128 : 64)), "mma.sync of the storage type");
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
             Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
             Assert.That(packs, Is.EqualTo((split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of P (and 16 of its residuals), 2 rows x 16 n-tiles of o");
             Assert.That(approx, Is.EqualTo(2 * 3 * 32), "per score ex2 twice (2^-|z|, the weight) and rcp once, 32 scores per thread, in the masked (diagonal) and the unmasked code");
             Assert.That(slots, Is.EqualTo(10 * mma + packs + approx), "10 operand slots per mma, 1 per conversion, ex2 and rcp, nothing else");
-            Assert.That(vectorLoads, Is.EqualTo(2 + 8 + 32), "16-byte fragment loads: Q 2 and K 8 per S step, V 32");
+            Assert.That(vectorLoads, Is.EqualTo(4 * (2 + 8) + 32), "16-byte fragment loads: Q 2 and K 8 per 32 head dimensions, V 32");
             Assert.That(promotes, Is.True, "the loader's rewrite applies (PtxOperandSlots)");
             Assert.That(Regex.Matches(promoted, @"\.local\b|__local_depot"), Is.Empty, "no local memory once the slots are registers");
             Assert.That(Regex.Matches(promoted, @"mma\.sync").Count, Is.EqualTo(mma), "the rewrite keeps every mma");

@@ -2,6 +2,7 @@
 using System;
 using System.Runtime.CompilerServices;
 using ILGPU;
+using ILGPU.Util;
 using StickBreaking.ILGPU.Kernels.Common;
 using static StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreOps;
 
@@ -45,464 +46,384 @@ internal static partial class TensorCoreForwardKernel
         Mma.Run<TStorage>(ref s.N7, qb.X0, qb.X1, qb.X2, qb.X3, k7.X2, k7.X3, shared, emu);
     }
 
-    /// <summary>
-    /// One row's 16 consecutive keys of this thread (row g (fields C0, C1)), in base 2 (every log below is log2):
-    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
-    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
-    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
-    /// Keys i &gt;= <paramref name="visible"/> (relative to the thread's first key) are not visible: lb = 0
-    /// and weight = 0 by selection (the diagonal tile).
-    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
-    /// </summary>
+    /// <summary>S = Q K^T over the head dimension: <see cref="Scores"/> for slices 0, 1 (and 2, 3 when <paramref name="wide"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float RowLo(ref Tile8 s, float scale2, int visible, float rowAcc, int lane, int t,
-        in TensorCoreForwardArgs a, int row, int tile)
+    private static void AllScores<TStorage>(ref Tile8 s, ArrayView<U4> q, ArrayView<U4> k, bool wide, ArrayView<uint> shared, int emu)
+        where TStorage : struct, IStorage
     {
-        float z0 = scale2 * s.N0.C0;
-        float l0 = Lb2(z0);
-        float b0 = 0 < visible ? l0 : 0f;
-        float z1 = scale2 * s.N0.C1;
-        float l1 = Lb2(z1);
-        float b1 = 1 < visible ? l1 : 0f;
-        float z2 = scale2 * s.N1.C0;
-        float l2 = Lb2(z2);
-        float b2 = 2 < visible ? l2 : 0f;
-        float z3 = scale2 * s.N1.C1;
-        float l3 = Lb2(z3);
-        float b3 = 3 < visible ? l3 : 0f;
-        float z4 = scale2 * s.N2.C0;
-        float l4 = Lb2(z4);
-        float b4 = 4 < visible ? l4 : 0f;
-        float z5 = scale2 * s.N2.C1;
-        float l5 = Lb2(z5);
-        float b5 = 5 < visible ? l5 : 0f;
-        float z6 = scale2 * s.N3.C0;
-        float l6 = Lb2(z6);
-        float b6 = 6 < visible ? l6 : 0f;
-        float z7 = scale2 * s.N3.C1;
-        float l7 = Lb2(z7);
-        float b7 = 7 < visible ? l7 : 0f;
-        float z8 = scale2 * s.N4.C0;
-        float l8 = Lb2(z8);
-        float b8 = 8 < visible ? l8 : 0f;
-        float z9 = scale2 * s.N4.C1;
-        float l9 = Lb2(z9);
-        float b9 = 9 < visible ? l9 : 0f;
-        float z10 = scale2 * s.N5.C0;
-        float l10 = Lb2(z10);
-        float b10 = 10 < visible ? l10 : 0f;
-        float z11 = scale2 * s.N5.C1;
-        float l11 = Lb2(z11);
-        float b11 = 11 < visible ? l11 : 0f;
-        float z12 = scale2 * s.N6.C0;
-        float l12 = Lb2(z12);
-        float b12 = 12 < visible ? l12 : 0f;
-        float z13 = scale2 * s.N6.C1;
-        float l13 = Lb2(z13);
-        float b13 = 13 < visible ? l13 : 0f;
-        float z14 = scale2 * s.N7.C0;
-        float l14 = Lb2(z14);
-        float b14 = 14 < visible ? l14 : 0f;
-        float z15 = scale2 * s.N7.C1;
-        float l15 = Lb2(z15);
-        float b15 = 15 < visible ? l15 : 0f;
-        float x = b15;
-        x += b14;
-        x += b13;
-        x += b12;
-        x += b11;
-        x += b10;
-        x += b9;
-        x += b8;
-        x += b7;
-        x += b6;
-        x += b5;
-        x += b4;
-        x += b3;
-        x += b2;
-        x += b1;
-        x += b0;
-        float nearer = QuadNearer(x, lane, t, out float total);
-        Snapshot(a, row, tile, t, rowAcc, nearer);
-        float suffix = rowAcc + nearer;
-        suffix += b15;
-        float w15 = Exp2(z15 + suffix);
-        s.N7.C1 = 15 < visible ? w15 : 0f;
-        suffix += b14;
-        float w14 = Exp2(z14 + suffix);
-        s.N7.C0 = 14 < visible ? w14 : 0f;
-        suffix += b13;
-        float w13 = Exp2(z13 + suffix);
-        s.N6.C1 = 13 < visible ? w13 : 0f;
-        suffix += b12;
-        float w12 = Exp2(z12 + suffix);
-        s.N6.C0 = 12 < visible ? w12 : 0f;
-        suffix += b11;
-        float w11 = Exp2(z11 + suffix);
-        s.N5.C1 = 11 < visible ? w11 : 0f;
-        suffix += b10;
-        float w10 = Exp2(z10 + suffix);
-        s.N5.C0 = 10 < visible ? w10 : 0f;
-        suffix += b9;
-        float w9 = Exp2(z9 + suffix);
-        s.N4.C1 = 9 < visible ? w9 : 0f;
-        suffix += b8;
-        float w8 = Exp2(z8 + suffix);
-        s.N4.C0 = 8 < visible ? w8 : 0f;
-        suffix += b7;
-        float w7 = Exp2(z7 + suffix);
-        s.N3.C1 = 7 < visible ? w7 : 0f;
-        suffix += b6;
-        float w6 = Exp2(z6 + suffix);
-        s.N3.C0 = 6 < visible ? w6 : 0f;
-        suffix += b5;
-        float w5 = Exp2(z5 + suffix);
-        s.N2.C1 = 5 < visible ? w5 : 0f;
-        suffix += b4;
-        float w4 = Exp2(z4 + suffix);
-        s.N2.C0 = 4 < visible ? w4 : 0f;
-        suffix += b3;
-        float w3 = Exp2(z3 + suffix);
-        s.N1.C1 = 3 < visible ? w3 : 0f;
-        suffix += b2;
-        float w2 = Exp2(z2 + suffix);
-        s.N1.C0 = 2 < visible ? w2 : 0f;
-        suffix += b1;
-        float w1 = Exp2(z1 + suffix);
-        s.N0.C1 = 1 < visible ? w1 : 0f;
-        suffix += b0;
-        float w0 = Exp2(z0 + suffix);
-        s.N0.C0 = 0 < visible ? w0 : 0f;
-        return rowAcc + total;
+        Scores<TStorage>(ref s, q, k, shared, emu);
+        Scores<TStorage>(ref s, q.SubView(64), k.SubView(4), shared, emu);
+        if (wide)
+        {
+            Scores<TStorage>(ref s, q.SubView(128), k.SubView(8), shared, emu);
+            Scores<TStorage>(ref s, q.SubView(192), k.SubView(12), shared, emu);
+        }
     }
 
     /// <summary>
-    /// One row's 16 consecutive keys of this thread (row g + 8 (fields C2, C3)), in base 2 (every log below is log2):
-    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
-    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
-    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
-    /// Keys i &gt;= <paramref name="visible"/> (relative to the thread's first key) are not visible: lb = 0
-    /// and weight = 0 by selection (the diagonal tile).
-    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
+    /// Both rows of this thread, g (fields C0, C1) and g + 8 (C2, C3), over its 16 consecutive keys, in base 2
+    /// (every log below is log2): z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) =
+    /// -(max(z, 0) + log2(1 + 2^-|z|)), and the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written
+    /// over the scores, where log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after
+    /// adding lb_i. The two rows' statements alternate (independent chains for the scheduler); no branches.
+    /// Keys i &gt;= visibleLo / visibleHi (relative to the thread's first key) are not visible: lb = 0 and
+    /// weight = 0 by selection (the diagonal tile).
+    /// Adds the tile's lb sums to <paramref name="accLo"/> and <paramref name="accHi"/>; returns in
+    /// <paramref name="nearerLo"/> / <paramref name="nearerHi"/> the sums over the quad's nearer threads (for the snapshots).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float RowHi(ref Tile8 s, float scale2, int visible, float rowAcc, int lane, int t,
-        in TensorCoreForwardArgs a, int row, int tile)
+    private static void Rows(ref Tile8 s, float scale2, int visibleLo, int visibleHi, ref float accLo, ref float accHi,
+        int lane, int t, out float nearerLo, out float nearerHi)
     {
-        float z0 = scale2 * s.N0.C2;
-        float l0 = Lb2(z0);
-        float b0 = 0 < visible ? l0 : 0f;
-        float z1 = scale2 * s.N0.C3;
-        float l1 = Lb2(z1);
-        float b1 = 1 < visible ? l1 : 0f;
-        float z2 = scale2 * s.N1.C2;
-        float l2 = Lb2(z2);
-        float b2 = 2 < visible ? l2 : 0f;
-        float z3 = scale2 * s.N1.C3;
-        float l3 = Lb2(z3);
-        float b3 = 3 < visible ? l3 : 0f;
-        float z4 = scale2 * s.N2.C2;
-        float l4 = Lb2(z4);
-        float b4 = 4 < visible ? l4 : 0f;
-        float z5 = scale2 * s.N2.C3;
-        float l5 = Lb2(z5);
-        float b5 = 5 < visible ? l5 : 0f;
-        float z6 = scale2 * s.N3.C2;
-        float l6 = Lb2(z6);
-        float b6 = 6 < visible ? l6 : 0f;
-        float z7 = scale2 * s.N3.C3;
-        float l7 = Lb2(z7);
-        float b7 = 7 < visible ? l7 : 0f;
-        float z8 = scale2 * s.N4.C2;
-        float l8 = Lb2(z8);
-        float b8 = 8 < visible ? l8 : 0f;
-        float z9 = scale2 * s.N4.C3;
-        float l9 = Lb2(z9);
-        float b9 = 9 < visible ? l9 : 0f;
-        float z10 = scale2 * s.N5.C2;
-        float l10 = Lb2(z10);
-        float b10 = 10 < visible ? l10 : 0f;
-        float z11 = scale2 * s.N5.C3;
-        float l11 = Lb2(z11);
-        float b11 = 11 < visible ? l11 : 0f;
-        float z12 = scale2 * s.N6.C2;
-        float l12 = Lb2(z12);
-        float b12 = 12 < visible ? l12 : 0f;
-        float z13 = scale2 * s.N6.C3;
-        float l13 = Lb2(z13);
-        float b13 = 13 < visible ? l13 : 0f;
-        float z14 = scale2 * s.N7.C2;
-        float l14 = Lb2(z14);
-        float b14 = 14 < visible ? l14 : 0f;
-        float z15 = scale2 * s.N7.C3;
-        float l15 = Lb2(z15);
-        float b15 = 15 < visible ? l15 : 0f;
-        float x = b15;
-        x += b14;
-        x += b13;
-        x += b12;
-        x += b11;
-        x += b10;
-        x += b9;
-        x += b8;
-        x += b7;
-        x += b6;
-        x += b5;
-        x += b4;
-        x += b3;
-        x += b2;
-        x += b1;
-        x += b0;
-        float nearer = QuadNearer(x, lane, t, out float total);
-        Snapshot(a, row, tile, t, rowAcc, nearer);
-        float suffix = rowAcc + nearer;
-        suffix += b15;
-        float w15 = Exp2(z15 + suffix);
-        s.N7.C3 = 15 < visible ? w15 : 0f;
-        suffix += b14;
-        float w14 = Exp2(z14 + suffix);
-        s.N7.C2 = 14 < visible ? w14 : 0f;
-        suffix += b13;
-        float w13 = Exp2(z13 + suffix);
-        s.N6.C3 = 13 < visible ? w13 : 0f;
-        suffix += b12;
-        float w12 = Exp2(z12 + suffix);
-        s.N6.C2 = 12 < visible ? w12 : 0f;
-        suffix += b11;
-        float w11 = Exp2(z11 + suffix);
-        s.N5.C3 = 11 < visible ? w11 : 0f;
-        suffix += b10;
-        float w10 = Exp2(z10 + suffix);
-        s.N5.C2 = 10 < visible ? w10 : 0f;
-        suffix += b9;
-        float w9 = Exp2(z9 + suffix);
-        s.N4.C3 = 9 < visible ? w9 : 0f;
-        suffix += b8;
-        float w8 = Exp2(z8 + suffix);
-        s.N4.C2 = 8 < visible ? w8 : 0f;
-        suffix += b7;
-        float w7 = Exp2(z7 + suffix);
-        s.N3.C3 = 7 < visible ? w7 : 0f;
-        suffix += b6;
-        float w6 = Exp2(z6 + suffix);
-        s.N3.C2 = 6 < visible ? w6 : 0f;
-        suffix += b5;
-        float w5 = Exp2(z5 + suffix);
-        s.N2.C3 = 5 < visible ? w5 : 0f;
-        suffix += b4;
-        float w4 = Exp2(z4 + suffix);
-        s.N2.C2 = 4 < visible ? w4 : 0f;
-        suffix += b3;
-        float w3 = Exp2(z3 + suffix);
-        s.N1.C3 = 3 < visible ? w3 : 0f;
-        suffix += b2;
-        float w2 = Exp2(z2 + suffix);
-        s.N1.C2 = 2 < visible ? w2 : 0f;
-        suffix += b1;
-        float w1 = Exp2(z1 + suffix);
-        s.N0.C3 = 1 < visible ? w1 : 0f;
-        suffix += b0;
-        float w0 = Exp2(z0 + suffix);
-        s.N0.C2 = 0 < visible ? w0 : 0f;
-        return rowAcc + total;
+        float zLo0 = scale2 * s.N0.C0;
+        float zHi0 = scale2 * s.N0.C2;
+        float zLo1 = scale2 * s.N0.C1;
+        float zHi1 = scale2 * s.N0.C3;
+        float zLo2 = scale2 * s.N1.C0;
+        float zHi2 = scale2 * s.N1.C2;
+        float zLo3 = scale2 * s.N1.C1;
+        float zHi3 = scale2 * s.N1.C3;
+        float zLo4 = scale2 * s.N2.C0;
+        float zHi4 = scale2 * s.N2.C2;
+        float zLo5 = scale2 * s.N2.C1;
+        float zHi5 = scale2 * s.N2.C3;
+        float zLo6 = scale2 * s.N3.C0;
+        float zHi6 = scale2 * s.N3.C2;
+        float zLo7 = scale2 * s.N3.C1;
+        float zHi7 = scale2 * s.N3.C3;
+        float zLo8 = scale2 * s.N4.C0;
+        float zHi8 = scale2 * s.N4.C2;
+        float zLo9 = scale2 * s.N4.C1;
+        float zHi9 = scale2 * s.N4.C3;
+        float zLo10 = scale2 * s.N5.C0;
+        float zHi10 = scale2 * s.N5.C2;
+        float zLo11 = scale2 * s.N5.C1;
+        float zHi11 = scale2 * s.N5.C3;
+        float zLo12 = scale2 * s.N6.C0;
+        float zHi12 = scale2 * s.N6.C2;
+        float zLo13 = scale2 * s.N6.C1;
+        float zHi13 = scale2 * s.N6.C3;
+        float zLo14 = scale2 * s.N7.C0;
+        float zHi14 = scale2 * s.N7.C2;
+        float zLo15 = scale2 * s.N7.C1;
+        float zHi15 = scale2 * s.N7.C3;
+        float bLo0 = Utilities.Select(0 < visibleLo, Lb2(zLo0), 0f);
+        float bHi0 = Utilities.Select(0 < visibleHi, Lb2(zHi0), 0f);
+        float bLo1 = Utilities.Select(1 < visibleLo, Lb2(zLo1), 0f);
+        float bHi1 = Utilities.Select(1 < visibleHi, Lb2(zHi1), 0f);
+        float bLo2 = Utilities.Select(2 < visibleLo, Lb2(zLo2), 0f);
+        float bHi2 = Utilities.Select(2 < visibleHi, Lb2(zHi2), 0f);
+        float bLo3 = Utilities.Select(3 < visibleLo, Lb2(zLo3), 0f);
+        float bHi3 = Utilities.Select(3 < visibleHi, Lb2(zHi3), 0f);
+        float bLo4 = Utilities.Select(4 < visibleLo, Lb2(zLo4), 0f);
+        float bHi4 = Utilities.Select(4 < visibleHi, Lb2(zHi4), 0f);
+        float bLo5 = Utilities.Select(5 < visibleLo, Lb2(zLo5), 0f);
+        float bHi5 = Utilities.Select(5 < visibleHi, Lb2(zHi5), 0f);
+        float bLo6 = Utilities.Select(6 < visibleLo, Lb2(zLo6), 0f);
+        float bHi6 = Utilities.Select(6 < visibleHi, Lb2(zHi6), 0f);
+        float bLo7 = Utilities.Select(7 < visibleLo, Lb2(zLo7), 0f);
+        float bHi7 = Utilities.Select(7 < visibleHi, Lb2(zHi7), 0f);
+        float bLo8 = Utilities.Select(8 < visibleLo, Lb2(zLo8), 0f);
+        float bHi8 = Utilities.Select(8 < visibleHi, Lb2(zHi8), 0f);
+        float bLo9 = Utilities.Select(9 < visibleLo, Lb2(zLo9), 0f);
+        float bHi9 = Utilities.Select(9 < visibleHi, Lb2(zHi9), 0f);
+        float bLo10 = Utilities.Select(10 < visibleLo, Lb2(zLo10), 0f);
+        float bHi10 = Utilities.Select(10 < visibleHi, Lb2(zHi10), 0f);
+        float bLo11 = Utilities.Select(11 < visibleLo, Lb2(zLo11), 0f);
+        float bHi11 = Utilities.Select(11 < visibleHi, Lb2(zHi11), 0f);
+        float bLo12 = Utilities.Select(12 < visibleLo, Lb2(zLo12), 0f);
+        float bHi12 = Utilities.Select(12 < visibleHi, Lb2(zHi12), 0f);
+        float bLo13 = Utilities.Select(13 < visibleLo, Lb2(zLo13), 0f);
+        float bHi13 = Utilities.Select(13 < visibleHi, Lb2(zHi13), 0f);
+        float bLo14 = Utilities.Select(14 < visibleLo, Lb2(zLo14), 0f);
+        float bHi14 = Utilities.Select(14 < visibleHi, Lb2(zHi14), 0f);
+        float bLo15 = Utilities.Select(15 < visibleLo, Lb2(zLo15), 0f);
+        float bHi15 = Utilities.Select(15 < visibleHi, Lb2(zHi15), 0f);
+        float xLo = bLo15;
+        float xHi = bHi15;
+        xLo += bLo14;
+        xHi += bHi14;
+        xLo += bLo13;
+        xHi += bHi13;
+        xLo += bLo12;
+        xHi += bHi12;
+        xLo += bLo11;
+        xHi += bHi11;
+        xLo += bLo10;
+        xHi += bHi10;
+        xLo += bLo9;
+        xHi += bHi9;
+        xLo += bLo8;
+        xHi += bHi8;
+        xLo += bLo7;
+        xHi += bHi7;
+        xLo += bLo6;
+        xHi += bHi6;
+        xLo += bLo5;
+        xHi += bHi5;
+        xLo += bLo4;
+        xHi += bHi4;
+        xLo += bLo3;
+        xHi += bHi3;
+        xLo += bLo2;
+        xHi += bHi2;
+        xLo += bLo1;
+        xHi += bHi1;
+        xLo += bLo0;
+        xHi += bHi0;
+        nearerLo = QuadNearerSelected(xLo, lane, t, out float totalLo);
+        nearerHi = QuadNearerSelected(xHi, lane, t, out float totalHi);
+        float suffixLo = accLo + nearerLo;
+        float suffixHi = accHi + nearerHi;
+        suffixLo += bLo15;
+        s.N7.C1 = Utilities.Select(15 < visibleLo, Exp2(zLo15 + suffixLo), 0f);
+        suffixHi += bHi15;
+        s.N7.C3 = Utilities.Select(15 < visibleHi, Exp2(zHi15 + suffixHi), 0f);
+        suffixLo += bLo14;
+        s.N7.C0 = Utilities.Select(14 < visibleLo, Exp2(zLo14 + suffixLo), 0f);
+        suffixHi += bHi14;
+        s.N7.C2 = Utilities.Select(14 < visibleHi, Exp2(zHi14 + suffixHi), 0f);
+        suffixLo += bLo13;
+        s.N6.C1 = Utilities.Select(13 < visibleLo, Exp2(zLo13 + suffixLo), 0f);
+        suffixHi += bHi13;
+        s.N6.C3 = Utilities.Select(13 < visibleHi, Exp2(zHi13 + suffixHi), 0f);
+        suffixLo += bLo12;
+        s.N6.C0 = Utilities.Select(12 < visibleLo, Exp2(zLo12 + suffixLo), 0f);
+        suffixHi += bHi12;
+        s.N6.C2 = Utilities.Select(12 < visibleHi, Exp2(zHi12 + suffixHi), 0f);
+        suffixLo += bLo11;
+        s.N5.C1 = Utilities.Select(11 < visibleLo, Exp2(zLo11 + suffixLo), 0f);
+        suffixHi += bHi11;
+        s.N5.C3 = Utilities.Select(11 < visibleHi, Exp2(zHi11 + suffixHi), 0f);
+        suffixLo += bLo10;
+        s.N5.C0 = Utilities.Select(10 < visibleLo, Exp2(zLo10 + suffixLo), 0f);
+        suffixHi += bHi10;
+        s.N5.C2 = Utilities.Select(10 < visibleHi, Exp2(zHi10 + suffixHi), 0f);
+        suffixLo += bLo9;
+        s.N4.C1 = Utilities.Select(9 < visibleLo, Exp2(zLo9 + suffixLo), 0f);
+        suffixHi += bHi9;
+        s.N4.C3 = Utilities.Select(9 < visibleHi, Exp2(zHi9 + suffixHi), 0f);
+        suffixLo += bLo8;
+        s.N4.C0 = Utilities.Select(8 < visibleLo, Exp2(zLo8 + suffixLo), 0f);
+        suffixHi += bHi8;
+        s.N4.C2 = Utilities.Select(8 < visibleHi, Exp2(zHi8 + suffixHi), 0f);
+        suffixLo += bLo7;
+        s.N3.C1 = Utilities.Select(7 < visibleLo, Exp2(zLo7 + suffixLo), 0f);
+        suffixHi += bHi7;
+        s.N3.C3 = Utilities.Select(7 < visibleHi, Exp2(zHi7 + suffixHi), 0f);
+        suffixLo += bLo6;
+        s.N3.C0 = Utilities.Select(6 < visibleLo, Exp2(zLo6 + suffixLo), 0f);
+        suffixHi += bHi6;
+        s.N3.C2 = Utilities.Select(6 < visibleHi, Exp2(zHi6 + suffixHi), 0f);
+        suffixLo += bLo5;
+        s.N2.C1 = Utilities.Select(5 < visibleLo, Exp2(zLo5 + suffixLo), 0f);
+        suffixHi += bHi5;
+        s.N2.C3 = Utilities.Select(5 < visibleHi, Exp2(zHi5 + suffixHi), 0f);
+        suffixLo += bLo4;
+        s.N2.C0 = Utilities.Select(4 < visibleLo, Exp2(zLo4 + suffixLo), 0f);
+        suffixHi += bHi4;
+        s.N2.C2 = Utilities.Select(4 < visibleHi, Exp2(zHi4 + suffixHi), 0f);
+        suffixLo += bLo3;
+        s.N1.C1 = Utilities.Select(3 < visibleLo, Exp2(zLo3 + suffixLo), 0f);
+        suffixHi += bHi3;
+        s.N1.C3 = Utilities.Select(3 < visibleHi, Exp2(zHi3 + suffixHi), 0f);
+        suffixLo += bLo2;
+        s.N1.C0 = Utilities.Select(2 < visibleLo, Exp2(zLo2 + suffixLo), 0f);
+        suffixHi += bHi2;
+        s.N1.C2 = Utilities.Select(2 < visibleHi, Exp2(zHi2 + suffixHi), 0f);
+        suffixLo += bLo1;
+        s.N0.C1 = Utilities.Select(1 < visibleLo, Exp2(zLo1 + suffixLo), 0f);
+        suffixHi += bHi1;
+        s.N0.C3 = Utilities.Select(1 < visibleHi, Exp2(zHi1 + suffixHi), 0f);
+        suffixLo += bLo0;
+        s.N0.C0 = Utilities.Select(0 < visibleLo, Exp2(zLo0 + suffixLo), 0f);
+        suffixHi += bHi0;
+        s.N0.C2 = Utilities.Select(0 < visibleHi, Exp2(zHi0 + suffixHi), 0f);
+        accLo += totalLo;
+        accHi += totalHi;
     }
 
     /// <summary>
-    /// One row's 16 consecutive keys of this thread (row g (fields C0, C1)), in base 2 (every log below is log2):
-    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
-    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
-    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
+    /// Both rows of this thread, g (fields C0, C1) and g + 8 (C2, C3), over its 16 consecutive keys, in base 2
+    /// (every log below is log2): z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) =
+    /// -(max(z, 0) + log2(1 + 2^-|z|)), and the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written
+    /// over the scores, where log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after
+    /// adding lb_i. The two rows' statements alternate (independent chains for the scheduler); no branches.
     /// Every key is visible (every tile but the diagonal one: all its keys lie before every row of the block;
     /// a row past T computes weights that no output reads). Same additions as the masked form.
-    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
+    /// Adds the tile's lb sums to <paramref name="accLo"/> and <paramref name="accHi"/>; returns in
+    /// <paramref name="nearerLo"/> / <paramref name="nearerHi"/> the sums over the quad's nearer threads (for the snapshots).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float RowLoUnmasked(ref Tile8 s, float scale2, float rowAcc, int lane, int t,
-        in TensorCoreForwardArgs a, int row, int tile)
+    private static void RowsUnmasked(ref Tile8 s, float scale2, ref float accLo, ref float accHi,
+        int lane, int t, out float nearerLo, out float nearerHi)
     {
-        float z0 = scale2 * s.N0.C0;
-        float b0 = Lb2(z0);
-        float z1 = scale2 * s.N0.C1;
-        float b1 = Lb2(z1);
-        float z2 = scale2 * s.N1.C0;
-        float b2 = Lb2(z2);
-        float z3 = scale2 * s.N1.C1;
-        float b3 = Lb2(z3);
-        float z4 = scale2 * s.N2.C0;
-        float b4 = Lb2(z4);
-        float z5 = scale2 * s.N2.C1;
-        float b5 = Lb2(z5);
-        float z6 = scale2 * s.N3.C0;
-        float b6 = Lb2(z6);
-        float z7 = scale2 * s.N3.C1;
-        float b7 = Lb2(z7);
-        float z8 = scale2 * s.N4.C0;
-        float b8 = Lb2(z8);
-        float z9 = scale2 * s.N4.C1;
-        float b9 = Lb2(z9);
-        float z10 = scale2 * s.N5.C0;
-        float b10 = Lb2(z10);
-        float z11 = scale2 * s.N5.C1;
-        float b11 = Lb2(z11);
-        float z12 = scale2 * s.N6.C0;
-        float b12 = Lb2(z12);
-        float z13 = scale2 * s.N6.C1;
-        float b13 = Lb2(z13);
-        float z14 = scale2 * s.N7.C0;
-        float b14 = Lb2(z14);
-        float z15 = scale2 * s.N7.C1;
-        float b15 = Lb2(z15);
-        float x = b15;
-        x += b14;
-        x += b13;
-        x += b12;
-        x += b11;
-        x += b10;
-        x += b9;
-        x += b8;
-        x += b7;
-        x += b6;
-        x += b5;
-        x += b4;
-        x += b3;
-        x += b2;
-        x += b1;
-        x += b0;
-        float nearer = QuadNearer(x, lane, t, out float total);
-        Snapshot(a, row, tile, t, rowAcc, nearer);
-        float suffix = rowAcc + nearer;
-        suffix += b15;
-        s.N7.C1 = Exp2(z15 + suffix);
-        suffix += b14;
-        s.N7.C0 = Exp2(z14 + suffix);
-        suffix += b13;
-        s.N6.C1 = Exp2(z13 + suffix);
-        suffix += b12;
-        s.N6.C0 = Exp2(z12 + suffix);
-        suffix += b11;
-        s.N5.C1 = Exp2(z11 + suffix);
-        suffix += b10;
-        s.N5.C0 = Exp2(z10 + suffix);
-        suffix += b9;
-        s.N4.C1 = Exp2(z9 + suffix);
-        suffix += b8;
-        s.N4.C0 = Exp2(z8 + suffix);
-        suffix += b7;
-        s.N3.C1 = Exp2(z7 + suffix);
-        suffix += b6;
-        s.N3.C0 = Exp2(z6 + suffix);
-        suffix += b5;
-        s.N2.C1 = Exp2(z5 + suffix);
-        suffix += b4;
-        s.N2.C0 = Exp2(z4 + suffix);
-        suffix += b3;
-        s.N1.C1 = Exp2(z3 + suffix);
-        suffix += b2;
-        s.N1.C0 = Exp2(z2 + suffix);
-        suffix += b1;
-        s.N0.C1 = Exp2(z1 + suffix);
-        suffix += b0;
-        s.N0.C0 = Exp2(z0 + suffix);
-        return rowAcc + total;
-    }
-
-    /// <summary>
-    /// One row's 16 consecutive keys of this thread (row g + 8 (fields C2, C3)), in base 2 (every log below is log2):
-    /// z = scale2 * score (scale2 = scale log2 e), lb = log2(1 - beta) = -(max(z, 0) + log2(1 + 2^-|z|)), and
-    /// the weights 2^(log2 beta + acc + sum of lb over the nearer keys), written over the scores, where
-    /// log2 beta = z + lb: so the weight of key i is 2^(z_i + suffix) with suffix taken after adding lb_i.
-    /// Every key is visible (every tile but the diagonal one: all its keys lie before every row of the block;
-    /// a row past T computes weights that no output reads). Same additions as the masked form.
-    /// Returns the row's acc (base 2) after the tile; writes the acc snapshots.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float RowHiUnmasked(ref Tile8 s, float scale2, float rowAcc, int lane, int t,
-        in TensorCoreForwardArgs a, int row, int tile)
-    {
-        float z0 = scale2 * s.N0.C2;
-        float b0 = Lb2(z0);
-        float z1 = scale2 * s.N0.C3;
-        float b1 = Lb2(z1);
-        float z2 = scale2 * s.N1.C2;
-        float b2 = Lb2(z2);
-        float z3 = scale2 * s.N1.C3;
-        float b3 = Lb2(z3);
-        float z4 = scale2 * s.N2.C2;
-        float b4 = Lb2(z4);
-        float z5 = scale2 * s.N2.C3;
-        float b5 = Lb2(z5);
-        float z6 = scale2 * s.N3.C2;
-        float b6 = Lb2(z6);
-        float z7 = scale2 * s.N3.C3;
-        float b7 = Lb2(z7);
-        float z8 = scale2 * s.N4.C2;
-        float b8 = Lb2(z8);
-        float z9 = scale2 * s.N4.C3;
-        float b9 = Lb2(z9);
-        float z10 = scale2 * s.N5.C2;
-        float b10 = Lb2(z10);
-        float z11 = scale2 * s.N5.C3;
-        float b11 = Lb2(z11);
-        float z12 = scale2 * s.N6.C2;
-        float b12 = Lb2(z12);
-        float z13 = scale2 * s.N6.C3;
-        float b13 = Lb2(z13);
-        float z14 = scale2 * s.N7.C2;
-        float b14 = Lb2(z14);
-        float z15 = scale2 * s.N7.C3;
-        float b15 = Lb2(z15);
-        float x = b15;
-        x += b14;
-        x += b13;
-        x += b12;
-        x += b11;
-        x += b10;
-        x += b9;
-        x += b8;
-        x += b7;
-        x += b6;
-        x += b5;
-        x += b4;
-        x += b3;
-        x += b2;
-        x += b1;
-        x += b0;
-        float nearer = QuadNearer(x, lane, t, out float total);
-        Snapshot(a, row, tile, t, rowAcc, nearer);
-        float suffix = rowAcc + nearer;
-        suffix += b15;
-        s.N7.C3 = Exp2(z15 + suffix);
-        suffix += b14;
-        s.N7.C2 = Exp2(z14 + suffix);
-        suffix += b13;
-        s.N6.C3 = Exp2(z13 + suffix);
-        suffix += b12;
-        s.N6.C2 = Exp2(z12 + suffix);
-        suffix += b11;
-        s.N5.C3 = Exp2(z11 + suffix);
-        suffix += b10;
-        s.N5.C2 = Exp2(z10 + suffix);
-        suffix += b9;
-        s.N4.C3 = Exp2(z9 + suffix);
-        suffix += b8;
-        s.N4.C2 = Exp2(z8 + suffix);
-        suffix += b7;
-        s.N3.C3 = Exp2(z7 + suffix);
-        suffix += b6;
-        s.N3.C2 = Exp2(z6 + suffix);
-        suffix += b5;
-        s.N2.C3 = Exp2(z5 + suffix);
-        suffix += b4;
-        s.N2.C2 = Exp2(z4 + suffix);
-        suffix += b3;
-        s.N1.C3 = Exp2(z3 + suffix);
-        suffix += b2;
-        s.N1.C2 = Exp2(z2 + suffix);
-        suffix += b1;
-        s.N0.C3 = Exp2(z1 + suffix);
-        suffix += b0;
-        s.N0.C2 = Exp2(z0 + suffix);
-        return rowAcc + total;
+        float zLo0 = scale2 * s.N0.C0;
+        float zHi0 = scale2 * s.N0.C2;
+        float zLo1 = scale2 * s.N0.C1;
+        float zHi1 = scale2 * s.N0.C3;
+        float zLo2 = scale2 * s.N1.C0;
+        float zHi2 = scale2 * s.N1.C2;
+        float zLo3 = scale2 * s.N1.C1;
+        float zHi3 = scale2 * s.N1.C3;
+        float zLo4 = scale2 * s.N2.C0;
+        float zHi4 = scale2 * s.N2.C2;
+        float zLo5 = scale2 * s.N2.C1;
+        float zHi5 = scale2 * s.N2.C3;
+        float zLo6 = scale2 * s.N3.C0;
+        float zHi6 = scale2 * s.N3.C2;
+        float zLo7 = scale2 * s.N3.C1;
+        float zHi7 = scale2 * s.N3.C3;
+        float zLo8 = scale2 * s.N4.C0;
+        float zHi8 = scale2 * s.N4.C2;
+        float zLo9 = scale2 * s.N4.C1;
+        float zHi9 = scale2 * s.N4.C3;
+        float zLo10 = scale2 * s.N5.C0;
+        float zHi10 = scale2 * s.N5.C2;
+        float zLo11 = scale2 * s.N5.C1;
+        float zHi11 = scale2 * s.N5.C3;
+        float zLo12 = scale2 * s.N6.C0;
+        float zHi12 = scale2 * s.N6.C2;
+        float zLo13 = scale2 * s.N6.C1;
+        float zHi13 = scale2 * s.N6.C3;
+        float zLo14 = scale2 * s.N7.C0;
+        float zHi14 = scale2 * s.N7.C2;
+        float zLo15 = scale2 * s.N7.C1;
+        float zHi15 = scale2 * s.N7.C3;
+        float bLo0 = Lb2(zLo0);
+        float bHi0 = Lb2(zHi0);
+        float bLo1 = Lb2(zLo1);
+        float bHi1 = Lb2(zHi1);
+        float bLo2 = Lb2(zLo2);
+        float bHi2 = Lb2(zHi2);
+        float bLo3 = Lb2(zLo3);
+        float bHi3 = Lb2(zHi3);
+        float bLo4 = Lb2(zLo4);
+        float bHi4 = Lb2(zHi4);
+        float bLo5 = Lb2(zLo5);
+        float bHi5 = Lb2(zHi5);
+        float bLo6 = Lb2(zLo6);
+        float bHi6 = Lb2(zHi6);
+        float bLo7 = Lb2(zLo7);
+        float bHi7 = Lb2(zHi7);
+        float bLo8 = Lb2(zLo8);
+        float bHi8 = Lb2(zHi8);
+        float bLo9 = Lb2(zLo9);
+        float bHi9 = Lb2(zHi9);
+        float bLo10 = Lb2(zLo10);
+        float bHi10 = Lb2(zHi10);
+        float bLo11 = Lb2(zLo11);
+        float bHi11 = Lb2(zHi11);
+        float bLo12 = Lb2(zLo12);
+        float bHi12 = Lb2(zHi12);
+        float bLo13 = Lb2(zLo13);
+        float bHi13 = Lb2(zHi13);
+        float bLo14 = Lb2(zLo14);
+        float bHi14 = Lb2(zHi14);
+        float bLo15 = Lb2(zLo15);
+        float bHi15 = Lb2(zHi15);
+        float xLo = bLo15;
+        float xHi = bHi15;
+        xLo += bLo14;
+        xHi += bHi14;
+        xLo += bLo13;
+        xHi += bHi13;
+        xLo += bLo12;
+        xHi += bHi12;
+        xLo += bLo11;
+        xHi += bHi11;
+        xLo += bLo10;
+        xHi += bHi10;
+        xLo += bLo9;
+        xHi += bHi9;
+        xLo += bLo8;
+        xHi += bHi8;
+        xLo += bLo7;
+        xHi += bHi7;
+        xLo += bLo6;
+        xHi += bHi6;
+        xLo += bLo5;
+        xHi += bHi5;
+        xLo += bLo4;
+        xHi += bHi4;
+        xLo += bLo3;
+        xHi += bHi3;
+        xLo += bLo2;
+        xHi += bHi2;
+        xLo += bLo1;
+        xHi += bHi1;
+        xLo += bLo0;
+        xHi += bHi0;
+        nearerLo = QuadNearerSelected(xLo, lane, t, out float totalLo);
+        nearerHi = QuadNearerSelected(xHi, lane, t, out float totalHi);
+        float suffixLo = accLo + nearerLo;
+        float suffixHi = accHi + nearerHi;
+        suffixLo += bLo15;
+        s.N7.C1 = Exp2(zLo15 + suffixLo);
+        suffixHi += bHi15;
+        s.N7.C3 = Exp2(zHi15 + suffixHi);
+        suffixLo += bLo14;
+        s.N7.C0 = Exp2(zLo14 + suffixLo);
+        suffixHi += bHi14;
+        s.N7.C2 = Exp2(zHi14 + suffixHi);
+        suffixLo += bLo13;
+        s.N6.C1 = Exp2(zLo13 + suffixLo);
+        suffixHi += bHi13;
+        s.N6.C3 = Exp2(zHi13 + suffixHi);
+        suffixLo += bLo12;
+        s.N6.C0 = Exp2(zLo12 + suffixLo);
+        suffixHi += bHi12;
+        s.N6.C2 = Exp2(zHi12 + suffixHi);
+        suffixLo += bLo11;
+        s.N5.C1 = Exp2(zLo11 + suffixLo);
+        suffixHi += bHi11;
+        s.N5.C3 = Exp2(zHi11 + suffixHi);
+        suffixLo += bLo10;
+        s.N5.C0 = Exp2(zLo10 + suffixLo);
+        suffixHi += bHi10;
+        s.N5.C2 = Exp2(zHi10 + suffixHi);
+        suffixLo += bLo9;
+        s.N4.C1 = Exp2(zLo9 + suffixLo);
+        suffixHi += bHi9;
+        s.N4.C3 = Exp2(zHi9 + suffixHi);
+        suffixLo += bLo8;
+        s.N4.C0 = Exp2(zLo8 + suffixLo);
+        suffixHi += bHi8;
+        s.N4.C2 = Exp2(zHi8 + suffixHi);
+        suffixLo += bLo7;
+        s.N3.C1 = Exp2(zLo7 + suffixLo);
+        suffixHi += bHi7;
+        s.N3.C3 = Exp2(zHi7 + suffixHi);
+        suffixLo += bLo6;
+        s.N3.C0 = Exp2(zLo6 + suffixLo);
+        suffixHi += bHi6;
+        s.N3.C2 = Exp2(zHi6 + suffixHi);
+        suffixLo += bLo5;
+        s.N2.C1 = Exp2(zLo5 + suffixLo);
+        suffixHi += bHi5;
+        s.N2.C3 = Exp2(zHi5 + suffixHi);
+        suffixLo += bLo4;
+        s.N2.C0 = Exp2(zLo4 + suffixLo);
+        suffixHi += bHi4;
+        s.N2.C2 = Exp2(zHi4 + suffixHi);
+        suffixLo += bLo3;
+        s.N1.C1 = Exp2(zLo3 + suffixLo);
+        suffixHi += bHi3;
+        s.N1.C3 = Exp2(zHi3 + suffixHi);
+        suffixLo += bLo2;
+        s.N1.C0 = Exp2(zLo2 + suffixLo);
+        suffixHi += bHi2;
+        s.N1.C2 = Exp2(zHi2 + suffixHi);
+        suffixLo += bLo1;
+        s.N0.C1 = Exp2(zLo1 + suffixLo);
+        suffixHi += bHi1;
+        s.N0.C3 = Exp2(zHi1 + suffixHi);
+        suffixLo += bLo0;
+        s.N0.C0 = Exp2(zLo0 + suffixLo);
+        suffixHi += bHi0;
+        s.N0.C2 = Exp2(zHi0 + suffixHi);
+        accLo += totalLo;
+        accHi += totalHi;
     }
 
     /// <summary>

@@ -18,10 +18,23 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// One group of <see cref="GroupSize"/> threads (4 warps) per (head, block of <see cref="BlockRows"/> query
 /// rows); warp w owns rows 16w .. 16w+15 of the block (lane 4g + t: rows g and g+8). Key tiles of
 /// <see cref="KeyTile"/> are walked from the diagonal back to key 0. The Q block (as each thread's A fragments, in
-/// mma operand order) and two K tiles (row-major) and V tiles (transposed, [d][key]) sit in shared memory as
-/// 16-bit values (double buffering: the next tile, loaded into registers during this tile's P V, is stored into
-/// the other buffer pair, one barrier per tile); every K and V fragment is one 16-byte shared load feeding two
-/// mma, every Q fragment one load feeding eight. Scores, lb and acc are in base 2 (ex2 without multiplies).
+/// mma operand order) and the K tile (row-major) and V tile (transposed, [d][key]) sit in shared memory as
+/// 16-bit values; every K and V fragment is one 16-byte shared load feeding two mma, every Q fragment one load
+/// feeding eight. Scores, lb and acc are in base 2 (ex2 without multiplies).
+/// </para>
+/// <para>
+/// How the next tile is staged is the plan (the <c>TPlan</c> type argument, <see cref="IForwardPlan"/>): the
+/// library's (<see cref="ThreeGroupsPerSmNoPrefetch"/>) keeps one K / V^T buffer pair (54 KB) and at most 168
+/// registers, so that three groups share an SM and hide each other's waits; after a tile's P V a barrier ends its
+/// reads, the next tile is loaded and stored, and a second barrier ends the stores. The others (two buffer pairs
+/// with the next tile loaded into registers during P V, two groups per SM; or one pair with that prefetch) were
+/// measured slower and stay for comparison (TensorCoreForwardTests.TimingOnCuda).
+/// </para>
+/// <para>
+/// The elementwise work (docs/math.md, steps 1 to 3) of a thread's two rows g and g + 8 is generated as one
+/// straight-line block with the two rows' statements alternating and selects in place of branches, so that the
+/// scheduler can hide one row's latencies (ex2, rcp, the quad shuffles, the serial suffix sums) behind the other's
+/// work; the acc snapshots are written after P V.
 /// </para>
 /// <para>
 /// The key permutation: mma column n of score n-tile nt stands for key 16 (n / 2) + 2 nt + n % 2 (the K
@@ -54,8 +67,6 @@ internal static partial class TensorCoreForwardKernel
     public const int KeyTile = 64;
     /// <summary>The largest head dimension; <see cref="Supports"/> says which are served.</summary>
     public const int MaxHeadDim = 128;
-    /// <summary>Launch bound: groups per SM the compiler must allow registers for (2 x 128 threads: up to 255 registers).</summary>
-    public const int MinGroupsPerMultiprocessor = 2;
 
     /// <summary>Row stride of the K tile in 16-bit values (320 bytes: conflict-free 16-byte fragment loads).</summary>
     private const int RowStride = 160;
@@ -72,25 +83,38 @@ internal static partial class TensorCoreForwardKernel
     private const int VtOffset = KOffset + KeyTile * RowStride / 2;
     /// <summary>Words of one K and V^T buffer pair; tile i uses the pair at (i % 2) BufferWords (double buffering).</summary>
     private const int BufferWords = KeyTile * RowStride / 2 + MaxHeadDim * VtStride / 2;
-    /// <summary>The diagonal tile's first key (relative) with a non-finite V value; <see cref="KeyTile"/> when none.</summary>
-    private const int FlagOffset = KOffset + 2 * BufferWords;
-    /// <summary>Per column d, the diagonal tile's first key (relative) whose v[key, d] is non-finite; <see cref="KeyTile"/> when none.</summary>
-    private const int BadKeyOffset = FlagOffset + 4;
-    private const int SharedUints = BadKeyOffset + MaxHeadDim;
+    /// <summary>
+    /// The word holding the diagonal tile's first key (relative) with a non-finite V value (<see cref="KeyTile"/> when
+    /// none): after the one or two K / V^T buffer pairs.
+    /// </summary>
+    private static int FlagOffset(bool doubleBuffered) => KOffset + (doubleBuffered ? 2 : 1) * BufferWords;
 
-    /// <summary>Dynamic shared memory per group on CUDA, in bytes (92 KB: above the default 48 KB, so the loader raises the limit; two groups per SM fit).</summary>
-    public const int SharedBytes = 4 * SharedUints;
+    /// <summary>Per column d, the diagonal tile's first key (relative) whose v[key, d] is non-finite; <see cref="KeyTile"/> when none.</summary>
+    private static int BadKeyOffset(bool doubleBuffered) => FlagOffset(doubleBuffered) + 4;
+
+    private static int SharedUints(bool doubleBuffered) => BadKeyOffset(doubleBuffered) + MaxHeadDim;
+
+    /// <summary>
+    /// Dynamic shared memory per group on CUDA, in bytes: 92 KB double buffered (two groups per SM fit), 55 KB with one
+    /// buffer pair (three fit); both above the default 48 KB, so the loader raises the limit.
+    /// </summary>
+    public static int SharedBytes(bool doubleBuffered) => 4 * SharedUints(doubleBuffered);
+
     /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
-    public const int EmulatedSharedBytes = SharedBytes + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
+    public static int EmulatedSharedBytes(bool doubleBuffered) => SharedBytes(doubleBuffered) + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
 
     /// <summary>Whether the kernel serves this head dimension (others fall back to the portable kernels).</summary>
     public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
 
-    public static void Kernel<TStorage, TWeights>(TensorCoreForwardArgs a)
+    public static void Kernel<TStorage, TWeights, TPlan>(TensorCoreForwardArgs a)
         where TStorage : struct, IStorage
         where TWeights : struct, IWeights
+        where TPlan : struct, IForwardPlan
     {
         bool split = default(TWeights).Split;
+        bool doubleBuffered = default(TPlan).DoubleBuffered;
+        bool prefetch = default(TPlan).Prefetch;
+        int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
         int head = Grid.IdxX;
@@ -101,16 +125,16 @@ internal static partial class TensorCoreForwardKernel
         long headBase = (long)head * T * D;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
-        int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+        int emu = SharedUints(doubleBuffered) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
         StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), headBase, rowLo, T, D, t);
         if (tid == 0)
-            shared[FlagOffset] = KeyTile;                // ordered before the staging atomics by the barrier below
+            shared[flag] = KeyTile;                // ordered before the staging atomics by the barrier below
         if (tid < MaxHeadDim)
-            shared[BadKeyOffset + tid] = KeyTile;
+            shared[BadKeyOffset(doubleBuffered) + tid] = KeyTile;
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
         bool poisonedLo = false, poisonedHi = false;
 
@@ -129,65 +153,71 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's P V
-        // runs (they are dead through S and the elementwise work, where registers are scarcest).
         var kPieces = LoadRows(a.K, headBase, tile * KeyTile, stageLimit, D, tid);
         var vPieces = LoadKeyPairs(a.V, headBase, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
         // reads that pair any more, and one barrier per tile suffices: a warp stores into pair (i - 1) % 2 only
-        // after the barrier that ended tile i + 1, the last reader of that pair.
-        int buffer = (tile & 1) * BufferWords;
+        // after the barrier that ended tile i + 1, the last reader of that pair. With one buffer pair, a barrier
+        // ends the tile's reads before the next tile is stored, and another ends the stores.
+        int buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
         StoreRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid);
-        StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask);
+        StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
         Group.Barrier();
         int diagonalKey0 = tile * KeyTile;
         for (; tile >= 0; tile--)
         {
             int key0 = tile * KeyTile;
-            buffer = (tile & 1) * BufferWords;
+            buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
             bool diagonal = key0 == row0;                // the first tile walked
             if (diagonal)
             {
-                int firstBad = key0 + (int)shared[FlagOffset];
+                int firstBad = key0 + (int)shared[flag];
                 poisonedLo = firstBad < limitLo;
                 poisonedHi = firstBad < limitHi;
             }
 
             var s = new Tile8();
-            for (int m = 0; m < D / 32; m++)
-                Scores<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + buffer / 4 + 4 * m), shared, emu);
+            AllScores<TStorage>(ref s, vectors.SubView(qAt), vectors.SubView(kAt + buffer / 4), wide, shared, emu);
 
             int firstKey = key0 + 16 * t;
+            float accLoBefore = accLo, accHiBefore = accHi, nearerLo, nearerHi;
             if (diagonal)
-            {
-                accLo = RowLo(ref s, scale2, limitLo - firstKey, accLo, lane, t, a, rowLo, tile);
-                accHi = RowHi(ref s, scale2, limitHi - firstKey, accHi, lane, t, a, rowHi, tile);
-            }
+                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
             else
-            {
-                accLo = RowLoUnmasked(ref s, scale2, accLo, lane, t, a, rowLo, tile);
-                accHi = RowHiUnmasked(ref s, scale2, accHi, lane, t, a, rowHi, tile);
-            }
+                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
             var p = PackWeights<TStorage>(s, split, out var residuals);
             // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's
             // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
-            // stored into the other buffer pair. Past the last tile (tile 0) nothing is loaded or stored.
+            // stored into the other buffer pair (or, with one pair, into the same after a barrier). Past the last
+            // tile (tile 0) nothing is loaded or stored.
             int nextLimit = tile > 0 ? stageLimit : int.MinValue;
-            kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
-            vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+            if (prefetch)
+            {
+                kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+                vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+            }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
+            Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
+            Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
             if (tile > 0)
             {
-                int next = BufferWords - buffer;
+                int next = doubleBuffered ? BufferWords - buffer : 0;
+                if (!doubleBuffered)
+                    Group.Barrier();
+                if (!prefetch)
+                {
+                    kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
+                    vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
-                StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask);
+                StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
                 Group.Barrier();
             }
         }
 
         var words = a.O.Cast<uint>();
-        var badKey = shared.SubView(BadKeyOffset + 2 * t);
+        var badKey = shared.SubView(BadKeyOffset(doubleBuffered) + 2 * t);
         if (rowLo < T)
             StoreRow<TStorage>(o, false, poisonedLo, badKey, limitLo - diagonalKey0, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
         if (rowHi < T)
@@ -322,11 +352,11 @@ internal static partial class TensorCoreForwardKernel
     /// Stores the V pieces of <see cref="LoadKeyPairs"/> transposed, Vt[d][key] (row stride <see cref="VtStride"/>):
     /// 8 words per piece pair, each the pair (key 2j, key 2j+1) of one dimension; the 32 lanes' stores fall in 32
     /// different banks. In the <paramref name="diagonal"/> tile non-finite values become zeros and the first key
-    /// holding one is noted at <see cref="FlagOffset"/>.
+    /// holding one is noted at <paramref name="flag"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int vt, int D, int tid, bool diagonal,
-        uint exponentMask)
+        uint exponentMask, int flag)
     {
         bool wide = D > 64;
         int j = tid & 31, c = tid >> 5;
@@ -339,8 +369,8 @@ internal static partial class TensorCoreForwardKernel
                 | Sanitize(ref p.P5, exponentMask) | Sanitize(ref p.P7, exponentMask);
             if (badLo || badHi)
             {
-                Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
-                NoteBadColumns(shared, original, 2 * j, c, wide, exponentMask);
+                Atomic.Min(ref shared[flag], (uint)(badLo ? 2 * j : 2 * j + 1));
+                NoteBadColumns(shared, flag + 4, original, 2 * j, c, wide, exponentMask);
             }
         }
         PutTransposed(shared, vt, c, j, p.P0, p.P1);
@@ -355,31 +385,31 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>
     /// For each column of the diagonal tile's key pair (2j, 2j+1) holding a non-finite value (looked up in the pieces
     /// before <see cref="Sanitize"/> zeroed them: the caller passes the originals), the per-column first bad key at
-    /// <see cref="BadKeyOffset"/> is lowered to that key (a shared atomic min). The rare path: only when a piece held one.
+    /// <paramref name="badKeys"/> (<see cref="BadKeyOffset"/>) is lowered to that key (a shared atomic min). The rare path: only when a piece held one.
     /// </summary>
-    private static void NoteBadColumns(ArrayView<uint> shared, in Pieces8 original, int key, int c, bool wide, uint exponentMask)
+    private static void NoteBadColumns(ArrayView<uint> shared, int badKeys, in Pieces8 original, int key, int c, bool wide, uint exponentMask)
     {
-        NotePiece(shared, original.P0, key, c, exponentMask);
-        NotePiece(shared, original.P1, key + 1, c, exponentMask);
-        NotePiece(shared, original.P2, key, c + 4, exponentMask);
-        NotePiece(shared, original.P3, key + 1, c + 4, exponentMask);
+        NotePiece(shared, badKeys, original.P0, key, c, exponentMask);
+        NotePiece(shared, badKeys, original.P1, key + 1, c, exponentMask);
+        NotePiece(shared, badKeys, original.P2, key, c + 4, exponentMask);
+        NotePiece(shared, badKeys, original.P3, key + 1, c + 4, exponentMask);
         if (wide)
         {
-            NotePiece(shared, original.P4, key, c + 8, exponentMask);
-            NotePiece(shared, original.P5, key + 1, c + 8, exponentMask);
-            NotePiece(shared, original.P6, key, c + 12, exponentMask);
-            NotePiece(shared, original.P7, key + 1, c + 12, exponentMask);
+            NotePiece(shared, badKeys, original.P4, key, c + 8, exponentMask);
+            NotePiece(shared, badKeys, original.P5, key + 1, c + 8, exponentMask);
+            NotePiece(shared, badKeys, original.P6, key, c + 12, exponentMask);
+            NotePiece(shared, badKeys, original.P7, key + 1, c + 12, exponentMask);
         }
     }
 
     /// <summary>Notes <paramref name="key"/> for each of columns 8c .. 8c+7 whose value in <paramref name="piece"/> is non-finite.</summary>
-    private static void NotePiece(ArrayView<uint> shared, U4 piece, int key, int c, uint exponentMask)
+    private static void NotePiece(ArrayView<uint> shared, int badKeys, U4 piece, int key, int c, uint exponentMask)
     {
         uint bad0 = NonFinite(piece.X0, exponentMask), bad1 = NonFinite(piece.X1, exponentMask);
         uint bad2 = NonFinite(piece.X2, exponentMask), bad3 = NonFinite(piece.X3, exponentMask);
         if ((bad0 | bad1 | bad2 | bad3) == 0)
             return;
-        int at = BadKeyOffset + 8 * c;
+        int at = badKeys + 8 * c;
         NoteHalves(shared, at, bad0, key);
         NoteHalves(shared, at + 2, bad1, key);
         NoteHalves(shared, at + 4, bad2, key);
@@ -463,6 +493,47 @@ internal readonly struct RoundedWeights : IWeights
 internal readonly struct SplitWeights : IWeights
 {
     public bool Split => true;
+}
+
+/// <summary>
+/// How the tensor-core forward stages K and V and how many groups share an SM (a type argument of the kernel, so that
+/// the choice folds away at compile time): registers and shared memory decide the groups per SM, and the groups per
+/// SM how well one group's waits (barriers, global loads, the exp / rcp pipe) hide behind the others' work.
+/// </summary>
+internal interface IForwardPlan
+{
+    /// <summary>Two K / V^T buffer pairs (one barrier per tile, 92 KB) rather than one (two barriers, 54 KB).</summary>
+    bool DoubleBuffered { get; }
+
+    /// <summary>The next tile's K and V are loaded into registers during this tile's P V (else after its last read).</summary>
+    bool Prefetch { get; }
+
+    /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168).</summary>
+    int MinGroupsPerMultiprocessor { get; }
+}
+
+/// <summary>Two groups per SM, double buffered, register prefetch (255 registers, 92 KB).</summary>
+internal readonly struct TwoGroupsPerSm : IForwardPlan
+{
+    public bool DoubleBuffered => true;
+    public bool Prefetch => true;
+    public int MinGroupsPerMultiprocessor => 2;
+}
+
+/// <summary>Three groups per SM: one buffer pair, register prefetch (168 registers, 54 KB).</summary>
+internal readonly struct ThreeGroupsPerSm : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => true;
+    public int MinGroupsPerMultiprocessor => 3;
+}
+
+/// <summary>Three groups per SM: one buffer pair, the next tile loaded after this tile's last read (168 registers, 54 KB).</summary>
+internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public int MinGroupsPerMultiprocessor => 3;
 }
 
 /// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>

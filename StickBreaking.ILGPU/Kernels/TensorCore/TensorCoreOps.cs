@@ -2,6 +2,7 @@ using System;
 using System.Runtime.CompilerServices;
 using ILGPU;
 using ILGPU.Runtime.Cuda;
+using ILGPU.Util;
 using StickBreaking.ILGPU.Kernels.Common;
 
 namespace StickBreaking.ILGPU.Kernels.TensorCore;
@@ -120,6 +121,27 @@ internal static class TensorCoreOps
         float nearer1 = nearer2 + x1;
         total = nearer1 + x0;
         return t == 0 ? nearer1 : t == 1 ? nearer2 : t == 2 ? x3 : 0f;
+    }
+
+    /// <summary>
+    /// <see cref="QuadNearer"/> with the per-lane choice made by selects instead of a conditional chain (no branch, so
+    /// that the surrounding straight-line code stays one block for the scheduler): the same additions in the same
+    /// order, hence the same bits (adding the selected zeros is exact).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float QuadNearerSelected(float x, int lane, int t, out float total)
+    {
+        int quad = lane & ~3;
+        float x0 = Warp.Shuffle(x, quad);
+        float x1 = Warp.Shuffle(x, quad + 1);
+        float x2 = Warp.Shuffle(x, quad + 2);
+        float x3 = Warp.Shuffle(x, quad + 3);
+        float nearer2 = x3 + x2;
+        float nearer1 = nearer2 + x1;
+        total = nearer1 + x0;
+        float nearer = Utilities.Select(t == 2, x3, 0f);
+        nearer = Utilities.Select(t == 1, nearer2, nearer);
+        return Utilities.Select(t == 0, nearer1, nearer);
     }
 
     /// <summary>
