@@ -53,8 +53,9 @@ def field(e, hi):
     return f"N{nt}.C{c}"
 
 
-for hi in (False, True):
-    name = "RowHi" if hi else "RowLo"
+for masked in (True, False):
+  for hi in (False, True):
+    name = ("RowHi" if hi else "RowLo") + ("" if masked else "Unmasked")
     which = "2g + 1 (fields C2, C3)" if hi else "2g (fields C0, C1)"
     w("    /// <summary>")
     w(f"    /// docs/math.md, \"Backward\", for one row ({which} of the warp's 16) and this thread's 8 consecutive keys")
@@ -63,17 +64,24 @@ for hi in (False, True):
     w("    /// additions: 2^(z + suffix) with the suffix taken after adding lb), a = A (dO . v), P the prefix of a over the")
     w("    /// farther keys (from the pass-1 snapshot <paramref name=\"prefix\"/>), dz = (1 - beta) a - beta (P + dRem rem)")
     w("    /// with beta and 1 - beta as 1 / (1 + 2^-|z|) and 2^-|z| / (1 + 2^-|z|) (never 1 - beta).")
-    w("    /// Keys e &gt;= <paramref name=\"visible\"/> are not visible: lb, A, a and dz are 0 by selection.")
+    if masked:
+        w("    /// Keys e &gt;= <paramref name=\"visible\"/> are not visible: lb, A, a and dz are 0 by selection (the diagonal")
+        w("    /// row block and the last, partial one).")
+    else:
+        w("    /// Every key is visible (a row block after the diagonal one with every row inside the sequence): the same")
+        w("    /// additions as the masked form without the selections.")
     w("    /// On exit <paramref name=\"s\"/> holds A and <paramref name=\"d\"/> holds dz (unscaled).")
     w("    /// </summary>")
     w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-    w(f"    private static void {name}(ref Tile4 s, ref Tile4 d, float scale2, int visible, float rowAcc, float prefix,")
+    w(f"    private static void {name}(ref Tile4 s, ref Tile4 d, float scale2, {'int visible, ' if masked else ''}float rowAcc, float prefix,")
     w("        float dRemRem, int lane, int t)")
     w("    {")
+    def sel(cond_e, val):
+        return f"{cond_e} < visible ? {val} : 0f" if masked else val
     for e in range(8):
         w(f"        float z{e} = scale2 * s.{field(e, hi)};")
         w(f"        float l{e} = LogSigmoids(z{e}, out float beta{e}, out float rest{e});")
-        w(f"        float b{e} = {e} < visible ? l{e} : 0f;")
+        w(f"        float b{e} = {sel(e, f'l{e}')};")
     w("        float x = b7;")
     for e in range(6, -1, -1):
         w(f"        x += b{e};")
@@ -81,9 +89,9 @@ for hi in (False, True):
     for e in range(7, -1, -1):
         w(f"        suffix += b{e};")
         w(f"        float w{e} = Exp2(z{e} + suffix);")
-        w(f"        float A{e} = {e} < visible ? w{e} : 0f;")
+        w(f"        float A{e} = {sel(e, f'w{e}')};")
         w(f"        float g{e} = A{e} * d.{field(e, hi)};")
-        w(f"        float a{e} = {e} < visible ? g{e} : 0f;")
+        w(f"        float a{e} = {sel(e, f'g{e}')};")
         w(f"        s.{field(e, hi)} = A{e};")
     w("        float y = a0;")
     for e in range(1, 8):
@@ -91,7 +99,7 @@ for hi in (False, True):
     w("        float p = prefix + QuadFarther(y, lane, t);")
     for e in range(8):
         w(f"        float dz{e} = rest{e} * a{e} - beta{e} * (p + dRemRem);")
-        w(f"        d.{field(e, hi)} = {e} < visible ? dz{e} : 0f;")
+        w(f"        d.{field(e, hi)} = {sel(e, f'dz{e}')};")
         if e < 7:
             w(f"        p += a{e};")
     w("    }")
@@ -100,9 +108,10 @@ for hi in (False, True):
 # ---------------------------------------------------------------------------------------------------------
 w("    /// <summary>")
 w("    /// Stores A (in <paramref name=\"s\"/>) and dz (in <paramref name=\"d\"/>) of this thread's rows 2g, 2g+1 and keys")
-w("    /// 8t + e TRANSPOSED into the scratch: one word (row 2g low, row 2g+1 high) per key and matrix, at key row")
-w("    /// 8t + e of the views (<paramref name=\"even\"/> for even e, <paramref name=\"odd\"/> for odd e: the chunk swizzle")
-w("    /// differs). With <paramref name=\"split\"/> also the residuals x - round(x), rounded.")
+w("    /// 8t + e TRANSPOSED into the scratch: one word (row 2g low, row 2g+1 high) per key and matrix, in the phase-B")
+w("    /// fragment layout (key 8t + e is fragment lane 4e + .., 4 words apart per e: word 16e of the views,")
+w("    /// <paramref name=\"even\"/> for even e, <paramref name=\"odd\"/> for odd e, as the lane swizzle differs).")
+w("    /// With <paramref name=\"split\"/> also the residuals x - round(x), rounded.")
 w("    /// </summary>")
 w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
 w("    private static void StoreScratch<TStorage>(in Tile4 s, in Tile4 d, bool split, ArrayView<uint> even, ArrayView<uint> odd)")
@@ -128,29 +137,30 @@ def ntile(n, ind):
     p = " " * ind
     w(f"{p}U4 c{n} = columns[{n} * 8 * TransposedStrideU4];")
     w(f"{p}U4 e{n} = columnsNext[{n} * 8 * TransposedStrideU4];")
-    w(f"{p}Mma.Run<TStorage>(ref acc.N{n}, g0.X0, h0.X0, g0.X1, h0.X1, c{n}.X0, c{n}.X1, shared, emu);")
-    w(f"{p}Mma.Run<TStorage>(ref acc.N{n}, g0.X2, h0.X2, g0.X3, h0.X3, c{n}.X2, c{n}.X3, shared, emu);")
-    w(f"{p}Mma.Run<TStorage>(ref acc.N{n}, g1.X0, h1.X0, g1.X1, h1.X1, e{n}.X0, e{n}.X1, shared, emu);")
-    w(f"{p}Mma.Run<TStorage>(ref acc.N{n}, g1.X2, h1.X2, g1.X3, h1.X3, e{n}.X2, e{n}.X3, shared, emu);")
-    w(f"{p}if (split)")
-    w(f"{p}{{")
-    w(f"{p}    Mma.Run<TStorage>(ref acc.N{n}, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c{n}.X0, c{n}.X1, shared, emu);")
-    w(f"{p}    Mma.Run<TStorage>(ref acc.N{n}, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c{n}.X2, c{n}.X3, shared, emu);")
-    w(f"{p}    Mma.Run<TStorage>(ref acc.N{n}, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e{n}.X0, e{n}.X1, shared, emu);")
-    w(f"{p}    Mma.Run<TStorage>(ref acc.N{n}, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e{n}.X2, e{n}.X3, shared, emu);")
-    w(f"{p}}}")
+    for prefix in ("f", "l"):
+        if prefix == "l":
+            w(f"{p}if (split)")
+            w(f"{p}{{")
+            p2 = p + "    "
+        else:
+            p2 = p
+        for ks, (b, x0, x1) in enumerate([("c", "X0", "X1"), ("c", "X2", "X3"), ("e", "X0", "X1"), ("e", "X2", "X3")]):
+            a = f"{prefix}{ks}"
+            w(f"{p2}Mma.Run<TStorage>(ref acc.N{n}, {a}.X0, {a}.X1, {a}.X2, {a}.X3, {b}{n}.{x0}, {b}{n}.{x1}, shared, emu);")
+        if prefix == "l":
+            w(f"{p}}}")
 
 
 w("    /// <summary>")
 w("    /// acc += X^T R over the 64 rows of the block for this warp's 16 keys (M) and the head dimension (N, n-tile n:")
-w("    /// columns 8n .. 8n+7), X = A or dz from the scratch (g0, g1: key g, chunks of k-steps 0-1 and 2-3; h0, h1: key")
-w("    /// g + 8), R = dO or Q from the transposed staging (<paramref name=\"columns\"/>: this thread's chunk of k-steps")
+w("    /// columns 8n .. 8n+7), X = A or dz from the scratch (f0 .. f3: the A fragments of k-steps 0 .. 3, each one 16-byte")
+w("    /// load), R = dO or Q from the transposed staging (<paramref name=\"columns\"/>: this thread's chunk of k-steps")
 w("    /// 0-1 at column g of n-tile 0; <paramref name=\"columnsNext\"/>: k-steps 2-3). Four mma per n-tile, eight with")
-w("    /// <paramref name=\"split\"/> (the residual fragments lg, lh times the same R fragments).")
+w("    /// <paramref name=\"split\"/> (the residual fragments l0 .. l3 times the same R fragments).")
 w("    /// </summary>")
 w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-w("    private static void Accumulate<TStorage>(ref Tile16 acc, U4 g0, U4 g1, U4 h0, U4 h1, bool split, U4 lg0, U4 lg1,")
-w("        U4 lh0, U4 lh1, ArrayView<U4> columns, ArrayView<U4> columnsNext, bool wide, ArrayView<uint> shared, int emu)")
+w("    private static void Accumulate<TStorage>(ref Tile16 acc, U4 f0, U4 f1, U4 f2, U4 f3, bool split, U4 l0, U4 l1,")
+w("        U4 l2, U4 l3, ArrayView<U4> columns, ArrayView<U4> columnsNext, bool wide, ArrayView<uint> shared, int emu)")
 w("        where TStorage : struct, IStorage")
 w("    {")
 for n in range(8):

@@ -41,7 +41,8 @@ internal static partial class TensorCoreBackwardKeyKernel
     /// additions: 2^(z + suffix) with the suffix taken after adding lb), a = A (dO . v), P the prefix of a over the
     /// farther keys (from the pass-1 snapshot <paramref name="prefix"/>), dz = (1 - beta) a - beta (P + dRem rem)
     /// with beta and 1 - beta as 1 / (1 + 2^-|z|) and 2^-|z| / (1 + 2^-|z|) (never 1 - beta).
-    /// Keys e &gt;= <paramref name="visible"/> are not visible: lb, A, a and dz are 0 by selection.
+    /// Keys e &gt;= <paramref name="visible"/> are not visible: lb, A, a and dz are 0 by selection (the diagonal
+    /// row block and the last, partial one).
     /// On exit <paramref name="s"/> holds A and <paramref name="d"/> holds dz (unscaled).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -170,7 +171,8 @@ internal static partial class TensorCoreBackwardKeyKernel
     /// additions: 2^(z + suffix) with the suffix taken after adding lb), a = A (dO . v), P the prefix of a over the
     /// farther keys (from the pass-1 snapshot <paramref name="prefix"/>), dz = (1 - beta) a - beta (P + dRem rem)
     /// with beta and 1 - beta as 1 / (1 + 2^-|z|) and 2^-|z| / (1 + 2^-|z|) (never 1 - beta).
-    /// Keys e &gt;= <paramref name="visible"/> are not visible: lb, A, a and dz are 0 by selection.
+    /// Keys e &gt;= <paramref name="visible"/> are not visible: lb, A, a and dz are 0 by selection (the diagonal
+    /// row block and the last, partial one).
     /// On exit <paramref name="s"/> holds A and <paramref name="d"/> holds dz (unscaled).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -293,10 +295,271 @@ internal static partial class TensorCoreBackwardKeyKernel
     }
 
     /// <summary>
+    /// docs/math.md, "Backward", for one row (2g (fields C0, C1) of the warp's 16) and this thread's 8 consecutive keys
+    /// 8t .. 8t+7 of the snapshot tile, in base 2 for the logs: z = scale2 * s (scale2 = scale log2 e),
+    /// lb = log2(1 - beta), A = 2^(log2 beta + acc + sum of lb over the tile's nearer keys) (the forward's own
+    /// additions: 2^(z + suffix) with the suffix taken after adding lb), a = A (dO . v), P the prefix of a over the
+    /// farther keys (from the pass-1 snapshot <paramref name="prefix"/>), dz = (1 - beta) a - beta (P + dRem rem)
+    /// with beta and 1 - beta as 1 / (1 + 2^-|z|) and 2^-|z| / (1 + 2^-|z|) (never 1 - beta).
+    /// Every key is visible (a row block after the diagonal one with every row inside the sequence): the same
+    /// additions as the masked form without the selections.
+    /// On exit <paramref name="s"/> holds A and <paramref name="d"/> holds dz (unscaled).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void RowLoUnmasked(ref Tile4 s, ref Tile4 d, float scale2, float rowAcc, float prefix,
+        float dRemRem, int lane, int t)
+    {
+        float z0 = scale2 * s.N0.C0;
+        float l0 = LogSigmoids(z0, out float beta0, out float rest0);
+        float b0 = l0;
+        float z1 = scale2 * s.N0.C1;
+        float l1 = LogSigmoids(z1, out float beta1, out float rest1);
+        float b1 = l1;
+        float z2 = scale2 * s.N1.C0;
+        float l2 = LogSigmoids(z2, out float beta2, out float rest2);
+        float b2 = l2;
+        float z3 = scale2 * s.N1.C1;
+        float l3 = LogSigmoids(z3, out float beta3, out float rest3);
+        float b3 = l3;
+        float z4 = scale2 * s.N2.C0;
+        float l4 = LogSigmoids(z4, out float beta4, out float rest4);
+        float b4 = l4;
+        float z5 = scale2 * s.N2.C1;
+        float l5 = LogSigmoids(z5, out float beta5, out float rest5);
+        float b5 = l5;
+        float z6 = scale2 * s.N3.C0;
+        float l6 = LogSigmoids(z6, out float beta6, out float rest6);
+        float b6 = l6;
+        float z7 = scale2 * s.N3.C1;
+        float l7 = LogSigmoids(z7, out float beta7, out float rest7);
+        float b7 = l7;
+        float x = b7;
+        x += b6;
+        x += b5;
+        x += b4;
+        x += b3;
+        x += b2;
+        x += b1;
+        x += b0;
+        float suffix = rowAcc + QuadNearer(x, lane, t, out _);
+        suffix += b7;
+        float w7 = Exp2(z7 + suffix);
+        float A7 = w7;
+        float g7 = A7 * d.N3.C1;
+        float a7 = g7;
+        s.N3.C1 = A7;
+        suffix += b6;
+        float w6 = Exp2(z6 + suffix);
+        float A6 = w6;
+        float g6 = A6 * d.N3.C0;
+        float a6 = g6;
+        s.N3.C0 = A6;
+        suffix += b5;
+        float w5 = Exp2(z5 + suffix);
+        float A5 = w5;
+        float g5 = A5 * d.N2.C1;
+        float a5 = g5;
+        s.N2.C1 = A5;
+        suffix += b4;
+        float w4 = Exp2(z4 + suffix);
+        float A4 = w4;
+        float g4 = A4 * d.N2.C0;
+        float a4 = g4;
+        s.N2.C0 = A4;
+        suffix += b3;
+        float w3 = Exp2(z3 + suffix);
+        float A3 = w3;
+        float g3 = A3 * d.N1.C1;
+        float a3 = g3;
+        s.N1.C1 = A3;
+        suffix += b2;
+        float w2 = Exp2(z2 + suffix);
+        float A2 = w2;
+        float g2 = A2 * d.N1.C0;
+        float a2 = g2;
+        s.N1.C0 = A2;
+        suffix += b1;
+        float w1 = Exp2(z1 + suffix);
+        float A1 = w1;
+        float g1 = A1 * d.N0.C1;
+        float a1 = g1;
+        s.N0.C1 = A1;
+        suffix += b0;
+        float w0 = Exp2(z0 + suffix);
+        float A0 = w0;
+        float g0 = A0 * d.N0.C0;
+        float a0 = g0;
+        s.N0.C0 = A0;
+        float y = a0;
+        y += a1;
+        y += a2;
+        y += a3;
+        y += a4;
+        y += a5;
+        y += a6;
+        y += a7;
+        float p = prefix + QuadFarther(y, lane, t);
+        float dz0 = rest0 * a0 - beta0 * (p + dRemRem);
+        d.N0.C0 = dz0;
+        p += a0;
+        float dz1 = rest1 * a1 - beta1 * (p + dRemRem);
+        d.N0.C1 = dz1;
+        p += a1;
+        float dz2 = rest2 * a2 - beta2 * (p + dRemRem);
+        d.N1.C0 = dz2;
+        p += a2;
+        float dz3 = rest3 * a3 - beta3 * (p + dRemRem);
+        d.N1.C1 = dz3;
+        p += a3;
+        float dz4 = rest4 * a4 - beta4 * (p + dRemRem);
+        d.N2.C0 = dz4;
+        p += a4;
+        float dz5 = rest5 * a5 - beta5 * (p + dRemRem);
+        d.N2.C1 = dz5;
+        p += a5;
+        float dz6 = rest6 * a6 - beta6 * (p + dRemRem);
+        d.N3.C0 = dz6;
+        p += a6;
+        float dz7 = rest7 * a7 - beta7 * (p + dRemRem);
+        d.N3.C1 = dz7;
+    }
+
+    /// <summary>
+    /// docs/math.md, "Backward", for one row (2g + 1 (fields C2, C3) of the warp's 16) and this thread's 8 consecutive keys
+    /// 8t .. 8t+7 of the snapshot tile, in base 2 for the logs: z = scale2 * s (scale2 = scale log2 e),
+    /// lb = log2(1 - beta), A = 2^(log2 beta + acc + sum of lb over the tile's nearer keys) (the forward's own
+    /// additions: 2^(z + suffix) with the suffix taken after adding lb), a = A (dO . v), P the prefix of a over the
+    /// farther keys (from the pass-1 snapshot <paramref name="prefix"/>), dz = (1 - beta) a - beta (P + dRem rem)
+    /// with beta and 1 - beta as 1 / (1 + 2^-|z|) and 2^-|z| / (1 + 2^-|z|) (never 1 - beta).
+    /// Every key is visible (a row block after the diagonal one with every row inside the sequence): the same
+    /// additions as the masked form without the selections.
+    /// On exit <paramref name="s"/> holds A and <paramref name="d"/> holds dz (unscaled).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void RowHiUnmasked(ref Tile4 s, ref Tile4 d, float scale2, float rowAcc, float prefix,
+        float dRemRem, int lane, int t)
+    {
+        float z0 = scale2 * s.N0.C2;
+        float l0 = LogSigmoids(z0, out float beta0, out float rest0);
+        float b0 = l0;
+        float z1 = scale2 * s.N0.C3;
+        float l1 = LogSigmoids(z1, out float beta1, out float rest1);
+        float b1 = l1;
+        float z2 = scale2 * s.N1.C2;
+        float l2 = LogSigmoids(z2, out float beta2, out float rest2);
+        float b2 = l2;
+        float z3 = scale2 * s.N1.C3;
+        float l3 = LogSigmoids(z3, out float beta3, out float rest3);
+        float b3 = l3;
+        float z4 = scale2 * s.N2.C2;
+        float l4 = LogSigmoids(z4, out float beta4, out float rest4);
+        float b4 = l4;
+        float z5 = scale2 * s.N2.C3;
+        float l5 = LogSigmoids(z5, out float beta5, out float rest5);
+        float b5 = l5;
+        float z6 = scale2 * s.N3.C2;
+        float l6 = LogSigmoids(z6, out float beta6, out float rest6);
+        float b6 = l6;
+        float z7 = scale2 * s.N3.C3;
+        float l7 = LogSigmoids(z7, out float beta7, out float rest7);
+        float b7 = l7;
+        float x = b7;
+        x += b6;
+        x += b5;
+        x += b4;
+        x += b3;
+        x += b2;
+        x += b1;
+        x += b0;
+        float suffix = rowAcc + QuadNearer(x, lane, t, out _);
+        suffix += b7;
+        float w7 = Exp2(z7 + suffix);
+        float A7 = w7;
+        float g7 = A7 * d.N3.C3;
+        float a7 = g7;
+        s.N3.C3 = A7;
+        suffix += b6;
+        float w6 = Exp2(z6 + suffix);
+        float A6 = w6;
+        float g6 = A6 * d.N3.C2;
+        float a6 = g6;
+        s.N3.C2 = A6;
+        suffix += b5;
+        float w5 = Exp2(z5 + suffix);
+        float A5 = w5;
+        float g5 = A5 * d.N2.C3;
+        float a5 = g5;
+        s.N2.C3 = A5;
+        suffix += b4;
+        float w4 = Exp2(z4 + suffix);
+        float A4 = w4;
+        float g4 = A4 * d.N2.C2;
+        float a4 = g4;
+        s.N2.C2 = A4;
+        suffix += b3;
+        float w3 = Exp2(z3 + suffix);
+        float A3 = w3;
+        float g3 = A3 * d.N1.C3;
+        float a3 = g3;
+        s.N1.C3 = A3;
+        suffix += b2;
+        float w2 = Exp2(z2 + suffix);
+        float A2 = w2;
+        float g2 = A2 * d.N1.C2;
+        float a2 = g2;
+        s.N1.C2 = A2;
+        suffix += b1;
+        float w1 = Exp2(z1 + suffix);
+        float A1 = w1;
+        float g1 = A1 * d.N0.C3;
+        float a1 = g1;
+        s.N0.C3 = A1;
+        suffix += b0;
+        float w0 = Exp2(z0 + suffix);
+        float A0 = w0;
+        float g0 = A0 * d.N0.C2;
+        float a0 = g0;
+        s.N0.C2 = A0;
+        float y = a0;
+        y += a1;
+        y += a2;
+        y += a3;
+        y += a4;
+        y += a5;
+        y += a6;
+        y += a7;
+        float p = prefix + QuadFarther(y, lane, t);
+        float dz0 = rest0 * a0 - beta0 * (p + dRemRem);
+        d.N0.C2 = dz0;
+        p += a0;
+        float dz1 = rest1 * a1 - beta1 * (p + dRemRem);
+        d.N0.C3 = dz1;
+        p += a1;
+        float dz2 = rest2 * a2 - beta2 * (p + dRemRem);
+        d.N1.C2 = dz2;
+        p += a2;
+        float dz3 = rest3 * a3 - beta3 * (p + dRemRem);
+        d.N1.C3 = dz3;
+        p += a3;
+        float dz4 = rest4 * a4 - beta4 * (p + dRemRem);
+        d.N2.C2 = dz4;
+        p += a4;
+        float dz5 = rest5 * a5 - beta5 * (p + dRemRem);
+        d.N2.C3 = dz5;
+        p += a5;
+        float dz6 = rest6 * a6 - beta6 * (p + dRemRem);
+        d.N3.C2 = dz6;
+        p += a6;
+        float dz7 = rest7 * a7 - beta7 * (p + dRemRem);
+        d.N3.C3 = dz7;
+    }
+
+    /// <summary>
     /// Stores A (in <paramref name="s"/>) and dz (in <paramref name="d"/>) of this thread's rows 2g, 2g+1 and keys
-    /// 8t + e TRANSPOSED into the scratch: one word (row 2g low, row 2g+1 high) per key and matrix, at key row
-    /// 8t + e of the views (<paramref name="even"/> for even e, <paramref name="odd"/> for odd e: the chunk swizzle
-    /// differs). With <paramref name="split"/> also the residuals x - round(x), rounded.
+    /// 8t + e TRANSPOSED into the scratch: one word (row 2g low, row 2g+1 high) per key and matrix, in the phase-B
+    /// fragment layout (key 8t + e is fragment lane 4e + .., 4 words apart per e: word 16e of the views,
+    /// <paramref name="even"/> for even e, <paramref name="odd"/> for odd e, as the lane swizzle differs).
+    /// With <paramref name="split"/> also the residuals x - round(x), rounded.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreScratch<TStorage>(in Tile4 s, in Tile4 d, bool split, ArrayView<uint> even, ArrayView<uint> odd)
@@ -378,225 +641,225 @@ internal static partial class TensorCoreBackwardKeyKernel
 
     /// <summary>
     /// acc += X^T R over the 64 rows of the block for this warp's 16 keys (M) and the head dimension (N, n-tile n:
-    /// columns 8n .. 8n+7), X = A or dz from the scratch (g0, g1: key g, chunks of k-steps 0-1 and 2-3; h0, h1: key
-    /// g + 8), R = dO or Q from the transposed staging (<paramref name="columns"/>: this thread's chunk of k-steps
+    /// columns 8n .. 8n+7), X = A or dz from the scratch (f0 .. f3: the A fragments of k-steps 0 .. 3, each one 16-byte
+    /// load), R = dO or Q from the transposed staging (<paramref name="columns"/>: this thread's chunk of k-steps
     /// 0-1 at column g of n-tile 0; <paramref name="columnsNext"/>: k-steps 2-3). Four mma per n-tile, eight with
-    /// <paramref name="split"/> (the residual fragments lg, lh times the same R fragments).
+    /// <paramref name="split"/> (the residual fragments l0 .. l3 times the same R fragments).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Accumulate<TStorage>(ref Tile16 acc, U4 g0, U4 g1, U4 h0, U4 h1, bool split, U4 lg0, U4 lg1,
-        U4 lh0, U4 lh1, ArrayView<U4> columns, ArrayView<U4> columnsNext, bool wide, ArrayView<uint> shared, int emu)
+    private static void Accumulate<TStorage>(ref Tile16 acc, U4 f0, U4 f1, U4 f2, U4 f3, bool split, U4 l0, U4 l1,
+        U4 l2, U4 l3, ArrayView<U4> columns, ArrayView<U4> columnsNext, bool wide, ArrayView<uint> shared, int emu)
         where TStorage : struct, IStorage
     {
         U4 c0 = columns[0 * 8 * TransposedStrideU4];
         U4 e0 = columnsNext[0 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N0, g0.X0, h0.X0, g0.X1, h0.X1, c0.X0, c0.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N0, g0.X2, h0.X2, g0.X3, h0.X3, c0.X2, c0.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N0, g1.X0, h1.X0, g1.X1, h1.X1, e0.X0, e0.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N0, g1.X2, h1.X2, g1.X3, h1.X3, e0.X2, e0.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N0, f0.X0, f0.X1, f0.X2, f0.X3, c0.X0, c0.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N0, f1.X0, f1.X1, f1.X2, f1.X3, c0.X2, c0.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N0, f2.X0, f2.X1, f2.X2, f2.X3, e0.X0, e0.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N0, f3.X0, f3.X1, f3.X2, f3.X3, e0.X2, e0.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N0, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c0.X0, c0.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N0, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c0.X2, c0.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N0, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e0.X0, e0.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N0, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e0.X2, e0.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N0, l0.X0, l0.X1, l0.X2, l0.X3, c0.X0, c0.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N0, l1.X0, l1.X1, l1.X2, l1.X3, c0.X2, c0.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N0, l2.X0, l2.X1, l2.X2, l2.X3, e0.X0, e0.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N0, l3.X0, l3.X1, l3.X2, l3.X3, e0.X2, e0.X3, shared, emu);
         }
         U4 c1 = columns[1 * 8 * TransposedStrideU4];
         U4 e1 = columnsNext[1 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N1, g0.X0, h0.X0, g0.X1, h0.X1, c1.X0, c1.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N1, g0.X2, h0.X2, g0.X3, h0.X3, c1.X2, c1.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N1, g1.X0, h1.X0, g1.X1, h1.X1, e1.X0, e1.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N1, g1.X2, h1.X2, g1.X3, h1.X3, e1.X2, e1.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N1, f0.X0, f0.X1, f0.X2, f0.X3, c1.X0, c1.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N1, f1.X0, f1.X1, f1.X2, f1.X3, c1.X2, c1.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N1, f2.X0, f2.X1, f2.X2, f2.X3, e1.X0, e1.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N1, f3.X0, f3.X1, f3.X2, f3.X3, e1.X2, e1.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N1, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c1.X0, c1.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N1, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c1.X2, c1.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N1, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e1.X0, e1.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N1, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e1.X2, e1.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N1, l0.X0, l0.X1, l0.X2, l0.X3, c1.X0, c1.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N1, l1.X0, l1.X1, l1.X2, l1.X3, c1.X2, c1.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N1, l2.X0, l2.X1, l2.X2, l2.X3, e1.X0, e1.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N1, l3.X0, l3.X1, l3.X2, l3.X3, e1.X2, e1.X3, shared, emu);
         }
         U4 c2 = columns[2 * 8 * TransposedStrideU4];
         U4 e2 = columnsNext[2 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N2, g0.X0, h0.X0, g0.X1, h0.X1, c2.X0, c2.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N2, g0.X2, h0.X2, g0.X3, h0.X3, c2.X2, c2.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N2, g1.X0, h1.X0, g1.X1, h1.X1, e2.X0, e2.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N2, g1.X2, h1.X2, g1.X3, h1.X3, e2.X2, e2.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N2, f0.X0, f0.X1, f0.X2, f0.X3, c2.X0, c2.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N2, f1.X0, f1.X1, f1.X2, f1.X3, c2.X2, c2.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N2, f2.X0, f2.X1, f2.X2, f2.X3, e2.X0, e2.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N2, f3.X0, f3.X1, f3.X2, f3.X3, e2.X2, e2.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N2, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c2.X0, c2.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N2, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c2.X2, c2.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N2, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e2.X0, e2.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N2, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e2.X2, e2.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N2, l0.X0, l0.X1, l0.X2, l0.X3, c2.X0, c2.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N2, l1.X0, l1.X1, l1.X2, l1.X3, c2.X2, c2.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N2, l2.X0, l2.X1, l2.X2, l2.X3, e2.X0, e2.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N2, l3.X0, l3.X1, l3.X2, l3.X3, e2.X2, e2.X3, shared, emu);
         }
         U4 c3 = columns[3 * 8 * TransposedStrideU4];
         U4 e3 = columnsNext[3 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N3, g0.X0, h0.X0, g0.X1, h0.X1, c3.X0, c3.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N3, g0.X2, h0.X2, g0.X3, h0.X3, c3.X2, c3.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N3, g1.X0, h1.X0, g1.X1, h1.X1, e3.X0, e3.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N3, g1.X2, h1.X2, g1.X3, h1.X3, e3.X2, e3.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N3, f0.X0, f0.X1, f0.X2, f0.X3, c3.X0, c3.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N3, f1.X0, f1.X1, f1.X2, f1.X3, c3.X2, c3.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N3, f2.X0, f2.X1, f2.X2, f2.X3, e3.X0, e3.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N3, f3.X0, f3.X1, f3.X2, f3.X3, e3.X2, e3.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N3, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c3.X0, c3.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N3, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c3.X2, c3.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N3, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e3.X0, e3.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N3, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e3.X2, e3.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N3, l0.X0, l0.X1, l0.X2, l0.X3, c3.X0, c3.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N3, l1.X0, l1.X1, l1.X2, l1.X3, c3.X2, c3.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N3, l2.X0, l2.X1, l2.X2, l2.X3, e3.X0, e3.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N3, l3.X0, l3.X1, l3.X2, l3.X3, e3.X2, e3.X3, shared, emu);
         }
         U4 c4 = columns[4 * 8 * TransposedStrideU4];
         U4 e4 = columnsNext[4 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N4, g0.X0, h0.X0, g0.X1, h0.X1, c4.X0, c4.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N4, g0.X2, h0.X2, g0.X3, h0.X3, c4.X2, c4.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N4, g1.X0, h1.X0, g1.X1, h1.X1, e4.X0, e4.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N4, g1.X2, h1.X2, g1.X3, h1.X3, e4.X2, e4.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N4, f0.X0, f0.X1, f0.X2, f0.X3, c4.X0, c4.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N4, f1.X0, f1.X1, f1.X2, f1.X3, c4.X2, c4.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N4, f2.X0, f2.X1, f2.X2, f2.X3, e4.X0, e4.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N4, f3.X0, f3.X1, f3.X2, f3.X3, e4.X2, e4.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N4, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c4.X0, c4.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N4, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c4.X2, c4.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N4, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e4.X0, e4.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N4, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e4.X2, e4.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N4, l0.X0, l0.X1, l0.X2, l0.X3, c4.X0, c4.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N4, l1.X0, l1.X1, l1.X2, l1.X3, c4.X2, c4.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N4, l2.X0, l2.X1, l2.X2, l2.X3, e4.X0, e4.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N4, l3.X0, l3.X1, l3.X2, l3.X3, e4.X2, e4.X3, shared, emu);
         }
         U4 c5 = columns[5 * 8 * TransposedStrideU4];
         U4 e5 = columnsNext[5 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N5, g0.X0, h0.X0, g0.X1, h0.X1, c5.X0, c5.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N5, g0.X2, h0.X2, g0.X3, h0.X3, c5.X2, c5.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N5, g1.X0, h1.X0, g1.X1, h1.X1, e5.X0, e5.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N5, g1.X2, h1.X2, g1.X3, h1.X3, e5.X2, e5.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N5, f0.X0, f0.X1, f0.X2, f0.X3, c5.X0, c5.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N5, f1.X0, f1.X1, f1.X2, f1.X3, c5.X2, c5.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N5, f2.X0, f2.X1, f2.X2, f2.X3, e5.X0, e5.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N5, f3.X0, f3.X1, f3.X2, f3.X3, e5.X2, e5.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N5, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c5.X0, c5.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N5, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c5.X2, c5.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N5, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e5.X0, e5.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N5, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e5.X2, e5.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N5, l0.X0, l0.X1, l0.X2, l0.X3, c5.X0, c5.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N5, l1.X0, l1.X1, l1.X2, l1.X3, c5.X2, c5.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N5, l2.X0, l2.X1, l2.X2, l2.X3, e5.X0, e5.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N5, l3.X0, l3.X1, l3.X2, l3.X3, e5.X2, e5.X3, shared, emu);
         }
         U4 c6 = columns[6 * 8 * TransposedStrideU4];
         U4 e6 = columnsNext[6 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N6, g0.X0, h0.X0, g0.X1, h0.X1, c6.X0, c6.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N6, g0.X2, h0.X2, g0.X3, h0.X3, c6.X2, c6.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N6, g1.X0, h1.X0, g1.X1, h1.X1, e6.X0, e6.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N6, g1.X2, h1.X2, g1.X3, h1.X3, e6.X2, e6.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N6, f0.X0, f0.X1, f0.X2, f0.X3, c6.X0, c6.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N6, f1.X0, f1.X1, f1.X2, f1.X3, c6.X2, c6.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N6, f2.X0, f2.X1, f2.X2, f2.X3, e6.X0, e6.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N6, f3.X0, f3.X1, f3.X2, f3.X3, e6.X2, e6.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N6, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c6.X0, c6.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N6, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c6.X2, c6.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N6, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e6.X0, e6.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N6, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e6.X2, e6.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N6, l0.X0, l0.X1, l0.X2, l0.X3, c6.X0, c6.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N6, l1.X0, l1.X1, l1.X2, l1.X3, c6.X2, c6.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N6, l2.X0, l2.X1, l2.X2, l2.X3, e6.X0, e6.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N6, l3.X0, l3.X1, l3.X2, l3.X3, e6.X2, e6.X3, shared, emu);
         }
         U4 c7 = columns[7 * 8 * TransposedStrideU4];
         U4 e7 = columnsNext[7 * 8 * TransposedStrideU4];
-        Mma.Run<TStorage>(ref acc.N7, g0.X0, h0.X0, g0.X1, h0.X1, c7.X0, c7.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N7, g0.X2, h0.X2, g0.X3, h0.X3, c7.X2, c7.X3, shared, emu);
-        Mma.Run<TStorage>(ref acc.N7, g1.X0, h1.X0, g1.X1, h1.X1, e7.X0, e7.X1, shared, emu);
-        Mma.Run<TStorage>(ref acc.N7, g1.X2, h1.X2, g1.X3, h1.X3, e7.X2, e7.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N7, f0.X0, f0.X1, f0.X2, f0.X3, c7.X0, c7.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N7, f1.X0, f1.X1, f1.X2, f1.X3, c7.X2, c7.X3, shared, emu);
+        Mma.Run<TStorage>(ref acc.N7, f2.X0, f2.X1, f2.X2, f2.X3, e7.X0, e7.X1, shared, emu);
+        Mma.Run<TStorage>(ref acc.N7, f3.X0, f3.X1, f3.X2, f3.X3, e7.X2, e7.X3, shared, emu);
         if (split)
         {
-            Mma.Run<TStorage>(ref acc.N7, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c7.X0, c7.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N7, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c7.X2, c7.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N7, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e7.X0, e7.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N7, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e7.X2, e7.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N7, l0.X0, l0.X1, l0.X2, l0.X3, c7.X0, c7.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N7, l1.X0, l1.X1, l1.X2, l1.X3, c7.X2, c7.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N7, l2.X0, l2.X1, l2.X2, l2.X3, e7.X0, e7.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N7, l3.X0, l3.X1, l3.X2, l3.X3, e7.X2, e7.X3, shared, emu);
         }
         if (wide)
         {
             U4 c8 = columns[8 * 8 * TransposedStrideU4];
             U4 e8 = columnsNext[8 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N8, g0.X0, h0.X0, g0.X1, h0.X1, c8.X0, c8.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N8, g0.X2, h0.X2, g0.X3, h0.X3, c8.X2, c8.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N8, g1.X0, h1.X0, g1.X1, h1.X1, e8.X0, e8.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N8, g1.X2, h1.X2, g1.X3, h1.X3, e8.X2, e8.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N8, f0.X0, f0.X1, f0.X2, f0.X3, c8.X0, c8.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N8, f1.X0, f1.X1, f1.X2, f1.X3, c8.X2, c8.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N8, f2.X0, f2.X1, f2.X2, f2.X3, e8.X0, e8.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N8, f3.X0, f3.X1, f3.X2, f3.X3, e8.X2, e8.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N8, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c8.X0, c8.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N8, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c8.X2, c8.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N8, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e8.X0, e8.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N8, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e8.X2, e8.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N8, l0.X0, l0.X1, l0.X2, l0.X3, c8.X0, c8.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N8, l1.X0, l1.X1, l1.X2, l1.X3, c8.X2, c8.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N8, l2.X0, l2.X1, l2.X2, l2.X3, e8.X0, e8.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N8, l3.X0, l3.X1, l3.X2, l3.X3, e8.X2, e8.X3, shared, emu);
             }
             U4 c9 = columns[9 * 8 * TransposedStrideU4];
             U4 e9 = columnsNext[9 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N9, g0.X0, h0.X0, g0.X1, h0.X1, c9.X0, c9.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N9, g0.X2, h0.X2, g0.X3, h0.X3, c9.X2, c9.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N9, g1.X0, h1.X0, g1.X1, h1.X1, e9.X0, e9.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N9, g1.X2, h1.X2, g1.X3, h1.X3, e9.X2, e9.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N9, f0.X0, f0.X1, f0.X2, f0.X3, c9.X0, c9.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N9, f1.X0, f1.X1, f1.X2, f1.X3, c9.X2, c9.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N9, f2.X0, f2.X1, f2.X2, f2.X3, e9.X0, e9.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N9, f3.X0, f3.X1, f3.X2, f3.X3, e9.X2, e9.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N9, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c9.X0, c9.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N9, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c9.X2, c9.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N9, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e9.X0, e9.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N9, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e9.X2, e9.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N9, l0.X0, l0.X1, l0.X2, l0.X3, c9.X0, c9.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N9, l1.X0, l1.X1, l1.X2, l1.X3, c9.X2, c9.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N9, l2.X0, l2.X1, l2.X2, l2.X3, e9.X0, e9.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N9, l3.X0, l3.X1, l3.X2, l3.X3, e9.X2, e9.X3, shared, emu);
             }
             U4 c10 = columns[10 * 8 * TransposedStrideU4];
             U4 e10 = columnsNext[10 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N10, g0.X0, h0.X0, g0.X1, h0.X1, c10.X0, c10.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N10, g0.X2, h0.X2, g0.X3, h0.X3, c10.X2, c10.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N10, g1.X0, h1.X0, g1.X1, h1.X1, e10.X0, e10.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N10, g1.X2, h1.X2, g1.X3, h1.X3, e10.X2, e10.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N10, f0.X0, f0.X1, f0.X2, f0.X3, c10.X0, c10.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N10, f1.X0, f1.X1, f1.X2, f1.X3, c10.X2, c10.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N10, f2.X0, f2.X1, f2.X2, f2.X3, e10.X0, e10.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N10, f3.X0, f3.X1, f3.X2, f3.X3, e10.X2, e10.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N10, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c10.X0, c10.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N10, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c10.X2, c10.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N10, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e10.X0, e10.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N10, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e10.X2, e10.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N10, l0.X0, l0.X1, l0.X2, l0.X3, c10.X0, c10.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N10, l1.X0, l1.X1, l1.X2, l1.X3, c10.X2, c10.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N10, l2.X0, l2.X1, l2.X2, l2.X3, e10.X0, e10.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N10, l3.X0, l3.X1, l3.X2, l3.X3, e10.X2, e10.X3, shared, emu);
             }
             U4 c11 = columns[11 * 8 * TransposedStrideU4];
             U4 e11 = columnsNext[11 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N11, g0.X0, h0.X0, g0.X1, h0.X1, c11.X0, c11.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N11, g0.X2, h0.X2, g0.X3, h0.X3, c11.X2, c11.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N11, g1.X0, h1.X0, g1.X1, h1.X1, e11.X0, e11.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N11, g1.X2, h1.X2, g1.X3, h1.X3, e11.X2, e11.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N11, f0.X0, f0.X1, f0.X2, f0.X3, c11.X0, c11.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N11, f1.X0, f1.X1, f1.X2, f1.X3, c11.X2, c11.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N11, f2.X0, f2.X1, f2.X2, f2.X3, e11.X0, e11.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N11, f3.X0, f3.X1, f3.X2, f3.X3, e11.X2, e11.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N11, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c11.X0, c11.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N11, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c11.X2, c11.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N11, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e11.X0, e11.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N11, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e11.X2, e11.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N11, l0.X0, l0.X1, l0.X2, l0.X3, c11.X0, c11.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N11, l1.X0, l1.X1, l1.X2, l1.X3, c11.X2, c11.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N11, l2.X0, l2.X1, l2.X2, l2.X3, e11.X0, e11.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N11, l3.X0, l3.X1, l3.X2, l3.X3, e11.X2, e11.X3, shared, emu);
             }
             U4 c12 = columns[12 * 8 * TransposedStrideU4];
             U4 e12 = columnsNext[12 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N12, g0.X0, h0.X0, g0.X1, h0.X1, c12.X0, c12.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N12, g0.X2, h0.X2, g0.X3, h0.X3, c12.X2, c12.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N12, g1.X0, h1.X0, g1.X1, h1.X1, e12.X0, e12.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N12, g1.X2, h1.X2, g1.X3, h1.X3, e12.X2, e12.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N12, f0.X0, f0.X1, f0.X2, f0.X3, c12.X0, c12.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N12, f1.X0, f1.X1, f1.X2, f1.X3, c12.X2, c12.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N12, f2.X0, f2.X1, f2.X2, f2.X3, e12.X0, e12.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N12, f3.X0, f3.X1, f3.X2, f3.X3, e12.X2, e12.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N12, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c12.X0, c12.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N12, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c12.X2, c12.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N12, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e12.X0, e12.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N12, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e12.X2, e12.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N12, l0.X0, l0.X1, l0.X2, l0.X3, c12.X0, c12.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N12, l1.X0, l1.X1, l1.X2, l1.X3, c12.X2, c12.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N12, l2.X0, l2.X1, l2.X2, l2.X3, e12.X0, e12.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N12, l3.X0, l3.X1, l3.X2, l3.X3, e12.X2, e12.X3, shared, emu);
             }
             U4 c13 = columns[13 * 8 * TransposedStrideU4];
             U4 e13 = columnsNext[13 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N13, g0.X0, h0.X0, g0.X1, h0.X1, c13.X0, c13.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N13, g0.X2, h0.X2, g0.X3, h0.X3, c13.X2, c13.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N13, g1.X0, h1.X0, g1.X1, h1.X1, e13.X0, e13.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N13, g1.X2, h1.X2, g1.X3, h1.X3, e13.X2, e13.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N13, f0.X0, f0.X1, f0.X2, f0.X3, c13.X0, c13.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N13, f1.X0, f1.X1, f1.X2, f1.X3, c13.X2, c13.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N13, f2.X0, f2.X1, f2.X2, f2.X3, e13.X0, e13.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N13, f3.X0, f3.X1, f3.X2, f3.X3, e13.X2, e13.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N13, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c13.X0, c13.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N13, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c13.X2, c13.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N13, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e13.X0, e13.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N13, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e13.X2, e13.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N13, l0.X0, l0.X1, l0.X2, l0.X3, c13.X0, c13.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N13, l1.X0, l1.X1, l1.X2, l1.X3, c13.X2, c13.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N13, l2.X0, l2.X1, l2.X2, l2.X3, e13.X0, e13.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N13, l3.X0, l3.X1, l3.X2, l3.X3, e13.X2, e13.X3, shared, emu);
             }
             U4 c14 = columns[14 * 8 * TransposedStrideU4];
             U4 e14 = columnsNext[14 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N14, g0.X0, h0.X0, g0.X1, h0.X1, c14.X0, c14.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N14, g0.X2, h0.X2, g0.X3, h0.X3, c14.X2, c14.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N14, g1.X0, h1.X0, g1.X1, h1.X1, e14.X0, e14.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N14, g1.X2, h1.X2, g1.X3, h1.X3, e14.X2, e14.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N14, f0.X0, f0.X1, f0.X2, f0.X3, c14.X0, c14.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N14, f1.X0, f1.X1, f1.X2, f1.X3, c14.X2, c14.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N14, f2.X0, f2.X1, f2.X2, f2.X3, e14.X0, e14.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N14, f3.X0, f3.X1, f3.X2, f3.X3, e14.X2, e14.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N14, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c14.X0, c14.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N14, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c14.X2, c14.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N14, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e14.X0, e14.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N14, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e14.X2, e14.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N14, l0.X0, l0.X1, l0.X2, l0.X3, c14.X0, c14.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N14, l1.X0, l1.X1, l1.X2, l1.X3, c14.X2, c14.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N14, l2.X0, l2.X1, l2.X2, l2.X3, e14.X0, e14.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N14, l3.X0, l3.X1, l3.X2, l3.X3, e14.X2, e14.X3, shared, emu);
             }
             U4 c15 = columns[15 * 8 * TransposedStrideU4];
             U4 e15 = columnsNext[15 * 8 * TransposedStrideU4];
-            Mma.Run<TStorage>(ref acc.N15, g0.X0, h0.X0, g0.X1, h0.X1, c15.X0, c15.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N15, g0.X2, h0.X2, g0.X3, h0.X3, c15.X2, c15.X3, shared, emu);
-            Mma.Run<TStorage>(ref acc.N15, g1.X0, h1.X0, g1.X1, h1.X1, e15.X0, e15.X1, shared, emu);
-            Mma.Run<TStorage>(ref acc.N15, g1.X2, h1.X2, g1.X3, h1.X3, e15.X2, e15.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N15, f0.X0, f0.X1, f0.X2, f0.X3, c15.X0, c15.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N15, f1.X0, f1.X1, f1.X2, f1.X3, c15.X2, c15.X3, shared, emu);
+            Mma.Run<TStorage>(ref acc.N15, f2.X0, f2.X1, f2.X2, f2.X3, e15.X0, e15.X1, shared, emu);
+            Mma.Run<TStorage>(ref acc.N15, f3.X0, f3.X1, f3.X2, f3.X3, e15.X2, e15.X3, shared, emu);
             if (split)
             {
-                Mma.Run<TStorage>(ref acc.N15, lg0.X0, lh0.X0, lg0.X1, lh0.X1, c15.X0, c15.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N15, lg0.X2, lh0.X2, lg0.X3, lh0.X3, c15.X2, c15.X3, shared, emu);
-                Mma.Run<TStorage>(ref acc.N15, lg1.X0, lh1.X0, lg1.X1, lh1.X1, e15.X0, e15.X1, shared, emu);
-                Mma.Run<TStorage>(ref acc.N15, lg1.X2, lh1.X2, lg1.X3, lh1.X3, e15.X2, e15.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N15, l0.X0, l0.X1, l0.X2, l0.X3, c15.X0, c15.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N15, l1.X0, l1.X1, l1.X2, l1.X3, c15.X2, c15.X3, shared, emu);
+                Mma.Run<TStorage>(ref acc.N15, l2.X0, l2.X1, l2.X2, l2.X3, e15.X0, e15.X1, shared, emu);
+                Mma.Run<TStorage>(ref acc.N15, l3.X0, l3.X1, l3.X2, l3.X3, e15.X2, e15.X3, shared, emu);
             }
         }
     }

@@ -36,10 +36,12 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// </para>
 /// <para>
 /// Layouts. The 64 rows are stored as 32 row pairs per 32-bit word; the K dimension of the phase-B mma is permuted so
-/// that the eight words a thread needs for the four k-steps (pair 8 ks + 4 h + t at word 8t + 2ks + h) are two
-/// consecutive 16-byte chunks: every phase-B fragment is one 16-byte load feeding two mma. The chunks are XOR-swizzled
-/// (chunk ^ (d &amp; 1) in Q^T and dO^T, chunk ^ ((key ^ key &gt;&gt; 3) &amp; 1) in the scratch) so that the 16-byte
-/// loads of phase B are conflict-free and the transposed word stores of phase A hit each bank at most twice. The
+/// that the eight words of Q^T or dO^T a thread needs for the four k-steps (pair 8 ks + 4 h + t at word 8t + 2ks + h)
+/// are two consecutive 16-byte chunks (chunk ^ (d &amp; 1) swizzled: conflict-free loads), each feeding two mma. The
+/// scratch is kept in phase B's fragment order (the four words of a lane's A fragment of one k-step, keys g and
+/// g + 8, adjacent): one 16-byte load per k-step straight into the mma's operand registers (an [key][row] layout
+/// needed four register moves per mma to assemble them); phase A's 32-bit stores into it are conflict-free (a lane
+/// swizzle by bit 4 of the key). The
 /// staging of a row block (Q and dO as phase-A fragments, Q^T and dO^T) is done by row pairs: lane P of each warp
 /// loads rows 2P and 2P+1 of one 16-byte column piece and writes both layouts from them (conflict-free: the fragment
 /// slot of thread (g, t) is permuted as 4g + ((t + g / 2) &amp; 3)). The next row block's pieces are loaded from
@@ -82,7 +84,8 @@ internal static partial class TensorCoreBackwardKeyKernel
     /// <summary>Words per row of Q^T, dO^T ([d][row pair]) and of the scratch ([key][row pair]): 64 rows.</summary>
     private const int TransposedStride = 32;
     private const int TransposedStrideU4 = TransposedStride / 4;
-    private const int ScratchStride = TransposedStride;
+    /// <summary>Words between the scratch words of keys 8t + e and 8t + e + 1 of a thread (fragment lanes 4e + ..).</summary>
+    private const int ScratchStride = 16;
     /// <summary>16-byte vectors per warp area of the staged fragments: 8 k-steps (D = 128) of 32 lanes.</summary>
     private const int FragmentVectors = 8 * 32;
 
@@ -97,7 +100,7 @@ internal static partial class TensorCoreBackwardKeyKernel
     private const int DOtOffset = QtOffset + 2 * TransposedWords;
     private const int ScratchOffset = DOtOffset + 2 * TransposedWords;
     /// <summary>dz^T after A^T in the scratch (words).</summary>
-    private const int DzScratch = KeyBlock * ScratchStride;
+    private const int DzScratch = KeyBlock * TransposedStride;
     /// <summary>The residuals (split weights) after A^T and dz^T.</summary>
     private const int LowScratch = 2 * DzScratch;
     /// <summary>Per column of Q (then of dO): 1 + the last diagonal-block row holding a non-finite value there, 0 if none.</summary>
@@ -147,26 +150,24 @@ internal static partial class TensorCoreBackwardKeyKernel
         int keyRow = 32 * st + 8 * (g >> 1) + (g & 1);
         int kAt = KOffset / 4 + keyRow * RowStrideU4 + t, vAt = VOffset / 4 + keyRow * RowStrideU4 + t;
         int tileFirst = key0 + 32 * st, firstKey = tileFirst + 8 * t, snapshotTile = 2 * block + st;
-        // The thread's row pair (2g, 2g+1) as scratch word 8 (g % 4) + 2 ws + g / 4 of each key row, chunk-swizzled
-        // by (key ^ key >> 3) & 1 = (e ^ t) & 1 for key 32 st + 8t + e.
-        int pairWord = 8 * (g & 3) + 2 * ws + (g >> 2);
-        int scratchRow = ScratchOffset + (32 * st + 8 * t) * ScratchStride;
-        var evenKeys = shared.SubView(scratchRow + (pairWord ^ (4 * (t & 1))));
-        var oddKeys = shared.SubView(scratchRow + (pairWord ^ (4 * ((t & 1) ^ 1))));
+        // The scratch holds A^T and dz^T in the phase-B fragment layout: key k (of 64), row pair L (of 32) at word
+        // 512 (k / 16) + 128 (L / 8) + 4 lane' + (k / 8) % 2 + 2 ((L / 4) % 2), lane' = (4 (k % 8) + L % 4) ^ (4 ((k / 16) % 2))
+        // (the swizzle spreads phase A's stores over all 32 banks). This thread's pair L = 8 ws + g, keys 32 st + 8t + e.
+        int keyGroup = 2 * st + (t >> 1), laneSwizzle = 16 * (t >> 1);
+        int scratchAt = ScratchOffset + 512 * keyGroup + 128 * ws + 4 * (g & 3) + (t & 1) + 2 * (g >> 2);
+        var evenKeys = shared.SubView(scratchAt + laneSwizzle);
+        var oddKeys = shared.SubView(scratchAt - laneSwizzle);
         float scale2 = a.Scale * Log2E;
 
         // Phase B: dv (warps 0-3) or dk (warps 4-7) of keys 16 (w % 4) + g and + 8.
         bool dvWarp = warp < 4;
-        int keyG = 16 * ws + g, keyH = keyG + 8;
-        int swizzleG = (keyG ^ (keyG >> 3)) & 1, swizzleH = (keyH ^ (keyH >> 3)) & 1;
-        int matrix = (ScratchOffset + (dvWarp ? 0 : DzScratch)) / 4;
-        int gAt0 = matrix + keyG * TransposedStrideU4 + ((2 * t) ^ swizzleG);
-        int gAt1 = matrix + keyG * TransposedStrideU4 + ((2 * t + 1) ^ swizzleG);
-        int hAt0 = matrix + keyH * TransposedStrideU4 + ((2 * t) ^ swizzleH);
-        int hAt1 = matrix + keyH * TransposedStrideU4 + ((2 * t + 1) ^ swizzleH);
+        int fragmentAt = (ScratchOffset + (dvWarp ? 0 : DzScratch)) / 4 + 128 * ws + (lane ^ (4 * (ws & 1)));
         int columnAt = (dvWarp ? DOtOffset : QtOffset) / 4 + g * TransposedStrideU4;
         int columnAt0 = columnAt + ((2 * t) ^ (g & 1)), columnAt1 = columnAt + ((2 * t + 1) ^ (g & 1));
         var acc = new Tile16();
+        // The snapshots and statistics of the thread's two rows, loaded one row block ahead (during phase B).
+        var inputsLo = LoadRow(a, head, key0 + 16 * ws + 2 * g, tileFirst, snapshotTile);
+        var inputsHi = LoadRow(a, head, key0 + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
 
         for (int rowBlock = block; rowBlock < rowBlocks; rowBlock++)
         {
@@ -178,28 +179,41 @@ internal static partial class TensorCoreBackwardKeyKernel
                 Products<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
                 Products<TStorage>(ref d, vectors.SubView(doAt + 64 * m), vectors.SubView(vAt + 4 * m), shared, emu);
             }
-            int rowLo = row0 + 16 * ws + 2 * g, rowHi = rowLo + 1;
-            int visibleLo = RowInputs(a, head, rowLo, tileFirst, firstKey, snapshotTile, out float accLo, out float prefixLo, out float dRemRemLo);
-            int visibleHi = RowInputs(a, head, rowHi, tileFirst, firstKey, snapshotTile, out float accHi, out float prefixHi, out float dRemRemHi);
-            RowLo(ref s, ref d, scale2, visibleLo, accLo, prefixLo, dRemRemLo, lane, t);
-            RowHi(ref s, ref d, scale2, visibleHi, accHi, prefixHi, dRemRemHi, lane, t);
+            float accLo = inputsLo.Acc * Log2E, accHi = inputsHi.Acc * Log2E;
+            float dRemRemLo = inputsLo.DRem * MathF.Exp(inputsLo.LogRem), dRemRemHi = inputsHi.DRem * MathF.Exp(inputsHi.LogRem);
+            // Only the diagonal row block and a last one that reaches past T have keys some of their rows do not see.
+            if (rowBlock == block || row0 + BlockRows > T)
+            {
+                int rowLo = row0 + 16 * ws + 2 * g, rowHi = rowLo + 1;
+                int visibleLo = (rowLo < T ? rowLo + attendCurrent : 0) - firstKey;
+                int visibleHi = (rowHi < T ? rowHi + attendCurrent : 0) - firstKey;
+                RowLo(ref s, ref d, scale2, visibleLo, accLo, inputsLo.Prefix, dRemRemLo, lane, t);
+                RowHi(ref s, ref d, scale2, visibleHi, accHi, inputsHi.Prefix, dRemRemHi, lane, t);
+            }
+            else
+            {
+                RowLoUnmasked(ref s, ref d, scale2, accLo, inputsLo.Prefix, dRemRemLo, lane, t);
+                RowHiUnmasked(ref s, ref d, scale2, accHi, inputsHi.Prefix, dRemRemHi, lane, t);
+            }
             StoreScratch<TStorage>(s, d, split, evenKeys, oddKeys);
             Group.Barrier();
 
             // The next row block's pieces, loaded during phase B and stored after it (into the other Q^T / dO^T buffer).
             int next = rowBlock + 1;
             pieces = LoadRowPairs(a, headBase, next * BlockRows, next < rowBlocks ? T : 0, D, warp, lane);
+            inputsLo = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g, tileFirst, snapshotTile);
+            inputsHi = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
             int buffer = (rowBlock & 1) * (TransposedWords / 4);
-            U4 g0 = vectors[gAt0], g1 = vectors[gAt1], h0 = vectors[hAt0], h1 = vectors[hAt1];
-            U4 lg0 = default, lg1 = default, lh0 = default, lh1 = default;
+            U4 f0 = vectors[fragmentAt], f1 = vectors[fragmentAt + 32], f2 = vectors[fragmentAt + 64], f3 = vectors[fragmentAt + 96];
+            U4 l0 = default, l1 = default, l2 = default, l3 = default;
             if (split)
             {
-                lg0 = vectors[gAt0 + LowScratch / 4];
-                lg1 = vectors[gAt1 + LowScratch / 4];
-                lh0 = vectors[hAt0 + LowScratch / 4];
-                lh1 = vectors[hAt1 + LowScratch / 4];
+                l0 = vectors[fragmentAt + LowScratch / 4];
+                l1 = vectors[fragmentAt + LowScratch / 4 + 32];
+                l2 = vectors[fragmentAt + LowScratch / 4 + 64];
+                l3 = vectors[fragmentAt + LowScratch / 4 + 96];
             }
-            Accumulate<TStorage>(ref acc, g0, g1, h0, h1, split, lg0, lg1, lh0, lh1,
+            Accumulate<TStorage>(ref acc, f0, f1, f2, f3, split, l0, l1, l2, l3,
                 vectors.SubView(columnAt0 + buffer), vectors.SubView(columnAt1 + buffer), wide, shared, emu);
             if (next < rowBlocks)
                 StorePieces(ref pieces, shared, next & 1, false, D, warp, lane, exponentMask);
@@ -223,28 +237,25 @@ internal static partial class TensorCoreBackwardKeyKernel
     }
 
     /// <summary>
-    /// What one row brings to a snapshot tile: returns how many of this thread's keys (from <paramref name="firstKey"/>)
-    /// the row sees (may be negative or above 8), and, where the row sees the tile's first key (else 0): its acc before
-    /// the tile (base 2), its prefix P before the tile; dRem rem of the row (0 past T).
+    /// What one row brings to a snapshot tile where it sees the tile's first key (else zeros, and nothing read; also
+    /// past T): its acc before the tile (natural log, the forward's snapshot), its prefix P before the tile (pass 1's
+    /// snapshot), dRem and LogRem.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int RowInputs(in BackwardArgs<ushort> a, int head, int row, int tileFirst, int firstKey, int tile,
-        out float rowAcc, out float prefix, out float dRemRem)
+    private static RowStatistics LoadRow(in BackwardArgs<ushort> a, int head, int row, int tileFirst, int tile)
     {
         int T = a.Length;
-        int limit = row < T ? row + a.AttendCurrent : 0;   // keys below limit are visible
-        rowAcc = 0f;
-        prefix = 0f;
-        dRemRem = 0f;
-        if (tileFirst < limit)
+        RowStatistics r = default;
+        if (row < T && tileFirst < row + a.AttendCurrent)
         {
             long at = Snapshots.Index(head, row, tile, T, a.SnapshotTiles);
-            rowAcc = a.AccSnapshots[at] * Log2E;
-            prefix = a.PrefixSnapshots[at];
+            r.Acc = a.AccSnapshots[at];
+            r.Prefix = a.PrefixSnapshots[at];
             long stat = (long)head * T + row;
-            dRemRem = a.DRem[stat] * MathF.Exp(a.LogRem[stat]);
+            r.DRem = a.DRem[stat];
+            r.LogRem = a.LogRem[stat];
         }
-        return limit - firstKey;
+        return r;
     }
 
     /// <summary>
@@ -443,6 +454,12 @@ internal static partial class TensorCoreBackwardKeyKernel
         if ((bad.X3 & 0xFFFFu) != 0) Atomic.Max(ref shared[flags + 6], rowPlusOne);
         if ((bad.X3 >> 16) != 0) Atomic.Max(ref shared[flags + 7], rowPlusOne);
     }
+}
+
+/// <summary>A row's snapshots and statistics for one snapshot tile (<c>LoadRow</c>).</summary>
+internal struct RowStatistics
+{
+    public float Acc, Prefix, DRem, LogRem;
 }
 
 /// <summary>One warp's 16 rows x 32 keys of S or dO V^T: 4 n-tiles of 8 keys.</summary>
