@@ -1,0 +1,361 @@
+using System;
+using System.Runtime.CompilerServices;
+using ILGPU;
+using ILGPU.Runtime;
+using StickBreaking.ILGPU.Kernels.Common;
+using static StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreOps;
+
+namespace StickBreaking.ILGPU.Kernels.TensorCore;
+
+/// <summary>
+/// Backward pass 1 on tensor cores (docs/math.md, "Backward" and "Snapshots") for 16-bit storage (fp16 or bf16, the
+/// <c>TStorage</c> type argument), head dimensions 64 and 128: per query row, walking the key tiles from key 0 to
+/// the diagonal, S = Q K^T and dOV = dO V^T on <c>mma.sync.m16n8k16</c> (fp32 accumulation), the weights A, a, the
+/// prefix P and dz in fp32 on the accumulator registers, dq += dz K on the mma again, and P per (row, 32-key tile)
+/// into the prefix snapshots for pass 2. Three GEMMs per tile (S, dOV, dq).
+/// <para>
+/// One group of <see cref="GroupSize"/> threads (4 warps) per (head, block of <see cref="BlockRows"/> query rows);
+/// warp w owns rows 16w .. 16w+15 (lane 4g + t: rows g and g+8), and keeps dq of its rows in registers (64 fp32
+/// per thread at D = 128). Q and dO sit in shared memory as each thread's A fragments in mma operand order (one
+/// 16-byte load per k-step), the key tile three times: K and V row-major (the B operands of S and dOV) and K
+/// transposed ([d][key], the B operand of dq += dz K). The key permutation of the forward
+/// (<see cref="TensorCoreForwardKernel"/>): mma column n of score n-tile nt stands for key 16 (n / 2) + 2 nt + n % 2,
+/// so that each thread holds 16 CONSECUTIVE keys 16t .. 16t+15 of its two rows, and the accumulators of n-tiles 2ks
+/// and 2ks+1, converted to 16 bits, are the A fragment of k-step ks of dz K. The head dimension is permuted the same
+/// way for Q and K, and for dO and V.
+/// </para>
+/// <para>
+/// The elementwise work is lean (SASS-counted, see the tests): per score two MUFU operations (u = 2^-|z| and
+/// 1 / (1 + u)) give beta and 1 - beta without cancellation (sigmoid(-z) directly), and the weights come from a
+/// running PRODUCT of 1 - beta from the nearest key of the thread's 32-key snapshot tile down, started at 2^acc of
+/// that tile's snapshot: no softplus, no logarithm, no exp per weight (the forward needs log2(1 - beta) for its sums;
+/// here acc is read). A product of at most 31 factors of fp32 relative error about 1e-7 each is as exact as the sum
+/// of their logarithms; a weight that underflows is below 2^-126 (a used-up stick), as it is in the forward.
+/// The 32-key halves of a 64-key tile use their own snapshot (threads t = 0, 1 the lower, t = 2, 3 the upper half);
+/// a thread's start = 2^acc(half) times the product of the nearer thread of its half (t + 1, for even t). A
+/// snapshot is read only where the row sees a key of that half (unwritten ones may hold anything).
+/// P of a key = P before the tile (a register carried per row, the same bits in the quad) + the sums of a of the
+/// farther threads (a two-shuffle quad scan) + the thread's own farther keys.
+/// </para>
+/// <para>
+/// Masks select, never multiply by zero. Only the diagonal tile (the last one walked) holds keys some rows see and
+/// others do not; it runs the masked row code, every other tile the unmasked one. Rows and keys past T, and keys no
+/// row of the block sees, are staged as zeros. A non-finite q, dO or v reaches only its own row or key column of S or
+/// dOV, which the selection removes where the row does not see the key. In dq += dz K, dz = 0 still meets every k of
+/// the tile (0 * Inf = NaN): so the diagonal tile's transposed K is staged with non-finite values replaced by 0, the
+/// first key holding one noted (a shared atomic min), and a row that sees that key gets NaN for all of dq, as the
+/// forward does with V.
+/// </para>
+/// <para>
+/// Shared memory: 16 KB each of Q and dO fragments, 20 KB each of K and V (row stride 320 bytes: conflict-free 16-byte
+/// fragment loads), 18 KB of K^T (row stride 144 bytes): 90 KB, so two groups fit on an SM (their register budget of
+/// 255 per thread holds dq, S and dOV). One buffer: a barrier before the next tile is stored and one after.
+/// </para>
+/// </summary>
+internal static partial class TensorCoreBackwardQueryKernel
+{
+    /// <summary>Threads per group: 4 warps of 32 (the kernel needs 32-thread warps).</summary>
+    public const int GroupSize = 128;
+    /// <summary>Query rows per group: 16 per warp.</summary>
+    public const int BlockRows = 64;
+    /// <summary>Keys per tile (two 32-key snapshot tiles).</summary>
+    public const int KeyTile = 64;
+    /// <summary>The largest head dimension; <see cref="Supports"/> says which are served.</summary>
+    public const int MaxHeadDim = 128;
+    /// <summary>Launch bound: groups per SM the compiler must allow registers for (2 x 128 threads: up to 255 registers).</summary>
+    public const int MinGroupsPerMultiprocessor = 2;
+
+    /// <summary>Row stride of the row-major K and V tiles in 16-bit values (320 bytes: conflict-free 16-byte fragment loads).</summary>
+    private const int RowStride = 160;
+    private const int RowStrideU4 = RowStride / 8;
+    /// <summary>Row stride of the transposed K tile [d][key] in 16-bit values (144 bytes: conflict-free fragment loads).</summary>
+    private const int KtStride = 72;
+    private const int KtStrideU4 = KtStride / 8;
+
+    /// <summary>16-byte vectors per warp of the Q (or dO) fragments: 8 k-steps (D = 128) of 32 lanes.</summary>
+    private const int WarpVectors = 8 * 32;
+
+    private const int QOffset = 0;                                             // in 32-bit words
+    private const int DOOffset = QOffset + (GroupSize / 32) * WarpVectors * 4;
+    private const int KOffset = DOOffset + (GroupSize / 32) * WarpVectors * 4;
+    private const int VOffset = KOffset + KeyTile * RowStride / 2;
+    private const int KtOffset = VOffset + KeyTile * RowStride / 2;
+    /// <summary>The diagonal tile's first key (relative) with a non-finite k; <see cref="KeyTile"/> when none.</summary>
+    private const int FlagOffset = KtOffset + MaxHeadDim * KtStride / 2;
+    private const int SharedUints = FlagOffset + 4;
+
+    /// <summary>Dynamic shared memory per group on CUDA, in bytes (90 KB: the loader raises the 48 KB default; two groups per SM fit).</summary>
+    public const int SharedBytes = 4 * SharedUints;
+    /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
+    public const int EmulatedSharedBytes = SharedBytes + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
+
+    /// <summary>Whether the kernel serves this head dimension.</summary>
+    public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
+
+    /// <summary>
+    /// The kernel: grid (B * H, <see cref="BackwardArgs{T}.RowBlocks"/>), heaviest row block first.
+    /// <typeparamref name="TWeights"/> says how dz enters the dq product: rounded to 16 bits, or split into two
+    /// 16-bit parts (two mma per k-step).
+    /// </summary>
+    public static void Kernel<TStorage, TWeights>(BackwardArgs<ushort> a)
+        where TStorage : struct, IStorage
+        where TWeights : struct, IWeights
+    {
+        bool split = default(TWeights).Split;
+        int tid = Group.IdxX;
+        int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+        int head = Grid.IdxX;
+        int rowBlock = a.RowBlocks - 1 - Grid.IdxY;
+        int T = a.Length, D = a.HeadDim;
+        bool wide = D > 64;
+        int row0 = rowBlock * BlockRows;
+        long headBase = (long)head * T * D;
+        var shared = SharedMemory.GetDynamic<uint>();
+        var vectors = shared.Cast<U4>();
+        int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+
+        // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
+        int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
+        int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
+        int qAt = QOffset / 4 + warp * WarpVectors + lane;
+        int dOAt = DOOffset / 4 + warp * WarpVectors + lane;
+        StageRowFragments(a.Q, vectors.SubView(qAt), headBase, rowLo, T, D, t);
+        StageRowFragments(a.DO, vectors.SubView(dOAt), headBase, rowLo, T, D, t);
+        if (tid == 0)
+            shared[FlagOffset] = KeyTile;                // ordered before the diagonal tile's atomics by the barriers
+        uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
+
+        // Row i sees keys j < i (j <= i when attending to the current token); a row past T sees none.
+        int limitLo = rowLo < T ? rowLo + a.AttendCurrent : 0;
+        int limitHi = rowHi < T ? rowHi + a.AttendCurrent : 0;
+        long stat = (long)head * T;
+        // dRem rem per row (rem = exp(LogRem)); P, the prefix of a over the farther keys, carried across tiles.
+        float dRemRemLo = rowLo < T ? a.DRem[stat + rowLo] * MathF.Exp(a.LogRem[stat + rowLo]) : 0f;
+        float dRemRemHi = rowHi < T ? a.DRem[stat + rowHi] * MathF.Exp(a.LogRem[stat + rowHi]) : 0f;
+        float prefixLo = 0f, prefixHi = 0f;
+        float scale2 = a.Scale * Log2E;
+        int half = t >> 1;                               // this thread's 32-key snapshot tile within the 64-key tile
+        var dq = new Tile16();
+
+        // Fragment views ("sub-view + constant index"): K and V key 16 (g / 2) + g % 2, K^T row d = g, keys 16t ...
+        int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
+        int vAt = VOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
+        int ktAt = KtOffset / 4 + g * KtStrideU4 + 2 * t;
+
+        int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
+        int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
+        for (int tile = 0; tile <= lastTile; tile++)
+        {
+            int key0 = tile * KeyTile;
+            bool diagonal = tile == lastTile;
+            // The acc snapshots of this thread's half, where the row sees a key of it (in every tile but the
+            // diagonal one a row before T sees every key); issued before the staging so that the loads are in flight.
+            int snapTile = 2 * tile + half;
+            int halfKey = key0 + 32 * half;
+            bool seesLo = diagonal ? limitLo > halfKey : rowLo < T;
+            bool seesHi = diagonal ? limitHi > halfKey : rowHi < T;
+            float accLo = seesLo ? a.AccSnapshots[Snapshots.Index(head, rowLo, snapTile, T, a.SnapshotTiles)] : 0f;
+            float accHi = seesHi ? a.AccSnapshots[Snapshots.Index(head, rowHi, snapTile, T, a.SnapshotTiles)] : 0f;
+
+            var kRows = LoadRows(a.K, headBase, key0, stageLimit, D, tid);
+            var vRows = LoadRows(a.V, headBase, key0, stageLimit, D, tid);
+            var kPairs = LoadKeyPairs(a.K, headBase, key0, stageLimit, D, tid);
+            Group.Barrier();                             // every warp is done with the previous tile
+            StoreRows(kRows, vectors, KOffset / 4, D, tid);
+            StoreRows(vRows, vectors, VOffset / 4, D, tid);
+            StoreTransposed(ref kPairs, shared, KtOffset, D, tid, diagonal, exponentMask);
+            Group.Barrier();
+
+            var s = new Tile8();
+            var dov = new Tile8();
+            for (int m = 0; m < D / 32; m++)
+            {
+                Products<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
+                Products<TStorage>(ref dov, vectors.SubView(dOAt + 64 * m), vectors.SubView(vAt + 4 * m), shared, emu);
+            }
+
+            float startLo = Exp2(accLo * Log2E), startHi = Exp2(accHi * Log2E);
+            float pStartLo, pStartHi;
+            float before0Lo = prefixLo, before0Hi = prefixHi;
+            if (diagonal)
+            {
+                int firstKey = key0 + 16 * t;
+                prefixLo = RowLo(ref s, ref dov, scale2, limitLo - firstKey, startLo, prefixLo, dRemRemLo, t, out pStartLo);
+                prefixHi = RowHi(ref s, ref dov, scale2, limitHi - firstKey, startHi, prefixHi, dRemRemHi, t, out pStartHi);
+            }
+            else
+            {
+                prefixLo = RowLoUnmasked(ref s, ref dov, scale2, startLo, prefixLo, dRemRemLo, t, out pStartLo);
+                prefixHi = RowHiUnmasked(ref s, ref dov, scale2, startHi, prefixHi, dRemRemHi, t, out pStartHi);
+            }
+            // The P snapshots: before the lower 32 keys (P before the tile, lane t = 0) and before the upper 32
+            // (lane t = 2's start). Written for every row before T whose snapshot exists (more than pass 2 reads).
+            if ((t & 1) == 0 && snapTile < a.SnapshotTiles)
+            {
+                if (rowLo < T)
+                    a.PrefixSnapshots[Snapshots.Index(head, rowLo, snapTile, T, a.SnapshotTiles)] = t == 0 ? before0Lo : pStartLo;
+                if (rowHi < T)
+                    a.PrefixSnapshots[Snapshots.Index(head, rowHi, snapTile, T, a.SnapshotTiles)] = t == 0 ? before0Hi : pStartHi;
+            }
+
+            var p = PackDz<TStorage>(s, split, out var residuals);
+            AccumulateDq<TStorage>(ref dq, p, split, residuals, vectors.SubView(ktAt), wide, shared, emu);
+        }
+
+        // A row that sees the diagonal tile's first key with a non-finite k gets NaN (the staging replaced it by 0).
+        int firstBad = lastTile * KeyTile + (int)shared[FlagOffset];
+        var words = a.DQ.Cast<uint>();
+        if (rowLo < T)
+            StoreRow<TStorage>(dq, false, firstBad < limitLo, a.Scale, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
+        if (rowHi < T)
+            StoreRow<TStorage>(dq, true, firstBad < limitHi, a.Scale, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
+    }
+
+    /// <summary>
+    /// Stages this thread's A fragments of a [T, D] row block (rows <paramref name="rowLo"/> and rowLo + 8, zeros past
+    /// T) in the order the mma takes them: vector <c>32 ks</c> of <paramref name="to"/> (the warp's area at this lane)
+    /// holds {a0, a1, a2, a3} of k-step ks, with the head dimension permuted as for the row-major tiles (k-steps 2m and
+    /// 2m+1 take dimensions 32m + 8t .. +3 and +4 .. +7), so that one 16-byte global load per row and m gives both
+    /// k-steps. Only this thread reads them back (the loop's first barrier orders it).
+    /// </summary>
+    private static void StageRowFragments(ArrayView<ushort> x, ArrayView<U4> to, long headBase, int rowLo, int T,
+        int D, int t)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        var source = x.Cast<U4>().SubView(headBase / 8 + t);
+        int lo = rowLo * chunks, hi = lo + 8 * chunks;
+        bool loIn = rowLo < T, hiIn = rowLo + 8 < T;
+        U4 l0 = Piece(source, lo, loIn), h0 = Piece(source, hi, hiIn);
+        U4 l1 = Piece(source, lo + 4, loIn), h1 = Piece(source, hi + 4, hiIn);
+        U4 l2 = Piece(source, lo + 8, wide && loIn), h2 = Piece(source, hi + 8, wide && hiIn);
+        U4 l3 = Piece(source, lo + 12, wide && loIn), h3 = Piece(source, hi + 12, wide && hiIn);
+        to[0] = Fragment(l0.X0, h0.X0, l0.X1, h0.X1);
+        to[32] = Fragment(l0.X2, h0.X2, l0.X3, h0.X3);
+        to[64] = Fragment(l1.X0, h1.X0, l1.X1, h1.X1);
+        to[96] = Fragment(l1.X2, h1.X2, l1.X3, h1.X3);
+        if (wide)
+        {
+            to[128] = Fragment(l2.X0, h2.X0, l2.X1, h2.X1);
+            to[160] = Fragment(l2.X2, h2.X2, l2.X3, h2.X3);
+            to[192] = Fragment(l3.X0, h3.X0, l3.X1, h3.X1);
+            to[224] = Fragment(l3.X2, h3.X2, l3.X3, h3.X3);
+        }
+    }
+
+    /// <summary>
+    /// Loads this thread's share of 64 rows first .. first+63 of a [T, D] head in 16-byte pieces: piece
+    /// c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8)), for <see cref="StoreRows"/>. Rows at or
+    /// past <paramref name="limit"/> are zeros (never read).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, int first, int limit, int D, int tid)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
+        var source = x.Cast<U4>().SubView(headBase / 8 + c);
+        int row = first + r, index = row * chunks;
+        Pieces8 p;
+        p.P0 = Piece(source, index, row < limit);
+        p.P1 = Piece(source, index + GroupSize, row + step < limit);
+        p.P2 = Piece(source, index + 2 * GroupSize, row + 2 * step < limit);
+        p.P3 = Piece(source, index + 3 * GroupSize, row + 3 * step < limit);
+        p.P4 = Piece(source, index + 4 * GroupSize, wide && row + 4 * step < limit);
+        p.P5 = Piece(source, index + 5 * GroupSize, wide && row + 5 * step < limit);
+        p.P6 = Piece(source, index + 6 * GroupSize, wide && row + 6 * step < limit);
+        p.P7 = Piece(source, index + 7 * GroupSize, wide && row + 7 * step < limit);
+        return p;
+    }
+
+    /// <summary>Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreRows(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
+        var to = vectors.SubView(at + r * RowStrideU4 + c);
+        to[0] = p.P0;
+        to[step * RowStrideU4] = p.P1;
+        to[2 * step * RowStrideU4] = p.P2;
+        to[3 * step * RowStrideU4] = p.P3;
+        if (wide)
+        {
+            to[4 * step * RowStrideU4] = p.P4;
+            to[5 * step * RowStrideU4] = p.P5;
+            to[6 * step * RowStrideU4] = p.P6;
+            to[7 * step * RowStrideU4] = p.P7;
+        }
+    }
+
+    /// <summary>
+    /// Loads this thread's share of a key tile for <see cref="StoreTransposed"/>: the 32 lanes of a warp take the 32
+    /// key pairs (2j, 2j+1), warp w the 16-byte pieces c = w + 4i of the head dimension, two pieces each (keys 2j and
+    /// 2j+1: P0, P1 for c, P2, P3 for c + 4, ...). Keys at or past <paramref name="limit"/> are zeros.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 LoadKeyPairs(ArrayView<ushort> x, long headBase, int key0, int limit, int D, int tid)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int j = tid & 31, c = tid >> 5;
+        var source = x.Cast<U4>().SubView(headBase / 8 + c);
+        int key = key0 + 2 * j, index = key * chunks;
+        bool lo = key < limit, hi = key + 1 < limit;
+        Pieces8 p;
+        p.P0 = Piece(source, index, lo);
+        p.P1 = Piece(source, index + chunks, hi);
+        p.P2 = Piece(source, index + 4, lo);
+        p.P3 = Piece(source, index + chunks + 4, hi);
+        p.P4 = Piece(source, index + 8, wide && lo);
+        p.P5 = Piece(source, index + chunks + 8, wide && hi);
+        p.P6 = Piece(source, index + 12, wide && lo);
+        p.P7 = Piece(source, index + chunks + 12, wide && hi);
+        return p;
+    }
+
+    /// <summary>
+    /// Stores the pieces of <see cref="LoadKeyPairs"/> transposed, Kt[d][key] (row stride <see cref="KtStride"/>):
+    /// 8 words per piece pair, each the pair (key 2j, key 2j+1) of one dimension. In the <paramref name="diagonal"/>
+    /// tile non-finite values become zeros and the first key holding one is noted at <see cref="FlagOffset"/>.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int kt, int D, int tid, bool diagonal,
+        uint exponentMask)
+    {
+        bool wide = D > 64;
+        int j = tid & 31, c = tid >> 5;
+        if (diagonal)
+        {
+            bool badLo = Sanitize(ref p.P0, exponentMask) | Sanitize(ref p.P2, exponentMask)
+                | Sanitize(ref p.P4, exponentMask) | Sanitize(ref p.P6, exponentMask);
+            bool badHi = Sanitize(ref p.P1, exponentMask) | Sanitize(ref p.P3, exponentMask)
+                | Sanitize(ref p.P5, exponentMask) | Sanitize(ref p.P7, exponentMask);
+            if (badLo || badHi)
+                Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
+        }
+        PutTransposed(shared, kt, c, j, p.P0, p.P1);
+        PutTransposed(shared, kt, c + 4, j, p.P2, p.P3);
+        if (wide)
+        {
+            PutTransposed(shared, kt, c + 8, j, p.P4, p.P5);
+            PutTransposed(shared, kt, c + 12, j, p.P6, p.P7);
+        }
+    }
+
+    /// <summary>Writes dimensions 8c .. 8c+7 of keys 2j (<paramref name="lo"/>) and 2j+1 (<paramref name="hi"/>) into Kt, one word per dimension.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void PutTransposed(ArrayView<uint> shared, int kt, int c, int j, U4 lo, U4 hi)
+    {
+        int at = kt + 8 * c * (KtStride / 2) + j;
+        shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
+        shared[at + KtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
+        shared[at + 2 * (KtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
+        shared[at + 3 * (KtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
+        shared[at + 4 * (KtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
+        shared[at + 5 * (KtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
+        shared[at + 6 * (KtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
+        shared[at + 7 * (KtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
+    }
+}
