@@ -351,7 +351,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
         {
             Assert.That(mma, Is.EqualTo(2 * 16 + (split ? 128 : 64)), "mma.sync of the storage type");
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
-            Assert.That(packs, Is.EqualTo((split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of dz (and 16 of its residuals), 2 rows x 16 n-tiles of dq");
+            Assert.That(packs, Is.EqualTo(2 * (split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of dz (and 16 of its residuals) in the masked and the unmasked code, 2 rows x 16 n-tiles of dq");
             Assert.That(approx, Is.EqualTo(2 * 2 * 32 + 2), "per score ex2 and rcp once, 32 scores per thread, in the masked and the unmasked code; 2^acc per row");
             Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
             Assert.That(slots, Is.EqualTo(10 * mma + packs + approx), "10 operand slots per mma, 1 per conversion, ex2 and rcp, nothing else");

@@ -61,96 +61,91 @@ for masked in (True, False):
         which = "g + 8 (fields C2, C3)" if hi else "g (fields C0, C1)"
         w("    /// <summary>")
         w(f"    /// docs/math.md, \"Backward\", for one row's 16 consecutive keys of this thread (row {which}): on entry")
-        w("    /// <paramref name=\"s\"/> holds q.k and <paramref name=\"dov\"/> dO.v; on exit s holds dz and dov holds a.")
+        w("    /// <paramref name=\"s\"/> holds q.k and <paramref name=\"dov\"/> dO.v; on exit s holds dz.")
         w("    /// z2 = scale2 q.k = z log2 e, u = 2^-|z2| = e^-|z|, r = 1 / (1 + u): beta = r and 1 - beta = u r for z &gt;= 0,")
-        w("    /// beta = u r and 1 - beta = r below (sigmoid(-z) directly, never 1 - beta). The weights walk nearest key")
-        w("    /// first as a running product of 1 - beta: A_j = beta_j W, W *= 1 - beta_j, W starting at <paramref name=\"start\"/>")
-        w("    /// = 2^acc of this thread's 32-key snapshot tile, times the product of the nearer thread of the same half (one")
-        w("    /// shuffle). a = A (dO.v); P of a key = <paramref name=\"prefix\"/> + the sums of the farther threads (two")
-        w("    /// shuffles) + the thread's own farther keys; dz = (1 - beta) a - beta (P + dRem rem).")
+        w("    /// beta = u r and 1 - beta = r below (sigmoid(-z) directly, never 1 - beta). One pass, nearest key first:")
+        w("    /// A_j = beta_j W' W_j with W_j the product of 1 - beta over the thread's nearer keys and W' = 2^acc of the")
+        w("    /// 32-key snapshot tile (<paramref name=\"start\"/>) times the product of the nearer thread of the same half")
+        w("    /// (known only after the pass: one shuffle). Everything the pass sums is linear in W', so it runs with W' = 1")
+        w("    /// and scales after: a~ = beta W (dO.v), S~_j = the sum of a~ over keys &gt;= j, d~_j = (1 - beta_j) a~_j + beta_j S~_j.")
+        w("    /// With P_j = Pend - S_j (Pend = P after the thread's keys: <paramref name=\"prefix\"/> + the sums of the farther")
+        w("    /// threads (two shuffles) + its own), dz_j = (1 - beta) a_j - beta (P_j + dRem rem) = W' d~_j - beta_j (Pend + dRem rem).")
         if masked:
             w("    /// Keys i &gt;= <paramref name=\"visible\"/> (relative to the thread's first key) are not visible: their")
-            w("    /// 1 - beta is 1, a and dz 0, by selection (the diagonal tile).")
+            w("    /// 1 - beta is 1, a 0 and dz 0, by selection (the diagonal tile).")
         else:
             w("    /// Every key is visible (every tile but the diagonal one; a row past T computes values no output reads).")
         w("    /// Returns P after the tile (the same bits in the quad's four lanes); <paramref name=\"pStart\"/> is P before")
         w("    /// this thread's first key (for t = 2: the P snapshot of the tile's upper 32 keys).")
         w("    /// </summary>")
         w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-        w(f"    private static float {name}(ref Tile8 s, ref Tile8 dov, float scale2, {'int visible, ' if masked else ''}float start,")
+        w(f"    private static float {name}(ref Tile8 s, in Tile8 dov, float scale2, {'int visible, ' if masked else ''}float start,")
         w("        float prefix, float dRemRem, int t, out float pStart)")
         w("    {")
-        for i in range(16):
-            w(f"        float z{i} = scale2 * {key_field('s', i, hi)};")
+        w("        float weight = 1f, suffix = 0f;")
+        for i in range(15, -1, -1):
+            f = key_field('s', i, hi)
+            g = key_field('dov', i, hi)
+            w(f"        float z{i} = scale2 * {f};")
             w(f"        float u{i} = Exp2(-MathF.Abs(z{i}));")
             w(f"        float r{i} = Reciprocal(1f + u{i});")
             w(f"        float ur{i} = u{i} * r{i};")
             w(f"        float beta{i} = z{i} >= 0f ? r{i} : ur{i};")
+            w(f"        float omb{i} = z{i} >= 0f ? ur{i} : r{i};")
             if masked:
-                w(f"        float omb{i} = z{i} >= 0f ? ur{i} : r{i};")
-                w(f"        float keep{i} = {i} < visible ? omb{i} : 1f;")
+                w(f"        float a{i} = {i} < visible ? beta{i} * weight * {g} : 0f;")
+                w(f"        weight *= {i} < visible ? omb{i} : 1f;")
             else:
-                w(f"        float omb{i} = z{i} >= 0f ? ur{i} : r{i};")
-        k = (lambda i: f"keep{i}") if masked else (lambda i: f"omb{i}")
-        w(f"        float product = {k(15)};")
-        for i in range(14, -1, -1):
-            w(f"        product *= {k(i)};")
-        w("        float nearer = Warp.ShuffleXor(product, 1);")
-        w("        float weight = (t & 1) == 0 ? start * nearer : start;")
-        for i in range(15, -1, -1):
-            f = key_field('dov', i, hi)
-            if masked:
-                w(f"        float a{i} = beta{i} * weight * {f};")
-                w(f"        a{i} = {i} < visible ? a{i} : 0f;")
-            else:
-                w(f"        float a{i} = beta{i} * weight * {f};")
-            if i > 0:
-                w(f"        weight *= {k(i)};")
-        w("        float y = a0;")
-        for i in range(1, 16):
-            w(f"        y += a{i};")
+                w(f"        float a{i} = beta{i} * weight * {g};")
+                w(f"        weight *= omb{i};")
+            w(f"        suffix += a{i};")
+            w(f"        float d{i} = omb{i} * a{i} + beta{i} * suffix;")
+        w("        float nearer = Warp.ShuffleXor(weight, 1);")
+        w("        float scaleW = (t & 1) == 0 ? start * nearer : start;")
+        w("        float y = scaleW * suffix;")
         w("        float farther1 = Warp.ShuffleXor(y, 1);")
         w("        float pair = y + farther1;")
         w("        float farther2 = Warp.ShuffleXor(pair, 2);")
         w("        float total = pair + farther2;")
-        w("        float p = prefix + (t == 0 ? 0f : t == 1 ? farther1 : t == 2 ? farther2 : farther2 + farther1);")
-        w("        pStart = p;")
+        w("        pStart = prefix + (t == 0 ? 0f : t == 1 ? farther1 : t == 2 ? farther2 : farther2 + farther1);")
+        w("        float x = pStart + y + dRemRem;")
         for i in range(16):
             f = key_field('s', i, hi)
-            w(f"        float dz{i} = omb{i} * a{i} - beta{i} * (p + dRemRem);")
+            w(f"        float dz{i} = scaleW * d{i} - beta{i} * x;")
             if masked:
                 w(f"        {f} = {i} < visible ? dz{i} : 0f;")
             else:
                 w(f"        {f} = dz{i};")
-            if i < 15:
-                w(f"        p += a{i};")
         w("        return prefix + total;")
         w("    }")
         w()
 
 # ---------------------------------------------------------------------------------------------------------
 w("    /// <summary>")
-w("    /// dz as the A operand of dq += dz K: k-step ks is n-tiles 2ks and 2ks+1 of the score tile, rounded to 16-bit")
-w("    /// pairs (low half = the lower key). With <paramref name=\"split\"/>, <paramref name=\"low\"/> gets the rounding")
-w("    /// residuals dz - round(dz) (exact in fp32), rounded again: dz = high + low to about 16 significant bits.")
+w("    /// dz of row g (<paramref name=\"hi\"/> false: fields C0, C1, fragment words a0, a2) or g + 8 (C2, C3; a1, a3) as")
+w("    /// the A operand of dq += dz K: k-step ks is n-tiles 2ks and 2ks+1 of the score tile, rounded to 16-bit pairs (low")
+w("    /// half = the lower key). With <paramref name=\"split\"/>, <paramref name=\"low\"/> gets the rounding residuals")
+w("    /// dz - round(dz) (exact in fp32), rounded again: dz = high + low to about 16 significant bits. Packed per row, right")
+w("    /// after the row's dz, so that its 16 fp32 values are dead before the other row's work.")
 w("    /// </summary>")
 w("    [MethodImpl(MethodImplOptions.AggressiveInlining)]")
-w("    private static Frag16 PackDz<TStorage>(in Tile8 s, bool split, out Frag16 low) where TStorage : struct, IStorage")
+w("    private static void PackDz<TStorage>(in Tile8 s, bool hi, bool split, ref Frag16 p, ref Frag16 low) where TStorage : struct, IStorage")
 w("    {")
-w("        var p = new Frag16();")
-w("        low = new Frag16();")
-for ks in range(4):
-    a, b = 2 * ks, 2 * ks + 1
-    for j, (n, c0, c1) in enumerate([(a, "C0", "C1"), (a, "C2", "C3"), (b, "C0", "C1"), (b, "C2", "C3")]):
-        w(f"        p.K{ks}A{j} = Pack<TStorage>(s.N{n}.{c0}, s.N{n}.{c1});")
-w("        if (split)")
-w("        {")
-for ks in range(4):
-    a, b = 2 * ks, 2 * ks + 1
-    for j, (n, c0, c1) in enumerate([(a, "C0", "C1"), (a, "C2", "C3"), (b, "C0", "C1"), (b, "C2", "C3")]):
-        w(f"            low.K{ks}A{j} = Residuals<TStorage>(p.K{ks}A{j}, s.N{n}.{c0}, s.N{n}.{c1});")
-w("        }")
-w("        return p;")
+for half, (c0, c1, j0, j1) in (("false", ("C0", "C1", 0, 2)), ("true", ("C2", "C3", 1, 3))):
+    w(f"        if (hi == {half})")
+    w("        {")
+    for ks in range(4):
+        a, b = 2 * ks, 2 * ks + 1
+        w(f"            p.K{ks}A{j0} = Pack<TStorage>(s.N{a}.{c0}, s.N{a}.{c1});")
+        w(f"            p.K{ks}A{j1} = Pack<TStorage>(s.N{b}.{c0}, s.N{b}.{c1});")
+    w("            if (split)")
+    w("            {")
+    for ks in range(4):
+        a, b = 2 * ks, 2 * ks + 1
+        w(f"                low.K{ks}A{j0} = Residuals<TStorage>(p.K{ks}A{j0}, s.N{a}.{c0}, s.N{a}.{c1});")
+        w(f"                low.K{ks}A{j1} = Residuals<TStorage>(p.K{ks}A{j1}, s.N{b}.{c0}, s.N{b}.{c1});")
+    w("            }")
+    w("        }")
 w("    }")
 w()
 

@@ -144,6 +144,10 @@ internal static partial class TensorCoreBackwardQueryKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
+        // Register prefetch: the next tile's K and V rows are loaded from global memory during this tile's dq product
+        // (they are dead through S, dOV and the elementwise work, where registers are scarcest).
+        var kRows = LoadRows(a.K, headBase, 0, stageLimit, D, tid);
+        var vRows = LoadRows(a.V, headBase, 0, stageLimit, D, tid);
         for (int tile = 0; tile <= lastTile; tile++)
         {
             int key0 = tile * KeyTile;
@@ -157,14 +161,12 @@ internal static partial class TensorCoreBackwardQueryKernel
             float accLo = seesLo ? a.AccSnapshots[Snapshots.Index(head, rowLo, snapTile, T, a.SnapshotTiles)] : 0f;
             float accHi = seesHi ? a.AccSnapshots[Snapshots.Index(head, rowHi, snapTile, T, a.SnapshotTiles)] : 0f;
 
-            var kRows = LoadRows(a.K, headBase, key0, stageLimit, D, tid);
-            var vRows = LoadRows(a.V, headBase, key0, stageLimit, D, tid);
-            var kPairs = LoadKeyPairs(a.K, headBase, key0, stageLimit, D, tid);
-            Group.Barrier();                             // every warp is done with the previous tile
+            // Every warp is past the previous tile's second barrier, so done with its K and V rows.
             StoreRows(kRows, vectors, KOffset / 4, D, tid);
             StoreRows(vRows, vectors, VOffset / 4, D, tid);
-            StoreTransposed(ref kPairs, shared, KtOffset, D, tid, diagonal, exponentMask);
             Group.Barrier();
+            // K^T from the K rows just stored (every warp is past the previous tile's dq product, which read K^T).
+            Transpose(vectors, shared, D, tid, diagonal, exponentMask);
 
             var s = new Tile8();
             var dov = new Tile8();
@@ -177,16 +179,23 @@ internal static partial class TensorCoreBackwardQueryKernel
             float startLo = Exp2(accLo * Log2E), startHi = Exp2(accHi * Log2E);
             float pStartLo, pStartHi;
             float before0Lo = prefixLo, before0Hi = prefixHi;
+            var p = new Frag16();
+            var residuals = new Frag16();
+            // (the dq product waits for every warp's K^T below, and so orders the next tile's K and V stores)
             if (diagonal)
             {
                 int firstKey = key0 + 16 * t;
-                prefixLo = RowLo(ref s, ref dov, scale2, limitLo - firstKey, startLo, prefixLo, dRemRemLo, t, out pStartLo);
-                prefixHi = RowHi(ref s, ref dov, scale2, limitHi - firstKey, startHi, prefixHi, dRemRemHi, t, out pStartHi);
+                prefixLo = RowLo(ref s, dov, scale2, limitLo - firstKey, startLo, prefixLo, dRemRemLo, t, out pStartLo);
+                PackDz<TStorage>(s, false, split, ref p, ref residuals);
+                prefixHi = RowHi(ref s, dov, scale2, limitHi - firstKey, startHi, prefixHi, dRemRemHi, t, out pStartHi);
+                PackDz<TStorage>(s, true, split, ref p, ref residuals);
             }
             else
             {
-                prefixLo = RowLoUnmasked(ref s, ref dov, scale2, startLo, prefixLo, dRemRemLo, t, out pStartLo);
-                prefixHi = RowHiUnmasked(ref s, ref dov, scale2, startHi, prefixHi, dRemRemHi, t, out pStartHi);
+                prefixLo = RowLoUnmasked(ref s, dov, scale2, startLo, prefixLo, dRemRemLo, t, out pStartLo);
+                PackDz<TStorage>(s, false, split, ref p, ref residuals);
+                prefixHi = RowHiUnmasked(ref s, dov, scale2, startHi, prefixHi, dRemRemHi, t, out pStartHi);
+                PackDz<TStorage>(s, true, split, ref p, ref residuals);
             }
             // The P snapshots: before the lower 32 keys (P before the tile, lane t = 0) and before the upper 32
             // (lane t = 2's start). Written for every row before T whose snapshot exists (more than pass 2 reads).
@@ -198,17 +207,22 @@ internal static partial class TensorCoreBackwardQueryKernel
                     a.PrefixSnapshots[Snapshots.Index(head, rowHi, snapTile, T, a.SnapshotTiles)] = t == 0 ? before0Hi : pStartHi;
             }
 
-            var p = PackDz<TStorage>(s, split, out var residuals);
+            Group.Barrier();
+            int nextLimit = tile < lastTile ? stageLimit : int.MinValue;
+            kRows = LoadRows(a.K, headBase, key0 + KeyTile, nextLimit, D, tid);
+            vRows = LoadRows(a.V, headBase, key0 + KeyTile, nextLimit, D, tid);
             AccumulateDq<TStorage>(ref dq, p, split, residuals, vectors.SubView(ktAt), wide, shared, emu);
         }
 
         // A row that sees the diagonal tile's first key with a non-finite k gets NaN (the staging replaced it by 0).
         int firstBad = lastTile * KeyTile + (int)shared[FlagOffset];
+        // The row's address from (head T + row), which the snapshot indices keep anyway (headBase itself would be
+        // one more 64-bit value live across the loop, and ptxas spilled it).
         var words = a.DQ.Cast<uint>();
         if (rowLo < T)
-            StoreRow<TStorage>(dq, false, firstBad < limitLo, a.Scale, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
+            StoreRow<TStorage>(dq, false, firstBad < limitLo, a.Scale, words.SubView(((long)head * T + rowLo) * (D / 2) + t), wide);
         if (rowHi < T)
-            StoreRow<TStorage>(dq, true, firstBad < limitHi, a.Scale, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
+            StoreRow<TStorage>(dq, true, firstBad < limitHi, a.Scale, words.SubView(((long)head * T + rowHi) * (D / 2) + t), wide);
     }
 
     /// <summary>
@@ -246,7 +260,9 @@ internal static partial class TensorCoreBackwardQueryKernel
     /// <summary>
     /// Loads this thread's share of 64 rows first .. first+63 of a [T, D] head in 16-byte pieces: piece
     /// c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8)), for <see cref="StoreRows"/>. Rows at or
-    /// past <paramref name="limit"/> are zeros (never read).
+    /// past <paramref name="limit"/> are zeros (never read). The pieces are addressed as one sub-view per call (this
+    /// thread's first piece) plus constant indices (the rows of a pass are 128 pieces apart), which ptxas folds into
+    /// the load instructions: one 64-bit address per tile instead of one per piece kept across the loop.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, int first, int limit, int D, int tid)
@@ -254,93 +270,94 @@ internal static partial class TensorCoreBackwardQueryKernel
         bool wide = D > 64;
         int chunks = D >> 3;
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        var source = x.Cast<U4>().SubView(headBase / 8 + c);
-        int row = first + r, index = row * chunks;
+        int row = first + r;
+        // A row past the limit loads nothing; its sub-view then starts at the head (in bounds) instead.
+        int at = row < limit ? row * chunks : 0;
+        var source = x.Cast<U4>().SubView(headBase / 8 + c + at);
         Pieces8 p;
-        p.P0 = Piece(source, index, row < limit);
-        p.P1 = Piece(source, index + GroupSize, row + step < limit);
-        p.P2 = Piece(source, index + 2 * GroupSize, row + 2 * step < limit);
-        p.P3 = Piece(source, index + 3 * GroupSize, row + 3 * step < limit);
-        p.P4 = Piece(source, index + 4 * GroupSize, wide && row + 4 * step < limit);
-        p.P5 = Piece(source, index + 5 * GroupSize, wide && row + 5 * step < limit);
-        p.P6 = Piece(source, index + 6 * GroupSize, wide && row + 6 * step < limit);
-        p.P7 = Piece(source, index + 7 * GroupSize, wide && row + 7 * step < limit);
+        p.P0 = Piece(source, 0, row < limit);
+        p.P1 = Piece(source, GroupSize, row + step < limit);
+        p.P2 = Piece(source, 2 * GroupSize, row + 2 * step < limit);
+        p.P3 = Piece(source, 3 * GroupSize, row + 3 * step < limit);
+        p.P4 = Piece(source, 4 * GroupSize, wide && row + 4 * step < limit);
+        p.P5 = Piece(source, 5 * GroupSize, wide && row + 5 * step < limit);
+        p.P6 = Piece(source, 6 * GroupSize, wide && row + 6 * step < limit);
+        p.P7 = Piece(source, 7 * GroupSize, wide && row + 7 * step < limit);
         return p;
     }
 
-    /// <summary>Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>).</summary>
+    /// <summary>
+    /// Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>), with the
+    /// offsets of the passes as constants of each head dimension (a runtime step would make 16 offsets that ptxas keeps
+    /// across the loop, and spills).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreRows(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid)
     {
-        bool wide = D > 64;
-        int chunks = D >> 3;
-        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        var to = vectors.SubView(at + r * RowStrideU4 + c);
-        to[0] = p.P0;
-        to[step * RowStrideU4] = p.P1;
-        to[2 * step * RowStrideU4] = p.P2;
-        to[3 * step * RowStrideU4] = p.P3;
-        if (wide)
+        if (D > 64)
         {
-            to[4 * step * RowStrideU4] = p.P4;
-            to[5 * step * RowStrideU4] = p.P5;
-            to[6 * step * RowStrideU4] = p.P6;
-            to[7 * step * RowStrideU4] = p.P7;
+            var to = vectors.SubView(at + (tid >> 4) * RowStrideU4 + (tid & 15));
+            to[0] = p.P0;
+            to[8 * RowStrideU4] = p.P1;
+            to[16 * RowStrideU4] = p.P2;
+            to[24 * RowStrideU4] = p.P3;
+            to[32 * RowStrideU4] = p.P4;
+            to[40 * RowStrideU4] = p.P5;
+            to[48 * RowStrideU4] = p.P6;
+            to[56 * RowStrideU4] = p.P7;
+        }
+        else
+        {
+            var to = vectors.SubView(at + (tid >> 3) * RowStrideU4 + (tid & 7));
+            to[0] = p.P0;
+            to[16 * RowStrideU4] = p.P1;
+            to[32 * RowStrideU4] = p.P2;
+            to[48 * RowStrideU4] = p.P3;
         }
     }
 
     /// <summary>
-    /// Loads this thread's share of a key tile for <see cref="StoreTransposed"/>: the 32 lanes of a warp take the 32
-    /// key pairs (2j, 2j+1), warp w the 16-byte pieces c = w + 4i of the head dimension, two pieces each (keys 2j and
-    /// 2j+1: P0, P1 for c, P2, P3 for c + 4, ...). Keys at or past <paramref name="limit"/> are zeros.
+    /// Writes K^T [d][key] (row stride <see cref="KtStride"/>) from the row-major K tile in shared memory: lane j of
+    /// warp c takes the key pair (2j, 2j+1) and the 16-byte pieces (8 dimensions) cc = (c + 4i + j) mod (D / 8), D / 32
+    /// of them: rotated by the lane so that the 16-byte reads of 8 lanes fall in 8 different bank groups, and each
+    /// word written (the pair of one dimension) lands in bank (4k + j) mod 32: no conflicts either way. In the
+    /// <paramref name="diagonal"/> tile non-finite values become zeros and the first key holding one is noted at
+    /// <see cref="FlagOffset"/> (a shared atomic min).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadKeyPairs(ArrayView<ushort> x, long headBase, int key0, int limit, int D, int tid)
-    {
-        bool wide = D > 64;
-        int chunks = D >> 3;
-        int j = tid & 31, c = tid >> 5;
-        var source = x.Cast<U4>().SubView(headBase / 8 + c);
-        int key = key0 + 2 * j, index = key * chunks;
-        bool lo = key < limit, hi = key + 1 < limit;
-        Pieces8 p;
-        p.P0 = Piece(source, index, lo);
-        p.P1 = Piece(source, index + chunks, hi);
-        p.P2 = Piece(source, index + 4, lo);
-        p.P3 = Piece(source, index + chunks + 4, hi);
-        p.P4 = Piece(source, index + 8, wide && lo);
-        p.P5 = Piece(source, index + chunks + 8, wide && hi);
-        p.P6 = Piece(source, index + 12, wide && lo);
-        p.P7 = Piece(source, index + chunks + 12, wide && hi);
-        return p;
-    }
-
-    /// <summary>
-    /// Stores the pieces of <see cref="LoadKeyPairs"/> transposed, Kt[d][key] (row stride <see cref="KtStride"/>):
-    /// 8 words per piece pair, each the pair (key 2j, key 2j+1) of one dimension. In the <paramref name="diagonal"/>
-    /// tile non-finite values become zeros and the first key holding one is noted at <see cref="FlagOffset"/>.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreTransposed(ref Pieces8 p, ArrayView<uint> shared, int kt, int D, int tid, bool diagonal,
+    private static void Transpose(ArrayView<U4> vectors, ArrayView<uint> shared, int D, int tid, bool diagonal,
         uint exponentMask)
     {
         bool wide = D > 64;
+        int mask = (D >> 3) - 1;
         int j = tid & 31, c = tid >> 5;
+        var rows = vectors.SubView(KOffset / 4 + 2 * j * RowStrideU4);
+        int c0 = (c + j) & mask, c1 = (c + 4 + j) & mask, c2 = (c + 8 + j) & mask, c3 = (c + 12 + j) & mask;
+        U4 lo0 = rows[c0], hi0 = rows[RowStrideU4 + c0];
+        U4 lo1 = rows[c1], hi1 = rows[RowStrideU4 + c1];
+        U4 lo2 = default, hi2 = default, lo3 = default, hi3 = default;
+        if (wide)
+        {
+            lo2 = rows[c2];
+            hi2 = rows[RowStrideU4 + c2];
+            lo3 = rows[c3];
+            hi3 = rows[RowStrideU4 + c3];
+        }
         if (diagonal)
         {
-            bool badLo = Sanitize(ref p.P0, exponentMask) | Sanitize(ref p.P2, exponentMask)
-                | Sanitize(ref p.P4, exponentMask) | Sanitize(ref p.P6, exponentMask);
-            bool badHi = Sanitize(ref p.P1, exponentMask) | Sanitize(ref p.P3, exponentMask)
-                | Sanitize(ref p.P5, exponentMask) | Sanitize(ref p.P7, exponentMask);
+            bool badLo = Sanitize(ref lo0, exponentMask) | Sanitize(ref lo1, exponentMask)
+                | Sanitize(ref lo2, exponentMask) | Sanitize(ref lo3, exponentMask);
+            bool badHi = Sanitize(ref hi0, exponentMask) | Sanitize(ref hi1, exponentMask)
+                | Sanitize(ref hi2, exponentMask) | Sanitize(ref hi3, exponentMask);
             if (badLo || badHi)
                 Atomic.Min(ref shared[FlagOffset], (uint)(badLo ? 2 * j : 2 * j + 1));
         }
-        PutTransposed(shared, kt, c, j, p.P0, p.P1);
-        PutTransposed(shared, kt, c + 4, j, p.P2, p.P3);
+        PutTransposed(shared, KtOffset, c0, j, lo0, hi0);
+        PutTransposed(shared, KtOffset, c1, j, lo1, hi1);
         if (wide)
         {
-            PutTransposed(shared, kt, c + 8, j, p.P4, p.P5);
-            PutTransposed(shared, kt, c + 12, j, p.P6, p.P7);
+            PutTransposed(shared, KtOffset, c2, j, lo2, hi2);
+            PutTransposed(shared, KtOffset, c3, j, lo3, hi3);
         }
     }
 
@@ -348,14 +365,16 @@ internal static partial class TensorCoreBackwardQueryKernel
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void PutTransposed(ArrayView<uint> shared, int kt, int c, int j, U4 lo, U4 hi)
     {
-        int at = kt + 8 * c * (KtStride / 2) + j;
-        shared[at] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
-        shared[at + KtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
-        shared[at + 2 * (KtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
-        shared[at + 3 * (KtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
-        shared[at + 4 * (KtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
-        shared[at + 5 * (KtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
-        shared[at + 6 * (KtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
-        shared[at + 7 * (KtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
+        // One sub-view and constant indices: ptxas folds them into the stores (32 separate indices would be
+        // loop-invariant values that it keeps, and spills).
+        var to = shared.SubView(kt + 8 * c * (KtStride / 2) + j);
+        to[0] = (lo.X0 & 0xFFFFu) | (hi.X0 << 16);
+        to[KtStride / 2] = (lo.X0 >> 16) | (hi.X0 & 0xFFFF0000u);
+        to[2 * (KtStride / 2)] = (lo.X1 & 0xFFFFu) | (hi.X1 << 16);
+        to[3 * (KtStride / 2)] = (lo.X1 >> 16) | (hi.X1 & 0xFFFF0000u);
+        to[4 * (KtStride / 2)] = (lo.X2 & 0xFFFFu) | (hi.X2 << 16);
+        to[5 * (KtStride / 2)] = (lo.X2 >> 16) | (hi.X2 & 0xFFFF0000u);
+        to[6 * (KtStride / 2)] = (lo.X3 & 0xFFFFu) | (hi.X3 << 16);
+        to[7 * (KtStride / 2)] = (lo.X3 >> 16) | (hi.X3 & 0xFFFF0000u);
     }
 }
