@@ -144,10 +144,6 @@ internal static partial class TensorCoreBackwardQueryKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
-        // Register prefetch: the next tile's K and V rows are loaded from global memory during this tile's dq product
-        // (they are dead through S, dOV and the elementwise work, where registers are scarcest).
-        var kRows = LoadRows(a.K, headBase, 0, stageLimit, D, tid);
-        var vRows = LoadRows(a.V, headBase, 0, stageLimit, D, tid);
         for (int tile = 0; tile <= lastTile; tile++)
         {
             int key0 = tile * KeyTile;
@@ -161,12 +157,16 @@ internal static partial class TensorCoreBackwardQueryKernel
             float accLo = seesLo ? a.AccSnapshots[Snapshots.Index(head, rowLo, snapTile, T, a.SnapshotTiles)] : 0f;
             float accHi = seesHi ? a.AccSnapshots[Snapshots.Index(head, rowHi, snapTile, T, a.SnapshotTiles)] : 0f;
 
-            // Every warp is past the previous tile's second barrier, so done with its K and V rows.
+            // Every warp is past the previous tile's second barrier, so done with its K and V rows. (No register
+            // prefetch of the next tile during the dq product: its 64 registers on top of dq and the dz fragments made
+            // ptxas spill; the other group on the SM runs while this one waits for the loads.)
+            var kRows = LoadRows(a.K, headBase, key0, stageLimit, D, tid);
+            var vRows = LoadRows(a.V, headBase, key0, stageLimit, D, tid);
             StoreRows(kRows, vectors, KOffset / 4, D, tid);
             StoreRows(vRows, vectors, VOffset / 4, D, tid);
             Group.Barrier();
             // K^T from the K rows just stored (every warp is past the previous tile's dq product, which read K^T).
-            Transpose(vectors, shared, D, tid, diagonal, exponentMask);
+            Transpose(vectors, shared, D, tid, tile, diagonal, exponentMask);
 
             var s = new Tile8();
             var dov = new Tile8();
@@ -208,9 +208,6 @@ internal static partial class TensorCoreBackwardQueryKernel
             }
 
             Group.Barrier();
-            int nextLimit = tile < lastTile ? stageLimit : int.MinValue;
-            kRows = LoadRows(a.K, headBase, key0 + KeyTile, nextLimit, D, tid);
-            vRows = LoadRows(a.V, headBase, key0 + KeyTile, nextLimit, D, tid);
             AccumulateDq<TStorage>(ref dq, p, split, residuals, vectors.SubView(ktAt), wide, shared, emu);
         }
 
@@ -325,14 +322,15 @@ internal static partial class TensorCoreBackwardQueryKernel
     /// <see cref="FlagOffset"/> (a shared atomic min).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Transpose(ArrayView<U4> vectors, ArrayView<uint> shared, int D, int tid, bool diagonal,
+    private static void Transpose(ArrayView<U4> vectors, ArrayView<uint> shared, int D, int tid, int tile, bool diagonal,
         uint exponentMask)
     {
         bool wide = D > 64;
         int mask = (D >> 3) - 1;
         int j = tid & 31, c = tid >> 5;
         var rows = vectors.SubView(KOffset / 4 + 2 * j * RowStrideU4);
-        int c0 = (c + j) & mask, c1 = (c + 4 + j) & mask, c2 = (c + 8 + j) & mask, c3 = (c + 12 + j) & mask;
+        int turn = c + j + 4 * tile;
+        int c0 = turn & mask, c1 = (turn + 4) & mask, c2 = (turn + 8) & mask, c3 = (turn + 12) & mask;
         U4 lo0 = rows[c0], hi0 = rows[RowStrideU4 + c0];
         U4 lo1 = rows[c1], hi1 = rows[RowStrideU4 + c1];
         U4 lo2 = default, hi2 = default, lo3 = default, hi3 = default;
