@@ -71,7 +71,7 @@ internal static class Throughput
                     {
                         project = "StickBreaking.ILGPU", backend, device = accelerator.Name, dtype = run16.DType,
                         B = shape.Batch, H = shape.Heads, T = t, D = shape.HeadDim,
-                        tensor_cores = attention.UsesTensorCores,
+                        tensor_cores = attention.UsesTensorCores, tensor_core_backward = attention.UsesTensorCoreBackward,
                         fwd_ms = fwd16, fwd_tflops = flops / fwd16 / 1e9, fwd_training_ms = fwdTrain16,
                         bwd_ms = bwd16, bwd_tflops = 2.5 * flops / bwd16 / 1e9, bwd_pass1_ms = pass1of16, bwd_pass2_ms = pass2of16,
                         fwdbwd_ms = fwdTrain16 + bwd16,

@@ -75,6 +75,13 @@ public sealed partial class StickBreakingAttention : IDisposable
     public bool UsesTensorCores => kernels.TensorCoreForward;
 
     /// <summary>
+    /// Whether the tensor-core backward passes (mma.sync, fp32 accumulation) serve fp16 and bf16 storage for head
+    /// dimensions 64 and 128: on CUDA devices that hold them (about 170 KB of opt-in shared memory per group for the
+    /// dk/dv pass); other head dimensions and accelerators run the portable 16-bit passes.
+    /// </summary>
+    public bool UsesTensorCoreBackward => kernels.TensorCoreBackward;
+
+    /// <summary>
     /// Benchmark diagnostics only: which backward passes Backward launches (bit 0: pass 1, dq and the P
     /// snapshots; bit 1: pass 2, dk and dv), so that each can be timed alone. Anything but 3 leaves the
     /// gradients incomplete.
@@ -488,7 +495,9 @@ public sealed partial class StickBreakingAttention : IDisposable
     /// Enqueues the backward for fp16 views: dq, dk, dv in fp16 of L = sum dO . o + sum dRem . rem, every product and
     /// scan in fp32. <paramref name="workspace"/> must hold the snapshots of the 16-bit training forward of the same
     /// inputs and shape, whose scale and visibility the backward uses, and <paramref name="logRem"/> that forward's
-    /// LogRem. Bitwise
+    /// LogRem. Where the tensor-core backward serves (<see cref="UsesTensorCoreBackward"/>, D = 64 or 128),
+    /// q, k, v and dO must start at 16-byte aligned addresses and dq, dk, dv at 4-byte aligned ones (whole heads of a
+    /// buffer do), else an <see cref="ArgumentException"/> names the view. Bitwise
     /// deterministic; allocates nothing once compiled (on OpenCL the instance keeps an fp32 scratch, grown only for a
     /// larger shape).
     /// </summary>
@@ -559,6 +568,16 @@ public sealed partial class StickBreakingAttention : IDisposable
                 $"workspace holds no snapshots of a training forward with shape {shape} " +
                 $"(it holds {(workspace.FilledBy is { } f ? $"those of {f.Shape}" : "none")}): run Forward with this workspace first.",
                 nameof(workspace));
+        if (kernels.TensorCoreBackward16(shape.HeadDim, bf16) is not null)
+        {
+            Guards.Aligned(q, 16, nameof(q));
+            Guards.Aligned(k, 16, nameof(k));
+            Guards.Aligned(v, 16, nameof(v));
+            Guards.Aligned(dO, 16, nameof(dO));
+            Guards.Aligned(dq, 4, nameof(dq));
+            Guards.Aligned(dk, 4, nameof(dk));
+            Guards.Aligned(dv, 4, nameof(dv));
+        }
         EnqueueBackward16(stream, shape, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), dO.Cast<ushort>(), dRem, logRem,
             workspace, dq.Cast<ushort>(), dk.Cast<ushort>(), dv.Cast<ushort>(), bf16);
     }

@@ -22,6 +22,13 @@ internal static class Backends
     /// <summary>Every backend, in the order the tests and the main job take them.</summary>
     public static readonly string[] All = [Cpu, OpenCL, Cuda];
 
+    /// <summary>
+    /// The largest T x D of a tensor-core backward test case run on the CPU accelerator, where the mma is an
+    /// emulation run thread by thread (65 x 64 and 15 x 128 run; longer cases are CUDA only): keeps the suite within
+    /// CI's time while the code paths (diagonal and earlier tiles, partial tiles, both head dimensions) run.
+    /// </summary>
+    public const int EmulatedMmaCaseLimit = 4160;
+
     private static readonly Lazy<(string[] Tested, (string Backend, string Reason)[] LeftOut)> Plan = new(MakePlan);
 
     /// <summary>

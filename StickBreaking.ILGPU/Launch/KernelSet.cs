@@ -28,6 +28,7 @@ internal sealed class KernelSet
     private readonly KernelLaunch<ForwardArgs<float>>? fastForward;
     private readonly KernelLaunch<BackwardArgs<float>>? fastBackwardQuery, fastBackwardKey;
     private readonly KernelLaunch<TensorCoreForwardArgs>? tensorCoreBf16, tensorCoreFp16;
+    private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)? tensorCoreBackwardBf16, tensorCoreBackwardFp16;
 
     public KernelSet(Accelerator accelerator, KernelChoice choice)
     {
@@ -42,6 +43,12 @@ internal sealed class KernelSet
             // fp16 rounds them (2^-12 relative, o within 1.4x the floor; splitting cost fp16 a third of its speed).
             tensorCoreBf16 = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
             tensorCoreFp16 = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            // The backward passes likewise: bf16 feeds dz and A to the dq, dk and dv products in two 16-bit parts (the
+            // gradients at the rounding floor, about 7 % slower on an H200), fp16 rounds them (within 1.6x the floor).
+            tensorCoreBackwardBf16 = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, SplitWeights>(),
+                TensorCoreBackwardKeyKernel.LaunchFor<Bf16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreBackwardFp16 = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Fp16Storage, RoundedWeights>(),
+                TensorCoreBackwardKeyKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
         }
         // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is between
         // the two runs the CUDA forward and the portable backward (both read the same snapshots).
@@ -87,12 +94,28 @@ internal sealed class KernelSet
 
     /// <summary>
     /// The two backward passes on 16-bit storage (q, k, v, dO, dq, dk, dv as fp16 or bf16 bits; dRem, LogRem,
-    /// snapshots fp32): the portable passes on every backend and head dimension. They read the same snapshots as the
+    /// snapshots fp32): the tensor-core passes where they serve (<see cref="TensorCoreBackward16"/>), else the portable
+    /// passes, on every backend and head dimension. They read the same snapshots as the
     /// fp32 passes. On OpenCL (<see cref="OutputAccumulator.InOutput"/>) their arguments need
     /// <c>AccumulatorScratch</c>: 2 * B * H * T * D floats, shared by the two passes.
     /// </summary>
     public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key) Backward16(int headDim, bool bf16) =>
-        bf16 ? (BackwardQueryKernel.LaunchBf16, BackwardKeyKernel.LaunchBf16) : (BackwardQueryKernel.LaunchFp16, BackwardKeyKernel.LaunchFp16);
+        TensorCoreBackward16(headDim, bf16)
+        ?? (bf16 ? (BackwardQueryKernel.LaunchBf16, BackwardKeyKernel.LaunchBf16) : (BackwardQueryKernel.LaunchFp16, BackwardKeyKernel.LaunchFp16));
+
+    /// <summary>Whether the tensor-core backward passes serve 16-bit storage for the head dimensions they cover.</summary>
+    public bool TensorCoreBackward => tensorCoreBackwardBf16 is not null;
+
+    /// <summary>The tensor-core backward passes for 16-bit storage and head dimension <paramref name="headDim"/>, if they serve it.</summary>
+    public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)? TensorCoreBackward16(int headDim, bool bf16) =>
+        (bf16 ? tensorCoreBackwardBf16 : tensorCoreBackwardFp16) is { } passes
+        && passes.Query.ServesHeadDim(headDim) && passes.Key.ServesHeadDim(headDim) ? passes : null;
+
+    /// <summary>Both passes if the accelerator can hold both; otherwise null (Auto) or a clear error (a forced choice).</summary>
+    private static (KernelLaunch<BackwardArgs<ushort>>, KernelLaunch<BackwardArgs<ushort>>)? FitPasses(
+        KernelLaunch<BackwardArgs<ushort>> query, KernelLaunch<BackwardArgs<ushort>> key, Accelerator accelerator, long sharedBytes,
+        KernelChoice choice) =>
+        Fit(query, accelerator, sharedBytes, choice) is { } q && Fit(key, accelerator, sharedBytes, choice) is { } k ? (q, k) : null;
 
 
     /// <summary>The kernel if the accelerator can hold it; otherwise null (Auto) or a clear error (a forced choice).</summary>
