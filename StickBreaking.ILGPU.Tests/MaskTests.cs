@@ -59,10 +59,10 @@ public sealed class TensorCoreMaskTests : CudaCodeOnCpuFixture
 {
     private readonly Dictionary<(AttentionShape, bool), MaskRun.Outputs> baselines = [];
 
-    [TestCaseSource(typeof(MaskRun), nameof(MaskRun.AlternateScenarios16))]
+    [TestCaseSource(typeof(MaskRun), nameof(MaskRun.EmulatedScenarios16))]
     public void PoisonReachesOnlyWhatDependsOnIt(MaskScenario scenario)
     {
-        Assert.That(Attention.UsesTensorCores, Is.True, "the tensor-core code runs");
+        Assert.That(Attention.UsesTensorCores && Attention.UsesTensorCoreBackward, Is.True, "the tensor-core code runs");
         MaskRun.Check(Accelerator, Attention, scenario, baselines);
     }
 }
@@ -188,6 +188,16 @@ internal static class MaskRun
             yield return new TestCaseData(wide).SetArgDisplayNames(wide.Name);
         }
     }
+
+    /// <summary>
+    /// Three of <see cref="AlternateScenarios16"/> for the tensor-core code on the CPU accelerator, where the mma is an
+    /// emulation run thread by thread (the whole set there takes minutes): a later key's k and v, the padding and
+    /// the last key and row 0; every scenario runs on the real kernels in <see cref="Mask16Tests"/> on a CUDA device.
+    /// </summary>
+    public static IEnumerable<TestCaseData> EmulatedScenarios16() =>
+        AlternateScenarios16().Where(d => ((MaskScenario)d.Arguments[0]!).Name is var n
+            && (n.Contains("later key 66", StringComparison.Ordinal) || n.Contains("padding from 50", StringComparison.Ordinal)
+                || n.Contains("last key and row 0, 100x", StringComparison.Ordinal)));
 
     private static IEnumerable<TestCaseData> Generate(bool alternate)
     {

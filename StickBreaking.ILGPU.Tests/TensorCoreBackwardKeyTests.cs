@@ -187,8 +187,8 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     [TestCaseSource(nameof(PoisonCases))]
     public void PoisonedInputsReachOnlyWhatTheyMay(bool bf16, int headDim, bool attendCurrent, Poison[] poisons)
     {
-        if (backend == Backends.Cpu && headDim > 64)
-            Assert.Ignore("CUDA only at D = 128 (the CPU accelerator emulates the mma; the D = 64 cases cover the code there)");
+        if (backend == Backends.Cpu && (headDim > 64 || !bf16))
+            Assert.Ignore("CUDA only in fp16 and at D = 128 (the CPU accelerator emulates the mma; the bf16 D = 64 cases cover the code there)");
         const int length = 70, heads = 2;
         var shape = new AttentionShape(1, heads, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, heads, length, headDim, seed: 31 + headDim);
