@@ -161,7 +161,7 @@ internal static class Report
                 .Select(p => (T: p.GetProperty("T").GetInt32(), Ms: p.GetProperty(field).GetDouble())));
         }
         var xTicks = new ScottPlot.TickGenerators.NumericManual();
-        foreach (int t in ours.Select(o => o.GetProperty("T").GetInt32()).Distinct())
+        foreach (int t in ours.Concat(ours16.Where(o => o.GetProperty("D").GetInt32() == 128)).Select(o => o.GetProperty("T").GetInt32()).Distinct())
             xTicks.AddMajor(Math.Log2(t), t.ToString(CultureInfo.InvariantCulture));
         plot.Axes.Bottom.TickGenerator = xTicks;
         var yTicks = new ScottPlot.TickGenerators.NumericManual();
@@ -174,7 +174,7 @@ internal static class Report
         plot.Axes.Left.TickGenerator = yTicks;
         plot.XLabel("T (tokens), B=4 H=12 D=128");
         plot.YLabel("ms (log scale)");
-        plot.Title("Causal attention on one H200, one run");
+        plot.Title("Causal attention on one H200 (ours and the peers in one session)");
         plot.ShowLegend(ScottPlot.Alignment.UpperLeft);
         plot.SavePng(path, 900, 600);
     }
