@@ -19,8 +19,12 @@ internal sealed class Attention16Run : IDisposable
     private readonly MemoryBuffer1D<float, Stride1D.Dense> rem, logRem, dRem;
     private readonly StickBreakingWorkspace workspace;
 
-    public Attention16Run(StickBreakingAttention attention, AttentionShape shape, AttentionInputs inputs, bool bf16)
+    private readonly StickBreakingOptions? options;
+
+    public Attention16Run(StickBreakingAttention attention, AttentionShape shape, AttentionInputs inputs, bool bf16,
+        StickBreakingOptions? options = null)
     {
+        this.options = options;
         this.attention = attention;
         this.bf16 = bf16;
         Shape = shape;
@@ -53,10 +57,10 @@ internal sealed class Attention16Run : IDisposable
         var w = training ? workspace : null;
         if (bf16)
             attention.Forward(stream, Shape, q.View.AsContiguous().Cast<BFloat16>(), k.View.AsContiguous().Cast<BFloat16>(), v.View.AsContiguous().Cast<BFloat16>(),
-                o.View.AsContiguous().Cast<BFloat16>(), rem.View, logRem.View, workspace: w);
+                o.View.AsContiguous().Cast<BFloat16>(), rem.View, logRem.View, options, w);
         else
             attention.Forward(stream, Shape, q.View.AsContiguous().Cast<System.Half>(), k.View.AsContiguous().Cast<System.Half>(), v.View.AsContiguous().Cast<System.Half>(),
-                o.View.AsContiguous().Cast<System.Half>(), rem.View, logRem.View, workspace: w);
+                o.View.AsContiguous().Cast<System.Half>(), rem.View, logRem.View, options, w);
     }
 
     /// <summary>The backward; the last <see cref="Forward"/> must have been a training one (it filled the workspace).</summary>

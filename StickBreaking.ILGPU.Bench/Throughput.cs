@@ -8,7 +8,7 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]]</c>: one JSON object a line
+/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]] [--exact-products]</c>: one JSON object a line
 /// per length and storage type (forward, inference and training; backward, and each of its two passes alone), for the
 /// GPU machine, where <c>python3 scripts/peers.py B H D T ...</c> prints the peers in the same session. On CUDA each line
 /// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
@@ -39,6 +39,9 @@ internal static class Throughput
             dtypes = args[dtypeFlag + 1].Split(',');
             args = args[..dtypeFlag].Concat(args[(dtypeFlag + 2)..]).ToArray();
         }
+        // --exact-products: the 16-bit tensor-core kernels with split (exact) products (StickBreakingOptions.ExactProducts).
+        bool exact = args.Contains("--exact-products");
+        args = args.Where(a => a != "--exact-products").ToArray();
         int[] n = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
         var (context, accelerator, reason) = Backends.Open(backend);
         if (accelerator is null)
@@ -56,7 +59,8 @@ internal static class Throughput
                 foreach (string dtype in dtypes.Where(d => d is "bf16" or "fp16"))
                 {
                     var inputs16 = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
-                    using var run16 = new Attention16Run(attention, shape, inputs16, bf16: dtype == "bf16");
+                    using var run16 = new Attention16Run(attention, shape, inputs16, bf16: dtype == "bf16",
+                        new StickBreakingOptions { ExactProducts = exact });
                     int reps16 = t >= 8192 ? 10 : 20;
                     double fwd16 = MedianMs(attention, () => run16.Forward(training: false), reps16);
                     double fwdTrain16 = MedianMs(attention, () => run16.Forward(training: true), reps16);
@@ -71,7 +75,7 @@ internal static class Throughput
                     {
                         project = "StickBreaking.ILGPU", backend, device = accelerator.Name, dtype = run16.DType,
                         B = shape.Batch, H = shape.Heads, T = t, D = shape.HeadDim,
-                        tensor_cores = attention.UsesTensorCores, tensor_core_backward = attention.UsesTensorCoreBackward,
+                        tensor_cores = attention.UsesTensorCores, tensor_core_backward = attention.UsesTensorCoreBackward, exact_products = exact,
                         fwd_ms = fwd16, fwd_tflops = flops / fwd16 / 1e9, fwd_training_ms = fwdTrain16,
                         bwd_ms = bwd16, bwd_tflops = 2.5 * flops / bwd16 / 1e9, bwd_pass1_ms = pass1of16, bwd_pass2_ms = pass2of16,
                         fwdbwd_ms = fwdTrain16 + bwd16,

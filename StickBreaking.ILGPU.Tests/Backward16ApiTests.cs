@@ -34,12 +34,13 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
     /// gradient's relative RMS error within twice its rounding floor; returns the gradients (as floats) for further checks.
     /// </summary>
     internal static (float[] DQ, float[] DK, float[] DV) CheckAgainstFloat64(StickBreakingAttention attention, string backend,
-        bool bf16, InputKind kind, AttentionShape shape, bool attendCurrent, bool zeroDRem)
+        bool bf16, InputKind kind, AttentionShape shape, bool attendCurrent, bool zeroDRem, bool exactProducts = false,
+        double maxRatio = 2)
     {
         int b = shape.Batch, h = shape.Heads, length = shape.Length, headDim = shape.HeadDim;
         var x = TestInputs.Create(kind, b, h, length, headDim, seed: 13 * length + headDim);
         float[] dRem = zeroDRem ? new float[x.DRem.Length] : x.DRem;
-        var options = new StickBreakingOptions { AttendCurrent = attendCurrent };
+        var options = new StickBreakingOptions { AttendCurrent = attendCurrent, ExactProducts = exactProducts };
         var exact = Float64Reference.Backward(Rounded(x.Q, bf16), Rounded(x.K, bf16), Rounded(x.V, bf16), Rounded(x.DO, bf16),
             TestInputs.ToDouble(dRem), b, h, length, headDim, 1.0 / Math.Sqrt(headDim), attendCurrent);
         var (dq, dk, dv) = Run(attention, bf16, x, dRem, shape, options);
@@ -50,9 +51,9 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
             $"dq {dqError:E2} ({dqError / dqFloor:F2} x floor), dk {dkError:E2} ({dkError / dkFloor:F2} x), dv {dvError:E2} ({dvError / dvFloor:F2} x)");
         Assert.Multiple(() =>
         {
-            Assert.That(dqError, Is.LessThanOrEqualTo(2 * dqFloor), "dq");
-            Assert.That(dkError, Is.LessThanOrEqualTo(2 * dkFloor), "dk");
-            Assert.That(dvError, Is.LessThanOrEqualTo(2 * dvFloor), "dv");
+            Assert.That(dqError, Is.LessThanOrEqualTo(maxRatio * dqFloor), "dq");
+            Assert.That(dkError, Is.LessThanOrEqualTo(maxRatio * dkFloor), "dk");
+            Assert.That(dvError, Is.LessThanOrEqualTo(maxRatio * dvFloor), "dv");
         });
         return (dq, dk, dv);
     }
@@ -192,4 +193,21 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
     private static double[] Rounded(float[] x, bool bf16) => x.Select(f => RoundTrip(f, bf16)).ToArray();
 
     private static double RoundTrip(double x, bool bf16) => bf16 ? (float)(BFloat16)(float)x : (double)(Half)x;
+}
+
+/// <summary>
+/// The 16-bit backward on the tensor-core passes' code, run by the CPU accelerator with the mma emulated: the default
+/// (products of rounded weights) within 2x the rounding floor, and <see cref="StickBreakingOptions.ExactProducts"/>
+/// (split weights) at the floor (1.1x allowed for the order of the fp32 sums).
+/// </summary>
+public sealed class TensorCoreBackward16ApiTests : CudaCodeOnCpuFixture
+{
+    [TestCase(true, 40, 64, false, false)]
+    [TestCase(false, 33, 64, true, true)]
+    public void MatchesFloat64OnRoundedInputs(bool bf16, int length, int headDim, bool attendCurrent, bool exactProducts)
+    {
+        Assert.That(Attention.UsesTensorCoreBackward, Is.True, "the tensor-core passes run");
+        Backward16ApiTests.CheckAgainstFloat64(Attention, "Cpu (tensor-core code)", bf16, InputKind.Standard,
+            new AttentionShape(1, 1, length, headDim), attendCurrent, zeroDRem: false, exactProducts, exactProducts ? 1.1 : 2);
+    }
 }

@@ -611,7 +611,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         };
         launcher.Launch(kernels.Forward(D), stream, shape, args);
         if (workspace is not null)
-            workspace.FilledBy = (shape, scale, options.AttendCurrent);
+            workspace.FilledBy = (shape, scale, options.AttendCurrent, options.ExactProducts);
     }
 
     private void EnqueueForward16(AcceleratorStream stream, AttentionShape shape,
@@ -622,7 +622,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
         var snapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty;
-        if (kernels.TensorCoreForward16(D, bf16) is { } tensorCores)
+        if (kernels.TensorCoreForward16(D, bf16, options.ExactProducts) is { } tensorCores)
         {
             launcher.Launch(tensorCores, stream, shape, new TensorCoreForwardArgs
             {
@@ -642,7 +642,7 @@ public sealed partial class StickBreakingAttention : IDisposable
             });
         }
         if (workspace is not null)
-            workspace.FilledBy = (shape, scale, options.AttendCurrent);
+            workspace.FilledBy = (shape, scale, options.AttendCurrent, options.ExactProducts);
     }
 
     private void EnqueueBackward(AcceleratorStream stream, AttentionShape shape,
@@ -651,7 +651,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         StickBreakingWorkspace workspace,
         ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv)
     {
-        var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
+        var (_, scale, attendCurrent, exact) = workspace.FilledBy!.Value;
         int D = shape.HeadDim, T = shape.Length;
         var args = new BackwardArgs<float>
         {
@@ -673,7 +673,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         StickBreakingWorkspace workspace,
         ArrayView<ushort> dq, ArrayView<ushort> dk, ArrayView<ushort> dv, bool bf16)
     {
-        var (_, scale, attendCurrent) = workspace.FilledBy!.Value;
+        var (_, scale, attendCurrent, exact) = workspace.FilledBy!.Value;
         int D = shape.HeadDim, T = shape.Length;
         var args = new BackwardArgs<ushort>
         {
@@ -683,7 +683,7 @@ public sealed partial class StickBreakingAttention : IDisposable
             AccumulatorScratch = Scratch16(shape, floatsPerElement: 2),
             Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
         };
-        var (query, key) = kernels.Backward16(D, bf16);
+        var (query, key) = kernels.Backward16(D, bf16, exact);
         if ((BackwardPasses & 1) != 0)
             launcher.Launch(query, stream, shape, args);
         if ((BackwardPasses & 2) != 0)

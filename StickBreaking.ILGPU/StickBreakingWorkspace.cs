@@ -69,7 +69,7 @@ public sealed class StickBreakingWorkspace : IDisposable
     public static long BytesFor(AttentionShape shape) => checked(2 * sizeof(float) * SnapshotFloats(shape));
 
     /// <summary>The (shape, scale, visibility) of the forward whose snapshots it holds, if any.</summary>
-    internal (AttentionShape Shape, float Scale, bool AttendCurrent)? FilledBy { get; set; }
+    internal (AttentionShape Shape, float Scale, bool AttendCurrent, bool ExactProducts)? FilledBy { get; set; }
 
     internal ArrayView<float> AccFor(AttentionShape shape) => acc.View.SubView(0, SnapshotFloats(shape));
 

@@ -27,8 +27,10 @@ internal sealed class KernelSet
 {
     private readonly KernelLaunch<ForwardArgs<float>>? fastForward;
     private readonly KernelLaunch<BackwardArgs<float>>? fastBackwardQuery, fastBackwardKey;
-    private readonly KernelLaunch<TensorCoreForwardArgs>? tensorCoreBf16, tensorCoreFp16;
-    private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)? tensorCoreBackwardBf16, tensorCoreBackwardFp16;
+    // Indexed [bf16 ? 1 : 0, exact ? 1 : 0]: rounded or split (exact) 16-bit products.
+    private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForward = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
+    private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)?[,] tensorCoreBackward =
+        new (KernelLaunch<BackwardArgs<ushort>>, KernelLaunch<BackwardArgs<ushort>>)?[2, 2];
 
     public KernelSet(Accelerator accelerator, KernelChoice choice)
     {
@@ -39,16 +41,20 @@ internal sealed class KernelSet
         // 16-bit storage: the tensor-core forward where it fits (on the CPU accelerator, with the mma emulated).
         if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
         {
-            // bf16 feeds its weights to P V as two 16-bit parts (o at the rounding floor, about 3% slower on an H200);
-            // fp16 rounds them (2^-12 relative, o within 1.4x the floor; splitting cost fp16 a third of its speed).
-            tensorCoreBf16 = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
-            tensorCoreFp16 = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
-            // The backward passes likewise: bf16 feeds dz and A to the dq, dk and dv products in two 16-bit parts (the
-            // gradients at the rounding floor, about 7 % slower on an H200), fp16 rounds them (within 1.6x the floor).
-            tensorCoreBackwardBf16 = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, SplitWeights>(),
+            // Each storage type with its weights rounded (the default) or split into two 16-bit parts
+            // (StickBreakingOptions.ExactProducts), for the forward and both backward passes.
+            tensorCoreForward[1, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreForward[1, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreForward[0, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreForward[0, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreBackward[1, 0] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, RoundedWeights>(),
+                TensorCoreBackwardKeyKernel.LaunchFor<Bf16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreBackward[1, 1] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, SplitWeights>(),
                 TensorCoreBackwardKeyKernel.LaunchFor<Bf16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
-            tensorCoreBackwardFp16 = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Fp16Storage, RoundedWeights>(),
+            tensorCoreBackward[0, 0] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Fp16Storage, RoundedWeights>(),
                 TensorCoreBackwardKeyKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
+            tensorCoreBackward[0, 1] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Fp16Storage, SplitWeights>(),
+                TensorCoreBackwardKeyKernel.LaunchFor<Fp16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
         }
         // The CUDA passes need more shared memory than the CUDA forward: a device whose opt-in limit is between
         // the two runs the CUDA forward and the portable backward (both read the same snapshots).
@@ -72,11 +78,11 @@ internal sealed class KernelSet
         fastForward is { } fast && fast.ServesHeadDim(headDim) ? fast : ForwardKernel.Launch;
 
     /// <summary>Whether the tensor-core forward serves 16-bit storage for the head dimensions it covers.</summary>
-    public bool TensorCoreForward => tensorCoreBf16 is not null;
+    public bool TensorCoreForward => tensorCoreForward[1, 0] is not null;
 
     /// <summary>The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves it.</summary>
-    public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, bool bf16) =>
-        (bf16 ? tensorCoreBf16 : tensorCoreFp16) is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
+    public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, bool bf16, bool exact = false) =>
+        tensorCoreForward[bf16 ? 1 : 0, exact ? 1 : 0] is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
 
     /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>
     public (KernelLaunch<BackwardArgs<float>> Query, KernelLaunch<BackwardArgs<float>> Key) Backward(int headDim) =>
@@ -99,16 +105,16 @@ internal sealed class KernelSet
     /// fp32 passes. On OpenCL (<see cref="OutputAccumulator.InOutput"/>) their arguments need
     /// <c>AccumulatorScratch</c>: 2 * B * H * T * D floats, shared by the two passes.
     /// </summary>
-    public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key) Backward16(int headDim, bool bf16) =>
-        TensorCoreBackward16(headDim, bf16)
+    public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key) Backward16(int headDim, bool bf16, bool exact = false) =>
+        TensorCoreBackward16(headDim, bf16, exact)
         ?? (bf16 ? (BackwardQueryKernel.LaunchBf16, BackwardKeyKernel.LaunchBf16) : (BackwardQueryKernel.LaunchFp16, BackwardKeyKernel.LaunchFp16));
 
     /// <summary>Whether the tensor-core backward passes serve 16-bit storage for the head dimensions they cover.</summary>
-    public bool TensorCoreBackward => tensorCoreBackwardBf16 is not null;
+    public bool TensorCoreBackward => tensorCoreBackward[1, 0] is not null;
 
     /// <summary>The tensor-core backward passes for 16-bit storage and head dimension <paramref name="headDim"/>, if they serve it.</summary>
-    public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)? TensorCoreBackward16(int headDim, bool bf16) =>
-        (bf16 ? tensorCoreBackwardBf16 : tensorCoreBackwardFp16) is { } passes
+    public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)? TensorCoreBackward16(int headDim, bool bf16, bool exact = false) =>
+        tensorCoreBackward[bf16 ? 1 : 0, exact ? 1 : 0] is { } passes
         && passes.Query.ServesHeadDim(headDim) && passes.Key.ServesHeadDim(headDim) ? passes : null;
 
     /// <summary>Both passes if the accelerator can hold both; otherwise null (Auto) or a clear error (a forced choice).</summary>
