@@ -95,8 +95,8 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     public void MatchesReferenceAndPortableSnapshots(bool bf16, InputKind kind, int length, int headDim,
         bool attendCurrent, bool withDRem)
     {
-        if (backend == Backends.Cpu && length * headDim > Backends.EmulatedMmaCaseLimit)
-            Assert.Ignore($"CUDA only: T x D above {Backends.EmulatedMmaCaseLimit} (the CPU accelerator emulates the mma, thread by thread; the smaller cases cover the code there)");
+        if (!Backends.RunsEmulatedMmaCase(backend, length, headDim))
+            Assert.Ignore(Backends.EmulatedMmaSkip);
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(kind, 1, 1, length, headDim, seed: 11 * length + headDim + (bf16 ? 1 : 0));
         if (!withDRem)
@@ -127,8 +127,8 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(false, 97, 64, true)]
     public void RunsRepeatBitwise(bool bf16, int length, int headDim, bool attendCurrent)
     {
-        if (backend == Backends.Cpu && length * headDim > Backends.EmulatedMmaCaseLimit)
-            Assert.Ignore($"CUDA only: T x D above {Backends.EmulatedMmaCaseLimit} (the CPU accelerator emulates the mma, thread by thread; the smaller cases cover the code there)");
+        if (!Backends.RunsEmulatedMmaCase(backend, length, headDim))
+            Assert.Ignore(Backends.EmulatedMmaSkip);
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.LongRange, 1, 2, length, headDim, seed: 5 + length);
         var inputs = Inputs.Rounded(x, bf16);
@@ -160,8 +160,8 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(false, false, "past", 0)]
     public void PoisonedInputsReachOnlyDependentRows(bool bf16, bool attendCurrent, string where, int token)
     {
-        if (backend == Backends.Cpu && (!bf16 || where == "row"))
-            Assert.Ignore("CUDA only in fp16 and for a poisoned row (the CPU accelerator emulates the mma; the bf16 key and padding cases cover the masked code there)");
+        if (backend == Backends.Cpu && (!bf16 || where != "key" || token != 70))
+            Assert.Ignore("CUDA only but for one case (the CPU accelerator emulates the mma thread by thread)");
         int length = 100, headDim = 64, heads = 2;
         var shape = new AttentionShape(1, heads, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, heads, length, headDim, seed: 31);

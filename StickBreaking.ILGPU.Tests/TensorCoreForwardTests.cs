@@ -174,6 +174,8 @@ public sealed class TensorCoreForwardTests(string backend)
     [TestCase(false, 150, 64, true)]
     public void PlansAgreeBitwise(bool bf16, int length, int headDim, bool attendCurrent)
     {
+        if (backend == Backends.Cpu)
+            Assert.Ignore("CUDA only: the plans share their code; on the CPU accelerator (an emulated mma) they would take minutes");
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 31 + length);
         var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
