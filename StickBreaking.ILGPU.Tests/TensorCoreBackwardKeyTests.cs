@@ -33,43 +33,8 @@ namespace StickBreaking.ILGPU.Tests;
 /// fp32 and rounds once; the tests print the ratio to the floor.
 /// </para>
 /// </summary>
-[TestFixtureSource(typeof(Backends), nameof(Backends.All))]
-public sealed class TensorCoreBackwardKeyTests(string backend)
+public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixture(backend, "the tensor-core backward")
 {
-    private Context? context;
-    private Accelerator? accelerator;
-    private KernelLauncher? launcher;
-
-    private Accelerator Accelerator => accelerator ?? throw new InvalidOperationException("fixture not set up");
-
-    private KernelLauncher Launcher => launcher ?? throw new InvalidOperationException("fixture not set up");
-
-    [OneTimeSetUp]
-    public void Open()
-    {
-        if (backend == Backends.OpenCL)
-            Assert.Ignore("the tensor-core backward needs warp shuffles and inline PTX (CUDA, or the CPU accelerator's emulation)");
-        if (Backends.Selected is { } selected && !selected.Contains(backend))
-            Assert.Ignore($"{backend} not selected by STICKBREAKING_BACKENDS");
-        var (ctx, acc, reason) = Backends.Open(backend);
-        if (acc is null)
-        {
-            if (Backends.Required.Contains(backend))
-                Assert.Fail($"{backend} is required (STICKBREAKING_REQUIRE) but absent: {reason}");
-            Assert.Ignore($"{backend} absent: {reason}");
-        }
-        context = ctx;
-        accelerator = acc;
-        launcher = new KernelLauncher(acc, sharedMemoryLimit: null);
-    }
-
-    [OneTimeTearDown]
-    public void Close()
-    {
-        accelerator?.Dispose();
-        context?.Dispose();
-    }
-
     private static readonly int[] Lengths = [1, 15, 64, 65, 130, 200];
 
     public static IEnumerable<TestCaseData> Cases()
@@ -101,7 +66,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     public void MatchesReferenceOnRoundedInputs(bool bf16, InputKind kind, int length, int headDim, bool attendCurrent,
         bool zeroDRem)
     {
-        if (!Backends.RunsEmulatedMmaCase(backend, length, headDim))
+        if (!Backends.RunsEmulatedMmaCase(Backend, length, headDim))
             Assert.Ignore(Backends.EmulatedMmaSkip);
         int batch = 1, heads = kind == InputKind.Standard ? 1 : 2;
         var shape = new AttentionShape(batch, heads, length, headDim);
@@ -116,7 +81,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
             var run = Run(bf16, split, shape, q.Bits, k.Bits, v.Bits, dO.Bits, dRem, (float)scale, attendCurrent);
             var (dkError, dkFloor) = GradientError(run.DK, gradients.DK, bf16);
             var (dvError, dvFloor) = GradientError(run.DV, gradients.DV, bf16);
-            TestContext.Out.WriteLine($"{backend} {(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} {kind} T={length} " +
+            TestContext.Out.WriteLine($"{Backend} {(bf16 ? "bf16" : "fp16")} {(split ? "split" : "rounded")} {kind} T={length} " +
                 $"D={headDim} {(attendCurrent ? "AttendCurrent" : "Strict")} {(zeroDRem ? "dRem=0" : "dRem")}: rel RMS " +
                 $"dk {dkError:E2} ({Ratio(dkError, dkFloor)} x floor {dkFloor:E2}), dv {dvError:E2} ({Ratio(dvError, dvFloor)} x floor {dvFloor:E2})");
             Assert.Multiple(() =>
@@ -132,7 +97,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     [TestCase(false, 200, 64, true, true)]
     public void RepeatsBitwise(bool bf16, int length, int headDim, bool attendCurrent, bool split)
     {
-        if (!Backends.RunsEmulatedMmaCase(backend, length, headDim))
+        if (!Backends.RunsEmulatedMmaCase(Backend, length, headDim))
             Assert.Ignore(Backends.EmulatedMmaSkip);
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 5 * length + headDim);
@@ -187,7 +152,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     [TestCaseSource(nameof(PoisonCases))]
     public void PoisonedInputsReachOnlyWhatTheyMay(bool bf16, int headDim, bool attendCurrent, Poison[] poisons)
     {
-        if (backend == Backends.Cpu && (headDim > 64 || !bf16 || attendCurrent))
+        if (Backend == Backends.Cpu && (headDim > 64 || !bf16 || attendCurrent))
             Assert.Ignore("CUDA only but for one case (the CPU accelerator emulates the mma thread by thread)");
         const int length = 70, heads = 2;
         var shape = new AttentionShape(1, heads, length, headDim);
@@ -250,7 +215,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     [TestCase(false, 1024, 64)]
     public void LongSequenceOnCuda(bool bf16, int length, int headDim)
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 29);
@@ -284,7 +249,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     [TestCase(64)]
     public void TimingOnCuda(int headDim)
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int batch = 4, heads = headDim == 128 ? 12 : 16, length = 4096;
         var shape = new AttentionShape(batch, heads, length, headDim);
@@ -358,7 +323,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend)
     [TestCase(typeof(Fp16Storage), "f16.f16", "bf16.bf16", true)]
     public void PtxUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split)
     {
-        if (backend != Backends.Cpu)
+        if (Backend != Backends.Cpu)
             Assert.Ignore("the PTX is compiled without a device: once, in the CPU fixture");
         using var ptxContext = Context.Create(b => b.Cuda().EnableAlgorithms());
         var kernel = typeof(TensorCoreBackwardKeyKernel)

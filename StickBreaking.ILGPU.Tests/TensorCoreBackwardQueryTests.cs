@@ -31,43 +31,8 @@ namespace StickBreaking.ILGPU.Tests;
 /// rather than the exp of a sum of logs: 1e-5 of the row's largest |P| plus 1e-6.
 /// </para>
 /// </summary>
-[TestFixtureSource(typeof(Backends), nameof(Backends.All))]
-public sealed class TensorCoreBackwardQueryTests(string backend)
+public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFixture(backend, "the tensor-core backward")
 {
-    private Context? context;
-    private Accelerator? accelerator;
-    private KernelLauncher? launcher;
-
-    private Accelerator Accelerator => accelerator ?? throw new InvalidOperationException("fixture not set up");
-
-    private KernelLauncher Launcher => launcher ?? throw new InvalidOperationException("fixture not set up");
-
-    [OneTimeSetUp]
-    public void Open()
-    {
-        if (backend == Backends.OpenCL)
-            Assert.Ignore("the tensor-core backward needs warp shuffles (CUDA, or the CPU accelerator's emulation)");
-        if (Backends.Selected is { } selected && !selected.Contains(backend))
-            Assert.Ignore($"{backend} not selected by STICKBREAKING_BACKENDS");
-        var (ctx, acc, reason) = Backends.Open(backend);
-        if (acc is null)
-        {
-            if (Backends.Required.Contains(backend))
-                Assert.Fail($"{backend} is required (STICKBREAKING_REQUIRE) but absent: {reason}");
-            Assert.Ignore($"{backend} absent: {reason}");
-        }
-        context = ctx;
-        accelerator = acc;
-        launcher = new KernelLauncher(acc, sharedMemoryLimit: null);
-    }
-
-    [OneTimeTearDown]
-    public void Close()
-    {
-        accelerator?.Dispose();
-        context?.Dispose();
-    }
-
     /// <summary>
     /// (a) dq against float64 on the rounded inputs, rounded and split dz, and (b) the P snapshots against the
     /// portable pass 1, for every (row, 32-key tile) in which the row sees a key.
@@ -95,7 +60,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     public void MatchesReferenceAndPortableSnapshots(bool bf16, InputKind kind, int length, int headDim,
         bool attendCurrent, bool withDRem)
     {
-        if (!Backends.RunsEmulatedMmaCase(backend, length, headDim))
+        if (!Backends.RunsEmulatedMmaCase(Backend, length, headDim))
             Assert.Ignore(Backends.EmulatedMmaSkip);
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(kind, 1, 1, length, headDim, seed: 11 * length + headDim + (bf16 ? 1 : 0));
@@ -127,7 +92,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(false, 97, 64, true)]
     public void RunsRepeatBitwise(bool bf16, int length, int headDim, bool attendCurrent)
     {
-        if (!Backends.RunsEmulatedMmaCase(backend, length, headDim))
+        if (!Backends.RunsEmulatedMmaCase(Backend, length, headDim))
             Assert.Ignore(Backends.EmulatedMmaSkip);
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.LongRange, 1, 2, length, headDim, seed: 5 + length);
@@ -160,7 +125,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(false, false, "past", 0)]
     public void PoisonedInputsReachOnlyDependentRows(bool bf16, bool attendCurrent, string where, int token)
     {
-        if (backend == Backends.Cpu && (!bf16 || where != "key" || token != 70))
+        if (Backend == Backends.Cpu && (!bf16 || where != "key" || token != 70))
             Assert.Ignore("CUDA only but for one case (the CPU accelerator emulates the mma thread by thread)");
         int length = 100, headDim = 64, heads = 2;
         var shape = new AttentionShape(1, heads, length, headDim);
@@ -230,7 +195,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(false, 1024, 64, true)]
     public void LongSequenceOnCuda(bool bf16, int length, int headDim, bool attendCurrent)
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 29);
@@ -263,7 +228,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(64)]
     public void TimingOnCuda(int headDim)
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int batch = 4, heads = headDim == 128 ? 12 : 16, length = 4096;
         var shape = new AttentionShape(batch, heads, length, headDim);
@@ -327,7 +292,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend)
     [TestCase(typeof(Fp16Storage), "f16.f16", "bf16.bf16", true)]
     public void PtxUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split)
     {
-        if (backend != Backends.Cpu)
+        if (Backend != Backends.Cpu)
             Assert.Ignore("compiles PTX without a device: once, in the CPU fixture");
         var kernel = typeof(TensorCoreBackwardQueryKernel)
             .GetMethod(nameof(TensorCoreBackwardQueryKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!

@@ -29,44 +29,8 @@ namespace StickBreaking.ILGPU.Tests;
 /// terms of size 3 in fp32, each with a relative error of a few 1e-8).
 /// </para>
 /// </summary>
-[TestFixtureSource(typeof(Backends), nameof(Backends.All))]
-public sealed class TensorCoreForwardTests(string backend)
+public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(backend, "the tensor-core forward")
 {
-    private Context? context;
-    private Accelerator? accelerator;
-
-    private KernelLauncher? launcher;
-
-    private Accelerator Accelerator => accelerator ?? throw new InvalidOperationException("fixture not set up");
-
-    private KernelLauncher Launcher => launcher ?? throw new InvalidOperationException("fixture not set up");
-
-    [OneTimeSetUp]
-    public void Open()
-    {
-        if (backend == Backends.OpenCL)
-            Assert.Ignore("the tensor-core forward needs warp shuffles (CUDA, or the CPU accelerator's emulation)");
-        if (Backends.Selected is { } selected && !selected.Contains(backend))
-            Assert.Ignore($"{backend} not selected by STICKBREAKING_BACKENDS");
-        var (ctx, acc, reason) = Backends.Open(backend);
-        if (acc is null)
-        {
-            if (Backends.Required.Contains(backend))
-                Assert.Fail($"{backend} is required (STICKBREAKING_REQUIRE) but absent: {reason}");
-            Assert.Ignore($"{backend} absent: {reason}");
-        }
-        context = ctx;
-        accelerator = acc;
-        launcher = new KernelLauncher(acc, sharedMemoryLimit: null);
-    }
-
-    [OneTimeTearDown]
-    public void Close()
-    {
-        accelerator?.Dispose();
-        context?.Dispose();
-    }
-
     [TestCase(false, InputKind.Standard, 1, 2, 1, 64, false)]
     [TestCase(true, InputKind.Standard, 1, 1, 1, 128, true)]
     [TestCase(false, InputKind.Standard, 1, 1, 15, 128, true)]
@@ -174,7 +138,7 @@ public sealed class TensorCoreForwardTests(string backend)
     [TestCase(false, 150, 64, true)]
     public void PlansAgreeBitwise(bool bf16, int length, int headDim, bool attendCurrent)
     {
-        if (backend == Backends.Cpu)
+        if (Backend == Backends.Cpu)
             Assert.Ignore("CUDA only: the plans share their code; on the CPU accelerator (an emulated mma) they would take minutes");
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 31 + length);
@@ -268,7 +232,7 @@ public sealed class TensorCoreForwardTests(string backend)
     [TestCase(true, 2048, 128, InputKind.LongRange)]
     public void LongSequenceOnCuda(bool bf16, int length, int headDim, InputKind kind)
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(kind, 1, 2, length, headDim, seed: 29);
@@ -307,7 +271,7 @@ public sealed class TensorCoreForwardTests(string backend)
     [TestCase(64)]
     public void TimingOnCuda(int headDim)
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int heads = headDim == 128 ? 12 : 16;
         foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch) })
@@ -324,7 +288,7 @@ public sealed class TensorCoreForwardTests(string backend)
     [Test]
     public void LengthSweepOnCuda()
     {
-        if (backend != Backends.Cuda)
+        if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         foreach (int length in new[] { 1024, 2048, 4096, 8192, 16384 })
         {
