@@ -210,7 +210,7 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
             Q = qb.View, K = kb.View, V = vb.View, O = o.View, Rem = rem.View, LogRem = logRem.View,
             AccumulatorScratch = needsScratch ? scratchBuffer.View.SubView(0, n) : ArrayView<float>.Empty,
             AccSnapshots = accSnapshots.View, WriteSnapshots = 1, SnapshotTiles = tiles,
-            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
         forwardLauncher.Launch(forward, stream, shape, forwardArgs);
         var backwardArgs = new BackwardArgs<T>
@@ -219,7 +219,7 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
             AccSnapshots = accSnapshots.View, PrefixSnapshots = prefixSnapshots.View,
             DQ = dq.View, DK = dk.View, DV = dv.View,
             AccumulatorScratch = needsScratch ? scratchBuffer.View : ArrayView<float>.Empty,
-            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
             Scale = scale,
         };
         backwardLauncher.Launch(backward.Query, stream, shape, backwardArgs);

@@ -277,7 +277,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
             {
                 Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
                 AccSnapshots = accSnapshots.View, WriteSnapshots = 1, SnapshotTiles = tiles,
-                Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
+                Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
             };
             Launcher.Launch(ForwardFor(bf16), acc.DefaultStream, shape, forwardArgs);
             var args = new BackwardArgs<ushort>
@@ -285,7 +285,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
                 Q = qb.View, K = kb.View, V = vb.View, DO = dOb.View, DRem = dRem.View, LogRem = logRem.View,
                 AccSnapshots = accSnapshots.View, PrefixSnapshots = prefixSnapshots.View,
                 DQ = ArrayView<ushort>.Empty, DK = dk.View, DV = dv.View, AccumulatorScratch = ArrayView<float>.Empty,
-                Length = length, HeadDim = headDim, SnapshotTiles = tiles, Scale = (float)(1.0 / Math.Sqrt(headDim)),
+                Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = length, HeadDim = headDim, SnapshotTiles = tiles, Scale = (float)(1.0 / Math.Sqrt(headDim)),
             };
             foreach (bool split in new[] { false, true })
             {
@@ -403,7 +403,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
         {
             Q = qb.View, K = kb.View, V = vb.View, O = o.View, Rem = rem.View, LogRem = logRem.View,
             AccSnapshots = accSnapshots.View, WriteSnapshots = 1, SnapshotTiles = tiles,
-            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
         Launcher.Launch(ForwardFor(storage), stream, shape, forwardArgs);
         var args = new BackwardArgs<ushort>
@@ -411,7 +411,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
             Q = qb.View, K = kb.View, V = vb.View, DO = dOb.View, DRem = dRemb.View, LogRem = logRem.View,
             AccSnapshots = accSnapshots.View, PrefixSnapshots = prefixSnapshots.View,
             DQ = dq.View, DK = dk.View, DV = dv.View, AccumulatorScratch = ArrayView<float>.Empty,
-            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
             Scale = scale,
         };
         Launcher.Launch(storage ? BackwardQueryKernel.LaunchBf16 : BackwardQueryKernel.LaunchFp16, stream, shape, args);

@@ -254,7 +254,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
             {
                 Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
                 AccSnapshots = accSnapshots.View, WriteSnapshots = 1, SnapshotTiles = tiles,
-                Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
+                Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
             };
             Launcher.Launch(ForwardFor(bf16), acc.DefaultStream, shape, forwardArgs);
             var args = Args(qb.View, kb.View, vb.View, dOb.View, dRem.View, logRem.View, accSnapshots.View,
@@ -371,7 +371,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
         {
             Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
             AccSnapshots = accSnapshots.View, WriteSnapshots = 1, SnapshotTiles = tiles,
-            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
         Launcher.Launch(ForwardFor(bf16), acc.DefaultStream, shape, forwardArgs);
         var args = Args(qb.View, kb.View, vb.View, dOb.View, dRem.View, logRem.View, accSnapshots.View, prefixSnapshots.View,
@@ -390,7 +390,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
         Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
         AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots,
         DQ = dq, DK = ArrayView<ushort>.Empty, DV = ArrayView<ushort>.Empty, AccumulatorScratch = ArrayView<float>.Empty,
-        Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
+        Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
         Scale = scale,
     };
 

@@ -324,7 +324,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         {
             Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
             AccSnapshots = ArrayView<float>.Empty, SnapshotTiles = Snapshots.TileCount(length),
-            Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
         };
         var kernel = KernelFor(bf16, split, plan);
         Launcher.Launch(kernel, acc.DefaultStream, shape, args);
@@ -382,7 +382,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         {
             Q = qb.View, K = kb.View, V = vb.View, O = ob.View, Rem = rem.View, LogRem = logRem.View,
             AccSnapshots = snaps.View, WriteSnapshots = snapshots ? 1 : 0, SnapshotTiles = tiles,
-            Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
+            Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
         Launcher.Launch(plan is null ? KernelFor(bf16, split) : KernelFor(bf16, split, plan), acc.DefaultStream, shape, args);
         acc.Synchronize();

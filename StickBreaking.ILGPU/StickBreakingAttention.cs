@@ -1,4 +1,5 @@
 using System;
+using System.Diagnostics.CodeAnalysis;
 using System.Runtime.InteropServices;
 using Half = System.Half;
 using ILGPU;
@@ -124,21 +125,18 @@ public sealed partial class StickBreakingAttention : IDisposable
         Guards.Accelerator(accelerator);
         shape.Validate(nameof(shape));
         CheckForwardGrid(shape);
-        Guards.Memory(accelerator, Guards.HostForwardBytes(shape), "Forward", shape);
-        CheckHost(q, shape.TensorLength, nameof(q), shape);
-        CheckHost(k, shape.TensorLength, nameof(k), shape);
-        CheckHost(v, shape.TensorLength, nameof(v), shape);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
+        var layout = ResolveLayout(ref options, shape);
+        Guards.Memory(accelerator, HostForwardBytes(layout, sizeof(float)), "Forward", shape);
+        CheckHostInputs(layout, q, k, v);
 
         using var dq = Upload(q);
         using var dk = Upload(k);
         using var dv = Upload(v);
-        using var o = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var o = AllocateOutput<float>(layout.QuerySpan(layout.O), layout.Custom);
         using var rem = accelerator.Allocate1D<float>(shape.RowCount);
         using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
         var stream = accelerator.DefaultStream;
-        EnqueueForward(stream, shape, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options, workspace: null);
+        EnqueueForward(stream, layout, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options, workspace: null);
         stream.Synchronize();
         return new StickBreakingOutput(o.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D());
     }
@@ -163,14 +161,11 @@ public sealed partial class StickBreakingAttention : IDisposable
         shape.Validate(nameof(shape));
         CheckForwardGrid(shape);
         CheckBackwardGrid(shape);
-        Guards.Memory(accelerator, Guards.HostBackwardBytes(shape), "Backward", shape);
-        CheckHost(q, shape.TensorLength, nameof(q), shape);
-        CheckHost(k, shape.TensorLength, nameof(k), shape);
-        CheckHost(v, shape.TensorLength, nameof(v), shape);
-        CheckHost(dO, shape.TensorLength, nameof(dO), shape);
+        var layout = ResolveLayout(ref options, shape);
+        Guards.Memory(accelerator, HostBackwardBytes(layout, sizeof(float)), "Backward", shape);
+        CheckHostInputs(layout, q, k, v);
+        Guards.HostTensor(dO, layout.QuerySpan(layout.DO), layout.Custom, nameof(dO), shape);
         CheckHost(dRem, shape.RowCount, nameof(dRem), shape);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
 
         using var workspace = new StickBreakingWorkspace(accelerator, shape);
         using var bq = Upload(q);
@@ -178,15 +173,15 @@ public sealed partial class StickBreakingAttention : IDisposable
         using var bv = Upload(v);
         using var bdO = Upload(dO);
         using var bdRem = Upload(dRem);
-        using var o = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var o = AllocateOutput<float>(layout.QuerySpan(layout.O), layout.Custom);
         using var rem = accelerator.Allocate1D<float>(shape.RowCount);
         using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
-        using var gq = accelerator.Allocate1D<float>(shape.TensorLength);
-        using var gk = accelerator.Allocate1D<float>(shape.TensorLength);
-        using var gv = accelerator.Allocate1D<float>(shape.TensorLength);
+        using var gq = AllocateOutput<float>(layout.QuerySpan(layout.DQ), layout.Custom);
+        using var gk = AllocateOutput<float>(layout.KeySpan(layout.DK), layout.Custom);
+        using var gv = AllocateOutput<float>(layout.KeySpan(layout.DV), layout.Custom);
         var stream = accelerator.DefaultStream;
-        EnqueueForward(stream, shape, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace);
-        EnqueueBackward(stream, shape, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
+        EnqueueForward(stream, layout, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace);
+        EnqueueBackward(stream, layout, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
             gq.View, gk.View, gv.View);
         stream.Synchronize();
         return new StickBreakingGradients(gq.GetAsArray1D(), gk.GetAsArray1D(), gv.GetAsArray1D());
@@ -225,23 +220,20 @@ public sealed partial class StickBreakingAttention : IDisposable
         Guards.Accelerator(accelerator);
         shape.Validate(nameof(shape));
         CheckForward16Grid(shape, bf16);
-        Guards.Memory(accelerator, Guards.HostForwardBytes(shape, elementBytes: 2), "Forward", shape);
-        Guards.Host(q, shape.TensorLength, nameof(q), shape);
-        Guards.Host(k, shape.TensorLength, nameof(k), shape);
-        Guards.Host(v, shape.TensorLength, nameof(v), shape);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
+        var layout = ResolveLayout(ref options, shape);
+        Guards.Memory(accelerator, HostForwardBytes(layout, elementBytes: 2), "Forward", shape);
+        CheckHostInputs(layout, q, k, v);
 
         using var dq = Upload(MemoryMarshal.Cast<T, ushort>(q));
         using var dk = Upload(MemoryMarshal.Cast<T, ushort>(k));
         using var dv = Upload(MemoryMarshal.Cast<T, ushort>(v));
-        using var o = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var o = AllocateOutput<ushort>(layout.QuerySpan(layout.O), layout.Custom);
         using var rem = accelerator.Allocate1D<float>(shape.RowCount);
         using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
         var stream = accelerator.DefaultStream;
-        EnqueueForward16(stream, shape, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options, workspace: null, bf16);
+        EnqueueForward16(stream, layout, dq.View, dk.View, dv.View, o.View, rem.View, logRem.View, options, workspace: null, bf16);
         stream.Synchronize();
-        var result = new T[shape.TensorLength];
+        var result = new T[o.Length];
         o.View.CopyToCPU(stream, MemoryMarshal.Cast<T, ushort>(result.AsSpan()));
         return new StickBreakingOutput<T>(result, rem.GetAsArray1D(), logRem.GetAsArray1D());
     }
@@ -285,14 +277,11 @@ public sealed partial class StickBreakingAttention : IDisposable
         shape.Validate(nameof(shape));
         CheckForward16Grid(shape, bf16);
         CheckBackward16Grid(shape, bf16);
-        Guards.Memory(accelerator, Guards.HostBackwardBytes(shape, elementBytes: 2), "Backward", shape);
-        Guards.Host(q, shape.TensorLength, nameof(q), shape);
-        Guards.Host(k, shape.TensorLength, nameof(k), shape);
-        Guards.Host(v, shape.TensorLength, nameof(v), shape);
-        Guards.Host(dO, shape.TensorLength, nameof(dO), shape);
+        var layout = ResolveLayout(ref options, shape);
+        Guards.Memory(accelerator, HostBackwardBytes(layout, elementBytes: 2), "Backward", shape);
+        CheckHostInputs(layout, q, k, v);
+        Guards.HostTensor(dO, layout.QuerySpan(layout.DO), layout.Custom, nameof(dO), shape);
         CheckHost(dRem, shape.RowCount, nameof(dRem), shape);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
 
         using var workspace = new StickBreakingWorkspace(accelerator, shape);
         using var bq = Upload(MemoryMarshal.Cast<T, ushort>(q));
@@ -300,20 +289,20 @@ public sealed partial class StickBreakingAttention : IDisposable
         using var bv = Upload(MemoryMarshal.Cast<T, ushort>(v));
         using var bdO = Upload(MemoryMarshal.Cast<T, ushort>(dO));
         using var bdRem = Upload(dRem);
-        using var o = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var o = AllocateOutput<ushort>(layout.QuerySpan(layout.O), layout.Custom);
         using var rem = accelerator.Allocate1D<float>(shape.RowCount);
         using var logRem = accelerator.Allocate1D<float>(shape.RowCount);
-        using var gq = accelerator.Allocate1D<ushort>(shape.TensorLength);
-        using var gk = accelerator.Allocate1D<ushort>(shape.TensorLength);
-        using var gv = accelerator.Allocate1D<ushort>(shape.TensorLength);
+        using var gq = AllocateOutput<ushort>(layout.QuerySpan(layout.DQ), layout.Custom);
+        using var gk = AllocateOutput<ushort>(layout.KeySpan(layout.DK), layout.Custom);
+        using var gv = AllocateOutput<ushort>(layout.KeySpan(layout.DV), layout.Custom);
         var stream = accelerator.DefaultStream;
-        EnqueueForward16(stream, shape, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace, bf16);
-        EnqueueBackward16(stream, shape, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
+        EnqueueForward16(stream, layout, bq.View, bk.View, bv.View, o.View, rem.View, logRem.View, options, workspace, bf16);
+        EnqueueBackward16(stream, layout, bq.View, bk.View, bv.View, bdO.View, bdRem.View, logRem.View, workspace,
             gq.View, gk.View, gv.View, bf16);
         stream.Synchronize();
         T[] Download(MemoryBuffer1D<ushort, Stride1D.Dense> buffer)
         {
-            var result = new T[shape.TensorLength];
+            var result = new T[buffer.Length];
             buffer.View.CopyToCPU(stream, MemoryMarshal.Cast<T, ushort>(result.AsSpan()));
             return result;
         }
@@ -350,19 +339,11 @@ public sealed partial class StickBreakingAttention : IDisposable
         CheckStream(stream);
         shape.Validate(nameof(shape));
         CheckForwardGrid(shape);
-        CheckView(q, shape.TensorLength, nameof(q), shape);
-        CheckView(k, shape.TensorLength, nameof(k), shape);
-        CheckView(v, shape.TensorLength, nameof(v), shape);
-        CheckView(o, shape.TensorLength, nameof(o), shape);
-        CheckView(rem, shape.RowCount, nameof(rem), shape);
-        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
-        Guards.Disjoint([Guards.Arg.Of(o, nameof(o)), Guards.Arg.Of(rem, nameof(rem)), Guards.Arg.Of(logRem, nameof(logRem))],
-            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v))]);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
+        var layout = ResolveLayout(ref options, shape);
+        CheckForwardViews(layout, q, k, v, o, rem, logRem);
         if (workspace is not null)
             CheckWorkspace(workspace, shape);
-        EnqueueForward(stream, shape, q, k, v, o, rem, logRem, options, workspace);
+        EnqueueForward(stream, layout, q, k, v, o, rem, logRem, options, workspace);
     }
 
     /// <summary>
@@ -416,26 +397,18 @@ public sealed partial class StickBreakingAttention : IDisposable
         CheckStream(stream);
         shape.Validate(nameof(shape));
         CheckForward16Grid(shape, bf16);
-        Guards.View(accelerator, q, shape.TensorLength, nameof(q), shape);
-        Guards.View(accelerator, k, shape.TensorLength, nameof(k), shape);
-        Guards.View(accelerator, v, shape.TensorLength, nameof(v), shape);
-        Guards.View(accelerator, o, shape.TensorLength, nameof(o), shape);
-        CheckView(rem, shape.RowCount, nameof(rem), shape);
-        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
-        Guards.Disjoint([Guards.Arg.Of(o, nameof(o)), Guards.Arg.Of(rem, nameof(rem)), Guards.Arg.Of(logRem, nameof(logRem))],
-            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v))]);
-        options ??= StickBreakingOptions.Default;
-        options.Validate(nameof(options));
+        var layout = ResolveLayout(ref options, shape);
+        CheckForwardViews(layout, q, k, v, o, rem, logRem);
         if (workspace is not null)
             CheckWorkspace(workspace, shape);
         if (kernels.TensorCoreForward16(shape.HeadDim, bf16) is not null)
         {
-            Guards.Aligned(q, 16, nameof(q));
-            Guards.Aligned(k, 16, nameof(k));
-            Guards.Aligned(v, 16, nameof(v));
-            Guards.Aligned(o, 4, nameof(o));
+            TensorCoreAligned(q, layout.Q, 16, nameof(q));
+            TensorCoreAligned(k, layout.K, 16, nameof(k));
+            TensorCoreAligned(v, layout.V, 16, nameof(v));
+            TensorCoreAligned(o, layout.O, 4, nameof(o));
         }
-        EnqueueForward16(stream, shape, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), o.Cast<ushort>(), rem, logRem,
+        EnqueueForward16(stream, layout, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), o.Cast<ushort>(), rem, logRem,
             options, workspace, bf16);
     }
 
@@ -471,24 +444,10 @@ public sealed partial class StickBreakingAttention : IDisposable
         CheckStream(stream);
         shape.Validate(nameof(shape));
         CheckBackwardGrid(shape);
-        CheckView(q, shape.TensorLength, nameof(q), shape);
-        CheckView(k, shape.TensorLength, nameof(k), shape);
-        CheckView(v, shape.TensorLength, nameof(v), shape);
-        CheckView(dO, shape.TensorLength, nameof(dO), shape);
-        CheckView(dRem, shape.RowCount, nameof(dRem), shape);
-        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
-        CheckView(dq, shape.TensorLength, nameof(dq), shape);
-        CheckView(dk, shape.TensorLength, nameof(dk), shape);
-        CheckView(dv, shape.TensorLength, nameof(dv), shape);
-        Guards.Disjoint([Guards.Arg.Of(dq, nameof(dq)), Guards.Arg.Of(dk, nameof(dk)), Guards.Arg.Of(dv, nameof(dv))],
-            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v)), Guards.Arg.Of(dO, nameof(dO)), Guards.Arg.Of(dRem, nameof(dRem)), Guards.Arg.Of(logRem, nameof(logRem))]);
-        CheckWorkspace(workspace, shape);
-        if (workspace.FilledBy?.Shape != shape)
-            throw new ArgumentException(
-                $"workspace holds no snapshots of a training forward with shape {shape} " +
-                $"(it holds {(workspace.FilledBy is { } f ? $"those of {f.Shape}" : "none")}): run Forward with this workspace first.",
-                nameof(workspace));
-        EnqueueBackward(stream, shape, q, k, v, dO, dRem, logRem, workspace, dq, dk, dv);
+        var layout = TrainingLayout(workspace, shape);
+        CheckBackwardViews(layout, q, k, v, dO, dRem, logRem, dq, dk, dv);
+        CheckTrainingWorkspace(workspace, shape);
+        EnqueueBackward(stream, layout, q, k, v, dO, dRem, logRem, workspace, dq, dk, dv);
     }
 
     /// <summary>
@@ -551,34 +510,20 @@ public sealed partial class StickBreakingAttention : IDisposable
         CheckStream(stream);
         shape.Validate(nameof(shape));
         CheckBackward16Grid(shape, bf16);
-        Guards.View(accelerator, q, shape.TensorLength, nameof(q), shape);
-        Guards.View(accelerator, k, shape.TensorLength, nameof(k), shape);
-        Guards.View(accelerator, v, shape.TensorLength, nameof(v), shape);
-        Guards.View(accelerator, dO, shape.TensorLength, nameof(dO), shape);
-        CheckView(dRem, shape.RowCount, nameof(dRem), shape);
-        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
-        Guards.View(accelerator, dq, shape.TensorLength, nameof(dq), shape);
-        Guards.View(accelerator, dk, shape.TensorLength, nameof(dk), shape);
-        Guards.View(accelerator, dv, shape.TensorLength, nameof(dv), shape);
-        Guards.Disjoint([Guards.Arg.Of(dq, nameof(dq)), Guards.Arg.Of(dk, nameof(dk)), Guards.Arg.Of(dv, nameof(dv))],
-            [Guards.Arg.Of(q, nameof(q)), Guards.Arg.Of(k, nameof(k)), Guards.Arg.Of(v, nameof(v)), Guards.Arg.Of(dO, nameof(dO)), Guards.Arg.Of(dRem, nameof(dRem)), Guards.Arg.Of(logRem, nameof(logRem))]);
-        CheckWorkspace(workspace, shape);
-        if (workspace.FilledBy?.Shape != shape)
-            throw new ArgumentException(
-                $"workspace holds no snapshots of a training forward with shape {shape} " +
-                $"(it holds {(workspace.FilledBy is { } f ? $"those of {f.Shape}" : "none")}): run Forward with this workspace first.",
-                nameof(workspace));
+        var layout = TrainingLayout(workspace, shape);
+        CheckBackwardViews(layout, q, k, v, dO, dRem, logRem, dq, dk, dv);
+        CheckTrainingWorkspace(workspace, shape);
         if (kernels.TensorCoreBackward16(shape.HeadDim, bf16) is not null)
         {
-            Guards.Aligned(q, 16, nameof(q));
-            Guards.Aligned(k, 16, nameof(k));
-            Guards.Aligned(v, 16, nameof(v));
-            Guards.Aligned(dO, 16, nameof(dO));
-            Guards.Aligned(dq, 4, nameof(dq));
-            Guards.Aligned(dk, 4, nameof(dk));
-            Guards.Aligned(dv, 4, nameof(dv));
+            TensorCoreAligned(q, layout.Q, 16, nameof(q));
+            TensorCoreAligned(k, layout.K, 16, nameof(k));
+            TensorCoreAligned(v, layout.V, 16, nameof(v));
+            TensorCoreAligned(dO, layout.DO, 16, nameof(dO));
+            TensorCoreAligned(dq, layout.DQ, 4, nameof(dq));
+            TensorCoreAligned(dk, layout.DK, 4, nameof(dk));
+            TensorCoreAligned(dv, layout.DV, 4, nameof(dv));
         }
-        EnqueueBackward16(stream, shape, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), dO.Cast<ushort>(), dRem, logRem,
+        EnqueueBackward16(stream, layout, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), dO.Cast<ushort>(), dRem, logRem,
             workspace, dq.Cast<ushort>(), dk.Cast<ushort>(), dv.Cast<ushort>(), bf16);
     }
 
@@ -594,11 +539,12 @@ public sealed partial class StickBreakingAttention : IDisposable
     // ------------------------------------------------------------------------------------------------
     // Arguments and launch (inputs already validated).
 
-    private void EnqueueForward(AcceleratorStream stream, AttentionShape shape,
+    private void EnqueueForward(AcceleratorStream stream, AttentionLayout.Resolved layout,
         ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
         ArrayView<float> o, ArrayView<float> rem, ArrayView<float> logRem,
         StickBreakingOptions options, StickBreakingWorkspace? workspace)
     {
+        var shape = layout.Shape;
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
         var args = new ForwardArgs<float>
@@ -607,18 +553,19 @@ public sealed partial class StickBreakingAttention : IDisposable
             AccSnapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty,
             WriteSnapshots = workspace is null ? 0 : 1,
             SnapshotTiles = Snapshots.TileCount(T),
-            Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+            Rows = layout.Rows, Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
         };
         launcher.Launch(kernels.Forward(D), stream, shape, args);
         if (workspace is not null)
-            workspace.FilledBy = (shape, scale, options.AttendCurrent, options.ExactProducts);
+            workspace.FilledBy = (shape, scale, options.AttendCurrent, options.ExactProducts, options.Layout);
     }
 
-    private void EnqueueForward16(AcceleratorStream stream, AttentionShape shape,
+    private void EnqueueForward16(AcceleratorStream stream, AttentionLayout.Resolved layout,
         ArrayView<ushort> q, ArrayView<ushort> k, ArrayView<ushort> v,
         ArrayView<ushort> o, ArrayView<float> rem, ArrayView<float> logRem,
         StickBreakingOptions options, StickBreakingWorkspace? workspace, bool bf16)
     {
+        var shape = layout.Shape;
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
         var snapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty;
@@ -628,7 +575,7 @@ public sealed partial class StickBreakingAttention : IDisposable
             {
                 Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
                 AccSnapshots = snapshots, WriteSnapshots = workspace is null ? 0 : 1, SnapshotTiles = Snapshots.TileCount(T),
-                Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+                Rows = layout.Rows, Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
             });
         }
         else
@@ -637,28 +584,29 @@ public sealed partial class StickBreakingAttention : IDisposable
             {
                 Q = q, K = k, V = v, O = o, Rem = rem, LogRem = logRem,
                 AccSnapshots = snapshots, WriteSnapshots = workspace is null ? 0 : 1, SnapshotTiles = Snapshots.TileCount(T),
-                Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
+                Rows = layout.Rows, Length = T, HeadDim = D, AttendCurrent = options.AttendCurrent ? 1 : 0, Scale = scale,
                 AccumulatorScratch = Scratch16(shape, floatsPerElement: 1),
             });
         }
         if (workspace is not null)
-            workspace.FilledBy = (shape, scale, options.AttendCurrent, options.ExactProducts);
+            workspace.FilledBy = (shape, scale, options.AttendCurrent, options.ExactProducts, options.Layout);
     }
 
-    private void EnqueueBackward(AcceleratorStream stream, AttentionShape shape,
+    private void EnqueueBackward(AcceleratorStream stream, AttentionLayout.Resolved layout,
         ArrayView<float> q, ArrayView<float> k, ArrayView<float> v,
         ArrayView<float> dO, ArrayView<float> dRem, ArrayView<float> logRem,
         StickBreakingWorkspace workspace,
         ArrayView<float> dq, ArrayView<float> dk, ArrayView<float> dv)
     {
-        var (_, scale, attendCurrent, exact) = workspace.FilledBy!.Value;
+        var (_, scale, attendCurrent, exact, _) = workspace.FilledBy!.Value;
+        var shape = layout.Shape;
         int D = shape.HeadDim, T = shape.Length;
         var args = new BackwardArgs<float>
         {
             Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
             AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
             DQ = dq, DK = dk, DV = dv,
-            Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
+            Rows = layout.Rows, Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
         };
         var (query, key) = kernels.Backward(D);
         if ((BackwardPasses & 1) != 0)
@@ -667,13 +615,14 @@ public sealed partial class StickBreakingAttention : IDisposable
             launcher.Launch(key, stream, shape, args);
     }
 
-    private void EnqueueBackward16(AcceleratorStream stream, AttentionShape shape,
+    private void EnqueueBackward16(AcceleratorStream stream, AttentionLayout.Resolved layout,
         ArrayView<ushort> q, ArrayView<ushort> k, ArrayView<ushort> v,
         ArrayView<ushort> dO, ArrayView<float> dRem, ArrayView<float> logRem,
         StickBreakingWorkspace workspace,
         ArrayView<ushort> dq, ArrayView<ushort> dk, ArrayView<ushort> dv, bool bf16)
     {
-        var (_, scale, attendCurrent, exact) = workspace.FilledBy!.Value;
+        var (_, scale, attendCurrent, exact, _) = workspace.FilledBy!.Value;
+        var shape = layout.Shape;
         int D = shape.HeadDim, T = shape.Length;
         var args = new BackwardArgs<ushort>
         {
@@ -681,7 +630,7 @@ public sealed partial class StickBreakingAttention : IDisposable
             AccSnapshots = workspace.AccFor(shape), PrefixSnapshots = workspace.PrefixFor(shape),
             DQ = dq, DK = dk, DV = dv,
             AccumulatorScratch = Scratch16(shape, floatsPerElement: 2),
-            Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
+            Rows = layout.Rows, Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
         };
         var (query, key) = kernels.Backward16(D, bf16, exact);
         if ((BackwardPasses & 1) != 0)
@@ -709,6 +658,19 @@ public sealed partial class StickBreakingAttention : IDisposable
             scratch = accelerator.Allocate1D<float>(floats);
         }
         return scratch.View.SubView(0, floats);
+    }
+
+    /// <summary>
+    /// A host-level call's output buffer of <paramref name="length"/> elements; zeroed under a custom layout, whose gaps
+    /// between rows the kernels never write (the caller gets them back as zeros, not as stale memory).
+    /// </summary>
+    private MemoryBuffer1D<T, Stride1D.Dense> AllocateOutput<T>(long length, bool custom)
+        where T : unmanaged
+    {
+        var buffer = accelerator.Allocate1D<T>(length);
+        if (custom)
+            buffer.MemSetToZero(accelerator.DefaultStream);
+        return buffer;
     }
 
     private MemoryBuffer1D<T, Stride1D.Dense> Upload<T>(ReadOnlySpan<T> data)
@@ -758,6 +720,108 @@ public sealed partial class StickBreakingAttention : IDisposable
         Guards.Grid(accelerator, shape, BackwardRowsPerGroup(shape.HeadDim), "backward");
 
     private void CheckStream(AcceleratorStream stream) => Guards.Stream(accelerator, stream);
+
+    /// <summary>Validates the options (defaults when null) and their layout against <paramref name="shape"/>.</summary>
+    private static AttentionLayout.Resolved ResolveLayout([NotNull] ref StickBreakingOptions? options, AttentionShape shape)
+    {
+        options ??= StickBreakingOptions.Default;
+        options.Validate(nameof(options));
+        var layout = AttentionLayout.Resolve(options.Layout, shape);
+        Guards.Layout(layout, nameof(options));
+        return layout;
+    }
+
+    /// <summary>
+    /// The layout of the training forward whose snapshots <paramref name="workspace"/> holds (the default while it holds
+    /// none of this shape: <see cref="CheckTrainingWorkspace"/> refuses that after the views are checked).
+    /// </summary>
+    private static AttentionLayout.Resolved TrainingLayout(StickBreakingWorkspace? workspace, AttentionShape shape) =>
+        AttentionLayout.Resolve(workspace?.FilledBy is { } f && f.Shape == shape ? f.Layout : null, shape);
+
+    /// <summary>A live workspace holding the snapshots of a training forward of <paramref name="shape"/>.</summary>
+    private void CheckTrainingWorkspace(StickBreakingWorkspace workspace, AttentionShape shape)
+    {
+        CheckWorkspace(workspace, shape);
+        if (workspace.FilledBy?.Shape != shape)
+            throw new ArgumentException(
+                $"workspace holds no snapshots of a training forward with shape {shape} " +
+                $"(it holds {(workspace.FilledBy is { } f ? $"those of {f.Shape}" : "none")}): run Forward with this workspace first.",
+                nameof(workspace));
+    }
+
+    private static void CheckHostInputs<T>(AttentionLayout.Resolved layout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v)
+        where T : unmanaged
+    {
+        Guards.HostTensor(q, layout.QuerySpan(layout.Q), layout.Custom, nameof(q), layout.Shape);
+        Guards.HostTensor(k, layout.KeySpan(layout.K), layout.Custom, nameof(k), layout.Shape);
+        Guards.HostTensor(v, layout.KeySpan(layout.V), layout.Custom, nameof(v), layout.Shape);
+    }
+
+    private void CheckForwardViews<T>(AttentionLayout.Resolved layout, ArrayView<T> q, ArrayView<T> k, ArrayView<T> v,
+        ArrayView<T> o, ArrayView<float> rem, ArrayView<float> logRem)
+        where T : unmanaged
+    {
+        var shape = layout.Shape;
+        long qSpan = layout.QuerySpan(layout.Q), kSpan = layout.KeySpan(layout.K), vSpan = layout.KeySpan(layout.V), oSpan = layout.QuerySpan(layout.O);
+        Guards.ViewTensor(accelerator, q, qSpan, layout.Custom, nameof(q), shape);
+        Guards.ViewTensor(accelerator, k, kSpan, layout.Custom, nameof(k), shape);
+        Guards.ViewTensor(accelerator, v, vSpan, layout.Custom, nameof(v), shape);
+        Guards.ViewTensor(accelerator, o, oSpan, layout.Custom, nameof(o), shape);
+        CheckView(rem, shape.RowCount, nameof(rem), shape);
+        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        Guards.Disjoint(
+            [Guards.Arg.Of(o, nameof(o), layout.O, shape, shape.Heads, oSpan), Guards.Arg.Of(rem, nameof(rem)), Guards.Arg.Of(logRem, nameof(logRem))],
+            [Guards.Arg.Of(q, nameof(q), layout.Q, shape, shape.Heads, qSpan), Guards.Arg.Of(k, nameof(k), layout.K, shape, shape.KeyValueHeads, kSpan),
+             Guards.Arg.Of(v, nameof(v), layout.V, shape, shape.KeyValueHeads, vSpan)]);
+    }
+
+    private void CheckBackwardViews<T>(AttentionLayout.Resolved layout, ArrayView<T> q, ArrayView<T> k, ArrayView<T> v,
+        ArrayView<T> dO, ArrayView<float> dRem, ArrayView<float> logRem, ArrayView<T> dq, ArrayView<T> dk, ArrayView<T> dv)
+        where T : unmanaged
+    {
+        var shape = layout.Shape;
+        long qSpan = layout.QuerySpan(layout.Q), kSpan = layout.KeySpan(layout.K), vSpan = layout.KeySpan(layout.V);
+        long dOSpan = layout.QuerySpan(layout.DO), dqSpan = layout.QuerySpan(layout.DQ);
+        long dkSpan = layout.KeySpan(layout.DK), dvSpan = layout.KeySpan(layout.DV);
+        Guards.ViewTensor(accelerator, q, qSpan, layout.Custom, nameof(q), shape);
+        Guards.ViewTensor(accelerator, k, kSpan, layout.Custom, nameof(k), shape);
+        Guards.ViewTensor(accelerator, v, vSpan, layout.Custom, nameof(v), shape);
+        Guards.ViewTensor(accelerator, dO, dOSpan, layout.Custom, nameof(dO), shape);
+        CheckView(dRem, shape.RowCount, nameof(dRem), shape);
+        CheckView(logRem, shape.RowCount, nameof(logRem), shape);
+        Guards.ViewTensor(accelerator, dq, dqSpan, layout.Custom, nameof(dq), shape);
+        Guards.ViewTensor(accelerator, dk, dkSpan, layout.Custom, nameof(dk), shape);
+        Guards.ViewTensor(accelerator, dv, dvSpan, layout.Custom, nameof(dv), shape);
+        int h = shape.Heads, hkv = shape.KeyValueHeads;
+        Guards.Disjoint(
+            [Guards.Arg.Of(dq, nameof(dq), layout.DQ, shape, h, dqSpan), Guards.Arg.Of(dk, nameof(dk), layout.DK, shape, hkv, dkSpan),
+             Guards.Arg.Of(dv, nameof(dv), layout.DV, shape, hkv, dvSpan)],
+            [Guards.Arg.Of(q, nameof(q), layout.Q, shape, h, qSpan), Guards.Arg.Of(k, nameof(k), layout.K, shape, hkv, kSpan),
+             Guards.Arg.Of(v, nameof(v), layout.V, shape, hkv, vSpan), Guards.Arg.Of(dO, nameof(dO), layout.DO, shape, h, dOSpan),
+             Guards.Arg.Of(dRem, nameof(dRem)), Guards.Arg.Of(logRem, nameof(logRem))]);
+    }
+
+    /// <summary>A view and layout the tensor-core kernels can move in <paramref name="bytes"/>-byte pieces.</summary>
+    private static void TensorCoreAligned<T>(ArrayView<T> view, TensorLayout layout, int bytes, string name)
+        where T : unmanaged
+    {
+        Guards.Aligned(view, bytes, name);
+        Guards.AlignedStrides(layout, 2, bytes, name);
+    }
+
+    /// <summary>Bytes a host-level Forward allocates: q, k, v, o (their layouts' spans) and rem, LogRem.</summary>
+    private static long HostForwardBytes(AttentionLayout.Resolved layout, int elementBytes) =>
+        checked(elementBytes * (layout.QuerySpan(layout.Q) + layout.KeySpan(layout.K) + layout.KeySpan(layout.V) + layout.QuerySpan(layout.O))
+                + 4 * 2 * layout.Shape.RowCount);
+
+    /// <summary>
+    /// Bytes a host-level Backward allocates: q, k, v, dO, o, dq, dk, dv (their layouts' spans), dRem, rem, LogRem and a
+    /// workspace. A training step at the device level holds the same buffers (the caller's).
+    /// </summary>
+    private static long HostBackwardBytes(AttentionLayout.Resolved layout, int elementBytes) =>
+        checked(HostForwardBytes(layout, elementBytes)
+                + elementBytes * (layout.QuerySpan(layout.DO) + layout.QuerySpan(layout.DQ) + layout.KeySpan(layout.DK) + layout.KeySpan(layout.DV))
+                + 4 * layout.Shape.RowCount + StickBreakingWorkspace.BytesFor(layout.Shape));
 
     private void CheckWorkspace(StickBreakingWorkspace workspace, AttentionShape shape) => Guards.Workspace(accelerator, workspace, shape);
 

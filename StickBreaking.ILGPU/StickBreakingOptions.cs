@@ -29,6 +29,13 @@ public sealed record StickBreakingOptions
     /// </summary>
     public bool ExactProducts { get; init; }
 
+    /// <summary>
+    /// Where the call's tensors lie in their arrays or views (strides per tensor, e.g. <c>[B, T, H, D]</c> or slices of a
+    /// fused QKV buffer); <c>null</c> (default) for contiguous <c>[B, heads, T, D]</c> everywhere. A training forward records
+    /// it in its workspace, and the device-level backward follows it for dO, dq, dk and dv too.
+    /// </summary>
+    public AttentionLayout? Layout { get; init; }
+
     /// <summary>The scale this call uses for the given head dimension.</summary>
     /// <param name="headDim">The head dimension D.</param>
     public float ScaleFor(int headDim) => InvTemperature ?? 1f / MathF.Sqrt(headDim);

@@ -68,8 +68,8 @@ public sealed class StickBreakingWorkspace : IDisposable
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="shape"/> is invalid (<see cref="AttentionShape.Validate"/>).</exception>
     public static long BytesFor(AttentionShape shape) => checked(2 * sizeof(float) * SnapshotFloats(shape));
 
-    /// <summary>The (shape, scale, visibility) of the forward whose snapshots it holds, if any.</summary>
-    internal (AttentionShape Shape, float Scale, bool AttendCurrent, bool ExactProducts)? FilledBy { get; set; }
+    /// <summary>The (shape, scale, visibility, products, layout) of the forward whose snapshots it holds, if any.</summary>
+    internal (AttentionShape Shape, float Scale, bool AttendCurrent, bool ExactProducts, AttentionLayout? Layout)? FilledBy { get; set; }
 
     internal ArrayView<float> AccFor(AttentionShape shape) => acc.View.SubView(0, SnapshotFloats(shape));
 

@@ -88,6 +88,84 @@ internal static class Guards
             throw new ArgumentException($"{name} has {view.Length} {Unit<T>()}; shape {shape} needs {expected}.", name);
     }
 
+    /// <summary>
+    /// A host span for one tensor of a call: exactly the contiguous length when the call has no layout, else at least
+    /// the layout's span (the elements past it, and between its rows, are not read).
+    /// </summary>
+    public static void HostTensor<T>(ReadOnlySpan<T> data, long span, bool custom, string name, AttentionShape shape)
+        where T : unmanaged
+    {
+        if (!custom)
+        {
+            Host(data, span, name, shape);
+            return;
+        }
+        if (data.Length < span)
+            throw new ArgumentException(
+                $"{name} has {data.Length} {Unit<T>()}; its layout in options.Layout reaches element {span - 1} for shape {shape}, " +
+                $"so it needs at least {span}.", name);
+    }
+
+    /// <summary>
+    /// A device view for one tensor of a call: exactly the contiguous length when the call has no layout, else at least
+    /// the layout's span; in a live buffer of <paramref name="accelerator"/> either way.
+    /// </summary>
+    public static void ViewTensor<T>(Accelerator accelerator, ArrayView<T> view, long span, bool custom, string name, AttentionShape shape)
+        where T : unmanaged
+    {
+        if (!custom)
+        {
+            View(accelerator, view, span, name, shape);
+            return;
+        }
+        if (!view.IsValid)
+            throw new ArgumentException(
+                $"{name} is an empty or default view (a disposed buffer's View is one); its layout needs {span} {Unit<T>()}.", name);
+        View(accelerator, view, view.Length, name, shape);   // live, on this accelerator
+        if (view.Length < span)
+            throw new ArgumentException(
+                $"{name} has {view.Length} {Unit<T>()}; its layout in options.Layout reaches element {span - 1} for shape {shape}, " +
+                $"so it needs at least {span}: the strides run past the view.", name);
+    }
+
+    /// <summary>
+    /// Each of the eight layouts can hold its tensor (<see cref="TensorLayout.Problem"/>); otherwise an exception naming
+    /// <paramref name="paramName"/><c>.Layout.</c> and the entry.
+    /// </summary>
+    public static void Layout(AttentionLayout.Resolved layout, string paramName)
+    {
+        if (!layout.Custom)
+            return;
+        var s = layout.Shape;
+        Check(layout.Q, s.Heads, nameof(AttentionLayout.Query));
+        Check(layout.K, s.KeyValueHeads, nameof(AttentionLayout.Key));
+        Check(layout.V, s.KeyValueHeads, nameof(AttentionLayout.Value));
+        Check(layout.O, s.Heads, nameof(AttentionLayout.Output));
+        Check(layout.DO, s.Heads, nameof(AttentionLayout.OutputGradient));
+        Check(layout.DQ, s.Heads, nameof(AttentionLayout.QueryGradient));
+        Check(layout.DK, s.KeyValueHeads, nameof(AttentionLayout.KeyGradient));
+        Check(layout.DV, s.KeyValueHeads, nameof(AttentionLayout.ValueGradient));
+
+        void Check(TensorLayout x, int heads, string entry)
+        {
+            if (x.Problem(s.Batch, heads, s.Length, s.HeadDim) is { } problem)
+                throw new ArgumentException($"{paramName}.{nameof(StickBreakingOptions.Layout)}.{entry} cannot hold a tensor of shape {s}: {problem}.", paramName);
+        }
+    }
+
+    /// <summary>
+    /// A layout the tensor-core kernels can read: they move rows in <paramref name="bytes"/>-byte pieces, so every stride
+    /// must be a multiple of that many bytes (16 for q, k, v, dO; 4 for o, dq, dk, dv), as the view's start must be.
+    /// </summary>
+    public static void AlignedStrides(TensorLayout layout, int elementBytes, int bytes, string name)
+    {
+        int elements = bytes / elementBytes;
+        if (layout.BatchStride % elements != 0 || layout.HeadStride % elements != 0 || layout.TokenStride % elements != 0)
+            throw new ArgumentException(
+                $"{name}'s layout has {layout}; the tensor-core kernel reads it in {bytes}-byte pieces and needs every stride " +
+                $"to be a multiple of {elements} elements (any [B, T, H, D] or fused layout of D = 64 or 128 is).", name);
+    }
+
     /// <summary>A view whose first element sits at a multiple of <paramref name="bytes"/> (a kernel reads it in pieces that wide).</summary>
     public static void Aligned<T>(ArrayView<T> view, int bytes, string name)
         where T : unmanaged
@@ -123,8 +201,11 @@ internal static class Guards
     // ------------------------------------------------------------------------------------------------
     // Overlap: an output may not share memory with an input or another output; inputs may alias.
 
-    /// <summary>The bytes [Start, End) of a buffer that a view covers, and the name of the argument that carries it.</summary>
-    public readonly record struct Arg(MemoryBuffer Buffer, long Start, long End, string Name)
+    /// <summary>
+    /// The bytes [Start, End) of a buffer that a view covers, the name of the argument that carries it, and, for a
+    /// strided tensor, which of those bytes it touches (<see cref="Rows"/>).
+    /// </summary>
+    public readonly record struct Arg(MemoryBuffer Buffer, long Start, long End, string Name, Lattice Rows = default)
     {
         /// <summary>The extent of <paramref name="view"/>, carried by the argument <paramref name="name"/>.</summary>
         public static Arg Of<T>(ArrayView<T> view, string name)
@@ -132,6 +213,71 @@ internal static class Guards
         {
             long start = StartInBytes(view);
             return new Arg(BufferOf(view), start, start + view.LengthInBytes, name);
+        }
+
+        /// <summary>
+        /// The rows a tensor in <paramref name="layout"/> of <paramref name="heads"/> heads touches in
+        /// <paramref name="view"/> (its first <paramref name="span"/> elements).
+        /// </summary>
+        public static Arg Of<T>(ArrayView<T> view, string name, TensorLayout layout, AttentionShape shape, int heads, long span)
+            where T : unmanaged
+        {
+            long start = StartInBytes(view);
+            int size = Unsafe.SizeOf<T>();
+            var rows = new Lattice(layout.BatchStride * size, layout.HeadStride * size, layout.TokenStride * size,
+                shape.Batch, heads, shape.Length, (long)shape.HeadDim * size);
+            return new Arg(BufferOf(view), start, start + span * size, name, rows);
+        }
+    }
+
+    /// <summary>
+    /// The rows of a strided tensor, in bytes: row (b, h, t) covers [start + b Batch + h Head + t Token, + RowBytes) for
+    /// b, h, t below Batches, Heads, Tokens. Default (no strides): the whole range counts as touched.
+    /// </summary>
+    public readonly record struct Lattice(long Batch, long Head, long Token, int Batches, int Heads, int Tokens, long RowBytes)
+    {
+        /// <summary>Whether it describes rows (else the whole range counts).</summary>
+        public bool IsSet => RowBytes > 0;
+
+        /// <summary>Whether <paramref name="other"/> has the same strides and row width (extents may differ).</summary>
+        public bool SameStrides(Lattice other) =>
+            Batch == other.Batch && Head == other.Head && Token == other.Token && RowBytes == other.RowBytes;
+
+        /// <summary>
+        /// Whether a row of this tensor and a row of <paramref name="other"/> (same strides, starting
+        /// <paramref name="shift"/> bytes later) share a byte: index differences c = i - i' per dimension, each from
+        /// -(other's extent - 1) to this extent - 1, with |shift - sum c s| &lt; RowBytes. Strides each at least what the
+        /// dimensions below them cover (<see cref="TensorLayout.Problem"/>) leave at most three candidates per
+        /// dimension, tried largest stride first: at most 27 cases.
+        /// </summary>
+        public bool Overlaps(Lattice other, long shift)
+        {
+            Span<long> stride = [Batch, Head, Token];
+            Span<long> high = [Batches - 1, Heads - 1, Tokens - 1];
+            Span<long> low = [-(other.Batches - 1), -(other.Heads - 1), -(other.Tokens - 1)];
+            for (int i = 1; i < 3; i++)   // sort by stride, largest first
+                for (int j = i; j > 0 && stride[j] > stride[j - 1]; j--)
+                {
+                    (stride[j], stride[j - 1]) = (stride[j - 1], stride[j]);
+                    (high[j], high[j - 1]) = (high[j - 1], high[j]);
+                    (low[j], low[j - 1]) = (low[j - 1], low[j]);
+                }
+            return Reaches(shift, stride, low, high, 0);
+        }
+
+        private bool Reaches(long shift, Span<long> stride, Span<long> low, Span<long> high, int dim)
+        {
+            if (dim == 3)
+                return Math.Abs(shift) < RowBytes;
+            if (stride[dim] == 0 || (low[dim] == 0 && high[dim] == 0))
+                return Reaches(shift, stride, low, high, dim + 1);
+            long floor = shift / stride[dim];
+            if (shift % stride[dim] != 0 && shift < 0)
+                floor--;
+            for (long c = Math.Max(floor - 1, low[dim]); c <= Math.Min(floor + 1, high[dim]); c++)
+                if (Reaches(shift - c * stride[dim], stride, low, high, dim + 1))
+                    return true;
+            return false;
         }
     }
 
@@ -157,8 +303,26 @@ internal static class Guards
             return;
         long a0 = output.Start, a1 = output.End;
         long b0 = other.Start, b1 = other.End;
-        if (a0 < b1 && b0 < a1)
+        if (!(a0 < b1 && b0 < a1))
+            return;
+        if (output.Rows.IsSet && other.Rows.IsSet && output.Rows.SameStrides(other.Rows))
+        {
+            // Two tensors with the same strides (slices of one fused buffer): disjoint unless a row of one meets a row
+            // of the other.
+            if (output.Rows.Overlaps(other.Rows, b0 - a0))
+                throw new ArgumentException(
+                    $"{output.Name} overlaps the {role} {other.Name}: both are views of one MemoryBuffer with the same strides, " +
+                    $"starting {b0 - a0} bytes apart, and a row of one meets a row of the other. An output must not share memory " +
+                    "with an input or another output.", output.Name);
+            return;
+        }
+        if (output.Rows.IsSet || other.Rows.IsSet)
             throw new ArgumentException(
+                $"{output.Name} overlaps the {role} {other.Name}: both are views of one MemoryBuffer, at bytes [{a0}, {a1}) and [{b0}, {b1}), " +
+                "with different strides, so the library cannot show that no element is shared; an output must not share memory " +
+                "with an input or another output. Give them the same layout (e.g. slices of one fused buffer) or separate buffers.",
+                output.Name);
+        throw new ArgumentException(
                 $"{output.Name} overlaps the {role} {other.Name}: both are views of one MemoryBuffer, at bytes [{a0}, {a1}) and [{b0}, {b1}). " +
                 "An output must not share memory with an input or another output (inputs may alias each other, e.g. q = k).",
                 output.Name);

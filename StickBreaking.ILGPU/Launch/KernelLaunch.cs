@@ -29,7 +29,8 @@ internal enum KernelFamily
 /// <summary>
 /// How one kernel is launched, declared once beside its body (the way FlashAttention keeps kernel traits apart
 /// from kernel bodies): the launch layer (<see cref="KernelLauncher"/>) reads nothing else about a kernel.
-/// The grid is always (B * H, ceil(T / <see cref="RowsPerGroup"/>), column slices).
+/// The grid is always (B * H, ceil(T / <see cref="RowsPerGroup"/>), column slices), with B * Hkv in place of B * H for a
+/// kernel that walks the keys of each key/value head (<see cref="PerKeyValueHead"/>).
 /// </summary>
 /// <typeparam name="TArgs">The kernel's argument struct.</typeparam>
 internal sealed class KernelLaunch<TArgs>
@@ -46,6 +47,12 @@ internal sealed class KernelLaunch<TArgs>
 
     /// <summary>Query rows (or keys, for a pass that walks blocks of keys) each group owns along T.</summary>
     public required int RowsPerGroup { get; init; }
+
+    /// <summary>
+    /// Whether grid X walks key/value heads (B * Hkv: a pass that owns keys, such as the dk/dv pass, looping over the
+    /// query heads of each group in a fixed order) rather than query heads (B * H).
+    /// </summary>
+    public bool PerKeyValueHead { get; init; }
 
     /// <summary>Threads per group; 0 for a portable kernel, which takes the accelerator's (<see cref="LaunchPlan.GroupSize"/>).</summary>
     public int GroupSize { get; init; }

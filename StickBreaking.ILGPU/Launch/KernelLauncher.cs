@@ -56,7 +56,7 @@ internal sealed class KernelLauncher
             int bytes = kernel.SharedBytes + (accelerator is CudaAccelerator ? 0 : kernel.EmulationSharedBytes);
             dynamicFloats = (bytes + sizeof(float) - 1) / sizeof(float);
         }
-        var config = Plan.GridConfig(kernel.Name, shape.HeadCount, blocks, slices, groupSize, dynamicFloats);
+        var config = Plan.GridConfig(kernel.Name, kernel.PerKeyValueHead ? shape.KeyValueHeadCount : shape.HeadCount, blocks, slices, groupSize, dynamicFloats);
         Compiled(kernel)(stream, config, args.WithGrid(blocks, columns));
     }
 

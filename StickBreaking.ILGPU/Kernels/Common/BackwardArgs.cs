@@ -5,7 +5,7 @@ namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
 /// Arguments of the backward passes, portable and CUDA alike (each pass reads what it needs). Tensors are
-/// contiguous [B, H, T, D], statistics [B, H, T], snapshots per (row, 32-key tile) (<see cref="Snapshots"/>).
+/// [B, H, T, D] as Rows says, statistics [B, H, T], snapshots per (row, 32-key tile) (<see cref="Snapshots"/>).
 /// </summary>
 /// <typeparam name="T">Storage of q, k, v, dO, dq, dk, dv (<see cref="float"/>, or <see cref="ushort"/> bits of fp16 / bf16:
 /// see <see cref="IElement{T}"/>); dRem, LogRem and the snapshots are always fp32.</typeparam>
@@ -28,6 +28,8 @@ internal struct BackwardArgs<T> : IGridArgs<BackwardArgs<T>>
     /// which accumulates in the outputs themselves, and on CUDA and the CPU accelerator.
     /// </summary>
     public ArrayView<float> AccumulatorScratch;
+    /// <summary>Where the rows of q, k, v, o (and dO, dq, dk, dv) lie, and which key/value head each query head reads.</summary>
+    public AttentionRows Rows;
     public int Length, HeadDim, AttendCurrent, SnapshotTiles;
     /// <summary>Output columns per group (portable kernels; a grid z slice each).</summary>
     public int ColumnsPerGroup;

@@ -4,7 +4,7 @@ using StickBreaking.ILGPU.Launch;
 namespace StickBreaking.ILGPU.Kernels.Common;
 
 /// <summary>
-/// Arguments of the forward kernels; all tensors contiguous [B, H, T, D] / [B, H, T]. <typeparamref name="T"/> is
+/// Arguments of the forward kernels; all tensors [B, H, T, D] as Rows says / [B, H, T]. <typeparamref name="T"/> is
 /// the storage of q, k, v and o (<see cref="float"/>, or <see cref="ushort"/> bits of fp16 / bf16: see
 /// <see cref="IElement{T}"/>); rem, LogRem and the snapshots are always fp32.
 /// </summary>
@@ -22,6 +22,8 @@ internal struct ForwardArgs<T> : IGridArgs<ForwardArgs<T>>
     public ArrayView<float> AccumulatorScratch;
     /// <summary>acc per (row, key tile) before that tile; written only when <see cref="WriteSnapshots"/> != 0.</summary>
     public ArrayView<float> AccSnapshots;
+    /// <summary>Where the rows of q, k, v, o (and dO, dq, dk, dv) lie, and which key/value head each query head reads.</summary>
+    public AttentionRows Rows;
     public int Length, HeadDim, AttendCurrent, WriteSnapshots, SnapshotTiles;
     public float Scale;
     /// <summary>Output columns per group: each group owns O[rows, ColumnsPerGroup * Grid.IdxZ ..].</summary>
