@@ -158,6 +158,9 @@ internal static partial class TensorCoreBackwardQueryKernel
         int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
         int vAt = VOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
 
+        // This thread's rows of a key tile (r and on by 128 / (D / 8)) and its 16-byte piece c of them, for LoadRows.
+        int r = tid / (D >> 3), c = tid & ((D >> 3) - 1);
+
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
         for (int tile = 0; tile <= lastTile; tile++)
@@ -176,8 +179,8 @@ internal static partial class TensorCoreBackwardQueryKernel
             // Every warp is past the previous tile's second barrier, so done with its K and V rows. (No register
             // prefetch of the next tile during the dq product: its 64 registers on top of dq and the dz fragments made
             // ptxas spill; the other group on the SM runs while this one waits for the loads.)
-            var kRows = LoadRows(a.K, kBase, rows.K.Token, key0, stageLimit, D, tid);
-            var vRows = LoadRows(a.V, vBase, rows.V.Token, key0, stageLimit, D, tid);
+            var kRows = LoadRows(a.K, kBase, rows.K.Token, key0 + r, c, stageLimit, D);
+            var vRows = LoadRows(a.V, vBase, rows.V.Token, key0 + r, c, stageLimit, D);
             StoreRows(kRows, vectors, KOffset / 4, D, tid);
             StoreRows(vRows, vectors, VOffset / 4, D, tid);
             Group.Barrier();
@@ -277,20 +280,19 @@ internal static partial class TensorCoreBackwardQueryKernel
     }
 
     /// <summary>
-    /// Loads this thread's share of 64 rows first .. first+63 of a head (row i at element <paramref name="headBase"/>
-    /// + i <paramref name="token"/>, both multiples of 8) in 16-byte pieces: piece c = tid % (D / 8) of rows
-    /// tid / (D / 8) + step i (step = 128 / (D / 8), D / 16 passes), for <see cref="StoreRows"/>. Rows at or past
+    /// Loads this thread's share of the 64 rows of a key tile of a head (row i at element <paramref name="headBase"/>
+    /// + i <paramref name="token"/>, both multiples of 8) in 16-byte pieces, for <see cref="StoreRows"/>: piece
+    /// <paramref name="c"/> = tid % (D / 8) of rows <paramref name="row"/> = first + tid / (D / 8) and on by step i
+    /// (step = 128 / (D / 8), D / 16 passes); the caller computes both once for K and V. Rows at or past
     /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 64-bit indices into the tensor,
     /// each the previous one plus the pass stride (step rows): ptxas keeps no per-piece offset across the loop (a
     /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, long token, int first, int limit, int D, int tid)
+    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, long token, int row, int c, int limit, int D)
     {
         bool wide = D > 64;
-        int chunks = D >> 3;
-        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        int row = first + r;
+        int step = wide ? 8 : 16;                        // GroupSize / (D / 8) rows per pass (D = 128 or 64)
         long tokenU4 = token >> 3, pass = step * tokenU4;
         var source = x.Cast<U4>();
         // Each piece's 64-bit index from the previous one's: a chain of adds (nothing loop-invariant per piece for
