@@ -88,7 +88,8 @@ internal static partial class DecodeWarpKernel
         long kBase = layout.CacheRow(b, kvHead, 0), vBase = kBase, token = D;
         for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
         {
-            float dot = QueryKeyRound<T, TLane>(a.K, kBase, token, roundEnd, lo, lane, dims, q0, q1, q2, q3);
+            var round = Fetch<T, TLane>(a.K, a.V, kBase, vBase, token, roundEnd, lo, lane, dims);
+            float dot = QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
             int key = roundEnd - 1 - myStep;
             bool seen = key >= lo && key < myLimit;
             StickMath.Logs(a.Scale * dot, out float lb, out float logBeta);
@@ -109,7 +110,7 @@ internal static partial class DecodeWarpKernel
             acc += roundSum;
             Group.Barrier();
             bool allSeen = roundEnd - Steps >= lo && roundEnd - 1 < seenByAll;
-            ValueRound<T, TLane>(a.V, vBase, token, roundEnd, lo, lane, dims, weights.Cast<Lane4>(), allSeen,
+            ValueRound<T, TLane>(round, roundEnd, lo, dims, weights.Cast<Lane4>(), allSeen,
                 limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3);
             Group.Barrier();
         }
@@ -191,11 +192,23 @@ internal struct Lane4
         new() { X = o.X + a * v.X, Y = o.Y + a * v.Y, Z = o.Z + a * v.Z, W = o.W + a * v.W };
 }
 
+/// <summary>Sixteen bytes as loaded: a lane's piece of a row before it is converted (8 or 4 bytes of 16-bit storage in Lo, 16 or 8 of fp32).</summary>
+internal struct Raw16
+{
+    public ulong Lo, Hi;
+}
+
 /// <summary>How a lane reads and writes its piece of a row in one storage type: 2 or 4 consecutive elements, in one load.</summary>
 internal interface ILane<T>
     where T : unmanaged
 {
-    /// <summary><paramref name="dims"/> (2 or 4) elements from index <paramref name="at"/> (a multiple of dims), as floats; the rest zero.</summary>
+    /// <summary>Loads <paramref name="dims"/> (2 or 4) elements from index <paramref name="at"/> (a multiple of dims), as stored.</summary>
+    Raw16 Fetch(ArrayView<T> x, long at, int dims);
+
+    /// <summary>The fetched elements as floats; the rest zero.</summary>
+    Lane4 Unpack(Raw16 raw, int dims);
+
+    /// <summary>Fetch and unpack.</summary>
     Lane4 Load(ArrayView<T> x, long at, int dims);
 
     /// <summary>Rounds and writes <paramref name="dims"/> elements at index <paramref name="at"/>.</summary>
@@ -205,20 +218,20 @@ internal interface ILane<T>
 /// <summary>bf16 bits: 4 elements in one 8-byte load, 2 in one 4-byte load.</summary>
 internal readonly struct Bf16Lane : ILane<ushort>
 {
-    public Lane4 Load(ArrayView<ushort> x, long at, int dims)
+    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+
+    public Lane4 Unpack(Raw16 raw, int dims)
     {
-        if (dims == 4)
+        uint lo = (uint)raw.Lo, hi = (uint)(raw.Lo >> 32);
+        return new Lane4
         {
-            ulong w = x.Cast<ulong>()[at / 4];
-            return new Lane4
-            {
-                X = Interop.IntAsFloat((uint)w << 16), Y = Interop.IntAsFloat((uint)w & 0xFFFF0000u),
-                Z = Interop.IntAsFloat((uint)(w >> 32) << 16), W = Interop.IntAsFloat((uint)(w >> 32) & 0xFFFF0000u),
-            };
-        }
-        uint u = x.Cast<uint>()[at / 2];
-        return new Lane4 { X = Interop.IntAsFloat(u << 16), Y = Interop.IntAsFloat(u & 0xFFFF0000u) };
+            X = Interop.IntAsFloat(lo << 16), Y = Interop.IntAsFloat(lo & 0xFFFF0000u),
+            Z = Interop.IntAsFloat(hi << 16), W = Interop.IntAsFloat(hi & 0xFFFF0000u),
+        };
     }
+
+    public Lane4 Load(ArrayView<ushort> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
 
     public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value)
     {
@@ -236,20 +249,21 @@ internal readonly struct Bf16Lane : ILane<ushort>
 /// <summary>fp16 bits: 4 elements in one 8-byte load, 2 in one 4-byte load.</summary>
 internal readonly struct Fp16Lane : ILane<ushort>
 {
-    public Lane4 Load(ArrayView<ushort> x, long at, int dims)
+    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+
+    public Lane4 Unpack(Raw16 raw, int dims)
     {
         var s = default(Fp16Storage);
-        if (dims == 4)
+        ulong w = raw.Lo;
+        return new Lane4
         {
-            ulong w = x.Cast<ulong>()[at / 4];
-            return new Lane4
-            {
-                X = s.Load((ushort)w), Y = s.Load((ushort)(w >> 16)), Z = s.Load((ushort)(w >> 32)), W = s.Load((ushort)(w >> 48)),
-            };
-        }
-        uint u = x.Cast<uint>()[at / 2];
-        return new Lane4 { X = s.Load((ushort)u), Y = s.Load((ushort)(u >> 16)) };
+            X = s.Load((ushort)w), Y = s.Load((ushort)(w >> 16)),
+            Z = dims == 4 ? s.Load((ushort)(w >> 32)) : 0f, W = dims == 4 ? s.Load((ushort)(w >> 48)) : 0f,
+        };
     }
+
+    public Lane4 Load(ArrayView<ushort> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
 
     public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value)
     {
@@ -267,13 +281,16 @@ internal readonly struct Fp16Lane : ILane<ushort>
 /// <summary>fp32: 4 elements in one 16-byte load, 2 in one 8-byte load.</summary>
 internal readonly struct Fp32Lane : ILane<float>
 {
-    public Lane4 Load(ArrayView<float> x, long at, int dims)
+    public Raw16 Fetch(ArrayView<float> x, long at, int dims) =>
+        dims == 4 ? x.Cast<Raw16>()[at / 4] : new Raw16 { Lo = x.Cast<ulong>()[at / 2] };
+
+    public Lane4 Unpack(Raw16 raw, int dims) => new()
     {
-        if (dims == 4)
-            return x.Cast<Lane4>()[at / 4];
-        var pair = x.Cast<Pair>()[at / 2];
-        return new Lane4 { X = pair.X, Y = pair.Y };
-    }
+        X = Interop.IntAsFloat((uint)raw.Lo), Y = Interop.IntAsFloat((uint)(raw.Lo >> 32)),
+        Z = Interop.IntAsFloat((uint)raw.Hi), W = Interop.IntAsFloat((uint)(raw.Hi >> 32)),
+    };
+
+    public Lane4 Load(ArrayView<float> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
 
     public void Store(ArrayView<float> x, long at, int dims, Lane4 value)
     {
@@ -284,12 +301,5 @@ internal readonly struct Fp32Lane : ILane<float>
             x[at + 2] = value.Z;
             x[at + 3] = value.W;
         }
-    }
-
-    private struct Pair
-    {
-#pragma warning disable CS0649   // filled by the loads that read it
-        public float X, Y;
-#pragma warning restore CS0649
     }
 }
