@@ -12,53 +12,75 @@ internal static partial class DecodeWarpKernel
     /// values' loads are in flight while q . k and the stick are computed.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Round Fetch<T, TLane>(ArrayView<T> k, ArrayView<T> v, long kBase, long vBase, long token, int roundEnd, int lo,
-        int lane, int dims)
+    private static Round Fetch<T, TLane>(ArrayView<T> k, ArrayView<T> v, long kAt, long vAt, long token, int unitsPerRow,
+        int roundEnd, int lo, int dims)
         where T : unmanaged
         where TLane : struct, ILane<T>
     {
         var loader = default(TLane);
-        long kAt = kBase + (long)lane * dims, vAt = vBase + (long)lane * dims;
         Round round = default;
+        if (roundEnd - 8 >= lo)
+        {
+            // A whole round: views at its farthest key, each step a constant number of rows from it (no 64-bit index per load).
+            var kRound = k.SubView(kAt + (roundEnd - 8) * token);
+            var vRound = v.SubView(vAt + (roundEnd - 8) * token);
+            round.K0 = loader.FetchUnit(kRound, 7 * unitsPerRow, dims);
+            round.V0 = loader.FetchUnit(vRound, 7 * unitsPerRow, dims);
+            round.K1 = loader.FetchUnit(kRound, 6 * unitsPerRow, dims);
+            round.V1 = loader.FetchUnit(vRound, 6 * unitsPerRow, dims);
+            round.K2 = loader.FetchUnit(kRound, 5 * unitsPerRow, dims);
+            round.V2 = loader.FetchUnit(vRound, 5 * unitsPerRow, dims);
+            round.K3 = loader.FetchUnit(kRound, 4 * unitsPerRow, dims);
+            round.V3 = loader.FetchUnit(vRound, 4 * unitsPerRow, dims);
+            round.K4 = loader.FetchUnit(kRound, 3 * unitsPerRow, dims);
+            round.V4 = loader.FetchUnit(vRound, 3 * unitsPerRow, dims);
+            round.K5 = loader.FetchUnit(kRound, 2 * unitsPerRow, dims);
+            round.V5 = loader.FetchUnit(vRound, 2 * unitsPerRow, dims);
+            round.K6 = loader.FetchUnit(kRound, 1 * unitsPerRow, dims);
+            round.V6 = loader.FetchUnit(vRound, 1 * unitsPerRow, dims);
+            round.K7 = loader.FetchUnit(kRound, 0 * unitsPerRow, dims);
+            round.V7 = loader.FetchUnit(vRound, 0 * unitsPerRow, dims);
+            return round;
+        }
         if (roundEnd - 1 >= lo)
         {
-            round.K0 = loader.Fetch(k, kAt + (roundEnd - 1) * token, dims);
-            round.V0 = loader.Fetch(v, vAt + (roundEnd - 1) * token, dims);
+            round.K0 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 1) * token), 0, dims);
+            round.V0 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 1) * token), 0, dims);
         }
         if (roundEnd - 2 >= lo)
         {
-            round.K1 = loader.Fetch(k, kAt + (roundEnd - 2) * token, dims);
-            round.V1 = loader.Fetch(v, vAt + (roundEnd - 2) * token, dims);
+            round.K1 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 2) * token), 0, dims);
+            round.V1 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 2) * token), 0, dims);
         }
         if (roundEnd - 3 >= lo)
         {
-            round.K2 = loader.Fetch(k, kAt + (roundEnd - 3) * token, dims);
-            round.V2 = loader.Fetch(v, vAt + (roundEnd - 3) * token, dims);
+            round.K2 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 3) * token), 0, dims);
+            round.V2 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 3) * token), 0, dims);
         }
         if (roundEnd - 4 >= lo)
         {
-            round.K3 = loader.Fetch(k, kAt + (roundEnd - 4) * token, dims);
-            round.V3 = loader.Fetch(v, vAt + (roundEnd - 4) * token, dims);
+            round.K3 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 4) * token), 0, dims);
+            round.V3 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 4) * token), 0, dims);
         }
         if (roundEnd - 5 >= lo)
         {
-            round.K4 = loader.Fetch(k, kAt + (roundEnd - 5) * token, dims);
-            round.V4 = loader.Fetch(v, vAt + (roundEnd - 5) * token, dims);
+            round.K4 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 5) * token), 0, dims);
+            round.V4 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 5) * token), 0, dims);
         }
         if (roundEnd - 6 >= lo)
         {
-            round.K5 = loader.Fetch(k, kAt + (roundEnd - 6) * token, dims);
-            round.V5 = loader.Fetch(v, vAt + (roundEnd - 6) * token, dims);
+            round.K5 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 6) * token), 0, dims);
+            round.V5 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 6) * token), 0, dims);
         }
         if (roundEnd - 7 >= lo)
         {
-            round.K6 = loader.Fetch(k, kAt + (roundEnd - 7) * token, dims);
-            round.V6 = loader.Fetch(v, vAt + (roundEnd - 7) * token, dims);
+            round.K6 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 7) * token), 0, dims);
+            round.V6 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 7) * token), 0, dims);
         }
         if (roundEnd - 8 >= lo)
         {
-            round.K7 = loader.Fetch(k, kAt + (roundEnd - 8) * token, dims);
-            round.V7 = loader.Fetch(v, vAt + (roundEnd - 8) * token, dims);
+            round.K7 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 8) * token), 0, dims);
+            round.V7 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 8) * token), 0, dims);
         }
         return round;
     }

@@ -86,9 +86,10 @@ internal static partial class DecodeWarpKernel
 
         var weights = SharedMemory.Allocate<float>(GroupSize);
         long kBase = layout.CacheRow(b, kvHead, 0), vBase = kBase, token = D;
+        int unitsPerRow = D / dims;   // a row in pieces of dims elements
         for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
         {
-            var round = Fetch<T, TLane>(a.K, a.V, kBase, vBase, token, roundEnd, lo, lane, dims);
+            var round = Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims);
             float dot = QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
             int key = roundEnd - 1 - myStep;
             bool seen = key >= lo && key < myLimit;
@@ -205,6 +206,9 @@ internal interface ILane<T>
     /// <summary>Loads <paramref name="dims"/> (2 or 4) elements from index <paramref name="at"/> (a multiple of dims), as stored.</summary>
     Raw16 Fetch(ArrayView<T> x, long at, int dims);
 
+    /// <summary>Loads piece <paramref name="unit"/> of <paramref name="dims"/> elements of <paramref name="x"/> (a view starting at a piece), as stored.</summary>
+    Raw16 FetchUnit(ArrayView<T> x, int unit, int dims);
+
     /// <summary>The fetched elements as floats; the rest zero.</summary>
     Lane4 Unpack(Raw16 raw, int dims);
 
@@ -220,6 +224,9 @@ internal readonly struct Bf16Lane : ILane<ushort>
 {
     public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
         new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+
+    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
 
     public Lane4 Unpack(Raw16 raw, int dims)
     {
@@ -252,6 +259,9 @@ internal readonly struct Fp16Lane : ILane<ushort>
     public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
         new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
 
+    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+
     public Lane4 Unpack(Raw16 raw, int dims)
     {
         var s = default(Fp16Storage);
@@ -283,6 +293,9 @@ internal readonly struct Fp32Lane : ILane<float>
 {
     public Raw16 Fetch(ArrayView<float> x, long at, int dims) =>
         dims == 4 ? x.Cast<Raw16>()[at / 4] : new Raw16 { Lo = x.Cast<ulong>()[at / 2] };
+
+    public Raw16 FetchUnit(ArrayView<float> x, int unit, int dims) =>
+        dims == 4 ? x.Cast<Raw16>()[unit] : new Raw16 { Lo = x.Cast<ulong>()[unit] };
 
     public Lane4 Unpack(Raw16 raw, int dims) => new()
     {
