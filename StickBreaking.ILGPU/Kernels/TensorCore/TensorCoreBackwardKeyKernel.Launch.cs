@@ -9,7 +9,8 @@ internal static partial class TensorCoreBackwardKeyKernel
     /// How the launch layer runs the kernel for storage <typeparamref name="TStorage"/> and weights
     /// <typeparamref name="TWeights"/> (how A and dz enter the dv and dk products): the constants at the top of the
     /// kernel class (group, keys per group, shared memory, launch bound, the head dimensions it serves), one cached
-    /// description per specialization. The grid's y dimension is ceil(T / <see cref="KeyBlock"/>) key blocks.
+    /// description per specialization. The grid's x dimension is the key/value heads (B * Hkv: each group loops over
+    /// the query heads that read its keys), its y dimension ceil(T / <see cref="KeyBlock"/>) key blocks.
     /// </summary>
     public static KernelLaunch<BackwardArgs<ushort>> LaunchFor<TStorage, TWeights>()
         where TStorage : struct, IStorage
@@ -26,6 +27,7 @@ internal static partial class TensorCoreBackwardKeyKernel
             Body = Kernel<TStorage, TWeights>,
             Family = KernelFamily.TensorCore,
             RowsPerGroup = KeyBlock,
+            PerKeyValueHead = true,
             GroupSize = GroupSize,
             SharedBytes = SharedBytes,
             EmulationSharedBytes = EmulatedSharedBytes - SharedBytes,

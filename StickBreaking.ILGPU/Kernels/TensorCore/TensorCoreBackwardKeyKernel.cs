@@ -62,9 +62,18 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// it meets is finite).
 /// </para>
 /// <para>
+/// Layouts and grouped heads (docs/math.md): every row of q, k, v, dO, dk and dv is found through
+/// <see cref="AttentionRows"/> (a head's base plus t times the tensor's token stride, in 64 bits; 16-byte aligned rows
+/// for q, k, v, dO, 4-byte for dk, dv). Grid x is the key/value head (<c>PerKeyValueHead</c>): the group walks the
+/// query heads that read it (members 0 .. GroupSize - 1, in that order), each from its diagonal row block to T with
+/// its own q, dO, snapshots, LogRem and dRem, into the same dk and dv accumulators, written once at the end. Per
+/// head the diagonal block is staged (and screened) again; the flags carry over (a key is seen by the same rows of
+/// every head, so the largest flagged row over all heads decides).
+/// </para>
+/// <para>
 /// Shared memory: K and V 40 KB (padded rows), the Q and dO fragments 32 KB, Q^T and dO^T 64 KB (two buffers),
-/// the scratch 32 KB (A^T, dz^T and their residuals), 169 KB in all: one group of 256 threads per SM, up to 255
-/// registers each (<see cref="MinGroupsPerMultiprocessor"/> = 1).
+/// the scratch 32 KB (A^T, dz^T and their residuals), the flags and the group's end, 169 KB in all: one group of
+/// 256 threads per SM, up to 255 registers each (<see cref="MinGroupsPerMultiprocessor"/> = 1).
 /// </para>
 /// <para>
 /// Measured (H200, commit 8fac53e: before the look-ahead of the snapshots, the unmasked path and the fragment-order
@@ -117,7 +126,9 @@ internal static partial class TensorCoreBackwardKeyKernel
     private const int LowScratch = 2 * DzScratch;
     /// <summary>Per column of Q (then of dO): 1 + the last diagonal-block row holding a non-finite value there, 0 if none.</summary>
     private const int FlagOffset = ScratchOffset + 4 * DzScratch;
-    private const int SharedUints = FlagOffset + 2 * MaxHeadDim;
+    /// <summary>One past the last query head of the group (one word; 4 keep the emulation's scratch 16-byte aligned).</summary>
+    private const int EndHeadOffset = FlagOffset + 2 * MaxHeadDim;
+    private const int SharedUints = EndHeadOffset + 4;
 
     /// <summary>Dynamic shared memory per group on CUDA, in bytes (169 KB: the loader raises the limit).</summary>
     public const int SharedBytes = 4 * SharedUints;
@@ -134,12 +145,11 @@ internal static partial class TensorCoreBackwardKeyKernel
         bool split = default(TWeights).Split;
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-        int head = Grid.IdxX;
+        int keyHead = Grid.IdxX;                          // key/value head b * Hkv + g
         int block = Grid.IdxY;                            // key block 0 has the most rows: launched first
         int T = a.Length, D = a.HeadDim, attendCurrent = a.AttendCurrent;
         bool wide = D > 64;
         int key0 = block * KeyBlock;
-        long headBase = (long)head * T * D;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
         int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
@@ -148,12 +158,8 @@ internal static partial class TensorCoreBackwardKeyKernel
 
         if (tid < 2 * MaxHeadDim)
             shared[FlagOffset + tid] = 0;
-        StageKeys(a.K, vectors, KOffset / 4, headBase, key0, T, D, tid);
-        StageKeys(a.V, vectors, VOffset / 4, headBase, key0, T, D, tid);
-        var pieces = LoadRowPairs(a, headBase, key0, T, D, warp, lane);
-        Group.Barrier();                                  // the flags are zero before the staging's atomics
-        StorePieces(ref pieces, shared, block & 1, true, D, warp, lane, exponentMask);
-        Group.Barrier();
+        StageKeys(a.K, vectors, KOffset / 4, a.Rows.KeyBase(a.Rows.K, keyHead), a.Rows.K.Token, key0, T, D, tid);
+        StageKeys(a.V, vectors, VOffset / 4, a.Rows.KeyBase(a.Rows.V, keyHead), a.Rows.V.Token, key0, T, D, tid);
 
         // Phase A: warp rows 16 ws .. +15, keys 32 st .. +31 of the block (snapshot tile 2 block + st).
         int ws = warp & 3, st = warp >> 2;
@@ -177,60 +183,80 @@ internal static partial class TensorCoreBackwardKeyKernel
         int columnAt = (dvWarp ? DOtOffset : QtOffset) / 4 + g * TransposedStrideU4;
         int columnAt0 = columnAt + ((2 * t) ^ (g & 1)), columnAt1 = columnAt + ((2 * t + 1) ^ (g & 1));
         var acc = new Tile16();
-        // The snapshots and statistics of the thread's two rows, loaded one row block ahead (during phase B).
-        var inputsLo = LoadRow(a, head, key0 + 16 * ws + 2 * g, tileFirst, snapshotTile);
-        var inputsHi = LoadRow(a, head, key0 + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
 
-        for (int rowBlock = block; rowBlock < rowBlocks; rowBlock++)
+        // The query heads that read this key/value head, in a fixed order, all into the same dk and dv accumulators.
+        // Per head: its q and dO rows, statistics and snapshots; the staging of its diagonal row block starts over
+        // (buffer block % 2). The flags carry over: a column's flag is the last diagonal-block row, of any head,
+        // holding a non-finite value there (the rows that see a key are the same for every head). The end of the
+        // group is kept in shared memory, read once per head: a register held over the row-block loop costs that
+        // loop moves at the 255-register bound.
+        int head = a.Rows.QueryHeadOf(keyHead, 0);
+        if (tid == 0)
+            shared[EndHeadOffset] = (uint)(head + a.Rows.GroupSize);
+        do
         {
-            int row0 = rowBlock * BlockRows;
-            var s = new Tile4();
-            var d = new Tile4();
-            for (int m = 0; m < D / 32; m++)
-            {
-                Products<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
-                Products<TStorage>(ref d, vectors.SubView(doAt + 64 * m), vectors.SubView(vAt + 4 * m), shared, emu);
-            }
-            float accLo = inputsLo.Acc * Log2E, accHi = inputsHi.Acc * Log2E;
-            float dRemRemLo = inputsLo.DRem * MathF.Exp(inputsLo.LogRem), dRemRemHi = inputsHi.DRem * MathF.Exp(inputsHi.LogRem);
-            // Only the diagonal row block and a last one that reaches past T have keys some of their rows do not see.
-            if (rowBlock == block || row0 + BlockRows > T)
-            {
-                int rowLo = row0 + 16 * ws + 2 * g, rowHi = rowLo + 1;
-                int visibleLo = (rowLo < T ? rowLo + attendCurrent : 0) - firstKey;
-                int visibleHi = (rowHi < T ? rowHi + attendCurrent : 0) - firstKey;
-                RowLo(ref s, ref d, scale2, visibleLo, accLo, inputsLo.Prefix, dRemRemLo, lane, t);
-                RowHi(ref s, ref d, scale2, visibleHi, accHi, inputsHi.Prefix, dRemRemHi, lane, t);
-            }
-            else
-            {
-                RowLoUnmasked(ref s, ref d, scale2, accLo, inputsLo.Prefix, dRemRemLo, lane, t);
-                RowHiUnmasked(ref s, ref d, scale2, accHi, inputsHi.Prefix, dRemRemHi, lane, t);
-            }
-            StoreScratch<TStorage>(s, d, split, evenKeys, oddKeys);
+            // 16-byte piece `warp` of row 0 of the head in q and dO (16-byte aligned rows).
+            long qPiece = (a.Rows.QueryBase(a.Rows.Q, head) >> 3) + warp, dOPiece = (a.Rows.QueryBase(a.Rows.DO, head) >> 3) + warp;
+            Group.Barrier();                              // the flags are zero, the last head's phase B is done
+            StageDiagonal(a, qPiece, dOPiece, key0, shared, block & 1, D, warp, lane, exponentMask);
             Group.Barrier();
+            // The snapshots and statistics of the thread's two rows, loaded one row block ahead (during phase B).
+            var inputsLo = LoadRow(a, head, key0 + 16 * ws + 2 * g, tileFirst, snapshotTile);
+            var inputsHi = LoadRow(a, head, key0 + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
 
-            // The next row block's pieces, loaded during phase B and stored after it (into the other Q^T / dO^T buffer).
-            int next = rowBlock + 1;
-            pieces = LoadRowPairs(a, headBase, next * BlockRows, next < rowBlocks ? T : 0, D, warp, lane);
-            inputsLo = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g, tileFirst, snapshotTile);
-            inputsHi = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
-            int buffer = (rowBlock & 1) * (TransposedWords / 4);
-            U4 f0 = vectors[fragmentAt], f1 = vectors[fragmentAt + 32], f2 = vectors[fragmentAt + 64], f3 = vectors[fragmentAt + 96];
-            U4 l0 = default, l1 = default, l2 = default, l3 = default;
-            if (split)
+            for (int rowBlock = block; rowBlock < rowBlocks; rowBlock++)
             {
-                l0 = vectors[fragmentAt + LowScratch / 4];
-                l1 = vectors[fragmentAt + LowScratch / 4 + 32];
-                l2 = vectors[fragmentAt + LowScratch / 4 + 64];
-                l3 = vectors[fragmentAt + LowScratch / 4 + 96];
+                int row0 = rowBlock * BlockRows;
+                var s = new Tile4();
+                var d = new Tile4();
+                for (int m = 0; m < D / 32; m++)
+                {
+                    Products<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
+                    Products<TStorage>(ref d, vectors.SubView(doAt + 64 * m), vectors.SubView(vAt + 4 * m), shared, emu);
+                }
+                float accLo = inputsLo.Acc * Log2E, accHi = inputsHi.Acc * Log2E;
+                float dRemRemLo = inputsLo.DRem * MathF.Exp(inputsLo.LogRem), dRemRemHi = inputsHi.DRem * MathF.Exp(inputsHi.LogRem);
+                // Only the diagonal row block and a last one that reaches past T have keys some of their rows do not see.
+                if (rowBlock == block || row0 + BlockRows > T)
+                {
+                    int rowLo = row0 + 16 * ws + 2 * g, rowHi = rowLo + 1;
+                    int visibleLo = (rowLo < T ? rowLo + attendCurrent : 0) - firstKey;
+                    int visibleHi = (rowHi < T ? rowHi + attendCurrent : 0) - firstKey;
+                    RowLo(ref s, ref d, scale2, visibleLo, accLo, inputsLo.Prefix, dRemRemLo, lane, t);
+                    RowHi(ref s, ref d, scale2, visibleHi, accHi, inputsHi.Prefix, dRemRemHi, lane, t);
+                }
+                else
+                {
+                    RowLoUnmasked(ref s, ref d, scale2, accLo, inputsLo.Prefix, dRemRemLo, lane, t);
+                    RowHiUnmasked(ref s, ref d, scale2, accHi, inputsHi.Prefix, dRemRemHi, lane, t);
+                }
+                StoreScratch<TStorage>(s, d, split, evenKeys, oddKeys);
+                Group.Barrier();
+
+                // The next row block's pieces, loaded during phase B and stored after it (into the other Q^T / dO^T buffer).
+                int next = rowBlock + 1;
+                var pieces = LoadRowPairs(a, qPiece, dOPiece, next * BlockRows, next < rowBlocks ? T : 0, D, lane);
+                inputsLo = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g, tileFirst, snapshotTile);
+                inputsHi = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
+                int buffer = (rowBlock & 1) * (TransposedWords / 4);
+                U4 f0 = vectors[fragmentAt], f1 = vectors[fragmentAt + 32], f2 = vectors[fragmentAt + 64], f3 = vectors[fragmentAt + 96];
+                U4 l0 = default, l1 = default, l2 = default, l3 = default;
+                if (split)
+                {
+                    l0 = vectors[fragmentAt + LowScratch / 4];
+                    l1 = vectors[fragmentAt + LowScratch / 4 + 32];
+                    l2 = vectors[fragmentAt + LowScratch / 4 + 64];
+                    l3 = vectors[fragmentAt + LowScratch / 4 + 96];
+                }
+                Accumulate<TStorage>(ref acc, f0, f1, f2, f3, split, l0, l1, l2, l3,
+                    vectors.SubView(columnAt0 + buffer), vectors.SubView(columnAt1 + buffer), wide, shared, emu);
+                if (next < rowBlocks)
+                    StorePieces(ref pieces, shared, next & 1, false, D, warp, lane, exponentMask);
+                Group.Barrier();
             }
-            Accumulate<TStorage>(ref acc, f0, f1, f2, f3, split, l0, l1, l2, l3,
-                vectors.SubView(columnAt0 + buffer), vectors.SubView(columnAt1 + buffer), wide, shared, emu);
-            if (next < rowBlocks)
-                StorePieces(ref pieces, shared, next & 1, false, D, warp, lane, exponentMask);
-            Group.Barrier();
+            head++;
         }
+        while (head < (int)shared[EndHeadOffset]);        // written before the first head's barriers
 
         // Key g and g + 8 of the warp's 16: NaN in a column where a diagonal-block row that sees the key held a
         // non-finite q (dk) or dO (dv) value; keys past T are not written.
@@ -238,13 +264,14 @@ internal static partial class TensorCoreBackwardKeyKernel
         int relativeG = 16 * ws + g;
         int keyLo = key0 + relativeG, keyHi = keyLo + 8;
         var output = dvWarp ? a.DV : a.DK;
-        var words = output.Cast<uint>();
+        var rows = dvWarp ? a.Rows.DV : a.Rows.DK;
+        var words = output.Cast<uint>().SubView((a.Rows.KeyBase(rows, keyHead) >> 1) + t);
         float factor = dvWarp ? 1f : a.Scale;
         if (keyLo < T)
-            StoreKey<TStorage>(acc, false, factor, words.SubView((headBase + (long)keyLo * D) / 2 + t), flags,
+            StoreKey<TStorage>(acc, false, factor, words.SubView(((long)keyLo * rows.Token) >> 1), flags,
                 relativeG + 1 - attendCurrent, wide);
         if (keyHi < T)
-            StoreKey<TStorage>(acc, true, factor, words.SubView((headBase + (long)keyHi * D) / 2 + t), flags,
+            StoreKey<TStorage>(acc, true, factor, words.SubView(((long)keyHi * rows.Token) >> 1), flags,
                 relativeG + 9 - attendCurrent, wide);
     }
 
@@ -324,57 +351,107 @@ internal static partial class TensorCoreBackwardKeyKernel
         return word;
     }
 
-    /// <summary>Stores rows key0 .. key0+63 of a [T, D] head row-major (row stride <see cref="RowStride"/>), zeros past T.</summary>
-    private static void StageKeys(ArrayView<ushort> x, ArrayView<U4> vectors, int at, long headBase, int key0, int T,
-        int D, int tid)
+    /// <summary>
+    /// Stores rows key0 .. key0+63 of the head at <paramref name="headBase"/> (rows <paramref name="token"/> elements
+    /// apart, a multiple of 8) row-major in shared memory (row stride <see cref="RowStride"/>), zeros past T.
+    /// </summary>
+    private static void StageKeys(ArrayView<ushort> x, ArrayView<U4> vectors, int at, long headBase, long token, int key0,
+        int T, int D, int tid)
     {
         int chunks = D >> 3;
-        var source = x.Cast<U4>().SubView(headBase / 8);
+        var source = x.Cast<U4>().SubView(headBase >> 3);
+        long tokenU4 = token >> 3;
         for (int i = tid; i < KeyBlock * chunks; i += GroupSize)
         {
             int row = i / chunks, c = i - row * chunks;
-            vectors[at + row * RowStrideU4 + c] = Piece(source, (key0 + row) * chunks + c, key0 + row < T);
+            vectors[at + row * RowStrideU4 + c] = RowPiece(source, (key0 + row) * tokenU4 + c, key0 + row < T);
         }
+    }
+
+    /// <summary>
+    /// 16-byte piece <paramref name="index"/> (64-bit: strided rows) of <paramref name="source"/> where
+    /// <paramref name="active"/>, zeros elsewhere (nothing read).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static U4 RowPiece(ArrayView<U4> source, long index, bool active)
+    {
+        U4 value = default;
+        if (active)
+            value = source[index];
+        return value;
     }
 
     /// <summary>
     /// Loads this thread's share of a block of 64 rows of Q and dO: lane P takes rows 2P and 2P+1, warp w the 16-byte
     /// column pieces c = w (and w + 8 at D = 128) of Q, then of dO: P0, P1 (rows 2P, 2P+1 of Q piece w), P2, P3
-    /// (Q piece w + 8, or dO piece w at D = 64), P4 .. P7 (dO pieces w, w + 8). Rows at or past
-    /// <paramref name="limit"/> are zeros.
+    /// (Q piece w + 8, or dO piece w at D = 64), P4 .. P7 (dO pieces w, w + 8). <paramref name="qPiece"/> and
+    /// <paramref name="dOPiece"/> index piece w of the head's row 0 in 16-byte units; rows are <c>Rows.Q.Token</c>,
+    /// <c>Rows.DO.Token</c> elements apart (multiples of 8). Rows at or past <paramref name="limit"/> are zeros.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRowPairs(in BackwardArgs<ushort> a, long headBase, int row0, int limit, int D, int warp,
+    private static Pieces8 LoadRowPairs(in BackwardArgs<ushort> a, long qPiece, long dOPiece, int row0, int limit, int D,
         int lane)
     {
         bool wide = D > 64;
-        int chunks = D >> 3;
-        var q = a.Q.Cast<U4>().SubView(headBase / 8 + warp);
-        var dO = a.DO.Cast<U4>().SubView(headBase / 8 + warp);
-        int row = row0 + 2 * lane, index = row * chunks;
+        long qToken = a.Rows.Q.Token >> 3, dOToken = a.Rows.DO.Token >> 3;
+        int row = row0 + 2 * lane;
         bool lo = row < limit, hi = row + 1 < limit;
+        // Views of the two rows (of row 0 where a row is past the limit, never read: views stay inside the tensor),
+        // so that the column offsets are constants of the loads.
+        uint rowLo = lo ? (uint)row : 0u, rowHi = hi ? (uint)row + 1 : 0u;
+        var q = a.Q.Cast<U4>();
+        var dO = a.DO.Cast<U4>();
+        var qLo = q.SubView(qPiece + rowLo * qToken);
+        var qHi = q.SubView(qPiece + rowHi * qToken);
+        var dOLo = dO.SubView(dOPiece + rowLo * dOToken);
+        var dOHi = dO.SubView(dOPiece + rowHi * dOToken);
         Pieces8 p;
-        p.P0 = Piece(q, index, lo);
-        p.P1 = Piece(q, index + chunks, hi);
+        p.P0 = Piece(qLo, 0, lo);
+        p.P1 = Piece(qHi, 0, hi);
         if (wide)
         {
-            p.P2 = Piece(q, index + 8, lo);
-            p.P3 = Piece(q, index + chunks + 8, hi);
-            p.P4 = Piece(dO, index, lo);
-            p.P5 = Piece(dO, index + chunks, hi);
-            p.P6 = Piece(dO, index + 8, lo);
-            p.P7 = Piece(dO, index + chunks + 8, hi);
+            p.P2 = Piece(qLo, 8, lo);
+            p.P3 = Piece(qHi, 8, hi);
+            p.P4 = Piece(dOLo, 0, lo);
+            p.P5 = Piece(dOHi, 0, hi);
+            p.P6 = Piece(dOLo, 8, lo);
+            p.P7 = Piece(dOHi, 8, hi);
         }
         else
         {
-            p.P2 = Piece(dO, index, lo);
-            p.P3 = Piece(dO, index + chunks, hi);
+            p.P2 = Piece(dOLo, 0, lo);
+            p.P3 = Piece(dOHi, 0, hi);
             p.P4 = default;
             p.P5 = default;
             p.P6 = default;
             p.P7 = default;
         }
         return p;
+    }
+
+    /// <summary>
+    /// Stages the diagonal row block (rows key0 .. key0+63) of Q and dO as <see cref="LoadRowPairs"/> and
+    /// <see cref="StorePieces"/> do, screened (<see cref="StorePair"/>), one column piece at a time: once per query
+    /// head, with dk and dv held in registers, so that it holds few values at once.
+    /// </summary>
+    private static void StageDiagonal(in BackwardArgs<ushort> a, long qPiece, long dOPiece, int key0, ArrayView<uint> shared,
+        int buffer, int D, int warp, int lane, uint exponentMask)
+    {
+        int T = a.Length, pairs = D >> 5;                 // column pieces per thread: Q w (, w + 8), then dO
+        int row = key0 + 2 * lane;
+        bool lo = row < T, hi = row + 1 < T;
+        uint rowLo = lo ? (uint)row : 0u, rowHi = hi ? (uint)row + 1 : 0u;
+        for (int j = 0; j < pairs; j++)
+        {
+            bool isDO = 2 * j >= pairs;
+            int c = warp + 8 * (j & (pairs >> 2));        // + 8 for the second piece of each tensor at D = 128
+            var x = (isDO ? a.DO : a.Q).Cast<U4>();
+            long at = (isDO ? dOPiece : qPiece) + (c - warp), token = (isDO ? a.Rows.DO.Token : a.Rows.Q.Token) >> 3;
+            U4 pieceLo = Piece(x.SubView(at + rowLo * token), 0, lo);
+            U4 pieceHi = Piece(x.SubView(at + rowHi * token), 0, hi);
+            StorePair(pieceLo, pieceHi, shared, isDO ? DOFragmentOffset : QFragmentOffset, isDO ? DOtOffset : QtOffset,
+                buffer, c, lane, true, exponentMask, isDO ? MaxHeadDim : 0);
+        }
     }
 
     /// <summary>Stores the pieces of <see cref="LoadRowPairs"/>: Q^T / dO^T into buffer <paramref name="buffer"/>, and the fragments.</summary>
