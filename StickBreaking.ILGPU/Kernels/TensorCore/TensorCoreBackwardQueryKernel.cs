@@ -25,6 +25,12 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// way for Q and K, and for dO and V.
 /// </para>
 /// <para>
+/// Rows come from <see cref="BackwardArgs{T}.Rows"/> (docs/math.md, "Layouts and grouped heads"): grid X is the query
+/// head; q, dO and dq at its rows, k and v at those of the key/value head it reads
+/// (<see cref="AttentionRows.KeyBaseOfQuery"/>), any strides with D contiguous (16-byte aligned q, k, v, dO rows, 4-byte
+/// aligned dq rows, as the host checks); LogRem, dRem and the snapshots stay contiguous per query head.
+/// </para>
+/// <para>
 /// The elementwise work is lean (SASS of the unmasked row code: about 17 instructions per score, 2 of them MUFU):
 /// e = 2^-z2 (z2 = z log2 e, clamped at -126 by a select that keeps a NaN), beta = 1 / (1 + e) and
 /// 1 - beta = e beta (sigmoid(-z) directly, never 1 - beta; a few ulp at any z, no cancellation), and the weights come

@@ -23,6 +23,12 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// feeding eight. Scores, lb and acc are in base 2 (ex2 without multiplies).
 /// </para>
 /// <para>
+/// Rows come from <see cref="TensorCoreForwardArgs.Rows"/> (docs/math.md, "Layouts and grouped heads"): grid X is the
+/// query head; q and o are read and written at its rows, k and v at those of the key/value head it reads
+/// (<see cref="AttentionRows.KeyBaseOfQuery"/>), any strides with D contiguous (16-byte aligned q, k, v rows, 4-byte
+/// aligned o rows, as the host checks); rem, LogRem and the snapshots stay contiguous per query head.
+/// </para>
+/// <para>
 /// How the next tile is staged is the plan (the <c>TPlan</c> type argument, <see cref="IForwardPlan"/>): the
 /// library's (<see cref="ThreeGroupsPerSmNoPrefetch"/>) keeps one K / V^T buffer pair (54 KB) and at most 168
 /// registers, so that three groups share an SM and hide each other's waits; after a tile's P V a barrier ends its
