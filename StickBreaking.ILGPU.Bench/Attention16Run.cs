@@ -15,12 +15,18 @@ internal sealed class Attention16Run : IDisposable
 {
     private readonly StickBreakingAttention attention;
     private readonly bool bf16;
-    private readonly MemoryBuffer1D<ushort, Stride1D.Dense> q, k, v, o, dO, dq, dk, dv;
+    private readonly System.Collections.Generic.List<MemoryBuffer> buffers = [];
+    private readonly ArrayView<ushort> q, k, v, o, dO, dq, dk, dv;
     private readonly MemoryBuffer1D<float, Stride1D.Dense> rem, logRem, dRem;
     private readonly StickBreakingWorkspace workspace;
 
     private readonly StickBreakingOptions? options;
 
+    /// <summary>
+    /// Buffers for <paramref name="shape"/> (its KeyValueHeads included) laid out as <paramref name="options"/>' Layout says:
+    /// q, k, v (and dq, dk, dv) as slices of one fused buffer each where the layout is <see cref="AttentionLayout.FusedQkv"/>,
+    /// else one buffer per tensor of its layout's span; the inputs' values repeat to fill them (timing only).
+    /// </summary>
     public Attention16Run(StickBreakingAttention attention, AttentionShape shape, AttentionInputs inputs, bool bf16,
         StickBreakingOptions? options = null)
     {
@@ -32,17 +38,43 @@ internal sealed class Attention16Run : IDisposable
         ushort[] Bits(float[] x) => bf16
             ? x.Select(f => ((BFloat16)f).Bits).ToArray()
             : x.Select(f => BitConverter.HalfToUInt16Bits((System.Half)f)).ToArray();
-        q = acc.Allocate1D(Bits(inputs.Q));
-        k = acc.Allocate1D(Bits(inputs.K));
-        v = acc.Allocate1D(Bits(inputs.V));
-        o = acc.Allocate1D<ushort>(shape.TensorLength);
+        ArrayView<ushort> Filled(long length, float[]? values)
+        {
+            var buffer = acc.Allocate1D<ushort>(length);
+            buffers.Add(buffer);
+            if (values is null)
+                return buffer.View;
+            var bits = Bits(values);
+            var host = new ushort[length];
+            for (long i = 0; i < length; i++)
+                host[i] = bits[i % bits.Length];
+            buffer.CopyFromCPU(host);
+            return buffer.View;
+        }
+        var r = AttentionLayout.Resolve(options?.Layout, shape);
+        long kAt = (long)shape.Heads * shape.HeadDim, vAt = kAt + (long)shape.KeyValueHeads * shape.HeadDim;
+        if (options?.Layout is { } layout && layout == AttentionLayout.FusedQkv(shape))
+        {
+            long fused = r.Q.BatchStride * shape.Batch;
+            var qkv = Filled(fused, inputs.Q);
+            (q, k, v) = (qkv, qkv.SubView(kAt), qkv.SubView(vAt));
+            var grads = Filled(fused, null);
+            (dq, dk, dv) = (grads, grads.SubView(kAt), grads.SubView(vAt));
+        }
+        else
+        {
+            q = Filled(r.QuerySpan(r.Q), inputs.Q);
+            k = Filled(r.KeySpan(r.K), inputs.K);
+            v = Filled(r.KeySpan(r.V), inputs.V);
+            dq = Filled(r.QuerySpan(r.DQ), null);
+            dk = Filled(r.KeySpan(r.DK), null);
+            dv = Filled(r.KeySpan(r.DV), null);
+        }
+        o = Filled(r.QuerySpan(r.O), null);
+        dO = Filled(r.QuerySpan(r.DO), inputs.DO);
         rem = acc.Allocate1D<float>(shape.RowCount);
         logRem = acc.Allocate1D<float>(shape.RowCount);
-        dO = acc.Allocate1D(Bits(inputs.DO));
-        dRem = acc.Allocate1D(inputs.DRem);
-        dq = acc.Allocate1D<ushort>(shape.TensorLength);
-        dk = acc.Allocate1D<ushort>(shape.TensorLength);
-        dv = acc.Allocate1D<ushort>(shape.TensorLength);
+        dRem = acc.Allocate1D(inputs.DRem.AsSpan(0, (int)shape.RowCount).ToArray());
         workspace = new StickBreakingWorkspace(acc, shape);
     }
 
@@ -56,11 +88,11 @@ internal sealed class Attention16Run : IDisposable
         var stream = attention.Accelerator.DefaultStream;
         var w = training ? workspace : null;
         if (bf16)
-            attention.Forward(stream, Shape, q.View.AsContiguous().Cast<BFloat16>(), k.View.AsContiguous().Cast<BFloat16>(), v.View.AsContiguous().Cast<BFloat16>(),
-                o.View.AsContiguous().Cast<BFloat16>(), rem.View, logRem.View, options, w);
+            attention.Forward(stream, Shape, q.Cast<BFloat16>(), k.Cast<BFloat16>(), v.Cast<BFloat16>(), o.Cast<BFloat16>(),
+                rem.View, logRem.View, options, w);
         else
-            attention.Forward(stream, Shape, q.View.AsContiguous().Cast<System.Half>(), k.View.AsContiguous().Cast<System.Half>(), v.View.AsContiguous().Cast<System.Half>(),
-                o.View.AsContiguous().Cast<System.Half>(), rem.View, logRem.View, options, w);
+            attention.Forward(stream, Shape, q.Cast<System.Half>(), k.Cast<System.Half>(), v.Cast<System.Half>(), o.Cast<System.Half>(),
+                rem.View, logRem.View, options, w);
     }
 
     /// <summary>The backward; the last <see cref="Forward"/> must have been a training one (it filled the workspace).</summary>
@@ -68,20 +100,19 @@ internal sealed class Attention16Run : IDisposable
     {
         var stream = attention.Accelerator.DefaultStream;
         if (bf16)
-            attention.Backward(stream, Shape, As<BFloat16>(q), As<BFloat16>(k), As<BFloat16>(v), As<BFloat16>(dO), dRem.View, logRem.View,
-                workspace, As<BFloat16>(dq), As<BFloat16>(dk), As<BFloat16>(dv));
+            attention.Backward(stream, Shape, q.Cast<BFloat16>(), k.Cast<BFloat16>(), v.Cast<BFloat16>(), dO.Cast<BFloat16>(), dRem.View,
+                logRem.View, workspace, dq.Cast<BFloat16>(), dk.Cast<BFloat16>(), dv.Cast<BFloat16>());
         else
-            attention.Backward(stream, Shape, As<System.Half>(q), As<System.Half>(k), As<System.Half>(v), As<System.Half>(dO), dRem.View,
-                logRem.View, workspace, As<System.Half>(dq), As<System.Half>(dk), As<System.Half>(dv));
+            attention.Backward(stream, Shape, q.Cast<System.Half>(), k.Cast<System.Half>(), v.Cast<System.Half>(), dO.Cast<System.Half>(),
+                dRem.View, logRem.View, workspace, dq.Cast<System.Half>(), dk.Cast<System.Half>(), dv.Cast<System.Half>());
     }
-
-    private static ArrayView<T> As<T>(MemoryBuffer1D<ushort, Stride1D.Dense> buffer)
-        where T : unmanaged => buffer.View.AsContiguous().Cast<T>();
 
     public void Dispose()
     {
         workspace.Dispose();
-        foreach (var b in new MemoryBuffer[] { q, k, v, o, rem, logRem, dO, dRem, dq, dk, dv })
+        foreach (var b in buffers)
+            b.Dispose();
+        foreach (var b in new MemoryBuffer[] { rem, logRem, dRem })
             b.Dispose();
     }
 }

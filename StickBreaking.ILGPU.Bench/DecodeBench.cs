@@ -11,7 +11,7 @@ using StickBreaking.ILGPU.Tests.Infrastructure;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--decode BACKEND B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N]</c>: queries behind a key/value cache of L
+/// <c>--decode BACKEND B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N] [--portable] [--groups-per-sm N]</c> (--portable: the portable kernel where the warp kernel would serve; --groups-per-sm: a launch bound in place of the kernel's own): queries behind a key/value cache of L
 /// keys per sequence (all B at length L, capacity L), one JSON line: the median ms of the public device-level call (which
 /// reads the lengths back before it enqueues) and of the kernels alone, the K + V bytes read per ms as TB/s, and the key
 /// chunks the split chose. Inputs are random values in [-0.25, 0.25] filled on the device. (Wire it in Program.cs:
@@ -37,9 +37,18 @@ internal static class DecodeBench
         }
         if (args.Length < 6 || dtype is not ("bf16" or "fp16" or "fp32"))
         {
-            Console.Error.WriteLine("usage: --decode Cuda|OpenCL|Cpu B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N]");
+            Console.Error.WriteLine("usage: --decode Cuda|OpenCL|Cpu B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N] [--portable]");
             return 2;
         }
+        int? groupsPerSm = null;
+        flag = Array.IndexOf(args, "--groups-per-sm");
+        if (flag > 0 && flag + 1 < args.Length)
+        {
+            groupsPerSm = int.Parse(args[flag + 1], CultureInfo.InvariantCulture);
+            args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
+        }
+        bool portable = args.Contains("--portable");
+        args = args.Where(a => a != "--portable").ToArray();
         int[] x = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
         var shape = new DecodeShape(x[0], x[1], x[2], x.Length > 5 ? x[5] : 1, x[4], x[3]);
         var (context, accelerator, reason) = Backends.Open(args[0]);
@@ -50,7 +59,7 @@ internal static class DecodeBench
         }
         using (context)
         using (accelerator)
-        using (var attention = new StickBreakingAttention(accelerator) { DecodeChunksOverride = chunks })
+        using (var attention = new StickBreakingAttention(accelerator) { DecodeChunksOverride = chunks, UseWarpDecode = !portable, CudaGroupsPerMultiprocessorOverride = groupsPerSm })
         {
             var (publicMs, kernelMs) = dtype switch
             {
@@ -64,7 +73,7 @@ internal static class DecodeBench
             {
                 project = "StickBreaking.ILGPU", mode = "decode", backend = args[0], device = accelerator.Name, dtype,
                 B = shape.Batch, Hq = shape.QueryHeads, Hkv = shape.KeyValueHeads, n = shape.Queries, L = shape.Capacity, D = shape.HeadDim,
-                chunks = attention.LastDecodeChunks, public_ms = publicMs, kernels_ms = kernelMs,
+                chunks = attention.LastDecodeChunks, kernel = attention.LastDecodeKernel, public_ms = publicMs, kernels_ms = kernelMs,
                 public_tbs = bytes / publicMs / 1e9, kernels_tbs = bytes / kernelMs / 1e9,
             }));
         }
@@ -97,7 +106,11 @@ internal static class DecodeBench
         foreach (var (buffer, seed) in new[] { (q.View.AsContiguous(), 1), (k.View.AsContiguous(), 2), (v.View.AsContiguous(), 3) })
         {
             var bytes = buffer.Cast<byte>();
-            fill((int)bytes.Length, bytes, seed);
+            for (long at = 0; at < bytes.Length; at += 1 << 30)   // an Index1D grid holds at most 2^31 - 1 threads
+            {
+                var piece = bytes.SubView(at, Math.Min(1L << 30, bytes.Length - at));
+                fill((int)piece.Length, piece, seed + (int)(at >> 30));
+            }
         }
         acc.Synchronize();
         ArrayView<T> qv = q.View, kv = k.View, vv = v.View, ov = o.View;

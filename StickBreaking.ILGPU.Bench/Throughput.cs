@@ -8,7 +8,7 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]] [--exact-products]</c>: one JSON object a line
+/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]] [--exact-products] [--layout head|token|fused] [--kv-heads N]</c>: one JSON object a line
 /// per length and storage type (forward, inference and training; backward, and each of its two passes alone), for the
 /// GPU machine, where <c>python3 scripts/peers.py B H D T ...</c> prints the peers in the same session. On CUDA each line
 /// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
@@ -42,6 +42,22 @@ internal static class Throughput
         // --exact-products: the 16-bit tensor-core kernels with split (exact) products (StickBreakingOptions.ExactProducts).
         bool exact = args.Contains("--exact-products");
         args = args.Where(a => a != "--exact-products").ToArray();
+        // --layout token|fused: [B, T, H, D] tensors, or q, k, v (and dq, dk, dv) as slices of one fused buffer (16-bit rows).
+        string layoutName = "head";
+        flag = Array.IndexOf(args, "--layout");
+        if (flag > 0 && flag + 1 < args.Length)
+        {
+            layoutName = args[flag + 1];
+            args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
+        }
+        // --kv-heads N: grouped-query attention, N key/value heads (16-bit rows).
+        int? kvHeads = null;
+        flag = Array.IndexOf(args, "--kv-heads");
+        if (flag > 0 && flag + 1 < args.Length)
+        {
+            kvHeads = int.Parse(args[flag + 1], CultureInfo.InvariantCulture);
+            args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
+        }
         int[] n = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
         var (context, accelerator, reason) = Backends.Open(backend);
         if (accelerator is null)
@@ -56,11 +72,18 @@ internal static class Throughput
             foreach (int t in n.Skip(3))
             {
                 var shape = new AttentionShape(n[0], n[1], t, n[2]);
+                var shape16 = shape with { KeyValueHeads = kvHeads ?? shape.Heads };
+                AttentionLayout? layout = layoutName switch
+                {
+                    "token" => AttentionLayout.TokenMajor(shape16),
+                    "fused" => AttentionLayout.FusedQkv(shape16),
+                    _ => null,
+                };
                 foreach (string dtype in dtypes.Where(d => d is "bf16" or "fp16"))
                 {
                     var inputs16 = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 1);
-                    using var run16 = new Attention16Run(attention, shape, inputs16, bf16: dtype == "bf16",
-                        new StickBreakingOptions { ExactProducts = exact });
+                    using var run16 = new Attention16Run(attention, shape16, inputs16, bf16: dtype == "bf16",
+                        new StickBreakingOptions { ExactProducts = exact, Layout = layout });
                     int reps16 = t >= 8192 ? 10 : 20;
                     double fwd16 = MedianMs(attention, () => run16.Forward(training: false), reps16);
                     double fwdTrain16 = MedianMs(attention, () => run16.Forward(training: true), reps16);
@@ -74,7 +97,7 @@ internal static class Throughput
                     Console.WriteLine(JsonSerializer.Serialize(new
                     {
                         project = "StickBreaking.ILGPU", backend, device = accelerator.Name, dtype = run16.DType,
-                        B = shape.Batch, H = shape.Heads, T = t, D = shape.HeadDim,
+                        B = shape.Batch, H = shape.Heads, Hkv = shape16.KeyValueHeads, layout = layoutName, T = t, D = shape.HeadDim,
                         tensor_cores = attention.UsesTensorCores, tensor_core_backward = attention.UsesTensorCoreBackward, exact_products = exact,
                         fwd_ms = fwd16, fwd_tflops = flops / fwd16 / 1e9, fwd_training_ms = fwdTrain16,
                         bwd_ms = bwd16, bwd_tflops = 2.5 * flops / bwd16 / 1e9, bwd_pass1_ms = pass1of16, bwd_pass2_ms = pass2of16,

@@ -407,7 +407,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     internal sealed record Inputs(float[] Q, float[] K, float[] V);
 
     /// <summary>Standard inputs rounded to the storage; slots past each sequence's length are NaN.</summary>
-    private static Inputs Make(Case c, DecodeStorage storage, int seed)
+    internal static Inputs Make(Case c, DecodeStorage storage, int seed)
     {
         var normal = new Random(seed);
         double N() => Math.Sqrt(-2 * Math.Log(1 - normal.NextDouble())) * Math.Cos(2 * Math.PI * normal.NextDouble());
@@ -478,7 +478,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         }
     }
 
-    private static void CheckClose((float[] O, float[] Rem, float[] LogRem) got, ReferenceForward exact, DecodeStorage storage, string what)
+    internal static void CheckClose((float[] O, float[] Rem, float[] LogRem) got, ReferenceForward exact, DecodeStorage storage, string what)
     {
         double oTolerance = 2e-5;
         double floor = 0;
@@ -500,7 +500,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     }
 
     /// <summary>Max abs difference; NaN anywhere counts as infinite.</summary>
-    private static double MaxAbs(float[] a, double[] b)
+    internal static double MaxAbs(float[] a, double[] b)
     {
         Assert.That(a.Length, Is.EqualTo(b.Length), "lengths");
         double max = 0;
@@ -514,7 +514,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
 
     private static double MaxAbs(float[] a, float[] b) => MaxAbs(a, b.Select(f => (double)f).ToArray());
 
-    private static double Ulp(double magnitude, DecodeStorage storage) =>
+    internal static double Ulp(double magnitude, DecodeStorage storage) =>
         Math.Pow(2, Math.Floor(Math.Log2(magnitude)) - (storage == DecodeStorage.Bf16 ? 7 : 10));
 
     private static double RoundTrip(double x, DecodeStorage storage) => storage switch
@@ -526,9 +526,9 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
 
     private static float[] Round(float[] x, DecodeStorage storage) => x.Select(f => (float)RoundTrip(f, storage)).ToArray();
 
-    private static double[] ToDouble(float[] x) => x.Select(f => (double)f).ToArray();
+    internal static double[] ToDouble(float[] x) => x.Select(f => (double)f).ToArray();
 
-    private static int[] Bits(float[] x) => x.Select(BitConverter.SingleToInt32Bits).ToArray();
+    internal static int[] Bits(float[] x) => x.Select(BitConverter.SingleToInt32Bits).ToArray();
 }
 
 /// <summary>The decode reference itself: for Hq = Hkv its rows are the last n rows of the float64 forward on the whole sequence.</summary>
@@ -574,6 +574,12 @@ public sealed class DecodePtxTests
     public void DecodeKernelUsesNoLocalMemory(Type stored, Type element) =>
         Check(typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, element), $"decode.{element.Name}");
 
+    [TestCase(typeof(float), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp32Lane))]
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp16Lane))]
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Bf16Lane))]
+    public void WarpDecodeKernelUsesNoLocalMemory(Type stored, Type lane) =>
+        Check(typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeWarpKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, lane), $"warpdecode.{lane.Name}");
+
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage))]
     public void MergeKernelUsesNoLocalMemory(Type stored, Type element) =>
         Check(typeof(StickBreaking.ILGPU.Kernels.Decode.MergeKernel).GetMethod("Kernel")!.MakeGenericMethod(typeof(float),
@@ -589,5 +595,80 @@ public sealed class DecodePtxTests
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"{name}.ptx"), ptx);
         Assert.That(ptx, Does.Contain(".entry"));
         Assert.That(System.Text.RegularExpressions.Regex.Matches(ptx, @"\.local\b"), Is.Empty, "local memory");
+    }
+}
+
+/// <summary>
+/// The warp decode kernel (<see cref="StickBreaking.ILGPU.Kernels.Decode.DecodeWarpKernel"/>: D = 64 and 128 on CUDA) run
+/// by the CPU accelerator with 32-thread warps, through the public Decode: against the float64 reference from the
+/// definition, split into chunks (partial rounds of keys at every chunk's far end), and with NaN in slots and keys no
+/// query sees. Each test asserts that the warp kernel is what ran.
+/// </summary>
+public sealed class WarpDecodeTests : CudaCodeOnCpuFixture
+{
+    private static readonly DecodeTests.Case[] Cases =
+    [
+        new(2, 4, 1, 1, 70, 64, [53, 31], false),    // MQA decode: one block of four query heads
+        new(2, 4, 2, 3, 64, 128, [40, 57], true),    // GQA chunked prefill: six rows, blocks of four and two
+        new(2, 3, 3, 1, 40, 128, [33, 1], false),    // Hq = Hkv, one row; a sequence of one token sees nothing
+    ];
+
+    private static readonly object[] CaseSource =
+        (from c in Cases from s in Enum.GetValues<DecodeStorage>() from chunks in new[] { 1, 3 } select new object[] { c, s, chunks }).ToArray();
+
+    [TestCaseSource(nameof(CaseSource))]
+    public void MatchesFloat64FromTheDefinition(DecodeTests.Case c, DecodeStorage storage, int chunks)
+    {
+        var x = DecodeTests.Make(c, storage, seed: c.Capacity + c.D + chunks);
+        var got = Run(c, storage, x, chunks);
+        var exact = DecodeReference.Forward(DecodeTests.ToDouble(x.Q), DecodeTests.ToDouble(x.K), DecodeTests.ToDouble(x.V), c.Lengths,
+            null, c.B, c.Hq, c.Hkv, c.N, c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        DecodeTests.CheckClose(got, exact, storage, $"warp decode {storage} {c} {chunks} chunks");
+    }
+
+    [TestCase(DecodeStorage.Bf16, 1)]
+    [TestCase(DecodeStorage.Fp32, 2)]
+    public void NaNInSlotsNoQuerySeesReachesNoOutput(DecodeStorage storage, int chunks)
+    {
+        var c = new DecodeTests.Case(2, 4, 1, 3, 48, 64, [40, 29], false);
+        var x = DecodeTests.Make(c, storage, seed: 19);
+        for (int b = 0; b < c.B; b++)
+        {
+            int at = ((b * c.Hkv) * c.Capacity + c.Lengths[b] - 1) * c.D;
+            for (int d = 0; d < c.D; d++)
+            {
+                x.K[at + d] = float.NaN;
+                x.V[at + d] = float.PositiveInfinity;
+            }
+        }
+        var got = Run(c, storage, x, chunks);
+        Assert.That(got.O.Concat(got.Rem).Concat(got.LogRem).All(float.IsFinite), Is.True, "every output finite");
+        var exact = DecodeReference.Forward(DecodeTests.ToDouble(x.Q), DecodeTests.ToDouble(x.K), DecodeTests.ToDouble(x.V), c.Lengths,
+            null, c.B, c.Hq, c.Hkv, c.N, c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
+        DecodeTests.CheckClose(got, exact, storage, $"warp decode {storage} poisoned, {chunks} chunks");
+    }
+
+    [Test]
+    public void OtherHeadDimensionsRunThePortableKernel()
+    {
+        var c = new DecodeTests.Case(1, 2, 1, 1, 20, 32, [20], false);
+        Run(c, DecodeStorage.Bf16, DecodeTests.Make(c, DecodeStorage.Bf16, seed: 1), 1, expectWarp: false);
+    }
+
+    private (float[] O, float[] Rem, float[] LogRem) Run(DecodeTests.Case c, DecodeStorage storage, DecodeTests.Inputs x, int chunks,
+        bool expectWarp = true)
+    {
+        Attention.DecodeChunksOverride = chunks;
+        try
+        {
+            var y = DecodeTests.Run(Attention, c, storage, x);
+            Assert.That(Attention.LastDecodeKernel, expectWarp ? Does.StartWith("warp decode") : Does.Not.StartWith("warp"), "kernel run");
+            Assert.That(Attention.LastDecodeChunks, Is.EqualTo(chunks), "chunks run");
+            return y;
+        }
+        finally
+        {
+            Attention.DecodeChunksOverride = null;
+        }
     }
 }

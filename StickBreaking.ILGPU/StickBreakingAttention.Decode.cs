@@ -19,11 +19,17 @@ public sealed partial class StickBreakingAttention
     /// </summary>
     internal int? DecodeChunksOverride { get; set; }
 
+    /// <summary>Tests and benchmarks only: false runs the portable decode kernel where the warp kernel would serve.</summary>
+    internal bool UseWarpDecode { get; set; } = true;
+
     /// <summary>
     /// Tests only: threads per group of the decode kernel in place of the launch plan's (the CPU accelerator runs 32; a GPU's
     /// 256 takes the kernel's register-prefetch path, which the tests so reach on the CPU accelerator too).
     /// </summary>
     internal int? DecodeGroupSizeOverride { get; set; }
+
+    /// <summary>The name of the kernel the last decode call ran (tests and benchmarks).</summary>
+    internal string? LastDecodeKernel { get; private set; }
 
     /// <summary>The number of key chunks the last decode call ran (tests and benchmarks).</summary>
     internal int LastDecodeChunks { get; private set; }
@@ -439,7 +445,7 @@ public sealed partial class StickBreakingAttention
     /// H200, bf16, D = 128, L = 32768: B = 1 ran best at 64 chunks, B = 8 at 64, B = 32 at 32 to 64, B = 32 with Hq = Hkv = 12
     /// and L = 8192 at 16; a group per chunk waits on its own loads, so many groups per multiprocessor are what hides them.)
     /// </summary>
-    private int DecodeChunks(DecodeShape shape, int longest)
+    private int DecodeChunks(DecodeShape shape, int longest, bool warps)
     {
         long rowBlocks = DecodeRowBlocks(shape);
         long groups = (long)shape.Batch * shape.KeyValueHeads * rowBlocks;
@@ -448,8 +454,10 @@ public sealed partial class StickBreakingAttention
             chunks = forced;
         else
         {
-            long target = 32L * Math.Max(1, accelerator.NumMultiprocessors);
-            chunks = groups >= target ? 1 : (int)Math.Min((target + groups - 1) / groups, (longest + 511) / 512);
+            // The warp kernel: a group is one warp, so it wants more of them, over shorter chunks.
+            long target = (warps ? 64L : 32L) * Math.Max(1, accelerator.NumMultiprocessors);
+            int minKeys = warps ? 256 : 512;
+            chunks = groups >= target ? 1 : (int)Math.Min((target + groups - 1) / groups, (longest + minKeys - 1) / minKeys);
         }
         chunks = (int)Math.Min(chunks, accelerator.MaxGridSize.Y / rowBlocks);
         return Math.Max(1, Math.Min(chunks, longest));
@@ -462,10 +470,15 @@ public sealed partial class StickBreakingAttention
     {
         int D = shape.HeadDim;
         int rowBlocks = (int)DecodeRowBlocks(shape);
-        int chunks = DecodeChunks(shape, longest);
+        bool packedRows = DecodeKernel.PackedRows(D, Marshal.SizeOf<T>()) && DecodeGuards.Aligned16(kCache) && DecodeGuards.Aligned16(vCache);
+        // The warp kernel where it serves D and reads whole 8- or 16-byte pieces (rows and views aligned); else the portable one.
+        if (kernels.WarpDecode(kernel, D) is { } warp && packedRows && DecodeGuards.Aligned16(q) && UseWarpDecode)
+            kernel = warp;
+        int chunks = DecodeChunks(shape, longest, kernel.Family != KernelFamily.Portable);
         int chunkKeys = Math.Max(1, (longest + chunks - 1) / chunks);
         chunks = Math.Max(1, (longest + chunkKeys - 1) / chunkKeys);
         LastDecodeChunks = chunks;
+        LastDecodeKernel = kernel.Name;
         var partialO = ArrayView<float>.Empty;
         var partialLogRem = ArrayView<float>.Empty;
         if (chunks > 1)
@@ -481,10 +494,11 @@ public sealed partial class StickBreakingAttention
             CacheLengths = cacheLengths, KeysAfter = keysAfter.IsValid ? keysAfter : cacheLengths, HasKeysAfter = keysAfter.IsValid ? 1 : 0,
             PartialO = partialO, PartialLogRem = partialLogRem,
             Layout = DecodeLayout.Of(shape), AttendCurrent = options.AttendCurrent ? 1 : 0,
-            PackedRows = DecodeKernel.PackedRows(D, Marshal.SizeOf<T>()) && DecodeGuards.Aligned16(kCache) && DecodeGuards.Aligned16(vCache) ? 1 : 0,
+            PackedRows = packedRows ? 1 : 0,
             Chunks = chunks, ChunkKeys = chunkKeys, KeyTile = DecodeKernel.KeyTileFor(D), Scale = options.ScaleFor(D), RowBlocks = rowBlocks,
         };
-        launcher.LaunchGroups(kernel, stream, shape.Batch * shape.KeyValueHeads, rowBlocks * chunks, args, DecodeGroupSizeOverride ?? 0);
+        launcher.LaunchGroups(kernel, stream, shape.Batch * shape.KeyValueHeads, rowBlocks * chunks, args,
+            kernel.Family == KernelFamily.Portable ? DecodeGroupSizeOverride ?? 0 : kernel.GroupSize);
         if (chunks > 1)
             EnqueueMerge(stream, merge, partialO, partialLogRem, ArrayView<float>.Empty, ArrayView<float>.Empty, chunks,
                 (int)shape.RowCount, D, o, rem, logRem);

@@ -3,6 +3,15 @@
 
     python3 scripts/peers.py B H D T [T ...] [--dtype fp32,bf16] [--reps 10] [--warmup 3]
                              [--triton-path DIR] [--no-naive] [--no-ceilings]
+    python3 scripts/peers.py --decode B Hq Hkv D L [L ...] [--dtype bf16,fp32]
+
+--decode times one query per sequence and query head (n = 1) against a cache of L keys per sequence in Hkv
+key/value heads ([B, Hkv, L, D] each for k and v), emitting per L and dtype:
+  - sdpa_decode: PyTorch SDPA (softmax) with enable_gqa=True, the decode a user would otherwise call;
+  - naive_torch_stickbreaking_decode: stick-breaking decode in plain PyTorch (z, log-sigmoids, a reverse cumulative
+    sum over the keys, exp, the weighted sum), as model code without a kernel decodes;
+  - copy_d2d: a device-to-device copy of k and v (reads and writes the same bytes: a bandwidth yardstick);
+each with "ms" and "tb_s", the K + V bytes per ms (what a decode must read).
 
 Prints one JSON object per line, in the schema that the benchmark's report mode reads
 (`dotnet run -c Release --project StickBreaking.ILGPU.Bench -- --report ours.jsonl peers.jsonl ...`):
@@ -69,6 +78,8 @@ def parse_args(argv):
 
 
 def main(argv):
+    if argv and argv[0] == "--decode":
+        return decode_main(argv[1:])
     args = parse_args(argv)
     B, H, D = args.sizes[:3]
     lengths = args.sizes[3:]
@@ -191,6 +202,85 @@ def main(argv):
             del q, k, v, do
             torch.cuda.empty_cache()
     return 0
+
+
+def decode_main(argv):
+    ap = argparse.ArgumentParser(description="Decode peer timings as JSON lines.")
+    ap.add_argument("sizes", nargs="+", type=int, metavar="N", help="B Hq Hkv D L [L ...]")
+    ap.add_argument("--dtype", default="bf16", help="comma-separated among fp32, bf16, fp16 (default bf16)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    args = ap.parse_args(argv)
+    if len(args.sizes) < 5:
+        ap.error("need B Hq Hkv D L [L ...]")
+    B, Hq, Hkv, D = args.sizes[:4]
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as e:
+        emit({"peer": "torch", "error": f"PyTorch is not importable: {e}"})
+        return 3
+    if not torch.cuda.is_available():
+        emit({"peer": "torch", "error": "no CUDA device"})
+        return 4
+
+    def median_ms(fn):
+        for _ in range(args.warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    common = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "timing": "cuda events",
+              "reps": args.reps, "B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "n": 1}
+    scale = 1 / math.sqrt(D)
+    for L in args.sizes[4:]:
+        for name in args.dtype.split(","):
+            dt = getattr(torch, DTYPES[name.strip().lower()])
+            gen = torch.Generator(device="cuda").manual_seed(L)
+            q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dt, generator=gen)
+            k = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt, generator=gen) * 0.25
+            v = torch.randn(B, Hkv, L, D, device="cuda", dtype=dt, generator=gen) * 0.25
+            kv_bytes = 2 * k.numel() * k.element_size()
+            row = {"dtype": str(dt), "L": L, "kv_bytes": kv_bytes, **common}
+
+            def report(peer, fn):
+                try:
+                    ms = median_ms(fn)
+                    emit({"peer": peer, "ms": ms, "tb_s": kv_bytes / ms / 1e9, **row})
+                except Exception as e:  # out of memory, or an SDPA without enable_gqa
+                    emit({"peer": peer, "error": f"{type(e).__name__}: {e}", **row})
+                torch.cuda.empty_cache()
+
+            with torch.no_grad():
+                report("sdpa_decode", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                report("naive_torch_stickbreaking_decode", lambda: naive_stick_breaking_decode(torch, F, q, k, v, scale))
+                report("copy_d2d", lambda: (k.clone(), v.clone()))
+            del q, k, v
+            torch.cuda.empty_cache()
+    return 0
+
+
+def naive_stick_breaking_decode(torch, F, q, k, v, scale):
+    """One new query per sequence and head at position L, seeing keys 0 .. L-1 (its own key is not in the cache):
+    log A_j = log(beta_j) + sum over l > j of log(1 - beta_l), o = sum_j A_j v_j, rem = exp(sum_j log(1 - beta_j)).
+    Query heads are grouped over the key/value heads ([B, Hkv, G, 1, D])."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, Hq // Hkv, 1, D).float()
+    z = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale          # [B, Hkv, G, 1, L]
+    log_keep = F.logsigmoid(-z)
+    nearer = torch.flip(torch.cumsum(torch.flip(log_keep, [-1]), -1), [-1]) - log_keep
+    a = torch.exp(F.logsigmoid(z) + nearer)
+    o = torch.matmul(a, v.float().unsqueeze(2))                                      # [B, Hkv, G, 1, D]
+    return o.view(B, Hq, 1, D).to(q.dtype), torch.exp(log_keep.sum(-1))
 
 
 def naive_stick_breaking(torch, F, q, k, v, scale):

@@ -2,6 +2,7 @@ using System;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.Decode;
 using StickBreaking.ILGPU.Kernels.Cuda;
 using StickBreaking.ILGPU.Kernels.Portable;
 using StickBreaking.ILGPU.Kernels.TensorCore;
@@ -31,6 +32,8 @@ internal sealed class KernelSet
     private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForward = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
     private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)?[,] tensorCoreBackward =
         new (KernelLaunch<BackwardArgs<ushort>>, KernelLaunch<BackwardArgs<ushort>>)?[2, 2];
+    private readonly KernelLaunch<DecodeArgs<float>>? warpDecode;
+    private readonly KernelLaunch<DecodeArgs<ushort>>? warpDecodeFp16, warpDecodeBf16;
 
     public KernelSet(Accelerator accelerator, KernelChoice choice)
     {
@@ -38,6 +41,12 @@ internal sealed class KernelSet
             return;
         long sharedBytes = accelerator is CudaAccelerator cuda ? CudaDriver.MaxOptInSharedBytes(cuda) : accelerator.MaxSharedMemoryPerGroup;
         fastForward = Fit(CudaForwardKernel.Launch, accelerator, sharedBytes, choice);
+        if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
+        {
+            warpDecode = Fit(DecodeWarpKernel.Launch, accelerator, sharedBytes, choice);
+            warpDecodeFp16 = Fit(DecodeWarpKernel.LaunchFp16, accelerator, sharedBytes, choice);
+            warpDecodeBf16 = Fit(DecodeWarpKernel.LaunchBf16, accelerator, sharedBytes, choice);
+        }
         // 16-bit storage: the tensor-core forward where it fits (on the CPU accelerator, with the mma emulated).
         if (accelerator.AcceleratorType != AcceleratorType.OpenCL)
         {
@@ -108,6 +117,19 @@ internal sealed class KernelSet
     public (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key) Backward16(int headDim, bool bf16, bool exact = false) =>
         TensorCoreBackward16(headDim, bf16, exact)
         ?? (bf16 ? (BackwardQueryKernel.LaunchBf16, BackwardKeyKernel.LaunchBf16) : (BackwardQueryKernel.LaunchFp16, BackwardKeyKernel.LaunchFp16));
+
+    /// <summary>
+    /// The warp decode (<see cref="DecodeWarpKernel"/>) standing in for the portable decode kernel <paramref name="portable"/>
+    /// (same storage) at head dimension <paramref name="headDim"/>, if it fits this accelerator and serves that D; else null.
+    /// </summary>
+    public KernelLaunch<DecodeArgs<T>>? WarpDecode<T>(KernelLaunch<DecodeArgs<T>> portable, int headDim)
+        where T : unmanaged
+    {
+        object? warp = ReferenceEquals(portable, DecodeKernel.Launch) ? warpDecode
+            : ReferenceEquals(portable, DecodeKernel.LaunchFp16) ? warpDecodeFp16
+            : ReferenceEquals(portable, DecodeKernel.LaunchBf16) ? warpDecodeBf16 : null;
+        return warp is KernelLaunch<DecodeArgs<T>> kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
+    }
 
     /// <summary>Whether the tensor-core backward passes serve 16-bit storage for the head dimensions they cover.</summary>
     public bool TensorCoreBackward => tensorCoreBackward[1, 0] is not null;

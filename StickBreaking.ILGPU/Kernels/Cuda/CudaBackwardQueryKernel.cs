@@ -55,12 +55,16 @@ internal static class CudaBackwardQueryKernel
         int rowBlock = a.RowBlocks - 1 - Grid.IdxY;   // the longest walks first
         int T = a.Length, D = a.HeadDim;
         int row0 = rowBlock * BlockRows;
-        long headBase = (long)head * T * D;
+        // Rows of this query head in q and dO (any layout). k and v: the rows of the key/value head it reads, taken
+        // per tile from its number (one register across the walk; two 64-bit bases held there spilled).
+        var q = HeadRows.Query(a.Rows, a.Rows.Q, head);
+        var dO = HeadRows.Query(a.Rows, a.Rows.DO, head);
+        int keyHead = HeadRows.KeyHeadOf(a.Rows, head);
         var shared = SharedMemory.GetDynamic<float>();
         var vectors = shared.Cast<F4>();
 
-        CudaBackwardTile.LoadTransposed(shared, QOffset, a.Q, headBase, row0, T, D, tid);
-        CudaBackwardTile.LoadTransposed(shared, DoOffset, a.DO, headBase, row0, T, D, tid);
+        CudaBackwardTile.LoadTransposed(shared, QOffset, a.Q, q, row0, T, D, tid);
+        CudaBackwardTile.LoadTransposed(shared, DoOffset, a.DO, dO, row0, T, D, tid);
 
         int firstRow = row0 + ty * 4;
         if (tid < BlockRows)
@@ -80,7 +84,7 @@ internal static class CudaBackwardQueryKernel
 
             // G = dO.v, 4 x 4 per thread; the tile's acc snapshots staged meanwhile.
             Group.Barrier();
-            CudaBackwardTile.LoadTransposed(shared, XOffset, a.V, headBase, key0, T, D, tid);
+            CudaBackwardTile.LoadTransposed(shared, XOffset, a.V, HeadRows.Key(a.Rows, a.Rows.V, keyHead), key0, T, D, tid);
             CudaBackwardTile.StageSnapshots(shared, SnapshotOffset, a.AccSnapshots, head, row0, tile, T, a.SnapshotTiles, tid, part: 0);
             Group.Barrier();
             CudaBackwardTile.Products(vectors, DoOffset / 4, XOffset / 4, D, ty, tx, out var g0, out var g1, out var g2, out var g3);
@@ -91,7 +95,7 @@ internal static class CudaBackwardQueryKernel
 
             // S = q.k, 4 x 4 per thread; K stays for dq.
             Group.Barrier();
-            CudaBackwardTile.LoadTransposed(shared, XOffset, a.K, headBase, key0, T, D, tid);
+            CudaBackwardTile.LoadTransposed(shared, XOffset, a.K, HeadRows.Key(a.Rows, a.Rows.K, keyHead), key0, T, D, tid);
             Group.Barrier();
             CudaBackwardTile.Products(vectors, QOffset / 4, XOffset / 4, D, ty, tx, out var s0, out var s1, out var s2, out var s3);
 
@@ -130,10 +134,11 @@ internal static class CudaBackwardQueryKernel
             }
         }
 
-        Store(a, headBase, firstRow, tx, dq.Row0);
-        Store(a, headBase, firstRow + 1, tx, dq.Row1);
-        Store(a, headBase, firstRow + 2, tx, dq.Row2);
-        Store(a, headBase, firstRow + 3, tx, dq.Row3);
+        var dqRows = HeadRows.Query(a.Rows, a.Rows.DQ, head);
+        Store(a, dqRows, firstRow, tx, dq.Row0);
+        Store(a, dqRows, firstRow + 1, tx, dq.Row1);
+        Store(a, dqRows, firstRow + 2, tx, dq.Row2);
+        Store(a, dqRows, firstRow + 3, tx, dq.Row3);
     }
 
     /// <summary>
@@ -161,9 +166,9 @@ internal static class CudaBackwardQueryKernel
         return CudaBackwardTile.Dz(weighted, lb, logBeta, mine, dRemRem);
     }
 
-    private static void Store(BackwardArgs<float> a, long headBase, int row, int tx, F8 dq)
+    private static void Store(BackwardArgs<float> a, HeadRows dqRows, int row, int tx, F8 dq)
     {
         if (row < a.Length)
-            CudaBackwardTile.StoreColumns(a.DQ, headBase + (long)row * a.HeadDim, tx, a.HeadDim, dq, a.Scale);
+            CudaBackwardTile.StoreColumns(a.DQ, dqRows.Row(row), tx, a.HeadDim, dq, a.Scale);
     }
 }

@@ -44,24 +44,25 @@ internal static class CudaBackwardTile
 
     /// <summary>
     /// Stages rows or keys [x0, x0 + 64) of <paramref name="source"/> (Q, dO, K or V) as a transposed tile at
-    /// float offset <paramref name="offset"/>; zeros outside the sequence and head. A warp stores 4 x-values x 8
-    /// dimensions: 32 distinct banks, and 4 full 32-byte sectors of global memory per load.
+    /// float offset <paramref name="offset"/>; zeros outside the sequence and head. <paramref name="rows"/>: where the
+    /// head's rows lie in <paramref name="source"/>. A warp stores 4 x-values x 8 dimensions: 32 distinct banks, and
+    /// 4 full 32-byte sectors of global memory per load.
     /// </summary>
-    public static void LoadTransposed(ArrayView<float> shared, int offset, ArrayView<float> source, long headBase,
+    public static void LoadTransposed(ArrayView<float> shared, int offset, ArrayView<float> source, HeadRows rows,
         int x0, int length, int headDim, int tid)
     {
         // Element m (0..31) of thread tid: x = (m / 2) * 4 + (tid / 8) % 4, d = (tid / 32 + 8 * (m % 2)) * 8 + tid % 8.
         int dLow = tid & 7, xLow = (tid >> 3) & 3, dHigh = (tid >> 5) * 8;
         for (int m = 0; m < 32; m += LoadBatch)
         {
-            float v0 = Element(source, headBase, x0, length, headDim, m, dLow, xLow, dHigh);
-            float v1 = Element(source, headBase, x0, length, headDim, m + 1, dLow, xLow, dHigh);
-            float v2 = Element(source, headBase, x0, length, headDim, m + 2, dLow, xLow, dHigh);
-            float v3 = Element(source, headBase, x0, length, headDim, m + 3, dLow, xLow, dHigh);
-            float v4 = Element(source, headBase, x0, length, headDim, m + 4, dLow, xLow, dHigh);
-            float v5 = Element(source, headBase, x0, length, headDim, m + 5, dLow, xLow, dHigh);
-            float v6 = Element(source, headBase, x0, length, headDim, m + 6, dLow, xLow, dHigh);
-            float v7 = Element(source, headBase, x0, length, headDim, m + 7, dLow, xLow, dHigh);
+            float v0 = Element(source, rows, x0, length, headDim, m, dLow, xLow, dHigh);
+            float v1 = Element(source, rows, x0, length, headDim, m + 1, dLow, xLow, dHigh);
+            float v2 = Element(source, rows, x0, length, headDim, m + 2, dLow, xLow, dHigh);
+            float v3 = Element(source, rows, x0, length, headDim, m + 3, dLow, xLow, dHigh);
+            float v4 = Element(source, rows, x0, length, headDim, m + 4, dLow, xLow, dHigh);
+            float v5 = Element(source, rows, x0, length, headDim, m + 5, dLow, xLow, dHigh);
+            float v6 = Element(source, rows, x0, length, headDim, m + 6, dLow, xLow, dHigh);
+            float v7 = Element(source, rows, x0, length, headDim, m + 7, dLow, xLow, dHigh);
             Put(shared, offset, m, dLow, xLow, dHigh, v0);
             Put(shared, offset, m + 1, dLow, xLow, dHigh, v1);
             Put(shared, offset, m + 2, dLow, xLow, dHigh, v2);
@@ -73,11 +74,11 @@ internal static class CudaBackwardTile
         }
     }
 
-    private static float Element(ArrayView<float> source, long headBase, int x0, int length, int headDim,
+    private static float Element(ArrayView<float> source, HeadRows rows, int x0, int length, int headDim,
         int m, int dLow, int xLow, int dHigh)
     {
         int x = x0 + (m >> 1) * 4 + xLow, d = dHigh + (m & 1) * 64 + dLow;
-        return x < length && d < headDim ? source[headBase + (long)x * headDim + d] : 0f;
+        return x < length && d < headDim ? source[rows.Row(x) + d] : 0f;
     }
 
     private static void Put(ArrayView<float> shared, int offset, int m, int dLow, int xLow, int dHigh, float value)

@@ -52,7 +52,10 @@ internal static class CudaForwardKernel
         int rowBlock = a.RowBlocks - 1 - Grid.IdxY;
         int T = a.Length, D = a.HeadDim;
         int row0 = rowBlock * BlockRows;
-        long headBase = (long)head * T * D;
+        // Rows of this query head in q, and of the key/value head it reads in k and v (any layout).
+        var q = HeadRows.Query(a.Rows, a.Rows.Q, head);
+        var k = HeadRows.KeyOfQuery(a.Rows, a.Rows.K, head);
+        var v = HeadRows.KeyOfQuery(a.Rows, a.Rows.V, head);
         var shared = SharedMemory.GetDynamic<float>();
 
         // Q block, transposed: Qs[d][row].
@@ -60,7 +63,7 @@ internal static class CudaForwardKernel
         {
             int r = e / MaxHeadDim, d = e - r * MaxHeadDim;
             int row = row0 + r;
-            shared[QOffset + d * TransposedStride + r] = row < T && d < D ? a.Q[headBase + (long)row * D + d] : 0f;
+            shared[QOffset + d * TransposedStride + r] = row < T && d < D ? a.Q[q.Row(row) + d] : 0f;
         }
 
         var acc = new F4();          // acc of rows ty*4 + i
@@ -72,7 +75,7 @@ internal static class CudaForwardKernel
             int key0 = tile * KeyTile;
             Group.Barrier();
             // K tile, transposed: Ks[d][key].
-            LoadTile(a.K, shared, headBase, key0, T, D, tid, transpose: true);
+            LoadTile(a.K, shared, k, key0, T, D, tid, transpose: true);
             Group.Barrier();
 
             // z = q.k, 4 x 4 per thread; four dimensions per iteration (the staged tiles are zero past D).
@@ -99,7 +102,7 @@ internal static class CudaForwardKernel
             Group.Barrier();
 
             // V tile over the K tile: Vs[key][d].
-            LoadTile(a.V, shared, headBase, key0, T, D, tid, transpose: false);
+            LoadTile(a.V, shared, v, key0, T, D, tid, transpose: false);
 
             // Weights: exp(log beta + acc + sum of lb over the nearer keys), into Ps[key][row].
             int pAt = POffset + tx * 4 * PStride + ty * 4;   // Ps[key tx*4][row ty*4]
@@ -128,10 +131,11 @@ internal static class CudaForwardKernel
             }
         }
 
-        Store(a, headBase, firstRow, tx, o0, acc.X0);
-        Store(a, headBase, firstRow + 1, tx, o1, acc.X1);
-        Store(a, headBase, firstRow + 2, tx, o2, acc.X2);
-        Store(a, headBase, firstRow + 3, tx, o3, acc.X3);
+        var o = HeadRows.Query(a.Rows, a.Rows.O, head);
+        Store(a, o, firstRow, tx, o0, acc.X0);
+        Store(a, o, firstRow + 1, tx, o1, acc.X1);
+        Store(a, o, firstRow + 2, tx, o2, acc.X2);
+        Store(a, o, firstRow + 3, tx, o3, acc.X3);
     }
 
     /// <summary>One step of z += q k^T: dimension d for the thread's 4 rows and 4 keys (two vector loads).</summary>
@@ -186,7 +190,7 @@ internal static class CudaForwardKernel
     /// thread owns one dimension d = tid % 128 and keys tid / 128 + 2m; the 32 loads go out 8 at a time before
     /// their stores, so that 8 global loads per thread are in flight (ILGPU does not unroll the loop itself).
     /// </summary>
-    private static void LoadTile(ArrayView<float> x, ArrayView<float> shared, long headBase, int key0, int T, int D,
+    private static void LoadTile(ArrayView<float> x, ArrayView<float> shared, HeadRows keys, int key0, int T, int D,
         int tid, bool transpose)
     {
         int d = tid % MaxHeadDim, firstKey = tid / MaxHeadDim;
@@ -194,14 +198,14 @@ internal static class CudaForwardKernel
         for (int m = 0; m < KeyTile / 2; m += 8)
         {
             int kk = firstKey + 2 * m;
-            float v0 = Element(x, headBase, key0 + kk, T, D, d, column);
-            float v1 = Element(x, headBase, key0 + kk + 2, T, D, d, column);
-            float v2 = Element(x, headBase, key0 + kk + 4, T, D, d, column);
-            float v3 = Element(x, headBase, key0 + kk + 6, T, D, d, column);
-            float v4 = Element(x, headBase, key0 + kk + 8, T, D, d, column);
-            float v5 = Element(x, headBase, key0 + kk + 10, T, D, d, column);
-            float v6 = Element(x, headBase, key0 + kk + 12, T, D, d, column);
-            float v7 = Element(x, headBase, key0 + kk + 14, T, D, d, column);
+            float v0 = Element(x, keys, key0 + kk, T, d, column);
+            float v1 = Element(x, keys, key0 + kk + 2, T, d, column);
+            float v2 = Element(x, keys, key0 + kk + 4, T, d, column);
+            float v3 = Element(x, keys, key0 + kk + 6, T, d, column);
+            float v4 = Element(x, keys, key0 + kk + 8, T, d, column);
+            float v5 = Element(x, keys, key0 + kk + 10, T, d, column);
+            float v6 = Element(x, keys, key0 + kk + 12, T, d, column);
+            float v7 = Element(x, keys, key0 + kk + 14, T, d, column);
             Put(shared, kk, d, v0, transpose);
             Put(shared, kk + 2, d, v1, transpose);
             Put(shared, kk + 4, d, v2, transpose);
@@ -213,8 +217,8 @@ internal static class CudaForwardKernel
         }
     }
 
-    private static float Element(ArrayView<float> x, long headBase, int key, int T, int D, int d, bool column) =>
-        column && key < T ? x[headBase + (long)key * D + d] : 0f;
+    private static float Element(ArrayView<float> x, HeadRows keys, int key, int T, int d, bool column) =>
+        column && key < T ? x[keys.Row(key) + d] : 0f;
 
     private static void Put(ArrayView<float> shared, int kk, int d, float value, bool transpose)
     {
@@ -264,19 +268,19 @@ internal static class CudaForwardKernel
         return rowAcc + total;
     }
 
-    private static void Store(ForwardArgs<float> a, long headBase, int row, int tx, F8 o, float rowAcc)
+    private static void Store(ForwardArgs<float> a, HeadRows o, int row, int tx, F8 x, float rowAcc)
     {
         if (row >= a.Length)
             return;
-        long at = headBase + (long)row * a.HeadDim;
-        StoreColumn(a, at, tx * 4, o.Lo.X0);
-        StoreColumn(a, at, tx * 4 + 1, o.Lo.X1);
-        StoreColumn(a, at, tx * 4 + 2, o.Lo.X2);
-        StoreColumn(a, at, tx * 4 + 3, o.Lo.X3);
-        StoreColumn(a, at, 64 + tx * 4, o.Hi.X0);
-        StoreColumn(a, at, 64 + tx * 4 + 1, o.Hi.X1);
-        StoreColumn(a, at, 64 + tx * 4 + 2, o.Hi.X2);
-        StoreColumn(a, at, 64 + tx * 4 + 3, o.Hi.X3);
+        long at = o.Row(row);
+        StoreColumn(a, at, tx * 4, x.Lo.X0);
+        StoreColumn(a, at, tx * 4 + 1, x.Lo.X1);
+        StoreColumn(a, at, tx * 4 + 2, x.Lo.X2);
+        StoreColumn(a, at, tx * 4 + 3, x.Lo.X3);
+        StoreColumn(a, at, 64 + tx * 4, x.Hi.X0);
+        StoreColumn(a, at, 64 + tx * 4 + 1, x.Hi.X1);
+        StoreColumn(a, at, 64 + tx * 4 + 2, x.Hi.X2);
+        StoreColumn(a, at, 64 + tx * 4 + 3, x.Hi.X3);
         if (tx == 0)
         {
             long stat = (long)Grid.IdxX * a.Length + row;

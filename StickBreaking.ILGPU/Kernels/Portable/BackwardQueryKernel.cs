@@ -52,7 +52,12 @@ internal static class BackwardQueryKernel
         int row0 = rowBlock * BlockRows;
         int col0 = Grid.IdxZ * a.ColumnsPerGroup;
         int cols = Math.Min(a.ColumnsPerGroup, D - col0);
-        long headBase = (long)head * T * D;
+        // Rows of this query head in q, dO and dq, and of the key/value head it reads in k and v (any layout).
+        var q = HeadRows.Query(a.Rows, a.Rows.Q, head);
+        var dO = HeadRows.Query(a.Rows, a.Rows.DO, head);
+        var dqRows = HeadRows.Query(a.Rows, a.Rows.DQ, head);
+        var k = HeadRows.KeyOfQuery(a.Rows, a.Rows.K, head);
+        var v = HeadRows.KeyOfQuery(a.Rows, a.Rows.V, head);
 
         var qChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
         var doChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
@@ -65,14 +70,16 @@ internal static class BackwardQueryKernel
         var dRemRem = SharedMemory.Allocate<float>(BlockRows);
         var dqAcc = SharedMemory.GetDynamic<float>();                 // [BlockRows, ColumnsPerGroup]
         // On OpenCL the (unscaled) dq accumulator is in global memory (see OutputAccumulator): DQ itself for fp32,
-        // the fp32 scratch for 16-bit storage (a constant choice per specialization); never a select with the shared view.
+        // the fp32 scratch for 16-bit storage (a constant choice per specialization, indexed as a contiguous
+        // [B * H, T, D] tensor of its own); never a select with the shared view.
         bool inOutput = OutputAccumulator.InOutput;
         var element = default(TElement);
         var dqGlobal = element.Accumulator(a.DQ, a.AccumulatorScratch);
-        long outBase = headBase + (long)row0 * D + col0;              // DQ[row0, col0] of this group
+        var accRows = OutputAccumulator.AccumulatorRows(element.Wide, dqRows, head, T, D);
+        long outBase = accRows.Row(row0) + col0;                      // the accumulator's [row0, col0] of this group
 
         if (inOutput)
-            OutputAccumulator.ZeroOutput(dqGlobal, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(dqGlobal, outBase, accRows.Token, row0, BlockRows, T, cols, tid, groupSize);
         else
             OutputAccumulator.ZeroShared(dqAcc, BlockRows * a.ColumnsPerGroup, tid, groupSize);
         for (int r = tid; r < BlockRows; r += groupSize)
@@ -88,7 +95,7 @@ internal static class BackwardQueryKernel
         {
             int key0 = tile * KeyTile;
 
-            BackwardDots.Run<TStored, TElement>(a, qChunk, doChunk, kChunk, vChunk, z, g, headBase, row0, BlockRows, key0, KeyTile, tid, groupSize);
+            BackwardDots.Run<TStored, TElement>(a, qChunk, doChunk, kChunk, vChunk, z, g, q, dO, k, v, row0, BlockRows, key0, KeyTile, tid, groupSize);
 
             for (int r = tid; r < BlockRows; r += groupSize)
             {
@@ -109,7 +116,7 @@ internal static class BackwardQueryKernel
 
             // dq += dz k over this group's columns and the keys each row sees (dz is 0 for the others, but 0 times a
             // NaN or infinite k is NaN).
-            OutputAccumulator.AddWeightedKeys<TStored, TElement>(a.K, kChunk, z, dqGlobal, dqAcc, headBase, outBase, row0, BlockRows,
+            OutputAccumulator.AddWeightedKeys<TStored, TElement>(a.K, kChunk, z, dqGlobal, dqAcc, k, outBase, accRows.Token, row0, BlockRows,
                 key0, KeyTile, T, D, col0, cols, a.ColumnsPerGroup, a.AttendCurrent, tid, groupSize);
         }
 
@@ -119,8 +126,8 @@ internal static class BackwardQueryKernel
             int row = row0 + r;
             if (row < T)
             {
-                long at = headBase + (long)row * D + col0 + c;
-                a.DQ[at] = element.Store(a.Scale * (inOutput ? dqGlobal[at] : dqAcc[r * a.ColumnsPerGroup + c]));   // in place on OpenCL fp32
+                float dq = inOutput ? dqGlobal[accRows.Row(row) + col0 + c] : dqAcc[r * a.ColumnsPerGroup + c];
+                a.DQ[dqRows.Row(row) + col0 + c] = element.Store(a.Scale * dq);   // in place on OpenCL fp32
             }
         }
     }

@@ -52,7 +52,11 @@ internal static class ForwardKernel
         int row0 = rowBlock * BlockRows;
         int col0 = Grid.IdxZ * a.ColumnsPerGroup;
         int cols = Math.Min(a.ColumnsPerGroup, D - col0);
-        long headBase = (long)head * T * D;
+        // Rows of this query head in q and o, and of the key/value head it reads in k and v (any layout).
+        var q = HeadRows.Query(a.Rows, a.Rows.Q, head);
+        var o = HeadRows.Query(a.Rows, a.Rows.O, head);
+        var k = HeadRows.KeyOfQuery(a.Rows, a.Rows.K, head);
+        var v = HeadRows.KeyOfQuery(a.Rows, a.Rows.V, head);
 
         var qChunk = SharedMemory.Allocate<float>(BlockRows * ChunkStride);
         var kvChunk = SharedMemory.Allocate<float>(KeyTile * ChunkStride);
@@ -60,14 +64,16 @@ internal static class ForwardKernel
         var acc = SharedMemory.Allocate<float>(BlockRows);
         var outAcc = SharedMemory.GetDynamic<float>();              // [BlockRows, ColumnsPerGroup]
         // On OpenCL the output accumulator is in global memory (see OutputAccumulator): O itself for fp32, the fp32
-        // scratch for 16-bit storage (a constant choice per specialization); never a select with the shared view.
+        // scratch for 16-bit storage (a constant choice per specialization, indexed as a contiguous [B * H, T, D]
+        // tensor of its own); never a select with the shared view.
         bool inOutput = OutputAccumulator.InOutput;
         var element = default(TElement);
         var outGlobal = element.Accumulator(a.O, a.AccumulatorScratch);
-        long outBase = headBase + (long)row0 * D + col0;            // O[row0, col0] of this group
+        var outRows = OutputAccumulator.AccumulatorRows(element.Wide, o, head, T, D);
+        long outBase = outRows.Row(row0) + col0;                    // the accumulator's [row0, col0] of this group
 
         if (inOutput)
-            OutputAccumulator.ZeroOutput(outGlobal, outBase, row0, BlockRows, T, D, cols, tid, groupSize);
+            OutputAccumulator.ZeroOutput(outGlobal, outBase, outRows.Token, row0, BlockRows, T, cols, tid, groupSize);
         else
             OutputAccumulator.ZeroShared(outAcc, BlockRows * a.ColumnsPerGroup, tid, groupSize);
         for (int r = tid; r < BlockRows; r += groupSize)
@@ -84,8 +90,8 @@ internal static class ForwardKernel
             for (int c0 = 0; c0 < D; c0 += DimChunk)
             {
                 Group.Barrier();
-                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, headBase, row0, BlockRows, T, D, c0, tid, groupSize);
-                TileLoad.Rows<TStored, TElement>(a.K, kvChunk, headBase, key0, KeyTile, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.Q, qChunk, q, row0, BlockRows, T, D, c0, tid, groupSize);
+                TileLoad.Rows<TStored, TElement>(a.K, kvChunk, k, key0, KeyTile, T, D, c0, tid, groupSize);
                 Group.Barrier();
                 for (int e = tid; e < BlockRows * KeyTile; e += groupSize)
                 {
@@ -122,7 +128,7 @@ internal static class ForwardKernel
             }
 
             // 4. out += A v over this group's columns and the keys each row sees (masks select, never multiply).
-            OutputAccumulator.AddWeightedKeys<TStored, TElement>(a.V, kvChunk, p, outGlobal, outAcc, headBase, outBase, row0, BlockRows,
+            OutputAccumulator.AddWeightedKeys<TStored, TElement>(a.V, kvChunk, p, outGlobal, outAcc, v, outBase, outRows.Token, row0, BlockRows,
                 key0, KeyTile, T, D, col0, cols, a.ColumnsPerGroup, a.AttendCurrent, tid, groupSize);
         }
 
@@ -133,7 +139,7 @@ internal static class ForwardKernel
                 int r = e / cols, c = e - r * cols;
                 int row = row0 + r;
                 if (row < T)
-                    a.O[headBase + (long)row * D + col0 + c] = element.Store(outAcc[r * a.ColumnsPerGroup + c]);
+                    a.O[o.Row(row) + col0 + c] = element.Store(outAcc[r * a.ColumnsPerGroup + c]);
             }
         }
         else if (!element.Wide)   // OpenCL, 16-bit o: round the fp32 scratch once (an fp32 O already holds the result)
@@ -143,10 +149,7 @@ internal static class ForwardKernel
                 int r = e / cols, c = e - r * cols;
                 int row = row0 + r;
                 if (row < T)
-                {
-                    long at = headBase + (long)row * D + col0 + c;
-                    a.O[at] = element.Store(outGlobal[at]);
-                }
+                    a.O[o.Row(row) + col0 + c] = element.Store(outGlobal[outRows.Row(row) + col0 + c]);
             }
         }
         if (Grid.IdxZ == 0)

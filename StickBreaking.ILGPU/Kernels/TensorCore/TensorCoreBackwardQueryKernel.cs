@@ -123,7 +123,10 @@ internal static partial class TensorCoreBackwardQueryKernel
         int T = a.Length, D = a.HeadDim;
         bool wide = D > 64;
         int row0 = rowBlock * BlockRows;
-        long headBase = (long)head * T * D;
+        // Element 0 of row 0 of the key/value head this query head reads (grouped-query heads share one); rows lie
+        // Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads").
+        var rows = a.Rows;
+        long kBase = rows.KeyBaseOfQuery(rows.K, head), vBase = rows.KeyBaseOfQuery(rows.V, head);
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
         int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
@@ -133,8 +136,8 @@ internal static partial class TensorCoreBackwardQueryKernel
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
         int qAt = QOffset / 4 + warp * WarpVectors + lane;
         int dOAt = DOOffset / 4 + warp * WarpVectors + lane;
-        StageRowFragments(a.Q, vectors.SubView(qAt), headBase, rowLo, T, D, t);
-        StageRowFragments(a.DO, vectors.SubView(dOAt), headBase, rowLo, T, D, t);
+        StageRowFragments(a.Q, vectors.SubView(qAt), rows.QueryBase(rows.Q, head), rows.Q.Token, rowLo, T, D, t);
+        StageRowFragments(a.DO, vectors.SubView(dOAt), rows.QueryBase(rows.DO, head), rows.DO.Token, rowLo, T, D, t);
         if (tid == 0)
             shared[FlagOffset] = KeyTile;                // ordered before the diagonal tile's atomics by the barriers
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
@@ -155,6 +158,9 @@ internal static partial class TensorCoreBackwardQueryKernel
         int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
         int vAt = VOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
 
+        // This thread's rows of a key tile (r and on by 128 / (D / 8)) and its 16-byte piece c of them, for LoadRows.
+        int r = tid / (D >> 3), c = tid & ((D >> 3) - 1);
+
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
         for (int tile = 0; tile <= lastTile; tile++)
@@ -173,8 +179,8 @@ internal static partial class TensorCoreBackwardQueryKernel
             // Every warp is past the previous tile's second barrier, so done with its K and V rows. (No register
             // prefetch of the next tile during the dq product: its 64 registers on top of dq and the dz fragments made
             // ptxas spill; the other group on the SM runs while this one waits for the loads.)
-            var kRows = LoadRows(a.K, headBase, key0, stageLimit, D, tid);
-            var vRows = LoadRows(a.V, headBase, key0, stageLimit, D, tid);
+            var kRows = LoadRows(a.K, kBase, rows.K.Token, key0 + r, c, stageLimit, D);
+            var vRows = LoadRows(a.V, vBase, rows.V.Token, key0 + r, c, stageLimit, D);
             StoreRows(kRows, vectors, KOffset / 4, D, tid);
             StoreRows(vRows, vectors, VOffset / 4, D, tid);
             Group.Barrier();
@@ -230,13 +236,14 @@ internal static partial class TensorCoreBackwardQueryKernel
 
         // A row that sees the diagonal tile's first key with a non-finite k gets NaN (the staging replaced it by 0).
         int firstBad = lastTile * KeyTile + (int)shared[FlagOffset];
-        // The row's address from (head T + row), which the snapshot indices keep anyway (headBase itself would be
-        // one more 64-bit value live across the loop, and ptxas spilled it).
+        // dq in 4-byte words (its start and strides are even numbers of elements); its base computed here, after the
+        // loop (one more 64-bit value live across the loop made ptxas spill).
         var words = a.DQ.Cast<uint>();
+        long dqBase = rows.QueryBase(rows.DQ, head);
         if (rowLo < T)
-            StoreRow<TStorage>(dq, false, firstBad < limitLo, a.Scale, words.SubView(((long)head * T + rowLo) * (D / 2) + t), wide);
+            StoreRow<TStorage>(dq, false, firstBad < limitLo, a.Scale, words.SubView(((dqBase + rowLo * rows.DQ.Token) >> 1) + t), wide);
         if (rowHi < T)
-            StoreRow<TStorage>(dq, true, firstBad < limitHi, a.Scale, words.SubView(((long)head * T + rowHi) * (D / 2) + t), wide);
+            StoreRow<TStorage>(dq, true, firstBad < limitHi, a.Scale, words.SubView(((dqBase + rowHi * rows.DQ.Token) >> 1) + t), wide);
     }
 
     /// <summary>
@@ -244,20 +251,21 @@ internal static partial class TensorCoreBackwardQueryKernel
     /// T) in the order the mma takes them: vector <c>32 ks</c> of <paramref name="to"/> (the warp's area at this lane)
     /// holds {a0, a1, a2, a3} of k-step ks, with the head dimension permuted as for the row-major tiles (k-steps 2m and
     /// 2m+1 take dimensions 32m + 8t .. +3 and +4 .. +7), so that one 16-byte global load per row and m gives both
-    /// k-steps. Only this thread reads them back (the loop's first barrier orders it).
+    /// k-steps. Only this thread reads them back (the loop's first barrier orders it). Row i of the head starts at
+    /// element <paramref name="headBase"/> + i <paramref name="token"/> (both multiples of 8).
     /// </summary>
-    private static void StageRowFragments(ArrayView<ushort> x, ArrayView<U4> to, long headBase, int rowLo, int T,
-        int D, int t)
+    private static void StageRowFragments(ArrayView<ushort> x, ArrayView<U4> to, long headBase, long token, int rowLo,
+        int T, int D, int t)
     {
         bool wide = D > 64;
-        int chunks = D >> 3;
-        var source = x.Cast<U4>().SubView(headBase / 8 + t);
-        int lo = rowLo * chunks, hi = lo + 8 * chunks;
         bool loIn = rowLo < T, hiIn = rowLo + 8 < T;
-        U4 l0 = Piece(source, lo, loIn), h0 = Piece(source, hi, hiIn);
-        U4 l1 = Piece(source, lo + 4, loIn), h1 = Piece(source, hi + 4, hiIn);
-        U4 l2 = Piece(source, lo + 8, wide && loIn), h2 = Piece(source, hi + 8, wide && hiIn);
-        U4 l3 = Piece(source, lo + 12, wide && loIn), h3 = Piece(source, hi + 12, wide && hiIn);
+        var source = x.Cast<U4>();
+        var lo = source.SubView((headBase >> 3) + t + (loIn ? rowLo * (token >> 3) : 0));
+        var hi = source.SubView((headBase >> 3) + t + (hiIn ? (rowLo + 8) * (token >> 3) : 0));
+        U4 l0 = Piece(lo, 0, loIn), h0 = Piece(hi, 0, hiIn);
+        U4 l1 = Piece(lo, 4, loIn), h1 = Piece(hi, 4, hiIn);
+        U4 l2 = Piece(lo, 8, wide && loIn), h2 = Piece(hi, 8, wide && hiIn);
+        U4 l3 = Piece(lo, 12, wide && loIn), h3 = Piece(hi, 12, wide && hiIn);
         to[0] = Fragment(l0.X0, h0.X0, l0.X1, h0.X1);
         to[32] = Fragment(l0.X2, h0.X2, l0.X3, h0.X3);
         to[64] = Fragment(l1.X0, h1.X0, l1.X1, h1.X1);
@@ -272,31 +280,33 @@ internal static partial class TensorCoreBackwardQueryKernel
     }
 
     /// <summary>
-    /// Loads this thread's share of 64 rows first .. first+63 of a [T, D] head in 16-byte pieces: piece
-    /// c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8)), for <see cref="StoreRows"/>. Rows at or
-    /// past <paramref name="limit"/> are zeros (never read). The pieces are addressed as one sub-view per call (this
-    /// thread's first piece) plus constant indices (the rows of a pass are 128 pieces apart), which ptxas folds into
-    /// the load instructions: one 64-bit address per tile instead of one per piece kept across the loop.
+    /// Loads this thread's share of the 64 rows of a key tile of a head (row i at element <paramref name="headBase"/>
+    /// + i <paramref name="token"/>, both multiples of 8) in 16-byte pieces, for <see cref="StoreRows"/>: piece
+    /// <paramref name="c"/> = tid % (D / 8) of rows <paramref name="row"/> = first + tid / (D / 8) and on by step i
+    /// (step = 128 / (D / 8), D / 16 passes); the caller computes both once for K and V. Rows at or past
+    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 64-bit indices into the tensor,
+    /// each the previous one plus the pass stride (step rows): ptxas keeps no per-piece offset across the loop (a
+    /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, int first, int limit, int D, int tid)
+    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, long token, int row, int c, int limit, int D)
     {
         bool wide = D > 64;
-        int chunks = D >> 3;
-        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        int row = first + r;
-        // A row past the limit loads nothing; its sub-view then starts at the head (in bounds) instead.
-        int at = row < limit ? row * chunks : 0;
-        var source = x.Cast<U4>().SubView(headBase / 8 + c + at);
+        int step = wide ? 8 : 16;                        // GroupSize / (D / 8) rows per pass (D = 128 or 64)
+        long tokenU4 = token >> 3, pass = step * tokenU4;
+        var source = x.Cast<U4>();
+        // Each piece's 64-bit index from the previous one's: a chain of adds (nothing loop-invariant per piece for
+        // ptxas to keep); only the pieces of rows before the limit are read.
+        long at = (headBase >> 3) + c + row * tokenU4;
         Pieces8 p;
-        p.P0 = Piece(source, 0, row < limit);
-        p.P1 = Piece(source, GroupSize, row + step < limit);
-        p.P2 = Piece(source, 2 * GroupSize, row + 2 * step < limit);
-        p.P3 = Piece(source, 3 * GroupSize, row + 3 * step < limit);
-        p.P4 = Piece(source, 4 * GroupSize, wide && row + 4 * step < limit);
-        p.P5 = Piece(source, 5 * GroupSize, wide && row + 5 * step < limit);
-        p.P6 = Piece(source, 6 * GroupSize, wide && row + 6 * step < limit);
-        p.P7 = Piece(source, 7 * GroupSize, wide && row + 7 * step < limit);
+        p.P0 = TensorCoreForwardKernel.PieceAt(source, at, row < limit);
+        p.P1 = TensorCoreForwardKernel.PieceAt(source, at += pass, row + step < limit);
+        p.P2 = TensorCoreForwardKernel.PieceAt(source, at += pass, row + 2 * step < limit);
+        p.P3 = TensorCoreForwardKernel.PieceAt(source, at += pass, row + 3 * step < limit);
+        p.P4 = TensorCoreForwardKernel.PieceAt(source, at += pass, wide && row + 4 * step < limit);
+        p.P5 = TensorCoreForwardKernel.PieceAt(source, at += pass, wide && row + 5 * step < limit);
+        p.P6 = TensorCoreForwardKernel.PieceAt(source, at += pass, wide && row + 6 * step < limit);
+        p.P7 = TensorCoreForwardKernel.PieceAt(source, at + pass, wide && row + 7 * step < limit);
         return p;
     }
 

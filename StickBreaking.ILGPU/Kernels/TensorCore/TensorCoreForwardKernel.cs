@@ -122,7 +122,10 @@ internal static partial class TensorCoreForwardKernel
         int T = a.Length, D = a.HeadDim;
         bool wide = D > 64;
         int row0 = rowBlock * BlockRows;
-        long headBase = (long)head * T * D;
+        // Element 0 of row 0 of this query head's q and of the key/value head it reads (grouped-query heads share
+        // one); rows lie Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads").
+        var rows = a.Rows;
+        long kBase = rows.KeyBaseOfQuery(rows.K, head), vBase = rows.KeyBaseOfQuery(rows.V, head);
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
         int emu = SharedUints(doubleBuffered) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
@@ -130,7 +133,8 @@ internal static partial class TensorCoreForwardKernel
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
-        StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), headBase, rowLo, T, D, t);
+        StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), rows.QueryBase(rows.Q, head),
+            rows.Q.Token, rowLo, T, D, t);
         if (tid == 0)
             shared[flag] = KeyTile;                // ordered before the staging atomics by the barrier below
         if (tid < MaxHeadDim)
@@ -153,8 +157,8 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        var kPieces = LoadRows(a.K, headBase, tile * KeyTile, stageLimit, D, tid);
-        var vPieces = LoadKeyPairs(a.V, headBase, tile * KeyTile, stageLimit, D, tid);
+        var kPieces = LoadRows(a.K, kBase, rows.K.Token, tile * KeyTile, stageLimit, D, tid);
+        var vPieces = LoadKeyPairs(a.V, vBase, rows.V.Token, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
         // reads that pair any more, and one barrier per tile suffices: a warp stores into pair (i - 1) % 2 only
@@ -194,8 +198,8 @@ internal static partial class TensorCoreForwardKernel
             int nextLimit = tile > 0 ? stageLimit : int.MinValue;
             if (prefetch)
             {
-                kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
-                vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                kPieces = LoadRows(a.K, kBase, rows.K.Token, key0 - KeyTile, nextLimit, D, tid);
+                vPieces = LoadKeyPairs(a.V, vBase, rows.V.Token, key0 - KeyTile, nextLimit, D, tid);
             }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
@@ -207,8 +211,8 @@ internal static partial class TensorCoreForwardKernel
                     Group.Barrier();
                 if (!prefetch)
                 {
-                    kPieces = LoadRows(a.K, headBase, key0 - KeyTile, nextLimit, D, tid);
-                    vPieces = LoadKeyPairs(a.V, headBase, key0 - KeyTile, nextLimit, D, tid);
+                    kPieces = LoadRows(a.K, kBase, rows.K.Token, key0 - KeyTile, nextLimit, D, tid);
+                    vPieces = LoadKeyPairs(a.V, vBase, rows.V.Token, key0 - KeyTile, nextLimit, D, tid);
                 }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
                 StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
@@ -216,12 +220,14 @@ internal static partial class TensorCoreForwardKernel
             }
         }
 
+        // o in 4-byte words (its start and strides are even numbers of elements).
         var words = a.O.Cast<uint>();
+        long oBase = rows.QueryBase(rows.O, head);
         var badKey = shared.SubView(BadKeyOffset(doubleBuffered) + 2 * t);
         if (rowLo < T)
-            StoreRow<TStorage>(o, false, poisonedLo, badKey, limitLo - diagonalKey0, words.SubView((headBase + (long)rowLo * D) / 2 + t), wide);
+            StoreRow<TStorage>(o, false, poisonedLo, badKey, limitLo - diagonalKey0, words.SubView(((oBase + rowLo * rows.O.Token) >> 1) + t), wide);
         if (rowHi < T)
-            StoreRow<TStorage>(o, true, poisonedHi, badKey, limitHi - diagonalKey0, words.SubView((headBase + (long)rowHi * D) / 2 + t), wide);
+            StoreRow<TStorage>(o, true, poisonedHi, badKey, limitHi - diagonalKey0, words.SubView(((oBase + rowHi * rows.O.Token) >> 1) + t), wide);
         if (t == 0)
         {
             long stat = (long)head * T;
@@ -246,20 +252,21 @@ internal static partial class TensorCoreForwardKernel
     /// mma's operand registers: vector <c>32 ks</c> of <paramref name="to"/> (the warp's area at this lane) holds
     /// {a0, a1, a2, a3} of k-step ks. With the head dimension permuted as for K (k-steps 2m and 2m+1 take
     /// dimensions 32m + 8t .. +3 and +4 .. +7), one 16-byte global load per row and m gives both k-steps.
-    /// Only this thread reads them back (no barrier needed beyond the loop's).
+    /// Only this thread reads them back (no barrier needed beyond the loop's). Row i of the head starts at element
+    /// <paramref name="headBase"/> + i <paramref name="token"/> (both multiples of 8).
     /// </summary>
-    private static void StageQueryFragments(ArrayView<ushort> x, ArrayView<U4> to, long headBase, int rowLo, int T,
-        int D, int t)
+    private static void StageQueryFragments(ArrayView<ushort> x, ArrayView<U4> to, long headBase, long token, int rowLo,
+        int T, int D, int t)
     {
         bool wide = D > 64;
-        int chunks = D >> 3;
-        var source = x.Cast<U4>().SubView(headBase / 8 + t);
-        int lo = rowLo * chunks, hi = lo + 8 * chunks;
         bool loIn = rowLo < T, hiIn = rowLo + 8 < T;
-        U4 l0 = Piece(source, lo, loIn), h0 = Piece(source, hi, hiIn);
-        U4 l1 = Piece(source, lo + 4, loIn), h1 = Piece(source, hi + 4, hiIn);
-        U4 l2 = Piece(source, lo + 8, wide && loIn), h2 = Piece(source, hi + 8, wide && hiIn);
-        U4 l3 = Piece(source, lo + 12, wide && loIn), h3 = Piece(source, hi + 12, wide && hiIn);
+        var source = x.Cast<U4>();
+        var lo = source.SubView((headBase >> 3) + t + (loIn ? rowLo * (token >> 3) : 0));
+        var hi = source.SubView((headBase >> 3) + t + (hiIn ? (rowLo + 8) * (token >> 3) : 0));
+        U4 l0 = Piece(lo, 0, loIn), h0 = Piece(hi, 0, hiIn);
+        U4 l1 = Piece(lo, 4, loIn), h1 = Piece(hi, 4, hiIn);
+        U4 l2 = Piece(lo, 8, wide && loIn), h2 = Piece(hi, 8, wide && hiIn);
+        U4 l3 = Piece(lo, 12, wide && loIn), h3 = Piece(hi, 12, wide && hiIn);
         to[0] = Fragment(l0.X0, h0.X0, l0.X1, h0.X1);
         to[32] = Fragment(l0.X2, h0.X2, l0.X3, h0.X3);
         to[64] = Fragment(l1.X0, h1.X0, l1.X1, h1.X1);
@@ -274,30 +281,45 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// Loads this thread's share of 64 rows first .. first+63 of a [T, D] head, in 16-byte pieces: piece
-    /// c = tid % (D / 8) of rows tid / (D / 8) + step i (step = 128 / (D / 8), D / 16 passes), for
-    /// <see cref="StoreRows"/>. Rows at or past <paramref name="limit"/> are zeros (never read). The pieces are
-    /// addressed from one sub-view per thread (its piece c of the head) plus a 32-bit index, row (D / 8) + 128 i
-    /// (the rows of a pass are 128 pieces apart): a 64-bit address computation per piece cost about 14 instructions.
+    /// Loads this thread's share of 64 rows first .. first+63 of a head (row i at element <paramref name="headBase"/>
+    /// + i <paramref name="token"/>, both multiples of 8) in 16-byte pieces: piece c = tid % (D / 8) of rows
+    /// tid / (D / 8) + step i (step = 128 / (D / 8), D / 16 passes), for <see cref="StoreRows"/>. Rows at or past
+    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 64-bit indices into the tensor,
+    /// each the previous one plus the pass stride (step rows): ptxas keeps no per-piece offset across the loop (a
+    /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, int first, int limit, int D, int tid)
+    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, long token, int first, int limit, int D, int tid)
     {
         bool wide = D > 64;
         int chunks = D >> 3;
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        var source = x.Cast<U4>().SubView(headBase / 8 + c);
-        int row = first + r, index = row * chunks;
+        int row = first + r;
+        long tokenU4 = token >> 3, pass = step * tokenU4;
+        var source = x.Cast<U4>();
+        // Each piece's 64-bit index from the previous one's: a chain of adds (nothing loop-invariant per piece for
+        // ptxas to keep); only the pieces of rows before the limit are read.
+        long at = (headBase >> 3) + c + row * tokenU4;
         Pieces8 p;
-        p.P0 = Piece(source, index, row < limit);
-        p.P1 = Piece(source, index + GroupSize, row + step < limit);
-        p.P2 = Piece(source, index + 2 * GroupSize, row + 2 * step < limit);
-        p.P3 = Piece(source, index + 3 * GroupSize, row + 3 * step < limit);
-        p.P4 = Piece(source, index + 4 * GroupSize, wide && row + 4 * step < limit);
-        p.P5 = Piece(source, index + 5 * GroupSize, wide && row + 5 * step < limit);
-        p.P6 = Piece(source, index + 6 * GroupSize, wide && row + 6 * step < limit);
-        p.P7 = Piece(source, index + 7 * GroupSize, wide && row + 7 * step < limit);
+        p.P0 = PieceAt(source, at, row < limit);
+        p.P1 = PieceAt(source, at += pass, row + step < limit);
+        p.P2 = PieceAt(source, at += pass, row + 2 * step < limit);
+        p.P3 = PieceAt(source, at += pass, row + 3 * step < limit);
+        p.P4 = PieceAt(source, at += pass, wide && row + 4 * step < limit);
+        p.P5 = PieceAt(source, at += pass, wide && row + 5 * step < limit);
+        p.P6 = PieceAt(source, at += pass, wide && row + 6 * step < limit);
+        p.P7 = PieceAt(source, at + pass, wide && row + 7 * step < limit);
         return p;
+    }
+
+    /// <summary>The 16-byte piece at the 64-bit <paramref name="index"/> when <paramref name="active"/>, else zeros.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static U4 PieceAt(ArrayView<U4> source, long index, bool active)
+    {
+        U4 value = default;
+        if (active)
+            value = source[index];
+        return value;
     }
 
     /// <summary>Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>).</summary>
@@ -325,26 +347,29 @@ internal static partial class TensorCoreForwardKernel
     /// Loads this thread's share of a V tile for <see cref="StoreTransposed"/>: the 32 lanes of a warp take the 32
     /// key pairs (2j, 2j+1), warp w the 16-byte pieces c = w + 4i of the head dimension (D / 32 of them), two
     /// pieces each (keys 2j and 2j+1: P0, P1 for c, P2, P3 for c + 4, ...). Keys at or past
-    /// <paramref name="limit"/> are zeros.
+    /// <paramref name="limit"/> are zeros. Key i of the head starts at element <paramref name="headBase"/> + i
+    /// <paramref name="token"/> (both multiples of 8).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadKeyPairs(ArrayView<ushort> x, long headBase, int key0, int limit, int D, int tid)
+    private static Pieces8 LoadKeyPairs(ArrayView<ushort> x, long headBase, long token, int key0, int limit, int D, int tid)
     {
         bool wide = D > 64;
-        int chunks = D >> 3;
         int j = tid & 31, c = tid >> 5;
-        var source = x.Cast<U4>().SubView(headBase / 8 + c);
-        int key = key0 + 2 * j, index = key * chunks;
+        int key = key0 + 2 * j;
         bool lo = key < limit, hi = key + 1 < limit;
+        // Rows 2j and 2j + 1 as sub-views (at the head where not loaded, so in bounds), the pieces at constant indices.
+        long tokenU4 = token >> 3;
+        var loRow = x.Cast<U4>().SubView((headBase >> 3) + c + (lo ? key : 0) * tokenU4);
+        var hiRow = x.Cast<U4>().SubView((headBase >> 3) + c + (hi ? key + 1 : 0) * tokenU4);
         Pieces8 p;
-        p.P0 = Piece(source, index, lo);
-        p.P1 = Piece(source, index + chunks, hi);
-        p.P2 = Piece(source, index + 4, lo);
-        p.P3 = Piece(source, index + chunks + 4, hi);
-        p.P4 = Piece(source, index + 8, wide && lo);
-        p.P5 = Piece(source, index + chunks + 8, wide && hi);
-        p.P6 = Piece(source, index + 12, wide && lo);
-        p.P7 = Piece(source, index + chunks + 12, wide && hi);
+        p.P0 = Piece(loRow, 0, lo);
+        p.P1 = Piece(hiRow, 0, hi);
+        p.P2 = Piece(loRow, 4, lo);
+        p.P3 = Piece(hiRow, 4, hi);
+        p.P4 = Piece(loRow, 8, wide && lo);
+        p.P5 = Piece(hiRow, 8, wide && hi);
+        p.P6 = Piece(loRow, 12, wide && lo);
+        p.P7 = Piece(hiRow, 12, wide && hi);
         return p;
     }
 

@@ -1,0 +1,318 @@
+using System;
+using ILGPU;
+using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Launch;
+
+namespace StickBreaking.ILGPU.Kernels.Decode;
+
+/// <summary>
+/// Queries behind a cache, one warp per (sequence b, key/value head, block of <see cref="DecodeKernel.BlockRows"/> rows,
+/// chunk of keys), for head dimensions 64 and 128 on CUDA devices (its code also runs on the CPU accelerator with 32-thread
+/// warps). It computes what <see cref="DecodeKernel"/> computes (docs/math.md, "Queries behind a cache", "Split and merge")
+/// without shared-memory staging or group barriers: a decode reads each cache element once and does little arithmetic on
+/// it, so what decides its speed is how many loads are in flight, and a warp that never waits on other warps keeps its own.
+/// <para>
+/// Each lane owns D / 32 consecutive dimensions (2 or 4) of q, of every key and value row, and of the four rows' o. The
+/// warp walks its chunk from the nearest key to the farthest, <see cref="Steps"/> keys per round:
+/// 1. q . k: every lane loads its piece of the round's keys (coalesced rows) and multiplies them with its piece of the four
+///    rows' q; a butterfly over the warp sums the pieces, leaving lane l = 4 s + r with z of step s, row r.
+/// 2. One (key, row) pair per lane: lb = log(1 - beta) and log(beta) (lb = 0 where the row does not see the key, selected);
+///    the sum of lb over the nearer keys of the round by a scan over the lanes of the row (shuffles up by 4, 8, 16 lanes);
+///    A = exp(log(beta) + acc + that sum), 0 where not seen; acc += the round's sum.
+/// 3. o += A v: the weights go through 32 floats of shared memory (one 16-byte read per step gives a key's four rows), and
+///    each lane loads its piece of the round's values.
+/// One chunk writes o, rem and LogRem; several write fp32 partials that <see cref="MergeKernel"/> combines nearest first.
+/// Only slots below a sequence's length are read; terms a row does not see are selected away, never multiplied by zero.
+/// </para>
+/// </summary>
+internal static partial class DecodeWarpKernel
+{
+    /// <summary>Keys per round: four rows times eight keys is one (key, row) pair per lane.</summary>
+    public const int Steps = 8;
+    /// <summary>Threads per group: one warp.</summary>
+    public const int GroupSize = 32;
+
+    /// <summary>Whether it serves head dimension <paramref name="headDim"/> (two or four dimensions per lane).</summary>
+    public static bool Serves(int headDim) => headDim == 64 || headDim == 128;
+
+    /// <summary>fp32 storage.</summary>
+    public static readonly KernelLaunch<DecodeArgs<float>> Launch = Describe<float, Fp32Lane>("warp decode");
+    /// <summary>fp16 storage.</summary>
+    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Lane>("warp decode fp16");
+    /// <summary>bf16 storage.</summary>
+    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Lane>("warp decode bf16");
+
+    private static KernelLaunch<DecodeArgs<T>> Describe<T, TLane>(string name)
+        where T : unmanaged
+        where TLane : struct, ILane<T> => new()
+    {
+        Name = name, Body = Kernel<T, TLane>, Family = KernelFamily.Cuda, RowsPerGroup = DecodeKernel.BlockRows,
+        GroupSize = GroupSize, WarpSize = 32, MaxHeadDim = 128, HeadDims = Serves, MinGroupsPerMultiprocessor = 16,
+    };
+
+    public static void Kernel<T, TLane>(DecodeArgs<T> a)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        int lane = Group.IdxX;
+        var layout = a.Layout;
+        var loader = default(TLane);
+        int D = layout.HeadDim, n = layout.Queries, kvHeads = layout.KeyValueHeads;
+        int dims = D / 32;
+        int perKv = layout.QueryHeads / kvHeads;
+        int b = Grid.IdxX / kvHeads, kvHead = Grid.IdxX - b * kvHeads;
+        int chunk = Grid.IdxY % a.Chunks, rowBlock = Grid.IdxY / a.Chunks;
+        int row0 = rowBlock * DecodeKernel.BlockRows;
+        int rows = Math.Min(DecodeKernel.BlockRows, perKv * n - row0);
+        int length = a.CacheLengths[b];
+        int end = length + (a.HasKeysAfter != 0 ? a.KeysAfter[b] : 0);
+        int hi = length - chunk * a.ChunkKeys;
+        int lo = Math.Max(0, hi - a.ChunkKeys);
+        int limit0 = Limit(0, rows, row0, n, end, a.AttendCurrent), limit1 = Limit(1, rows, row0, n, end, a.AttendCurrent);
+        int limit2 = Limit(2, rows, row0, n, end, a.AttendCurrent), limit3 = Limit(3, rows, row0, n, end, a.AttendCurrent);
+        int seenByAll = Math.Min(Math.Min(rows > 0 ? limit0 : int.MaxValue, rows > 1 ? limit1 : int.MaxValue),
+            Math.Min(rows > 2 ? limit2 : int.MaxValue, rows > 3 ? limit3 : int.MaxValue));
+        // This lane's (step, row) pair in steps 2 and 3, and its row's limit.
+        int myRow = lane & 3, myStep = lane >> 2;
+        int myLimit = myRow == 0 ? limit0 : myRow == 1 ? limit1 : myRow == 2 ? limit2 : limit3;
+
+        long piece = (long)lane * dims;
+        Lane4 q0 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 0, rows, n, piece, dims);
+        Lane4 q1 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 1, rows, n, piece, dims);
+        Lane4 q2 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 2, rows, n, piece, dims);
+        Lane4 q3 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 3, rows, n, piece, dims);
+        Lane4 o0 = default, o1 = default, o2 = default, o3 = default;
+        float acc = 0f;   // this lane's row's sum of lb over the keys already visited
+
+        var weights = SharedMemory.Allocate<float>(GroupSize);
+        long kBase = layout.CacheRow(b, kvHead, 0), vBase = kBase, token = D;
+        int unitsPerRow = D / dims;   // a row in pieces of dims elements
+        for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
+        {
+            var round = Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims);
+            float dot = QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
+            int key = roundEnd - 1 - myStep;
+            bool seen = key >= lo && key < myLimit;
+            StickMath.Logs(a.Scale * dot, out float lb, out float logBeta);
+            lb = seen ? lb : 0f;
+            // Sum of lb over the nearer keys of the round (steps before this one, same row): an exclusive scan over the
+            // lanes 4 apart, nearest first.
+            float nearer = Warp.ShuffleUp(lb, 4);
+            nearer = myStep >= 1 ? nearer : 0f;
+            float t = Warp.ShuffleUp(nearer, 4);
+            nearer += myStep >= 1 ? t : 0f;
+            t = Warp.ShuffleUp(nearer, 8);
+            nearer += myStep >= 2 ? t : 0f;
+            t = Warp.ShuffleUp(nearer, 16);
+            nearer += myStep >= 4 ? t : 0f;
+            float roundSum = Warp.Shuffle(nearer + lb, 28 + myRow);   // every lb of the round, for this lane's row
+            float weight = MathF.Exp(logBeta + (acc + nearer));
+            weights[lane] = seen ? weight : 0f;
+            acc += roundSum;
+            Group.Barrier();
+            bool allSeen = roundEnd - Steps >= lo && roundEnd - 1 < seenByAll;
+            ValueRound<T, TLane>(round, roundEnd, lo, dims, weights.Cast<Lane4>(), allSeen,
+                limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3);
+            Group.Barrier();
+        }
+
+        // One chunk: the result. Several: this chunk's part, merged later nearest first.
+        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 0, rows, n, chunk, piece, dims, o0);
+        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 1, rows, n, chunk, piece, dims, o1);
+        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 2, rows, n, chunk, piece, dims, o2);
+        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 3, rows, n, chunk, piece, dims, o3);
+        if (lane < rows)
+        {
+            int flat = row0 + lane, g = flat / n, i = flat - g * n, h = kvHead * perKv + g;
+            if (a.Chunks == 1)
+            {
+                long at = layout.Row(b, h, i);
+                a.LogRem[at] = acc;
+                a.Rem[at] = MathF.Exp(acc);
+            }
+            else
+            {
+                a.PartialLogRem[layout.PartialRow(chunk, b, h, i)] = acc;
+            }
+        }
+    }
+
+    /// <summary>This lane's piece of row <paramref name="r"/>'s query; zero for a row past the block's.</summary>
+    private static Lane4 QueryPiece<T, TLane>(DecodeArgs<T> a, TLane loader, DecodeLayout layout, int b, int kvHead, int perKv,
+        int row0, int r, int rows, int n, long piece, int dims)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        if (r >= rows)
+            return default;
+        int flat = row0 + r, g = flat / n, i = flat - g * n;
+        return loader.Load(a.Q, layout.QueryRow(b, kvHead * perKv + g, i) + piece, dims);
+    }
+
+    /// <summary>Writes this lane's piece of row <paramref name="r"/>'s o (one chunk) or of its chunk partial (several).</summary>
+    private static void Store<T, TLane>(DecodeArgs<T> a, DecodeLayout layout, int b, int kvHead, int perKv, int row0, int r,
+        int rows, int n, int chunk, long piece, int dims, Lane4 o)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        if (r >= rows)
+            return;
+        int flat = row0 + r, g = flat / n, i = flat - g * n, h = kvHead * perKv + g;
+        if (a.Chunks == 1)
+        {
+            default(TLane).Store(a.O, layout.QueryRow(b, h, i) + piece, dims, o);
+            return;
+        }
+        long at = layout.PartialRow(chunk, b, h, i) * layout.HeadDim + piece;
+        a.PartialO[at] = o.X;
+        a.PartialO[at + 1] = o.Y;
+        if (dims == 4)
+        {
+            a.PartialO[at + 2] = o.Z;
+            a.PartialO[at + 3] = o.W;
+        }
+    }
+
+    /// <summary>Keys below this are seen by row <paramref name="r"/> (as <see cref="DecodeKernel"/>); int.MinValue past the block's rows.</summary>
+    private static int Limit(int r, int rows, int row0, int n, int end, int attendCurrent)
+    {
+        int flat = row0 + r, i = flat - flat / n * n;
+        return r < rows ? end - n + i + attendCurrent : int.MinValue;
+    }
+}
+
+/// <summary>Four floats: a lane's piece (2 or 4 dimensions, the rest zero) of a row, or one key's weights for four rows.</summary>
+internal struct Lane4
+{
+    public float X, Y, Z, W;
+
+    public static float Dot(Lane4 a, Lane4 b) => a.X * b.X + a.Y * b.Y + a.Z * b.Z + a.W * b.W;
+
+    /// <summary>o + a v, element by element.</summary>
+    public static Lane4 Axpy(Lane4 o, float a, Lane4 v) =>
+        new() { X = o.X + a * v.X, Y = o.Y + a * v.Y, Z = o.Z + a * v.Z, W = o.W + a * v.W };
+}
+
+/// <summary>Sixteen bytes as loaded: a lane's piece of a row before it is converted (8 or 4 bytes of 16-bit storage in Lo, 16 or 8 of fp32).</summary>
+internal struct Raw16
+{
+    public ulong Lo, Hi;
+}
+
+/// <summary>How a lane reads and writes its piece of a row in one storage type: 2 or 4 consecutive elements, in one load.</summary>
+internal interface ILane<T>
+    where T : unmanaged
+{
+    /// <summary>Loads <paramref name="dims"/> (2 or 4) elements from index <paramref name="at"/> (a multiple of dims), as stored.</summary>
+    Raw16 Fetch(ArrayView<T> x, long at, int dims);
+
+    /// <summary>Loads piece <paramref name="unit"/> of <paramref name="dims"/> elements of <paramref name="x"/> (a view starting at a piece), as stored.</summary>
+    Raw16 FetchUnit(ArrayView<T> x, int unit, int dims);
+
+    /// <summary>The fetched elements as floats; the rest zero.</summary>
+    Lane4 Unpack(Raw16 raw, int dims);
+
+    /// <summary>Fetch and unpack.</summary>
+    Lane4 Load(ArrayView<T> x, long at, int dims);
+
+    /// <summary>Rounds and writes <paramref name="dims"/> elements at index <paramref name="at"/>.</summary>
+    void Store(ArrayView<T> x, long at, int dims, Lane4 value);
+}
+
+/// <summary>bf16 bits: 4 elements in one 8-byte load, 2 in one 4-byte load.</summary>
+internal readonly struct Bf16Lane : ILane<ushort>
+{
+    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+
+    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+
+    public Lane4 Unpack(Raw16 raw, int dims)
+    {
+        uint lo = (uint)raw.Lo, hi = (uint)(raw.Lo >> 32);
+        return new Lane4
+        {
+            X = Interop.IntAsFloat(lo << 16), Y = Interop.IntAsFloat(lo & 0xFFFF0000u),
+            Z = Interop.IntAsFloat(hi << 16), W = Interop.IntAsFloat(hi & 0xFFFF0000u),
+        };
+    }
+
+    public Lane4 Load(ArrayView<ushort> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
+
+    public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value)
+    {
+        var s = default(Bf16Storage);
+        x[at] = s.Store(value.X);
+        x[at + 1] = s.Store(value.Y);
+        if (dims == 4)
+        {
+            x[at + 2] = s.Store(value.Z);
+            x[at + 3] = s.Store(value.W);
+        }
+    }
+}
+
+/// <summary>fp16 bits: 4 elements in one 8-byte load, 2 in one 4-byte load.</summary>
+internal readonly struct Fp16Lane : ILane<ushort>
+{
+    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+
+    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+
+    public Lane4 Unpack(Raw16 raw, int dims)
+    {
+        var s = default(Fp16Storage);
+        ulong w = raw.Lo;
+        return new Lane4
+        {
+            X = s.Load((ushort)w), Y = s.Load((ushort)(w >> 16)),
+            Z = dims == 4 ? s.Load((ushort)(w >> 32)) : 0f, W = dims == 4 ? s.Load((ushort)(w >> 48)) : 0f,
+        };
+    }
+
+    public Lane4 Load(ArrayView<ushort> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
+
+    public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value)
+    {
+        var s = default(Fp16Storage);
+        x[at] = s.Store(value.X);
+        x[at + 1] = s.Store(value.Y);
+        if (dims == 4)
+        {
+            x[at + 2] = s.Store(value.Z);
+            x[at + 3] = s.Store(value.W);
+        }
+    }
+}
+
+/// <summary>fp32: 4 elements in one 16-byte load, 2 in one 8-byte load.</summary>
+internal readonly struct Fp32Lane : ILane<float>
+{
+    public Raw16 Fetch(ArrayView<float> x, long at, int dims) =>
+        dims == 4 ? x.Cast<Raw16>()[at / 4] : new Raw16 { Lo = x.Cast<ulong>()[at / 2] };
+
+    public Raw16 FetchUnit(ArrayView<float> x, int unit, int dims) =>
+        dims == 4 ? x.Cast<Raw16>()[unit] : new Raw16 { Lo = x.Cast<ulong>()[unit] };
+
+    public Lane4 Unpack(Raw16 raw, int dims) => new()
+    {
+        X = Interop.IntAsFloat((uint)raw.Lo), Y = Interop.IntAsFloat((uint)(raw.Lo >> 32)),
+        Z = Interop.IntAsFloat((uint)raw.Hi), W = Interop.IntAsFloat((uint)(raw.Hi >> 32)),
+    };
+
+    public Lane4 Load(ArrayView<float> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
+
+    public void Store(ArrayView<float> x, long at, int dims, Lane4 value)
+    {
+        x[at] = value.X;
+        x[at + 1] = value.Y;
+        if (dims == 4)
+        {
+            x[at + 2] = value.Z;
+            x[at + 3] = value.W;
+        }
+    }
+}
