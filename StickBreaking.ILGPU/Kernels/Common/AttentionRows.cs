@@ -61,6 +61,13 @@ internal struct AttentionRows
         return x.Row(b, (head - b * Heads) / GroupSize, 0);
     }
 
+    /// <summary>
+    /// The key/value head (b * Hkv + g) that query head <paramref name="head"/> (b * Hq + h) reads: head / (Hq / Hkv), since
+    /// Hq is a multiple of the group size. <see cref="KeyBase"/> of it is <see cref="KeyBaseOfQuery"/> of the query head: one
+    /// int to keep across a loop instead of a 64-bit base per tensor.
+    /// </summary>
+    public readonly int KeyHeadOfQuery(int head) => head / GroupSize;
+
     /// <summary>Index of element 0 of row 0 of key/value head <paramref name="keyHead"/> (b * Hkv + g) in a key/value-side tensor.</summary>
     public readonly long KeyBase(RowStrides x, int keyHead) => x.Row(keyHead / KeyValueHeads, keyHead % KeyValueHeads, 0);
 

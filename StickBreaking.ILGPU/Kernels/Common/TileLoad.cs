@@ -27,13 +27,6 @@ internal readonly struct HeadRows
     /// <summary>The key/value head that query head <paramref name="head"/> reads, in a key/value-side tensor (k, v).</summary>
     public static HeadRows KeyOfQuery(AttentionRows rows, RowStrides x, int head) => new(rows.KeyBaseOfQuery(x, head), x.Token);
 
-    /// <summary>
-    /// The key/value head (b * Hkv + g) that query head <paramref name="head"/> (b * Hq + h) reads: head / (Hq / Hkv),
-    /// since Hq is a multiple of the group size Hq / Hkv. <see cref="Key"/> of it is <see cref="KeyOfQuery"/> of the
-    /// query head: one int to keep across a loop instead of a 64-bit base per tensor.
-    /// </summary>
-    public static int KeyHeadOf(AttentionRows rows, int head) => head / rows.GroupSize;
-
     /// <summary>Key/value head <paramref name="keyHead"/> (b * Hkv + g) of a key/value-side tensor (k, v, dk, dv).</summary>
     public static HeadRows Key(AttentionRows rows, RowStrides x, int keyHead) => new(rows.KeyBase(x, keyHead), x.Token);
 

@@ -59,7 +59,7 @@ internal static class CudaBackwardQueryKernel
         // per tile from its number (one register across the walk; two 64-bit bases held there spilled).
         var q = HeadRows.Query(a.Rows, a.Rows.Q, head);
         var dO = HeadRows.Query(a.Rows, a.Rows.DO, head);
-        int keyHead = HeadRows.KeyHeadOf(a.Rows, head);
+        int keyHead = a.Rows.KeyHeadOfQuery(head);
         var shared = SharedMemory.GetDynamic<float>();
         var vectors = shared.Cast<F4>();
 

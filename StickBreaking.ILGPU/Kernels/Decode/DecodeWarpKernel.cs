@@ -219,14 +219,35 @@ internal interface ILane<T>
     void Store(ArrayView<T> x, long at, int dims, Lane4 value);
 }
 
+/// <summary>What the two 16-bit lanes share: 4 elements in one 8-byte load, 2 in one 4-byte load; stores rounded by the storage type.</summary>
+internal static class Lane16
+{
+    public static Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+
+    public static Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
+        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+
+    public static void Store<TStorage>(ArrayView<ushort> x, long at, int dims, Lane4 value)
+        where TStorage : struct, IStorage
+    {
+        var s = default(TStorage);
+        x[at] = s.Store(value.X);
+        x[at + 1] = s.Store(value.Y);
+        if (dims == 4)
+        {
+            x[at + 2] = s.Store(value.Z);
+            x[at + 3] = s.Store(value.W);
+        }
+    }
+}
+
 /// <summary>bf16 bits: 4 elements in one 8-byte load, 2 in one 4-byte load.</summary>
 internal readonly struct Bf16Lane : ILane<ushort>
 {
-    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
-        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) => Lane16.Fetch(x, at, dims);
 
-    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
-        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) => Lane16.FetchUnit(x, unit, dims);
 
     public Lane4 Unpack(Raw16 raw, int dims)
     {
@@ -240,27 +261,15 @@ internal readonly struct Bf16Lane : ILane<ushort>
 
     public Lane4 Load(ArrayView<ushort> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
 
-    public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value)
-    {
-        var s = default(Bf16Storage);
-        x[at] = s.Store(value.X);
-        x[at + 1] = s.Store(value.Y);
-        if (dims == 4)
-        {
-            x[at + 2] = s.Store(value.Z);
-            x[at + 3] = s.Store(value.W);
-        }
-    }
+    public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value) => Lane16.Store<Bf16Storage>(x, at, dims, value);
 }
 
 /// <summary>fp16 bits: 4 elements in one 8-byte load, 2 in one 4-byte load.</summary>
 internal readonly struct Fp16Lane : ILane<ushort>
 {
-    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) =>
-        new() { Lo = dims == 4 ? x.Cast<ulong>()[at / 4] : x.Cast<uint>()[at / 2] };
+    public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) => Lane16.Fetch(x, at, dims);
 
-    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
-        new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+    public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) => Lane16.FetchUnit(x, unit, dims);
 
     public Lane4 Unpack(Raw16 raw, int dims)
     {
@@ -275,17 +284,7 @@ internal readonly struct Fp16Lane : ILane<ushort>
 
     public Lane4 Load(ArrayView<ushort> x, long at, int dims) => Unpack(Fetch(x, at, dims), dims);
 
-    public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value)
-    {
-        var s = default(Fp16Storage);
-        x[at] = s.Store(value.X);
-        x[at + 1] = s.Store(value.Y);
-        if (dims == 4)
-        {
-            x[at + 2] = s.Store(value.Z);
-            x[at + 3] = s.Store(value.W);
-        }
-    }
+    public void Store(ArrayView<ushort> x, long at, int dims, Lane4 value) => Lane16.Store<Fp16Storage>(x, at, dims, value);
 }
 
 /// <summary>fp32: 4 elements in one 16-byte load, 2 in one 8-byte load.</summary>
