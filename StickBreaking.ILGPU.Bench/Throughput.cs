@@ -59,6 +59,11 @@ internal static class Throughput
             args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
         }
         int[] n = args.Skip(1).Select(a => int.Parse(a, CultureInfo.InvariantCulture)).ToArray();
+        if ((layoutName != "head" || kvHeads is not null) && dtypes.Contains("fp32"))
+        {
+            Console.Error.WriteLine("--layout and --kv-heads time the 16-bit rows only: pass --dtype bf16 and/or fp16 without fp32.");
+            return 2;
+        }
         var (context, accelerator, reason) = Backends.Open(backend);
         if (accelerator is null)
         {
