@@ -14,12 +14,10 @@ namespace StickBreaking.ILGPU.Tests.Infrastructure;
 /// </summary>
 public abstract class CudaCodeOnCpuFixture
 {
-    private Context? context;
-    private Accelerator? accelerator;
     private StickBreakingAttention? attention;
 
-    /// <summary>The CPU accelerator with 32-thread warps.</summary>
-    protected Accelerator Accelerator => accelerator ?? throw new InvalidOperationException("fixture not set up");
+    /// <summary>The CPU accelerator with 32-thread warps, shared by these fixtures (<see cref="CudaCodeOnCpu"/>).</summary>
+    protected static Accelerator Accelerator => CudaCodeOnCpu.Accelerator;
 
     /// <summary>An instance that runs the CUDA kernels' code on it.</summary>
     protected StickBreakingAttention Attention => attention ?? throw new InvalidOperationException("fixture not set up");
@@ -27,16 +25,12 @@ public abstract class CudaCodeOnCpuFixture
     [OneTimeSetUp]
     public void OpenCudaCodeOnCpu()
     {
-        context = Context.Create(b => b.CPU(CPUDeviceKind.Nvidia).EnableAlgorithms());
-        accelerator = context.GetCPUDevice(0).CreateAccelerator(context);
-        attention = new StickBreakingAttention(accelerator, null, KernelChoice.Cuda);
+        attention = new StickBreakingAttention(Accelerator, null, KernelChoice.Cuda);
     }
 
     [OneTimeTearDown]
     public void CloseCudaCodeOnCpu()
     {
         attention?.Dispose();
-        accelerator?.Dispose();
-        context?.Dispose();
     }
 }

@@ -32,6 +32,12 @@ public abstract class TensorCoreFixture(string backend, string kernels)
             Assert.Ignore($"{kernels} needs warp shuffles (CUDA, or the CPU accelerator's emulation)");
         if (Backends.Selected is { } selected && !selected.Contains(backend))
             Assert.Ignore($"{backend} not selected by STICKBREAKING_BACKENDS");
+        if (backend == Backends.Cpu)
+        {
+            accelerator = CudaCodeOnCpu.Accelerator;   // shared, not disposed here
+            launcher = new KernelLauncher(accelerator, sharedMemoryLimit: null);
+            return;
+        }
         var (ctx, acc, reason) = Backends.Open(backend);
         if (acc is null)
         {
@@ -47,7 +53,9 @@ public abstract class TensorCoreFixture(string backend, string kernels)
     [OneTimeTearDown]
     public void Close()
     {
+        if (context is null)
+            return;   // the shared CPU accelerator
         accelerator?.Dispose();
-        context?.Dispose();
+        context.Dispose();
     }
 }
