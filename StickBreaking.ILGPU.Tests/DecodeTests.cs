@@ -572,20 +572,47 @@ public sealed class DecodePtxTests
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage))]
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage))]
     public void DecodeKernelUsesNoLocalMemory(Type stored, Type element) =>
-        Check(typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, element), $"decode.{element.Name}");
+        _ = Check(typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, element), $"decode.{element.Name}");
 
-    [TestCase(typeof(float), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp32Lane))]
-    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp16Lane))]
-    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Bf16Lane))]
-    public void WarpDecodeKernelUsesNoLocalMemory(Type stored, Type lane) =>
-        Check(typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeWarpKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, lane), $"warpdecode.{lane.Name}");
+    /// <summary>
+    /// The warp decode: no local memory; the 16-bit lanes' q . k on the tensor cores (mma.sync of their type, and none of
+    /// the other), with no local memory once the loader's rewrite (PtxOperandSlots) made the inline PTX's operand slots
+    /// registers; the fp32 lane without any mma.
+    /// </summary>
+    [TestCase(typeof(float), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp32Lane), null)]
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp16Lane), "f16")]
+    [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Bf16Lane), "bf16")]
+    public void WarpDecodeKernelUsesNoLocalMemory(Type stored, Type lane, string? mmaType)
+    {
+        var kernel = typeof(StickBreaking.ILGPU.Kernels.Decode.DecodeWarpKernel).GetMethod("Kernel")!.MakeGenericMethod(stored, lane);
+        if (mmaType is null)
+        {
+            string ptx = Check(kernel, $"warpdecode.{lane.Name}");
+            Assert.That(ptx, Does.Not.Contain("mma.sync"));
+            return;
+        }
+        string raw = Compile(kernel, $"warpdecode.{lane.Name}");
+        Assert.That(StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(raw, out string promoted), Is.True, "the loader's rewrite applies");
+        if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"warpdecode.{lane.Name}.promoted.ptx"), promoted);
+        Assert.That(promoted, Does.Contain($"mma.sync.aligned.m16n8k16.row.col.f32.{mmaType}.{mmaType}.f32"));
+        Assert.That(promoted, Does.Not.Contain(mmaType == "f16" ? ".bf16.bf16" : ".f16.f16"));
+        Assert.That(System.Text.RegularExpressions.Regex.Matches(promoted, @"\.local\b"), Is.Empty, "local memory");
+    }
 
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage))]
     public void MergeKernelUsesNoLocalMemory(Type stored, Type element) =>
-        Check(typeof(StickBreaking.ILGPU.Kernels.Decode.MergeKernel).GetMethod("Kernel")!.MakeGenericMethod(typeof(float),
+        _ = Check(typeof(StickBreaking.ILGPU.Kernels.Decode.MergeKernel).GetMethod("Kernel")!.MakeGenericMethod(typeof(float),
             typeof(StickBreaking.ILGPU.Kernels.Common.Fp32Element), stored, element), $"merge.{element.Name}");
 
-    private void Check(System.Reflection.MethodInfo kernel, string name)
+    private string Check(System.Reflection.MethodInfo kernel, string name)
+    {
+        string ptx = Compile(kernel, name);
+        Assert.That(System.Text.RegularExpressions.Regex.Matches(ptx, @"\.local\b"), Is.Empty, "local memory");
+        return ptx;
+    }
+
+    private string Compile(System.Reflection.MethodInfo kernel, string name)
     {
         var backend = new global::ILGPU.Backends.PTX.PTXBackend(context, new global::ILGPU.Runtime.Cuda.CudaCapabilityContext(global::ILGPU.Runtime.Cuda.CudaArchitecture.SM_90),
             global::ILGPU.Runtime.Cuda.CudaArchitecture.SM_90, global::ILGPU.Runtime.Cuda.CudaInstructionSet.ISA_88, null);
@@ -594,7 +621,7 @@ public sealed class DecodePtxTests
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"{name}.ptx"), ptx);
         Assert.That(ptx, Does.Contain(".entry"));
-        Assert.That(System.Text.RegularExpressions.Regex.Matches(ptx, @"\.local\b"), Is.Empty, "local memory");
+        return ptx;
     }
 }
 

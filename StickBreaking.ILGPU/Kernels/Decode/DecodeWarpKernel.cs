@@ -1,6 +1,7 @@
 using System;
 using ILGPU;
 using StickBreaking.ILGPU.Kernels.Common;
+using StickBreaking.ILGPU.Kernels.TensorCore;
 using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Decode;
@@ -14,8 +15,10 @@ namespace StickBreaking.ILGPU.Kernels.Decode;
 /// <para>
 /// Each lane owns D / 32 consecutive dimensions (2 or 4) of q, of every key and value row, and of the four rows' o. The
 /// warp walks its chunk from the nearest key to the farthest, <see cref="Steps"/> keys per round:
-/// 1. q . k: every lane loads its piece of the round's keys (coalesced rows) and multiplies them with its piece of the four
-///    rows' q; a butterfly over the warp sums the pieces, leaving lane l = 4 s + r with z of step s, row r.
+/// 1. q . k, leaving lane l = 4 s + r with z of step s, row r. fp32: every lane loads its piece of the round's keys
+///    (coalesced rows) and multiplies them with its piece of the four rows' q; a butterfly over the warp sums the pieces.
+///    fp16 and bf16: on the tensor cores (<see cref="QueryKeyMma"/>), the keys loaded as the mma's B fragments (16 bytes a
+///    load, four lanes a key), fp32 accumulation; the products of 16-bit values are exact in fp32 either way.
 /// 2. One (key, row) pair per lane: lb = log(1 - beta) and log(beta) (lb = 0 where the row does not see the key, selected);
 ///    the sum of lb over the nearer keys of the round by a scan over the lanes of the row (shuffles up by 4, 8, 16 lanes);
 ///    A = exp(log(beta) + acc + that sum), 0 where not seen; acc += the round's sum.
@@ -36,17 +39,17 @@ internal static partial class DecodeWarpKernel
     public static bool Serves(int headDim) => headDim == 64 || headDim == 128;
 
     /// <summary>fp32 storage.</summary>
-    public static readonly KernelLaunch<DecodeArgs<float>> Launch = Describe<float, Fp32Lane>("warp decode");
-    /// <summary>fp16 storage.</summary>
-    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Lane>("warp decode fp16");
-    /// <summary>bf16 storage.</summary>
-    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Lane>("warp decode bf16");
+    public static readonly KernelLaunch<DecodeArgs<float>> Launch = Describe<float, Fp32Lane>("warp decode", KernelFamily.Cuda);
+    /// <summary>fp16 storage (q . k on the tensor cores).</summary>
+    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchFp16 = Describe<ushort, Fp16Lane>("warp decode fp16", KernelFamily.TensorCore);
+    /// <summary>bf16 storage (q . k on the tensor cores).</summary>
+    public static readonly KernelLaunch<DecodeArgs<ushort>> LaunchBf16 = Describe<ushort, Bf16Lane>("warp decode bf16", KernelFamily.TensorCore);
 
-    private static KernelLaunch<DecodeArgs<T>> Describe<T, TLane>(string name)
+    private static KernelLaunch<DecodeArgs<T>> Describe<T, TLane>(string name, KernelFamily family)
         where T : unmanaged
         where TLane : struct, ILane<T> => new()
     {
-        Name = name, Body = Kernel<T, TLane>, Family = KernelFamily.Cuda, RowsPerGroup = DecodeKernel.BlockRows,
+        Name = name, Body = Kernel<T, TLane>, Family = family, RowsPerGroup = DecodeKernel.BlockRows,
         GroupSize = GroupSize, WarpSize = 32, MaxHeadDim = 128, HeadDims = Serves, MinGroupsPerMultiprocessor = 16,
     };
 
@@ -77,20 +80,36 @@ internal static partial class DecodeWarpKernel
         int myLimit = myRow == 0 ? limit0 : myRow == 1 ? limit1 : myRow == 2 ? limit2 : limit3;
 
         long piece = (long)lane * dims;
-        Lane4 q0 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 0, rows, n, piece, dims);
-        Lane4 q1 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 1, rows, n, piece, dims);
-        Lane4 q2 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 2, rows, n, piece, dims);
-        Lane4 q3 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 3, rows, n, piece, dims);
+        bool mma = loader.KeysOnTensorCores;   // a constant of the storage type
+        Lane4 q0 = default, q1 = default, q2 = default, q3 = default;
+        Round qFragments = default;
+        if (mma)
+        {
+            qFragments = QueryFragments(a, loader, layout, b, kvHead, perKv, row0, rows, n, lane, D / 32);
+        }
+        else
+        {
+            q0 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 0, rows, n, piece, dims);
+            q1 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 1, rows, n, piece, dims);
+            q2 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 2, rows, n, piece, dims);
+            q3 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 3, rows, n, piece, dims);
+        }
         Lane4 o0 = default, o1 = default, o2 = default, o3 = default;
         float acc = 0f;   // this lane's row's sum of lb over the keys already visited
 
         var weights = SharedMemory.Allocate<float>(GroupSize);
+        var mmaScratch = SharedMemory.Allocate<uint>(Mma.ScratchUintsPerWarp);   // used only where the mma is emulated
         long kBase = layout.CacheRow(b, kvHead, 0), vBase = kBase, token = D;
         int unitsPerRow = D / dims;   // a row in pieces of dims elements
         for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
         {
-            var round = Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims);
-            float dot = QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
+            // Every load of the round at once (the values' are in flight while q . k and the stick are computed).
+            var round = Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims, !mma, true);
+            if (mma)
+                round = KeyPieces<T, TLane>(round, a.K, kBase, token, roundEnd, lo, lane, D / 32);
+            float dot = mma
+                ? QueryKeyMma<T, TLane>(round, qFragments, lane, D / 32, mmaScratch)
+                : QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
             int key = roundEnd - 1 - myStep;
             bool seen = key >= lo && key < myLimit;
             StickMath.Logs(a.Scale * dot, out float lb, out float logBeta);
@@ -135,6 +154,84 @@ internal static partial class DecodeWarpKernel
                 a.PartialLogRem[layout.PartialRow(chunk, b, h, i)] = acc;
             }
         }
+    }
+
+    /// <summary>
+    /// This lane's A fragments of q for <see cref="QueryKeyMma"/>: lane 4 g + c holds, of row g of the block (zero for g past
+    /// the block's rows, which leaves rows 4 to 15 of the mma's A zero), the <paramref name="pieces"/> pieces of 8
+    /// consecutive dimensions 4 i + c (i = 0 .. pieces - 1), as stored: the same dimensions <see cref="KeyPieces"/> gives
+    /// lanes c of the keys.
+    /// </summary>
+    private static Round QueryFragments<T, TLane>(DecodeArgs<T> a, TLane loader, DecodeLayout layout, int b, int kvHead,
+        int perKv, int row0, int rows, int n, int lane, int pieces)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        int r = lane >> 2, c = lane & 3;
+        Round q = default;
+        if (r >= rows)
+            return q;
+        int flat = row0 + r, g = flat / n, i = flat - g * n;
+        var row = a.Q.SubView(layout.QueryRow(b, kvHead * perKv + g, i));
+        q.K0 = loader.FetchWide(row, c);
+        q.K1 = loader.FetchWide(row, 4 + c);
+        if (pieces == 4)
+        {
+            q.K2 = loader.FetchWide(row, 8 + c);
+            q.K3 = loader.FetchWide(row, 12 + c);
+        }
+        return q;
+    }
+
+    /// <summary>
+    /// The round's keys for <see cref="QueryKeyMma"/>, into K0 .. K3 of <paramref name="round"/>: lane 4 s + c loads, of the
+    /// key of step s (roundEnd - 1 - s; nothing below <paramref name="lo"/>, which stays zero), the pieces of 8 consecutive
+    /// dimensions 4 i + c, one 16-byte load each; the four lanes of a key read 64 contiguous bytes per load.
+    /// </summary>
+    private static Round KeyPieces<T, TLane>(Round round, ArrayView<T> k, long kBase, long token, int roundEnd, int lo,
+        int lane, int pieces)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        var loader = default(TLane);
+        int key = roundEnd - 1 - (lane >> 2), c = lane & 3;
+        if (key < lo)
+            return round;
+        var row = k.SubView(kBase + key * token);
+        round.K0 = loader.FetchWide(row, c);
+        round.K1 = loader.FetchWide(row, 4 + c);
+        if (pieces == 4)
+        {
+            round.K2 = loader.FetchWide(row, 8 + c);
+            round.K3 = loader.FetchWide(row, 12 + c);
+        }
+        return round;
+    }
+
+    /// <summary>
+    /// q . k of the round's keys on the tensor cores: S = Q K^T as m16n8k16 mmas with fp32 accumulation, rows of A the
+    /// block's query rows (4 used of 16), columns of B the round's 8 steps, and k running over the head dimensions in the
+    /// order the lanes hold them (<see cref="QueryFragments"/>, <see cref="KeyPieces"/>; a dot product does not depend on
+    /// the order of its terms, only each dimension of q must meet the same one of k). The accumulator leaves lane 4 r + c
+    /// with z of row r at steps 2 c and 2 c + 1; two shuffles hand lane l = 4 s + r its own pair, as
+    /// <see cref="QueryKeyRound"/> does.
+    /// </summary>
+    private static float QueryKeyMma<T, TLane>(in Round round, in Round q, int lane, int pieces, ArrayView<uint> scratch)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        var loader = default(TLane);
+        Acc4 s = default, s1 = default;   // two chains of mmas, added at the end (a fixed order)
+        loader.QueryKey(ref s, q.K0, round.K0, scratch);
+        loader.QueryKey(ref s1, q.K1, round.K1, scratch);
+        if (pieces == 4)
+        {
+            loader.QueryKey(ref s, q.K2, round.K2, scratch);
+            loader.QueryKey(ref s1, q.K3, round.K3, scratch);
+        }
+        int step = lane >> 2, from = 4 * (lane & 3) + (step >> 1);
+        float even = Warp.Shuffle(s.C0 + s1.C0, from), odd = Warp.Shuffle(s.C1 + s1.C1, from);
+        return (step & 1) != 0 ? odd : even;
     }
 
     /// <summary>This lane's piece of row <paramref name="r"/>'s query; zero for a row past the block's.</summary>
@@ -212,6 +309,20 @@ internal interface ILane<T>
     /// <summary>The fetched elements as floats; the rest zero.</summary>
     Lane4 Unpack(Raw16 raw, int dims);
 
+    /// <summary>Whether q . k runs on the tensor cores (<see cref="QueryKey"/>): the 16-bit types; a constant of each.</summary>
+    bool KeysOnTensorCores { get; }
+
+    /// <summary>Loads 16 bytes, unit <paramref name="unit"/> of <paramref name="x"/> (a view starting 16-byte aligned), as stored.</summary>
+    Raw16 FetchWide(ArrayView<T> x, int unit);
+
+    /// <summary>
+    /// s += two m16n8k16 mmas over 16 of the head dimensions: 8 consecutive dimensions of q (<paramref name="q"/>, A rows g)
+    /// and of a key (<paramref name="k"/>, B column g), as stored; dimensions 0, 1 and 4, 5 at k = 2c, 2c + 1 of the first
+    /// and second mma, 2, 3 and 6, 7 at k = 2c + 8, 2c + 9. Every lane of the warp calls it. Not used where
+    /// <see cref="KeysOnTensorCores"/> is false.
+    /// </summary>
+    void QueryKey(ref Acc4 s, Raw16 q, Raw16 k, ArrayView<uint> scratch);
+
     /// <summary>Fetch and unpack.</summary>
     Lane4 Load(ArrayView<T> x, long at, int dims);
 
@@ -227,6 +338,15 @@ internal static class Lane16
 
     public static Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) =>
         new() { Lo = dims == 4 ? x.Cast<ulong>()[unit] : x.Cast<uint>()[unit] };
+
+    public static Raw16 FetchWide(ArrayView<ushort> x, int unit) => x.Cast<Raw16>()[unit];
+
+    public static void QueryKey<TStorage>(ref Acc4 s, Raw16 q, Raw16 k, ArrayView<uint> scratch)
+        where TStorage : struct, IStorage
+    {
+        Mma.Run<TStorage>(ref s, (uint)q.Lo, 0u, (uint)(q.Lo >> 32), 0u, (uint)k.Lo, (uint)(k.Lo >> 32), scratch, 0);
+        Mma.Run<TStorage>(ref s, (uint)q.Hi, 0u, (uint)(q.Hi >> 32), 0u, (uint)k.Hi, (uint)(k.Hi >> 32), scratch, 0);
+    }
 
     public static void Store<TStorage>(ArrayView<ushort> x, long at, int dims, Lane4 value)
         where TStorage : struct, IStorage
@@ -249,6 +369,12 @@ internal readonly struct Bf16Lane : ILane<ushort>
 
     public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) => Lane16.FetchUnit(x, unit, dims);
 
+    public bool KeysOnTensorCores => true;
+
+    public Raw16 FetchWide(ArrayView<ushort> x, int unit) => Lane16.FetchWide(x, unit);
+
+    public void QueryKey(ref Acc4 s, Raw16 q, Raw16 k, ArrayView<uint> scratch) => Lane16.QueryKey<Bf16Storage>(ref s, q, k, scratch);
+
     public Lane4 Unpack(Raw16 raw, int dims)
     {
         uint lo = (uint)raw.Lo, hi = (uint)(raw.Lo >> 32);
@@ -270,6 +396,12 @@ internal readonly struct Fp16Lane : ILane<ushort>
     public Raw16 Fetch(ArrayView<ushort> x, long at, int dims) => Lane16.Fetch(x, at, dims);
 
     public Raw16 FetchUnit(ArrayView<ushort> x, int unit, int dims) => Lane16.FetchUnit(x, unit, dims);
+
+    public bool KeysOnTensorCores => true;
+
+    public Raw16 FetchWide(ArrayView<ushort> x, int unit) => Lane16.FetchWide(x, unit);
+
+    public void QueryKey(ref Acc4 s, Raw16 q, Raw16 k, ArrayView<uint> scratch) => Lane16.QueryKey<Fp16Storage>(ref s, q, k, scratch);
 
     public Lane4 Unpack(Raw16 raw, int dims)
     {
@@ -295,6 +427,15 @@ internal readonly struct Fp32Lane : ILane<float>
 
     public Raw16 FetchUnit(ArrayView<float> x, int unit, int dims) =>
         dims == 4 ? x.Cast<Raw16>()[unit] : new Raw16 { Lo = x.Cast<ulong>()[unit] };
+
+    public bool KeysOnTensorCores => false;
+
+    public Raw16 FetchWide(ArrayView<float> x, int unit) => x.Cast<Raw16>()[unit];
+
+    public void QueryKey(ref Acc4 s, Raw16 q, Raw16 k, ArrayView<uint> scratch)
+    {
+        // fp32 keys: q . k on the FMA units (QueryKeyRound).
+    }
 
     public Lane4 Unpack(Raw16 raw, int dims) => new()
     {
