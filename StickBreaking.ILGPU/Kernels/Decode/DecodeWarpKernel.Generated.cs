@@ -326,6 +326,154 @@ internal static partial class DecodeWarpKernel
             o3 = key7 >= lo && key7 < limit3 ? Lane4.Axpy(o3, a7.W, v7) : o3;
         }
     }
+
+    /// <summary>
+    /// o_r += A[s, r] v_s as <see cref="ValueRound{T, TLane}"/>, for the lanes that load 16 bytes of a value row each
+    /// (<see cref="ValuesWide{T, TLane}"/>): the round's values in Steps / keysPerLoad loads, load j giving this lane step
+    /// j keysPerLoad + <paramref name="part"/>; 8 dimensions per lane, 4 in o_r and the next 4 in u_r. The lanes of each part
+    /// sum their keys' terms; the parts are added once, at the end of the chunk.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void ValueRoundWide<T, TLane>(in Round round, int roundEnd, int lo, int keysPerLoad, int part,
+        ArrayView<Lane4> weights, bool allSeen, int limit0, int limit1, int limit2, int limit3,
+        ref Lane4 o0, ref Lane4 o1, ref Lane4 o2, ref Lane4 o3, ref Lane4 u0, ref Lane4 u1, ref Lane4 u2, ref Lane4 u3)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        var loader = default(TLane);
+        if (0 * keysPerLoad < 8)
+        {
+            int step = 0 * keysPerLoad + part, key = roundEnd - 1 - step;
+            Lane4 a = weights[step];
+            Lane4 lower = loader.Unpack(new Raw16 { Lo = round.V0.Lo }, 4);
+            Lane4 upper = loader.Unpack(new Raw16 { Lo = round.V0.Hi }, 4);
+            if (allSeen)
+            {
+                o0 = Lane4.Axpy(o0, a.X, lower);
+                u0 = Lane4.Axpy(u0, a.X, upper);
+                o1 = Lane4.Axpy(o1, a.Y, lower);
+                u1 = Lane4.Axpy(u1, a.Y, upper);
+                o2 = Lane4.Axpy(o2, a.Z, lower);
+                u2 = Lane4.Axpy(u2, a.Z, upper);
+                o3 = Lane4.Axpy(o3, a.W, lower);
+                u3 = Lane4.Axpy(u3, a.W, upper);
+            }
+            else
+            {
+                bool seen0 = key >= lo && key < limit0;
+                o0 = seen0 ? Lane4.Axpy(o0, a.X, lower) : o0;
+                u0 = seen0 ? Lane4.Axpy(u0, a.X, upper) : u0;
+                bool seen1 = key >= lo && key < limit1;
+                o1 = seen1 ? Lane4.Axpy(o1, a.Y, lower) : o1;
+                u1 = seen1 ? Lane4.Axpy(u1, a.Y, upper) : u1;
+                bool seen2 = key >= lo && key < limit2;
+                o2 = seen2 ? Lane4.Axpy(o2, a.Z, lower) : o2;
+                u2 = seen2 ? Lane4.Axpy(u2, a.Z, upper) : u2;
+                bool seen3 = key >= lo && key < limit3;
+                o3 = seen3 ? Lane4.Axpy(o3, a.W, lower) : o3;
+                u3 = seen3 ? Lane4.Axpy(u3, a.W, upper) : u3;
+            }
+        }
+        if (1 * keysPerLoad < 8)
+        {
+            int step = 1 * keysPerLoad + part, key = roundEnd - 1 - step;
+            Lane4 a = weights[step];
+            Lane4 lower = loader.Unpack(new Raw16 { Lo = round.V1.Lo }, 4);
+            Lane4 upper = loader.Unpack(new Raw16 { Lo = round.V1.Hi }, 4);
+            if (allSeen)
+            {
+                o0 = Lane4.Axpy(o0, a.X, lower);
+                u0 = Lane4.Axpy(u0, a.X, upper);
+                o1 = Lane4.Axpy(o1, a.Y, lower);
+                u1 = Lane4.Axpy(u1, a.Y, upper);
+                o2 = Lane4.Axpy(o2, a.Z, lower);
+                u2 = Lane4.Axpy(u2, a.Z, upper);
+                o3 = Lane4.Axpy(o3, a.W, lower);
+                u3 = Lane4.Axpy(u3, a.W, upper);
+            }
+            else
+            {
+                bool seen0 = key >= lo && key < limit0;
+                o0 = seen0 ? Lane4.Axpy(o0, a.X, lower) : o0;
+                u0 = seen0 ? Lane4.Axpy(u0, a.X, upper) : u0;
+                bool seen1 = key >= lo && key < limit1;
+                o1 = seen1 ? Lane4.Axpy(o1, a.Y, lower) : o1;
+                u1 = seen1 ? Lane4.Axpy(u1, a.Y, upper) : u1;
+                bool seen2 = key >= lo && key < limit2;
+                o2 = seen2 ? Lane4.Axpy(o2, a.Z, lower) : o2;
+                u2 = seen2 ? Lane4.Axpy(u2, a.Z, upper) : u2;
+                bool seen3 = key >= lo && key < limit3;
+                o3 = seen3 ? Lane4.Axpy(o3, a.W, lower) : o3;
+                u3 = seen3 ? Lane4.Axpy(u3, a.W, upper) : u3;
+            }
+        }
+        if (2 * keysPerLoad < 8)
+        {
+            int step = 2 * keysPerLoad + part, key = roundEnd - 1 - step;
+            Lane4 a = weights[step];
+            Lane4 lower = loader.Unpack(new Raw16 { Lo = round.V2.Lo }, 4);
+            Lane4 upper = loader.Unpack(new Raw16 { Lo = round.V2.Hi }, 4);
+            if (allSeen)
+            {
+                o0 = Lane4.Axpy(o0, a.X, lower);
+                u0 = Lane4.Axpy(u0, a.X, upper);
+                o1 = Lane4.Axpy(o1, a.Y, lower);
+                u1 = Lane4.Axpy(u1, a.Y, upper);
+                o2 = Lane4.Axpy(o2, a.Z, lower);
+                u2 = Lane4.Axpy(u2, a.Z, upper);
+                o3 = Lane4.Axpy(o3, a.W, lower);
+                u3 = Lane4.Axpy(u3, a.W, upper);
+            }
+            else
+            {
+                bool seen0 = key >= lo && key < limit0;
+                o0 = seen0 ? Lane4.Axpy(o0, a.X, lower) : o0;
+                u0 = seen0 ? Lane4.Axpy(u0, a.X, upper) : u0;
+                bool seen1 = key >= lo && key < limit1;
+                o1 = seen1 ? Lane4.Axpy(o1, a.Y, lower) : o1;
+                u1 = seen1 ? Lane4.Axpy(u1, a.Y, upper) : u1;
+                bool seen2 = key >= lo && key < limit2;
+                o2 = seen2 ? Lane4.Axpy(o2, a.Z, lower) : o2;
+                u2 = seen2 ? Lane4.Axpy(u2, a.Z, upper) : u2;
+                bool seen3 = key >= lo && key < limit3;
+                o3 = seen3 ? Lane4.Axpy(o3, a.W, lower) : o3;
+                u3 = seen3 ? Lane4.Axpy(u3, a.W, upper) : u3;
+            }
+        }
+        if (3 * keysPerLoad < 8)
+        {
+            int step = 3 * keysPerLoad + part, key = roundEnd - 1 - step;
+            Lane4 a = weights[step];
+            Lane4 lower = loader.Unpack(new Raw16 { Lo = round.V3.Lo }, 4);
+            Lane4 upper = loader.Unpack(new Raw16 { Lo = round.V3.Hi }, 4);
+            if (allSeen)
+            {
+                o0 = Lane4.Axpy(o0, a.X, lower);
+                u0 = Lane4.Axpy(u0, a.X, upper);
+                o1 = Lane4.Axpy(o1, a.Y, lower);
+                u1 = Lane4.Axpy(u1, a.Y, upper);
+                o2 = Lane4.Axpy(o2, a.Z, lower);
+                u2 = Lane4.Axpy(u2, a.Z, upper);
+                o3 = Lane4.Axpy(o3, a.W, lower);
+                u3 = Lane4.Axpy(u3, a.W, upper);
+            }
+            else
+            {
+                bool seen0 = key >= lo && key < limit0;
+                o0 = seen0 ? Lane4.Axpy(o0, a.X, lower) : o0;
+                u0 = seen0 ? Lane4.Axpy(u0, a.X, upper) : u0;
+                bool seen1 = key >= lo && key < limit1;
+                o1 = seen1 ? Lane4.Axpy(o1, a.Y, lower) : o1;
+                u1 = seen1 ? Lane4.Axpy(u1, a.Y, upper) : u1;
+                bool seen2 = key >= lo && key < limit2;
+                o2 = seen2 ? Lane4.Axpy(o2, a.Z, lower) : o2;
+                u2 = seen2 ? Lane4.Axpy(u2, a.Z, upper) : u2;
+                bool seen3 = key >= lo && key < limit3;
+                o3 = seen3 ? Lane4.Axpy(o3, a.W, lower) : o3;
+                u3 = seen3 ? Lane4.Axpy(u3, a.W, upper) : u3;
+            }
+        }
+    }
 }
 
 /// <summary>One lane's pieces of a round's keys and values, as stored (<see cref="ILane{T}.Fetch"/>).</summary>

@@ -95,6 +95,11 @@ internal static partial class DecodeWarpKernel
             q3 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 3, rows, n, piece, dims);
         }
         Lane4 o0 = default, o1 = default, o2 = default, o3 = default;
+        // The 16-bit lanes read values 16 bytes a lane too (ValuesWide): 8 dimensions, the upper 4 in u_r; keysPerLoad keys
+        // per load, this lane's part of them.
+        Lane4 u0 = default, u1 = default, u2 = default, u3 = default;
+        int lanesPerKey = D / 8, keysPerLoad = 32 / lanesPerKey, part = lane / lanesPerKey;
+        long widePiece = (long)(lane - part * lanesPerKey) * 8;
         float acc = 0f;   // this lane's row's sum of lb over the keys already visited
 
         var weights = SharedMemory.Allocate<float>(GroupSize);
@@ -104,9 +109,10 @@ internal static partial class DecodeWarpKernel
         for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
         {
             // Every load of the round at once (the values' are in flight while q . k and the stick are computed).
-            var round = Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims, !mma, true);
-            if (mma)
-                round = KeyPieces<T, TLane>(round, a.K, kBase, token, roundEnd, lo, lane, D / 32);
+            var round = mma
+                ? KeyPieces<T, TLane>(ValuesWide<T, TLane>(a.V, vBase + widePiece, token, roundEnd, lo, keysPerLoad, part),
+                    a.K, kBase, token, roundEnd, lo, lane, D / 32)
+                : Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims, true, true);
             float dot = mma
                 ? QueryKeyMma<T, TLane>(round, qFragments, lane, D / 32, mmaScratch)
                 : QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
@@ -130,16 +136,50 @@ internal static partial class DecodeWarpKernel
             acc += roundSum;
             Group.Barrier();
             bool allSeen = roundEnd - Steps >= lo && roundEnd - 1 < seenByAll;
-            ValueRound<T, TLane>(round, roundEnd, lo, dims, weights.Cast<Lane4>(), allSeen,
-                limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3);
+            if (mma)
+                ValueRoundWide<T, TLane>(round, roundEnd, lo, keysPerLoad, part, weights.Cast<Lane4>(), allSeen,
+                    limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3, ref u0, ref u1, ref u2, ref u3);
+            else
+                ValueRound<T, TLane>(round, roundEnd, lo, dims, weights.Cast<Lane4>(), allSeen,
+                    limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3);
             Group.Barrier();
         }
 
-        // One chunk: the result. Several: this chunk's part, merged later nearest first.
-        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 0, rows, n, chunk, piece, dims, o0);
-        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 1, rows, n, chunk, piece, dims, o1);
-        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 2, rows, n, chunk, piece, dims, o2);
-        Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 3, rows, n, chunk, piece, dims, o3);
+        if (mma)
+        {
+            // The parts' sums: every lane ends with the same total (a + b = b + a), the lanes of part 0 store it.
+            for (int mask = 16; mask >= lanesPerKey; mask >>= 1)
+            {
+                o0 = Lane4.Add(o0, ShuffleXor(o0, mask));
+                o1 = Lane4.Add(o1, ShuffleXor(o1, mask));
+                o2 = Lane4.Add(o2, ShuffleXor(o2, mask));
+                o3 = Lane4.Add(o3, ShuffleXor(o3, mask));
+                u0 = Lane4.Add(u0, ShuffleXor(u0, mask));
+                u1 = Lane4.Add(u1, ShuffleXor(u1, mask));
+                u2 = Lane4.Add(u2, ShuffleXor(u2, mask));
+                u3 = Lane4.Add(u3, ShuffleXor(u3, mask));
+            }
+            if (part == 0)
+            {
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 0, rows, n, chunk, widePiece, 4, o0);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 0, rows, n, chunk, widePiece + 4, 4, u0);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 1, rows, n, chunk, widePiece, 4, o1);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 1, rows, n, chunk, widePiece + 4, 4, u1);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 2, rows, n, chunk, widePiece, 4, o2);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 2, rows, n, chunk, widePiece + 4, 4, u2);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 3, rows, n, chunk, widePiece, 4, o3);
+                Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 3, rows, n, chunk, widePiece + 4, 4, u3);
+            }
+        }
+        else
+        {
+            // One chunk: the result. Several: this chunk's part, merged later nearest first.
+            Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 0, rows, n, chunk, piece, dims, o0);
+            Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 1, rows, n, chunk, piece, dims, o1);
+            Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 2, rows, n, chunk, piece, dims, o2);
+            Store<T, TLane>(a, layout, b, kvHead, perKv, row0, 3, rows, n, chunk, piece, dims, o3);
+        }
+
         if (lane < rows)
         {
             int flat = row0 + lane, g = flat / n, i = flat - g * n, h = kvHead * perKv + g;
@@ -182,6 +222,51 @@ internal static partial class DecodeWarpKernel
         }
         return q;
     }
+
+    /// <summary>
+    /// The round's values 16 bytes a lane, into V0 .. V3 of a new round: load j gives lane l, of the key of step
+    /// j keysPerLoad + part (part = l / (D / 8); nothing below <paramref name="lo"/>, which stays zero), the 8 dimensions
+    /// at <paramref name="vAt"/> (this lane's: 8 (l - part D / 8)) past the row's start; Steps / keysPerLoad loads.
+    /// </summary>
+    private static Round ValuesWide<T, TLane>(ArrayView<T> v, long vAt, long token, int roundEnd, int lo, int keysPerLoad, int part)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        var loader = default(TLane);
+        Round round = default;
+        if (roundEnd - Steps >= lo)
+        {
+            // A whole round: one view at its farthest key, each load a constant number of rows from it.
+            var far = v.SubView(vAt + (roundEnd - Steps) * token);
+            int rowUnits = (int)(token / 8);
+            round.V0 = loader.FetchWide(far, (Steps - 1 - part) * rowUnits);
+            round.V1 = loader.FetchWide(far, (Steps - 1 - keysPerLoad - part) * rowUnits);
+            if (keysPerLoad == 2)
+            {
+                round.V2 = loader.FetchWide(far, (Steps - 1 - 2 * keysPerLoad - part) * rowUnits);
+                round.V3 = loader.FetchWide(far, (Steps - 1 - 3 * keysPerLoad - part) * rowUnits);
+            }
+            return round;
+        }
+        int key = roundEnd - 1 - part;
+        if (key >= lo)
+            round.V0 = loader.FetchWide(v.SubView(vAt + key * token), 0);
+        key -= keysPerLoad;
+        if (key >= lo)
+            round.V1 = loader.FetchWide(v.SubView(vAt + key * token), 0);
+        key -= keysPerLoad;
+        if (keysPerLoad == 2 && key >= lo)
+            round.V2 = loader.FetchWide(v.SubView(vAt + key * token), 0);
+        key -= keysPerLoad;
+        if (keysPerLoad == 2 && key >= lo)
+            round.V3 = loader.FetchWide(v.SubView(vAt + key * token), 0);
+        return round;
+    }
+
+    private static Lane4 ShuffleXor(Lane4 x, int mask) => new()
+    {
+        X = Warp.ShuffleXor(x.X, mask), Y = Warp.ShuffleXor(x.Y, mask), Z = Warp.ShuffleXor(x.Z, mask), W = Warp.ShuffleXor(x.W, mask),
+    };
 
     /// <summary>
     /// The round's keys for <see cref="QueryKeyMma"/>, into K0 .. K3 of <paramref name="round"/>: lane 4 s + c loads, of the
@@ -284,6 +369,9 @@ internal struct Lane4
     public float X, Y, Z, W;
 
     public static float Dot(Lane4 a, Lane4 b) => a.X * b.X + a.Y * b.Y + a.Z * b.Z + a.W * b.W;
+
+    /// <summary>a + b, element by element.</summary>
+    public static Lane4 Add(Lane4 a, Lane4 b) => new() { X = a.X + b.X, Y = a.Y + b.Y, Z = a.Z + b.Z, W = a.W + b.W };
 
     /// <summary>o + a v, element by element.</summary>
     public static Lane4 Axpy(Lane4 o, float a, Lane4 v) =>
