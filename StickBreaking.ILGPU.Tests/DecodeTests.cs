@@ -131,6 +131,8 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     [TestCase(DecodeStorage.Fp32, 5)]
     [TestCase(DecodeStorage.Bf16, 2)]
     [TestCase(DecodeStorage.Fp16, 5)]
+    [TestCase(DecodeStorage.Bf16, 10)]   // the merge's batches of eight parts, then the rest one by one
+    [TestCase(DecodeStorage.Fp32, 14)]
     public void SplitIntoChunksMatchesNoSplit(DecodeStorage storage, int chunks)
     {
         var c = new Case(2, 4, 2, 2, 72, 32, [70, 23], false);

@@ -52,15 +52,20 @@ internal static class MergeKernel
         int c = 1;
         if (a.SeparateFar == 0)
         {
-            // Four parts' loads issued together, then combined in their order: the loads do not wait on each other.
+            // Eight parts' loads issued together, then combined in their order: the loads do not wait on each other, and a
+            // long merge (a short batch split over many chunks) waits Parts / 8 memory latencies, not Parts.
             long stride = (long)a.Rows * D, rowStride = a.Rows;
-            for (; c + 3 < a.Parts; c += 4)
+            for (; c + 7 < a.Parts; c += 8)
             {
                 long at = (long)c * stride + row * D + d, rowAt = (long)c * rowStride + row;
                 float far0 = part.Load(a.PartO[at]), far1 = part.Load(a.PartO[at + stride]);
                 float far2 = part.Load(a.PartO[at + 2 * stride]), far3 = part.Load(a.PartO[at + 3 * stride]);
+                float far4 = part.Load(a.PartO[at + 4 * stride]), far5 = part.Load(a.PartO[at + 5 * stride]);
+                float far6 = part.Load(a.PartO[at + 6 * stride]), far7 = part.Load(a.PartO[at + 7 * stride]);
                 float l0 = a.PartLogRem[rowAt], l1 = a.PartLogRem[rowAt + rowStride];
                 float l2 = a.PartLogRem[rowAt + 2 * rowStride], l3 = a.PartLogRem[rowAt + 3 * rowStride];
+                float l4 = a.PartLogRem[rowAt + 4 * rowStride], l5 = a.PartLogRem[rowAt + 5 * rowStride];
+                float l6 = a.PartLogRem[rowAt + 6 * rowStride], l7 = a.PartLogRem[rowAt + 7 * rowStride];
                 o += MathF.Exp(logRem) * far0;
                 logRem += l0;
                 o += MathF.Exp(logRem) * far1;
@@ -69,6 +74,14 @@ internal static class MergeKernel
                 logRem += l2;
                 o += MathF.Exp(logRem) * far3;
                 logRem += l3;
+                o += MathF.Exp(logRem) * far4;
+                logRem += l4;
+                o += MathF.Exp(logRem) * far5;
+                logRem += l5;
+                o += MathF.Exp(logRem) * far6;
+                logRem += l6;
+                o += MathF.Exp(logRem) * far7;
+                logRem += l7;
             }
         }
         for (; c < a.Parts; c++)
