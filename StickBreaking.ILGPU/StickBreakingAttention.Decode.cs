@@ -440,24 +440,40 @@ public sealed partial class StickBreakingAttention
         ((long)shape.QueryHeadsPerKeyValueHead * shape.Queries + DecodeKernel.BlockRows - 1) / DecodeKernel.BlockRows;
 
     /// <summary>
-    /// Key chunks per sequence: one when B Hkv (row blocks) already fill the device many times over, else enough groups for
-    /// about 32 per multiprocessor, each chunk at least 512 keys of the longest sequence; within the grid's Y limit. (On an
-    /// H200, bf16, D = 128, L = 32768: B = 1 ran best at 64 chunks, B = 8 at 64, B = 32 at 32 to 64, B = 32 with Hq = Hkv = 12
-    /// and L = 8192 at 16; a group per chunk waits on its own loads, so many groups per multiprocessor are what hides them.)
+    /// Key chunks per sequence, within the grid's Y limit.
+    /// The portable kernel: one when B Hkv (row blocks) already fill the device many times over, else enough groups for
+    /// about 32 per multiprocessor, each chunk at least 512 keys of the longest sequence.
+    /// The warp kernel (<paramref name="warpsPerMultiprocessor"/> resident per multiprocessor): whole waves of warps, the
+    /// fewest waves whose chunks are at most 1024 keys, and chunks of at least 128 keys. A partial last wave costs a whole
+    /// one (each warp's time is its chunk's), and a warp waits on its own loads round after round, so chunks should be
+    /// short, but not so short that the merge and each warp's start dominate. Measured on an H200, bf16, Hq = 32, Hkv = 8,
+    /// D = 128, L = 32768 (bench --decode --chunks): B = 32 ran best at 33 chunks (4 waves; 9 chunks, one wave and a
+    /// sliver, took 1.5x), B = 8 at 32, B = 4 at 64 to 128, B = 1 at 256; this rule picks 33, 33, 66 and 256.
     /// </summary>
-    private int DecodeChunks(DecodeShape shape, int longest, bool warps)
+    private int DecodeChunks(DecodeShape shape, int longest, int warpsPerMultiprocessor)
     {
         long rowBlocks = DecodeRowBlocks(shape);
         long groups = (long)shape.Batch * shape.KeyValueHeads * rowBlocks;
+        int sms = Math.Max(1, accelerator.NumMultiprocessors);
         int chunks;
         if (DecodeChunksOverride is { } forced)
             chunks = forced;
+        else if (warpsPerMultiprocessor == 0)
+        {
+            long target = 32L * sms;
+            chunks = groups >= target ? 1 : (int)Math.Min((target + groups - 1) / groups, (longest + 511) / 512);
+        }
         else
         {
-            // The warp kernel: a group is one warp, so it wants more of them, over shorter chunks.
-            long target = (warps ? 64L : 32L) * Math.Max(1, accelerator.NumMultiprocessors);
-            int minKeys = warps ? 256 : 512;
-            chunks = groups >= target ? 1 : (int)Math.Min((target + groups - 1) / groups, (longest + minKeys - 1) / minKeys);
+            long slots = (long)warpsPerMultiprocessor * sms;
+            int most = (longest + 127) / 128;
+            chunks = 1;
+            for (long waves = 1; groups < waves * slots; waves++)
+            {
+                chunks = (int)Math.Min(most, waves * slots / groups);
+                if (chunks == most || (longest + chunks - 1) / chunks <= 1024)
+                    break;
+            }
         }
         chunks = (int)Math.Min(chunks, accelerator.MaxGridSize.Y / rowBlocks);
         return Math.Max(1, Math.Min(chunks, longest));
@@ -474,7 +490,7 @@ public sealed partial class StickBreakingAttention
         // The warp kernel where it serves D and reads whole 8- or 16-byte pieces (rows and views aligned); else the portable one.
         if (kernels.WarpDecode(kernel, D) is { } warp && packedRows && DecodeGuards.Aligned16(q) && UseWarpDecode)
             kernel = warp;
-        int chunks = DecodeChunks(shape, longest, kernel.Family != KernelFamily.Portable);
+        int chunks = DecodeChunks(shape, longest, kernel.Family == KernelFamily.Portable ? 0 : kernel.MinGroupsPerMultiprocessor * kernel.GroupSize / 32);
         int chunkKeys = Math.Max(1, (longest + chunks - 1) / chunks);
         chunks = Math.Max(1, (longest + chunkKeys - 1) / chunkKeys);
         LastDecodeChunks = chunks;
