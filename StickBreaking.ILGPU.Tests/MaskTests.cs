@@ -76,18 +76,22 @@ public sealed class MaskRuleTests
     /// exactly unchanged in the float64 reference (where 0 times a finite value is 0). This checks the rule,
     /// not the kernels: an output it wrongly called independent would change.
     /// </summary>
-    [TestCase(false)]
-    [TestCase(true)]
-    public void RuleHoldsOnTheReference(bool attendCurrent)
+    [TestCase(false, 2, 2)]
+    [TestCase(true, 2, 2)]
+    [TestCase(false, 4, 2)]   // grouped heads: k, v and dk, dv of 2 key/value heads, 2 query heads each
+    [TestCase(true, 3, 1)]
+    public void RuleHoldsOnTheReference(bool attendCurrent, int heads, int keyValueHeads)
     {
-        var shape = new AttentionShape(1, 2, 11, 3);
+        var shape = new AttentionShape(1, heads, 11, 3) { KeyValueHeads = keyValueHeads };
         var x = TestInputs.Standard(shape.Batch, shape.Heads, shape.Length, shape.HeadDim, seed: 17);
+        x = x with { K = x.K[..(int)shape.KeyValueTensorLength], V = x.V[..(int)shape.KeyValueTensorLength] };
         var baseline = Reference(x, shape, attendCurrent);
         int independent = 0, dependent = 0;
         foreach (MaskInput input in Enum.GetValues<MaskInput>())
         {
             int columns = input == MaskInput.DRem ? 1 : shape.HeadDim;
-            for (int head = 0; head < shape.HeadCount; head++)
+            long inputHeads = input is MaskInput.K or MaskInput.V ? shape.KeyValueHeadCount : shape.HeadCount;
+            for (int head = 0; head < inputHeads; head++)
                 for (int token = 0; token < shape.Length; token++)
                     for (int column = 0; column < columns; column++)
                     {
@@ -97,7 +101,7 @@ public sealed class MaskRuleTests
                         {
                             MaskRun.ForEachElement(output, shape, (h, t, d, at) =>
                             {
-                                if (MaskDependencies.MayDepend(output, h, t, d, poison, shape.Length, attendCurrent))
+                                if (MaskDependencies.MayDepend(output, h, t, d, poison, shape.Length, attendCurrent, shape.GroupSize))
                                 {
                                     dependent++;
                                     return;
@@ -114,14 +118,34 @@ public sealed class MaskRuleTests
         Assert.That(independent, Is.GreaterThan(dependent / 4), "the rule leaves something to check");
     }
 
+    /// <summary>
+    /// The float64 reference, grouped heads by their definition: each query head reads its key/value head's k and v (repeated
+    /// per query head), and a key/value head's dk and dv are the sums over its query heads, in head order.
+    /// </summary>
     private static double[][] Reference(AttentionInputs x, AttentionShape shape, bool attendCurrent)
     {
         double scale = 1.0 / Math.Sqrt(shape.HeadDim);
-        double[] q = TestInputs.ToDouble(x.Q), k = TestInputs.ToDouble(x.K), v = TestInputs.ToDouble(x.V);
+        int rows = shape.Length * shape.HeadDim, group = shape.GroupSize;
+        double[] Repeat(double[] kv)
+        {
+            var r = new double[shape.TensorLength];
+            for (int h = 0; h < shape.HeadCount; h++)
+                Array.Copy(kv, (long)(h / group) * rows, r, (long)h * rows, rows);
+            return r;
+        }
+        double[] SumGroups(double[] g)
+        {
+            var r = new double[shape.KeyValueTensorLength];
+            for (int h = 0; h < shape.HeadCount; h++)
+                for (int e = 0; e < rows; e++)
+                    r[(long)(h / group) * rows + e] += g[(long)h * rows + e];
+            return r;
+        }
+        double[] q = TestInputs.ToDouble(x.Q), k = Repeat(TestInputs.ToDouble(x.K)), v = Repeat(TestInputs.ToDouble(x.V));
         var f = Float64Reference.Forward(q, k, v, shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, attendCurrent);
         var g = Float64Reference.Backward(q, k, v, TestInputs.ToDouble(x.DO), TestInputs.ToDouble(x.DRem),
             shape.Batch, shape.Heads, shape.Length, shape.HeadDim, scale, attendCurrent);
-        return [f.O, f.Rem, f.LogRem, g.DQ, g.DK, g.DV];   // in MaskOutput order
+        return [f.O, f.Rem, f.LogRem, g.DQ, SumGroups(g.DK), SumGroups(g.DV)];   // in MaskOutput order
     }
 }
 
@@ -187,17 +211,54 @@ internal static class MaskRun
             };
             yield return new TestCaseData(wide).SetArgDisplayNames(wide.Name);
         }
+        var strict = Grouped().First(g => !g.AttendCurrent);
+        yield return new TestCaseData(strict).SetArgDisplayNames(strict.Name);
+    }
+
+    /// <summary>
+    /// Grouped heads, 4 query heads over 2 key/value heads, T = 70, D = 64: bf16 with the default visibility (in
+    /// <see cref="AlternateScenarios16"/>) and fp16 with AttendCurrent (in <see cref="EmulatedScenarios16"/>). Poisoned: a later key's
+    /// k and v of key/value head 1 (read by query heads 2 and 3 only), q of row 33 of query head 1 (whose dk, dv go to key/value
+    /// head 0, summed with query head 0's), dO and dRem of row 62 of query head 2. The dk/dv passes sum each group's query
+    /// heads into one accumulator: the rule checks that a poison in one query head reaches only what the group's sum
+    /// may take from it, and nothing of the other group.
+    /// </summary>
+    private static IEnumerable<MaskScenario> Grouped()
+    {
+        var shape = new AttentionShape(1, 4, 70, 64) { KeyValueHeads = 2 };
+        int n = 0;
+        foreach (bool attendCurrent in new[] { false, true })
+        {
+            var storage = attendCurrent ? MaskStorage.Fp16 : MaskStorage.Bf16;
+            Poison[] poisons =
+            [
+                new(MaskInput.K, 1, 66, 2, Value(n)), new(MaskInput.V, 1, 66, 9, Value(n + 1)),
+                new(MaskInput.Q, 1, 33, 5, Value(n + 2)),
+                new(MaskInput.DO, 2, 62, 4, Value(n)), new(MaskInput.DRem, 2, 62, 0, Value(n + 1)),
+            ];
+            n++;
+            string tag = float.IsNaN(poisons[0].Value) ? "NaN" : poisons[0].Value > 0 ? "+Inf" : "-Inf";
+            yield return new MaskScenario($"{storage} grouped heads 4 over 2: k, v of key 66, q of row 33, dO and dRem of row 62, " +
+                $"70x64, {(attendCurrent ? "AttendCurrent" : "Strict")}, {tag}", shape, attendCurrent, poisons, storage);
+        }
     }
 
     /// <summary>
     /// One of <see cref="AlternateScenarios16"/> for the tensor-core code on the CPU accelerator, where the mma is an
     /// emulation run thread by thread (the whole set there takes minutes): a later key's k and v (in the diagonal tile
-    /// of some rows, an earlier tile of others); every scenario runs on the real kernels in <see cref="Mask16Tests"/>
+    /// of some rows, an earlier tile of others), and the fp16 grouped-heads scenario; every scenario runs on the real kernels in <see cref="Mask16Tests"/>
     /// on a CUDA device.
     /// </summary>
-    public static IEnumerable<TestCaseData> EmulatedScenarios16() =>
-        AlternateScenarios16().Where(d => ((MaskScenario)d.Arguments[0]!).Name is var n
-            && n.Contains("later key 66", StringComparison.Ordinal));
+    public static IEnumerable<TestCaseData> EmulatedScenarios16()
+    {
+        foreach (var data in AlternateScenarios16())
+        {
+            if (((MaskScenario)data.Arguments[0]!).Name.Contains("later key 66", StringComparison.Ordinal))
+                yield return data;
+        }
+        var current = Grouped().First(g => g.AttendCurrent);
+        yield return new TestCaseData(current).SetArgDisplayNames(current.Name);
+    }
 
     private static IEnumerable<TestCaseData> Generate(bool alternate)
     {
@@ -306,8 +367,9 @@ internal static class MaskRun
     {
         bool perRow = output is MaskOutput.Rem or MaskOutput.LogRem;
         int columns = perRow ? 1 : shape.HeadDim;
+        long heads = output is MaskOutput.DK or MaskOutput.DV ? shape.KeyValueHeadCount : shape.HeadCount;
         int at = 0;
-        for (int head = 0; head < shape.HeadCount; head++)
+        for (int head = 0; head < heads; head++)
             for (int token = 0; token < shape.Length; token++)
                 for (int column = 0; column < columns; column++)
                     visit(head, token, column, at++);
@@ -318,6 +380,8 @@ internal static class MaskRun
     {
         var options = new StickBreakingOptions { AttendCurrent = s.AttendCurrent };
         var x = TestInputs.Standard(s.Shape.Batch, s.Shape.Heads, s.Shape.Length, s.Shape.HeadDim, seed: 3 * s.Shape.Length + s.Shape.HeadDim);
+        if (s.Shape.KeyValueHeads != s.Shape.Heads)   // k and v of the key/value heads only
+            x = x with { K = x.K[..(int)s.Shape.KeyValueTensorLength], V = x.V[..(int)s.Shape.KeyValueTensorLength] };
         if (!baselines.TryGetValue((s.Shape, s.AttendCurrent), out var baseline) || baseline.Storage != s.Storage)
         {
             baseline = Run(accelerator, attention, s.Shape, x, options, s.Storage);
@@ -338,7 +402,7 @@ internal static class MaskRun
             ForEachElement(output, s.Shape, (h, t, d, at) =>
             {
                 bool differs = BitConverter.SingleToInt32Bits(before[at]) != BitConverter.SingleToInt32Bits(after[at]);
-                if (MaskDependencies.MayDepend(output, h, t, d, s.Poisons, s.Shape.Length, s.AttendCurrent))
+                if (MaskDependencies.MayDepend(output, h, t, d, s.Poisons, s.Shape.Length, s.AttendCurrent, s.Shape.GroupSize))
                 {
                     dependents++;
                     if (differs)

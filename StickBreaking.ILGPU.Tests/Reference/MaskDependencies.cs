@@ -25,8 +25,8 @@ public enum MaskOutput
 }
 
 /// <summary>
-/// One poisoned input element: <paramref name="Input"/>[head, token, column] (head = b H + h; the column is
-/// ignored for dRem, which has none) set to <paramref name="Value"/>.
+/// One poisoned input element: <paramref name="Input"/>[head, token, column] (head = b H + h for q, dO and dRem, b Hkv + g
+/// for k and v; the column is ignored for dRem, which has none) set to <paramref name="Value"/>.
 /// </summary>
 public readonly record struct Poison(MaskInput Input, int Head, int Token, int Column, float Value)
 {
@@ -52,6 +52,8 @@ public readonly record struct Poison(MaskInput Input, int Head, int Token, int C
 /// <item>dv_j[d] = sum_i A_ij dO_i[d] over the rows i that see j: q_i, column d of dO_i and k_l for l visible
 /// from i; never v or dRem. A key no row sees has dv = 0.</item>
 /// </list>
+/// With grouped heads (Hq = <c>groupSize</c> Hkv), query head b H + h reads key/value head (b H + h) / groupSize, and the
+/// dk, dv of a key/value head sum over the query heads of its group: an element crosses heads exactly along that map.
 /// The rule is deliberately coarse where the definition is finer (dk_j does not in fact depend on v_l for
 /// l &gt; j, nor A_ij on k_l for l &lt; j): an output the rule calls independent certainly is, so the tests
 /// assert those bitwise unchanged and assert nothing about the others.
@@ -65,10 +67,17 @@ public static class MaskDependencies
     /// <summary>True when no key is visible from any row: the key's dk and dv are exactly 0.</summary>
     public static bool SeenByNoRow(int key, int length, bool attendCurrent) => !(attendCurrent || key < length - 1);
 
-    /// <summary>Whether <paramref name="output"/>[head, token, column] may depend on the poisoned element <paramref name="x"/>.</summary>
-    public static bool MayDepend(MaskOutput output, int head, int token, int column, Poison x, int length, bool attendCurrent)
+    /// <summary>
+    /// Whether <paramref name="output"/>[head, token, column] may depend on the poisoned element <paramref name="x"/>; heads
+    /// of dk and dv (and of k and v) are key/value heads, <paramref name="groupSize"/> query heads to each.
+    /// </summary>
+    public static bool MayDepend(MaskOutput output, int head, int token, int column, Poison x, int length, bool attendCurrent,
+        int groupSize = 1)
     {
-        if (x.Head != head)
+        bool outputOnKeys = output is MaskOutput.DK or MaskOutput.DV, poisonOnKeys = x.Input is MaskInput.K or MaskInput.V;
+        int outputKeyHead = outputOnKeys ? head : head / groupSize, poisonKeyHead = poisonOnKeys ? x.Head : x.Head / groupSize;
+        bool sameHead = outputOnKeys == poisonOnKeys ? x.Head == head : outputKeyHead == poisonKeyHead;
+        if (!sameHead)
             return false;
         switch (output)
         {
@@ -97,11 +106,11 @@ public static class MaskDependencies
 
     /// <summary>Whether the output element may depend on any of <paramref name="poisons"/>.</summary>
     public static bool MayDepend(MaskOutput output, int head, int token, int column, IReadOnlyList<Poison> poisons,
-        int length, bool attendCurrent)
+        int length, bool attendCurrent, int groupSize = 1)
     {
         foreach (var x in poisons)
         {
-            if (MayDepend(output, head, token, column, x, length, attendCurrent))
+            if (MayDepend(output, head, token, column, x, length, attendCurrent, groupSize))
                 return true;
         }
         return false;
