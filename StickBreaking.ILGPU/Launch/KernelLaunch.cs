@@ -1,5 +1,6 @@
 using System;
 using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
 
 namespace StickBreaking.ILGPU.Launch;
 
@@ -95,6 +96,9 @@ internal sealed class KernelLaunch<TArgs>
             return null;   // the launch plan sizes it to the accelerator, or says why it cannot
         if (Family == KernelFamily.TensorCore && accelerator.AcceleratorType == AcceleratorType.OpenCL)
             return $"the {Name} kernel uses inline PTX, which ILGPU's OpenCL backend drops";
+        if (Family == KernelFamily.TensorCore && accelerator is CudaAccelerator cuda && cuda.Architecture is { } architecture
+            && architecture < CudaArchitecture.SM_80)
+            return $"the {Name} kernel uses mma.sync on fp16/bf16 (compute capability 8.0 or later); '{accelerator.Name}' is {architecture}";
         if (accelerator.MaxNumThreadsPerGroup < GroupSize)
             return $"the {Name} kernel needs {GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}";
         if (WarpSize != 0 && accelerator.WarpSize != WarpSize)
