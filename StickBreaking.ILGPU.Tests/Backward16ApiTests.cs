@@ -6,6 +6,7 @@ using NUnit.Framework;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 using Half = System.Half;
+using static StickBreaking.ILGPU.Tests.Rounding;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -189,10 +190,6 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
     /// <summary>Relative RMS error of <paramref name="actual"/>, and the floor: that of the exact gradient rounded to the storage type.</summary>
     private static (double Error, double Floor) Error(float[] actual, double[] exact, bool bf16) =>
         (Errors.RelativeRms(actual, exact), Errors.RelativeRms(exact.Select(e => (float)RoundTrip(e, bf16)).ToArray(), exact));
-
-    private static double[] Rounded(float[] x, bool bf16) => x.Select(f => RoundTrip(f, bf16)).ToArray();
-
-    private static double RoundTrip(double x, bool bf16) => bf16 ? (float)(BFloat16)(float)x : (double)(Half)x;
 }
 
 /// <summary>

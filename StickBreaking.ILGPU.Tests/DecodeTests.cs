@@ -8,17 +8,11 @@ using NUnit.Framework;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 using Half = System.Half;
+using static StickBreaking.ILGPU.Tests.Rounding;
 
 namespace StickBreaking.ILGPU.Tests;
 
 /// <summary>The storage type of a decode test.</summary>
-public enum DecodeStorage
-{
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
 /// <summary>
 /// Queries behind a key/value cache (docs/math.md, "Queries behind a cache", "Split and merge", "Grouped-query heads") on
 /// every backend, for fp32, fp16 and bf16 storage: against the float64 reference written from the definition on the same
@@ -49,10 +43,10 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     ];
 
     private static readonly object[] CaseSource =
-        (from c in Cases from s in Enum.GetValues<DecodeStorage>() select new object[] { c, s }).ToArray();
+        (from c in Cases from s in Enum.GetValues<StorageType>() select new object[] { c, s }).ToArray();
 
     [TestCaseSource(nameof(CaseSource))]
-    public void MatchesFloat64FromTheDefinition(Case c, DecodeStorage storage)
+    public void MatchesFloat64FromTheDefinition(Case c, StorageType storage)
     {
         var x = Make(c, storage, seed: c.Capacity + c.D);
         var got = Run(Attention, c, storage, x);
@@ -61,11 +55,11 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         CheckClose(got, exact, storage, $"{Backend} {storage} {c}");
     }
 
-    [TestCase(DecodeStorage.Fp32, 1, false)]
-    [TestCase(DecodeStorage.Fp32, 5, true)]
-    [TestCase(DecodeStorage.Bf16, 3, false)]
-    [TestCase(DecodeStorage.Fp16, 1, true)]
-    public void LastRowsOfTheLibraryForwardOnTheWholeSequence(DecodeStorage storage, int n, bool attendCurrent)
+    [TestCase(StorageType.Fp32, 1, false)]
+    [TestCase(StorageType.Fp32, 5, true)]
+    [TestCase(StorageType.Bf16, 3, false)]
+    [TestCase(StorageType.Fp16, 1, true)]
+    public void LastRowsOfTheLibraryForwardOnTheWholeSequence(StorageType storage, int n, bool attendCurrent)
     {
         // Hq = Hkv, capacity = L: the cache is the whole sequence's k and v; the queries are its last n rows.
         const int L = 45, H = 2, D = 32;
@@ -81,11 +75,11 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         float[] fo, frem, flog;
         switch (storage)
         {
-            case DecodeStorage.Fp32:
+            case StorageType.Fp32:
                 var y = Attention.Forward(qWhole, k, v, shape, options);
                 (fo, frem, flog) = (y.O, y.Rem, y.LogRem);
                 break;
-            case DecodeStorage.Fp16:
+            case StorageType.Fp16:
                 var yh = Attention.Forward(qWhole.Select(f => (Half)f).ToArray(), k.Select(f => (Half)f).ToArray(), v.Select(f => (Half)f).ToArray(), shape, options);
                 (fo, frem, flog) = (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
                 break;
@@ -112,9 +106,9 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         }
         // The library's forward (last n rows) is one more 16-bit result near the same exact values: decode within the
         // tolerance of it, taking the forward's own rounding as the floor's second share.
-        double floor = storage == DecodeStorage.Fp32 ? 0 : lastO.Max(e => Math.Abs(RoundTrip(e, storage) - e));
-        double ulp = storage == DecodeStorage.Fp32 ? 0 : Ulp(lastO.Max(Math.Abs), storage);
-        double oTolerance = storage == DecodeStorage.Fp32 ? 2e-5 : Math.Max(2 * floor, 1.5 * ulp);
+        double floor = storage == StorageType.Fp32 ? 0 : lastO.Max(e => Math.Abs(RoundTrip(e, storage) - e));
+        double ulp = storage == StorageType.Fp32 ? 0 : Ulp(lastO.Max(Math.Abs), storage);
+        double oTolerance = storage == StorageType.Fp32 ? 2e-5 : Math.Max(2 * floor, 1.5 * ulp);
         double oError = MaxAbs(got.O, forwardO);
         TestContext.Out.WriteLine($"{Backend} {storage} n={n}: |decode - forward| o {oError:E2} (tolerance {oTolerance:E2}), " +
             $"rem {MaxAbs(got.Rem, forwardRem):E2}, LogRem {MaxAbs(got.LogRem, forwardLog):E2}");
@@ -127,13 +121,13 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         CheckClose(got, new ReferenceForward(lastO, lastRem, lastLog), storage, $"{Backend} {storage} n={n} against float64");
     }
 
-    [TestCase(DecodeStorage.Fp32, 2)]
-    [TestCase(DecodeStorage.Fp32, 5)]
-    [TestCase(DecodeStorage.Bf16, 2)]
-    [TestCase(DecodeStorage.Fp16, 5)]
-    [TestCase(DecodeStorage.Bf16, 10)]   // the merge's batches of eight parts, then the rest one by one
-    [TestCase(DecodeStorage.Fp32, 14)]
-    public void SplitIntoChunksMatchesNoSplit(DecodeStorage storage, int chunks)
+    [TestCase(StorageType.Fp32, 2)]
+    [TestCase(StorageType.Fp32, 5)]
+    [TestCase(StorageType.Bf16, 2)]
+    [TestCase(StorageType.Fp16, 5)]
+    [TestCase(StorageType.Bf16, 10)]   // the merge's batches of eight parts, then the rest one by one
+    [TestCase(StorageType.Fp32, 14)]
+    public void SplitIntoChunksMatchesNoSplit(StorageType storage, int chunks)
     {
         var c = new Case(2, 4, 2, 2, 72, 32, [70, 23], false);
         var x = Make(c, storage, seed: 7 * chunks);
@@ -144,10 +138,10 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         var exact = DecodeReference.Forward(ToDouble(x.Q), ToDouble(x.K), ToDouble(x.V), c.Lengths, null, c.B, c.Hq, c.Hkv, c.N,
             c.Capacity, c.D, 1.0 / Math.Sqrt(c.D), c.AttendCurrent);
         CheckClose(split, exact, storage, $"{Backend} {storage} {chunks} chunks");
-        double ulp = storage == DecodeStorage.Fp32 ? 0 : Ulp(exact.O.Max(Math.Abs), storage);
+        double ulp = storage == StorageType.Fp32 ? 0 : Ulp(exact.O.Max(Math.Abs), storage);
         Assert.Multiple(() =>
         {
-            Assert.That(MaxAbs(split.O, whole.O), Is.LessThanOrEqualTo(storage == DecodeStorage.Fp32 ? 2e-5 : ulp), "o split vs whole");
+            Assert.That(MaxAbs(split.O, whole.O), Is.LessThanOrEqualTo(storage == StorageType.Fp32 ? 2e-5 : ulp), "o split vs whole");
             Assert.That(MaxAbs(split.Rem, whole.Rem), Is.LessThanOrEqualTo(2e-5), "rem split vs whole");
             Assert.That(MaxAbs(split.LogRem, whole.LogRem), Is.LessThanOrEqualTo(2e-5), "LogRem split vs whole");
             Assert.That(Bits(again.O), Is.EqualTo(Bits(split.O)), "repeat: o bitwise");
@@ -155,11 +149,11 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         });
     }
 
-    [TestCase(DecodeStorage.Fp32, 2)]
-    [TestCase(DecodeStorage.Fp32, 5)]
-    [TestCase(DecodeStorage.Bf16, 2)]
-    [TestCase(DecodeStorage.Fp16, 5)]
-    public void PublicMergeOfPartsMatchesTheUnsplitResult(DecodeStorage storage, int parts)
+    [TestCase(StorageType.Fp32, 2)]
+    [TestCase(StorageType.Fp32, 5)]
+    [TestCase(StorageType.Bf16, 2)]
+    [TestCase(StorageType.Fp16, 5)]
+    public void PublicMergeOfPartsMatchesTheUnsplitResult(StorageType storage, int parts)
     {
         // One sequence of L keys cut into `parts` caches (as on several devices), nearest part last in the sequence; each
         // part's Decode is told how many keys follow it (keysAfter), and the parts are merged nearest first.
@@ -187,8 +181,8 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
             }
             total = MergeHost(storage, total, y, c.D);
         }
-        double ulp = storage == DecodeStorage.Fp32 ? 0 : Ulp(whole.O.Max(MathF.Abs), storage);
-        double oTolerance = storage == DecodeStorage.Fp32 ? 2e-5 : (parts + 1) * ulp;   // each 16-bit part and merge rounds once
+        double ulp = storage == StorageType.Fp32 ? 0 : Ulp(whole.O.Max(MathF.Abs), storage);
+        double oTolerance = storage == StorageType.Fp32 ? 2e-5 : (parts + 1) * ulp;   // each 16-bit part and merge rounds once
         TestContext.Out.WriteLine($"{Backend} {storage} {parts} parts: |merged - whole| o {MaxAbs(total.O, whole.O):E2}, LogRem {MaxAbs(total.LogRem, whole.LogRem):E2}");
         Assert.Multiple(() =>
         {
@@ -198,11 +192,11 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         });
     }
 
-    [TestCase(DecodeStorage.Fp32, 1)]
-    [TestCase(DecodeStorage.Bf16, 1)]
-    [TestCase(DecodeStorage.Fp32, 3)]
-    [TestCase(DecodeStorage.Fp16, 3)]
-    public void NaNInSlotsNoQuerySeesReachesNoOutput(DecodeStorage storage, int chunks)
+    [TestCase(StorageType.Fp32, 1)]
+    [TestCase(StorageType.Bf16, 1)]
+    [TestCase(StorageType.Fp32, 3)]
+    [TestCase(StorageType.Fp16, 3)]
+    public void NaNInSlotsNoQuerySeesReachesNoOutput(StorageType storage, int chunks)
     {
         // Slots past each length are NaN (Make), and so are k and v of the last key present, which no query sees
         // without AttendCurrent (query i sees keys below L - n + i <= L - 1).
@@ -228,8 +222,8 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     public void DeviceLevelGivesTheHostLevelBits()
     {
         var c = new Case(2, 4, 2, 2, 40, 32, [37, 12], false);
-        var x = Make(c, DecodeStorage.Bf16, seed: 23);
-        var host = Run(Attention, c, DecodeStorage.Bf16, x);
+        var x = Make(c, StorageType.Bf16, seed: 23);
+        var host = Run(Attention, c, StorageType.Bf16, x);
         var acc = Accelerator;
         using var q = acc.Allocate1D(x.Q.Select(f => (BFloat16)f).ToArray());
         using var k = acc.Allocate1D(x.K.Select(f => (BFloat16)f).ToArray());
@@ -283,15 +277,15 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
             Assert.That(Assert.Throws<ArgumentException>(() => Attention.Merge(new float[31], new float[4], new float[32], new float[4], 8))!.ParamName, Is.EqualTo("oNear"), "merge o length");
         });
         // Still usable after the refusals.
-        var good = Make(c, DecodeStorage.Fp32, seed: 2);
-        var y = Run(Attention, c, DecodeStorage.Fp32, good);
+        var good = Make(c, StorageType.Fp32, seed: 2);
+        var y = Run(Attention, c, StorageType.Fp32, good);
         Assert.That(y.O.All(float.IsFinite), Is.True);
     }
 
-    [TestCase(DecodeStorage.Bf16, 1)]
-    [TestCase(DecodeStorage.Fp32, 3)]
-    [TestCase(DecodeStorage.Fp16, 2)]
-    public void GroupsOf256PrefetchTheNextTile(DecodeStorage storage, int chunks)
+    [TestCase(StorageType.Bf16, 1)]
+    [TestCase(StorageType.Fp32, 3)]
+    [TestCase(StorageType.Fp16, 2)]
+    public void GroupsOf256PrefetchTheNextTile(StorageType storage, int chunks)
     {
         // With 256 threads a group stages a whole tile in two 16-byte words per thread and loads the next tile into
         // registers while it works on this one (the GPU path); the CPU accelerator's own groups of 32 never do.
@@ -316,9 +310,9 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         CheckClose(got, exact, storage, $"{Backend} {storage} groups of 256, {chunks} chunks");
     }
 
-    [TestCase(DecodeStorage.Bf16)]
-    [TestCase(DecodeStorage.Fp32)]
-    public void LongCacheWithTheChosenSplit(DecodeStorage storage)
+    [TestCase(StorageType.Bf16)]
+    [TestCase(StorageType.Fp32)]
+    public void LongCacheWithTheChosenSplit(StorageType storage)
     {
         // A cache long enough that a GPU splits it (the chunk count the instance picks for its accelerator).
         var c = new Case(2, 8, 2, 1, 1100, 128, [1024, 700], false);
@@ -409,7 +403,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     internal sealed record Inputs(float[] Q, float[] K, float[] V);
 
     /// <summary>Standard inputs rounded to the storage; slots past each sequence's length are NaN.</summary>
-    internal static Inputs Make(Case c, DecodeStorage storage, int seed)
+    internal static Inputs Make(Case c, StorageType storage, int seed)
     {
         var normal = new Random(seed);
         double N() => Math.Sqrt(-2 * Math.Log(1 - normal.NextDouble())) * Math.Cos(2 * Math.PI * normal.NextDouble());
@@ -430,7 +424,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         return new Inputs(q, k, v);
     }
 
-    private (float[] O, float[] Rem, float[] LogRem) RunChunks(Case c, DecodeStorage storage, Inputs x, int chunks)
+    private (float[] O, float[] Rem, float[] LogRem) RunChunks(Case c, StorageType storage, Inputs x, int chunks)
     {
         Attention.DecodeChunksOverride = chunks;
         try
@@ -443,16 +437,16 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         }
     }
 
-    internal static (float[] O, float[] Rem, float[] LogRem) Run(StickBreakingAttention attention, Case c, DecodeStorage storage, Inputs x,
+    internal static (float[] O, float[] Rem, float[] LogRem) Run(StickBreakingAttention attention, Case c, StorageType storage, Inputs x,
         int[]? keysAfter = null)
     {
         var options = new StickBreakingOptions { AttendCurrent = c.AttendCurrent };
         switch (storage)
         {
-            case DecodeStorage.Fp32:
+            case StorageType.Fp32:
                 var y = attention.Decode(x.Q, x.K, x.V, c.Lengths, c.Shape, options, keysAfter);
                 return (y.O, y.Rem, y.LogRem);
-            case DecodeStorage.Fp16:
+            case StorageType.Fp16:
                 var yh = attention.Decode(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(),
                     x.V.Select(f => (Half)f).ToArray(), c.Lengths, c.Shape, options, keysAfter);
                 return (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
@@ -463,15 +457,15 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         }
     }
 
-    private (float[] O, float[] Rem, float[] LogRem) MergeHost(DecodeStorage storage, (float[] O, float[] Rem, float[] LogRem) near,
+    private (float[] O, float[] Rem, float[] LogRem) MergeHost(StorageType storage, (float[] O, float[] Rem, float[] LogRem) near,
         (float[] O, float[] Rem, float[] LogRem) far, int headDim)
     {
         switch (storage)
         {
-            case DecodeStorage.Fp32:
+            case StorageType.Fp32:
                 var y = Attention.Merge(near.O, near.LogRem, far.O, far.LogRem, headDim);
                 return (y.O, y.Rem, y.LogRem);
-            case DecodeStorage.Fp16:
+            case StorageType.Fp16:
                 var yh = Attention.Merge(near.O.Select(f => (Half)f).ToArray(), near.LogRem, far.O.Select(f => (Half)f).ToArray(), far.LogRem, headDim);
                 return (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
             default:
@@ -480,11 +474,11 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         }
     }
 
-    internal static void CheckClose((float[] O, float[] Rem, float[] LogRem) got, ReferenceForward exact, DecodeStorage storage, string what)
+    internal static void CheckClose((float[] O, float[] Rem, float[] LogRem) got, ReferenceForward exact, StorageType storage, string what)
     {
         double oTolerance = 2e-5;
         double floor = 0;
-        if (storage != DecodeStorage.Fp32)
+        if (storage != StorageType.Fp32)
         {
             floor = exact.O.Max(e => Math.Abs(RoundTrip(e, storage) - e));
             oTolerance = Math.Max(2 * floor, 1.5 * Ulp(exact.O.Max(Math.Abs), storage));
@@ -516,17 +510,7 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
 
     private static double MaxAbs(float[] a, float[] b) => MaxAbs(a, b.Select(f => (double)f).ToArray());
 
-    internal static double Ulp(double magnitude, DecodeStorage storage) =>
-        Math.Pow(2, Math.Floor(Math.Log2(magnitude)) - (storage == DecodeStorage.Bf16 ? 7 : 10));
-
-    private static double RoundTrip(double x, DecodeStorage storage) => storage switch
-    {
-        DecodeStorage.Bf16 => (float)(BFloat16)(float)x,
-        DecodeStorage.Fp16 => (double)(Half)x,
-        _ => (float)x,
-    };
-
-    private static float[] Round(float[] x, DecodeStorage storage) => x.Select(f => (float)RoundTrip(f, storage)).ToArray();
+    internal static double Ulp(double magnitude, StorageType storage) => Rounding.Ulp(magnitude, storage);
 
     internal static double[] ToDouble(float[] x) => x.Select(f => (double)f).ToArray();
 
@@ -643,10 +627,10 @@ public sealed class WarpDecodeTests : CudaCodeOnCpuFixture
     ];
 
     private static readonly object[] CaseSource =
-        (from c in Cases from s in Enum.GetValues<DecodeStorage>() from chunks in new[] { 1, 3 } select new object[] { c, s, chunks }).ToArray();
+        (from c in Cases from s in Enum.GetValues<StorageType>() from chunks in new[] { 1, 3 } select new object[] { c, s, chunks }).ToArray();
 
     [TestCaseSource(nameof(CaseSource))]
-    public void MatchesFloat64FromTheDefinition(DecodeTests.Case c, DecodeStorage storage, int chunks)
+    public void MatchesFloat64FromTheDefinition(DecodeTests.Case c, StorageType storage, int chunks)
     {
         var x = DecodeTests.Make(c, storage, seed: c.Capacity + c.D + chunks);
         var got = Run(c, storage, x, chunks);
@@ -655,9 +639,9 @@ public sealed class WarpDecodeTests : CudaCodeOnCpuFixture
         DecodeTests.CheckClose(got, exact, storage, $"warp decode {storage} {c} {chunks} chunks");
     }
 
-    [TestCase(DecodeStorage.Bf16, 1)]
-    [TestCase(DecodeStorage.Fp32, 2)]
-    public void NaNInSlotsNoQuerySeesReachesNoOutput(DecodeStorage storage, int chunks)
+    [TestCase(StorageType.Bf16, 1)]
+    [TestCase(StorageType.Fp32, 2)]
+    public void NaNInSlotsNoQuerySeesReachesNoOutput(StorageType storage, int chunks)
     {
         var c = new DecodeTests.Case(2, 4, 1, 3, 48, 64, [40, 29], false);
         var x = DecodeTests.Make(c, storage, seed: 19);
@@ -681,10 +665,10 @@ public sealed class WarpDecodeTests : CudaCodeOnCpuFixture
     public void OtherHeadDimensionsRunThePortableKernel()
     {
         var c = new DecodeTests.Case(1, 2, 1, 1, 20, 32, [20], false);
-        Run(c, DecodeStorage.Bf16, DecodeTests.Make(c, DecodeStorage.Bf16, seed: 1), 1, expectWarp: false);
+        Run(c, StorageType.Bf16, DecodeTests.Make(c, StorageType.Bf16, seed: 1), 1, expectWarp: false);
     }
 
-    private (float[] O, float[] Rem, float[] LogRem) Run(DecodeTests.Case c, DecodeStorage storage, DecodeTests.Inputs x, int chunks,
+    private (float[] O, float[] Rem, float[] LogRem) Run(DecodeTests.Case c, StorageType storage, DecodeTests.Inputs x, int chunks,
         bool expectWarp = true)
     {
         Attention.DecodeChunksOverride = chunks;

@@ -8,6 +8,7 @@ using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 using Half = System.Half;
+using static StickBreaking.ILGPU.Tests.Rounding;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -108,10 +109,6 @@ public sealed class Forward16ApiTests : CudaCodeOnCpuFixture
             o.View, rows.View.SubView(0, shape.RowCount), rows.View.SubView(shape.RowCount, shape.RowCount)));
         Assert.That(ex!.ParamName, Is.EqualTo("q"));
     }
-
-    private static double[] Rounded(float[] x, bool bf16) => x.Select(f => RoundTrip(f, bf16)).ToArray();
-
-    private static double RoundTrip(double x, bool bf16) => bf16 ? (float)(BFloat16)(float)x : (double)(Half)x;
 }
 
 /// <summary>

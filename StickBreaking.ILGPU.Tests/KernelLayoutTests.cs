@@ -4,6 +4,7 @@ using NUnit.Framework;
 using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Infrastructure.Errors;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -269,17 +270,6 @@ internal static class LayoutChecks
             if (!covered[e] && !EqualityComparer<T>.Default.Equals(x[e], default))
                 return false;
         return true;
-    }
-
-    private static double RelativeRms(float[] actual, double[] expected)
-    {
-        double error = 0, norm = 0;
-        for (int e = 0; e < actual.Length; e++)
-        {
-            error += (actual[e] - expected[e]) * (actual[e] - expected[e]);
-            norm += expected[e] * expected[e];
-        }
-        return Math.Sqrt(error / Math.Max(norm, double.Epsilon));
     }
 }
 

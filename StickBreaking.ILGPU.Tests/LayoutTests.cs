@@ -6,16 +6,9 @@ using NUnit.Framework;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 using Half = System.Half;
+using static StickBreaking.ILGPU.Tests.Rounding;
 
 namespace StickBreaking.ILGPU.Tests;
-
-/// <summary>Storage types of a layout case.</summary>
-public enum Storage
-{
-    Fp32,
-    Fp16,
-    Bf16,
-}
 
 /// <summary>How a layout case lays its tensors out (docs/api.md, "Layouts").</summary>
 public enum LayoutKind
@@ -48,13 +41,13 @@ public sealed class LayoutTests(string backend) : BackendFixture(backend)
     [
         .. from i in Enumerable.Range(0, 3)
            from j in Enumerable.Range(0, 3)
-           select new object[] { (Storage)i, new[] { LayoutKind.TokenMajor, LayoutKind.FusedQkv, LayoutKind.Padded }[j], new[] { 1, 2, 4 }[(i + j) % 3] },
-        new object[] { Storage.Bf16, LayoutKind.HeadMajor, 1 },
-        new object[] { Storage.Fp32, LayoutKind.HeadMajor, 2 },
+           select new object[] { (StorageType)i, new[] { LayoutKind.TokenMajor, LayoutKind.FusedQkv, LayoutKind.Padded }[j], new[] { 1, 2, 4 }[(i + j) % 3] },
+        new object[] { StorageType.Bf16, LayoutKind.HeadMajor, 1 },
+        new object[] { StorageType.Fp32, LayoutKind.HeadMajor, 2 },
     ];
 
     [TestCaseSource(nameof(ForwardCases))]
-    public void ForwardMatchesFloat64(Storage storage, LayoutKind kind, int kvHeads) =>
+    public void ForwardMatchesFloat64(StorageType storage, LayoutKind kind, int kvHeads) =>
         LayoutCheck.Forward(Attention, Backend, storage, kind, new AttentionShape(2, 4, 40, 64) { KeyValueHeads = kvHeads },
             attendCurrent: kvHeads == 2, ForwardTolerance);
 
@@ -63,24 +56,24 @@ public sealed class LayoutTests(string backend) : BackendFixture(backend)
     [
         .. from i in Enumerable.Range(0, 3)
            from j in Enumerable.Range(0, 3)
-           select new object[] { (Storage)i, new[] { LayoutKind.TokenMajor, LayoutKind.FusedQkv, LayoutKind.Padded }[j], new[] { 1, 2, 4 }[(i + 2 * j + 1) % 3] },
-        new object[] { Storage.Bf16, LayoutKind.HeadMajor, 2 },
+           select new object[] { (StorageType)i, new[] { LayoutKind.TokenMajor, LayoutKind.FusedQkv, LayoutKind.Padded }[j], new[] { 1, 2, 4 }[(i + 2 * j + 1) % 3] },
+        new object[] { StorageType.Bf16, LayoutKind.HeadMajor, 2 },
     ];
 
     [TestCaseSource(nameof(BackwardCases))]
-    public void BackwardMatchesFloat64(Storage storage, LayoutKind kind, int kvHeads) =>
+    public void BackwardMatchesFloat64(StorageType storage, LayoutKind kind, int kvHeads) =>
         LayoutCheck.Backward(Attention, Backend, storage, kind, new AttentionShape(2, 4, 40, 64) { KeyValueHeads = kvHeads },
             attendCurrent: kvHeads != 2, GradientTolerance);
 
-    [TestCase(Storage.Fp32, 40)]
-    [TestCase(Storage.Bf16, 64)]
-    [TestCase(Storage.Fp16, 128)]
-    public void StridedCallsGiveTheContiguousBits(Storage storage, int headDim) =>
+    [TestCase(StorageType.Fp32, 40)]
+    [TestCase(StorageType.Bf16, 64)]
+    [TestCase(StorageType.Fp16, 128)]
+    public void StridedCallsGiveTheContiguousBits(StorageType storage, int headDim) =>
         LayoutCheck.SameBitsAsContiguous(Attention, storage, new AttentionShape(2, 2, 33, headDim));
 
-    [TestCase(Storage.Fp32)]
-    [TestCase(Storage.Bf16)]
-    public void DeviceLevelFusedBuffersGiveTheHostLevelBits(Storage storage) =>
+    [TestCase(StorageType.Fp32)]
+    [TestCase(StorageType.Bf16)]
+    public void DeviceLevelFusedBuffersGiveTheHostLevelBits(StorageType storage) =>
         LayoutCheck.DeviceFused(Attention, Accelerator, storage, new AttentionShape(2, 4, 50, 64) { KeyValueHeads = 2 });
 }
 
@@ -92,15 +85,15 @@ public sealed class LayoutTests(string backend) : BackendFixture(backend)
 /// </summary>
 public sealed class CudaCodeLayoutTests : CudaCodeOnCpuFixture
 {
-    [TestCase(Storage.Fp32, LayoutKind.FusedQkv, 2)]
-    [TestCase(Storage.Fp32, LayoutKind.Padded, 1)]
-    public void ForwardMatchesFloat64(Storage storage, LayoutKind kind, int kvHeads) =>
+    [TestCase(StorageType.Fp32, LayoutKind.FusedQkv, 2)]
+    [TestCase(StorageType.Fp32, LayoutKind.Padded, 1)]
+    public void ForwardMatchesFloat64(StorageType storage, LayoutKind kind, int kvHeads) =>
         LayoutCheck.Forward(Attention, "Cpu (CUDA code)", storage, kind, new AttentionShape(1, 4, 40, 64) { KeyValueHeads = kvHeads },
             attendCurrent: false, 2e-5);
 
-    [TestCase(Storage.Fp32, LayoutKind.FusedQkv, 2)]
-    [TestCase(Storage.Fp32, LayoutKind.TokenMajor, 1)]
-    public void BackwardMatchesFloat64(Storage storage, LayoutKind kind, int kvHeads) =>
+    [TestCase(StorageType.Fp32, LayoutKind.FusedQkv, 2)]
+    [TestCase(StorageType.Fp32, LayoutKind.TokenMajor, 1)]
+    public void BackwardMatchesFloat64(StorageType storage, LayoutKind kind, int kvHeads) =>
         LayoutCheck.Backward(Attention, "Cpu (CUDA code)", storage, kind, new AttentionShape(1, 4, 40, 64) { KeyValueHeads = kvHeads },
             attendCurrent: true, 2e-5);
 }
@@ -209,12 +202,7 @@ internal static class LayoutCheck
     }
 
     /// <summary>Logical [B, heads, T, D] values, rounded to the storage type (what the kernels will read).</summary>
-    public static float[] Rounded(float[] x, Storage storage) => storage switch
-    {
-        Storage.Fp16 => x.Select(f => (float)(Half)f).ToArray(),
-        Storage.Bf16 => x.Select(f => (float)(BFloat16)f).ToArray(),
-        _ => x,
-    };
+    public static float[] Rounded(float[] x, StorageType storage) => storage == StorageType.Fp32 ? x : Rounding.Round(x, storage);
 
     /// <summary>Writes logical <paramref name="x"/> ([B, heads, T, D]) into <paramref name="to"/> from <paramref name="at"/> as <paramref name="layout"/> says.</summary>
     public static void Place(float[] x, float[] to, long at, TensorLayout layout, int batch, int heads, int length, int headDim)
@@ -239,7 +227,7 @@ internal static class LayoutCheck
     }
 
     /// <summary>The case's inputs: q, dO, dRem with Hq heads, k, v with Hkv heads, each rounded to the storage type.</summary>
-    public static (float[] Q, float[] K, float[] V, float[] DO, float[] DRem) Inputs(AttentionShape s, Storage storage, int seed)
+    public static (float[] Q, float[] K, float[] V, float[] DO, float[] DRem) Inputs(AttentionShape s, StorageType storage, int seed)
     {
         var query = TestInputs.Create(InputKind.Standard, s.Batch, s.Heads, s.Length, s.HeadDim, seed);
         var key = TestInputs.Create(InputKind.Standard, s.Batch, s.KeyValueHeads, s.Length, s.HeadDim, seed + 1);
@@ -300,7 +288,7 @@ internal static class LayoutCheck
     private static float[] Gaps(long length) => Enumerable.Repeat(float.NaN, (int)length).ToArray();
 
     /// <summary>The host-level forward of a case; o unpacked to logical [B, Hq, T, D] floats.</summary>
-    public static (float[] O, float[] Rem, float[] LogRem) RunForward(StickBreakingAttention attention, Storage storage,
+    public static (float[] O, float[] Rem, float[] LogRem) RunForward(StickBreakingAttention attention, StorageType storage,
         AttentionShape s, StickBreakingOptions options, float[] q, float[] k, float[] v)
     {
         var r = AttentionLayout.Resolve(options.Layout, s);
@@ -308,11 +296,11 @@ internal static class LayoutCheck
         float[] o; float[] rem, logRem;
         switch (storage)
         {
-            case Storage.Fp32:
+            case StorageType.Fp32:
                 var f = attention.Forward(p.Q.AsSpan((int)p.QAt), p.K.AsSpan((int)p.KAt), p.V.AsSpan((int)p.VAt), s, options);
                 (o, rem, logRem) = (f.O, f.Rem, f.LogRem);
                 break;
-            case Storage.Fp16:
+            case StorageType.Fp16:
                 var h = attention.Forward(ToHalf(p.Q).AsSpan((int)p.QAt), ToHalf(p.K).AsSpan((int)p.KAt), ToHalf(p.V).AsSpan((int)p.VAt), s, options);
                 (o, rem, logRem) = (h.O.Select(x => (float)x).ToArray(), h.Rem, h.LogRem);
                 break;
@@ -325,7 +313,7 @@ internal static class LayoutCheck
     }
 
     /// <summary>The host-level backward of a case; dq, dk, dv unpacked to logical floats.</summary>
-    public static (float[] DQ, float[] DK, float[] DV) RunBackward(StickBreakingAttention attention, Storage storage,
+    public static (float[] DQ, float[] DK, float[] DV) RunBackward(StickBreakingAttention attention, StorageType storage,
         AttentionShape s, StickBreakingOptions options, float[] q, float[] k, float[] v, float[] dO, float[] dRem)
     {
         var r = AttentionLayout.Resolve(options.Layout, s);
@@ -334,11 +322,11 @@ internal static class LayoutCheck
         float[] dq, dk, dv;
         switch (storage)
         {
-            case Storage.Fp32:
+            case StorageType.Fp32:
                 var f = attention.Backward(p.Q.AsSpan((int)p.QAt), p.K.AsSpan((int)p.KAt), p.V.AsSpan((int)p.VAt), dOPacked, dRem, s, options);
                 (dq, dk, dv) = (f.DQ, f.DK, f.DV);
                 break;
-            case Storage.Fp16:
+            case StorageType.Fp16:
                 var h = attention.Backward(ToHalf(p.Q).AsSpan((int)p.QAt), ToHalf(p.K).AsSpan((int)p.KAt), ToHalf(p.V).AsSpan((int)p.VAt),
                     ToHalf(dOPacked), dRem, s, options);
                 (dq, dk, dv) = (h.DQ.Select(x => (float)x).ToArray(), h.DK.Select(x => (float)x).ToArray(), h.DV.Select(x => (float)x).ToArray());
@@ -353,18 +341,11 @@ internal static class LayoutCheck
             Take(dv, r.DV, s.Batch, s.KeyValueHeads, s.Length, s.HeadDim));
     }
 
-    public static Half[] ToHalf(float[] x) => x.Select(f => (Half)f).ToArray();
+    public static Half[] ToHalf(float[] x) => Rounding.ToHalf(x);
 
-    public static BFloat16[] ToBf16(float[] x) => x.Select(f => (BFloat16)f).ToArray();
+    public static BFloat16[] ToBf16(float[] x) => Rounding.ToBf16(x);
 
-    private static double RoundTrip(double x, Storage storage) => storage switch
-    {
-        Storage.Fp16 => (double)(Half)x,
-        Storage.Bf16 => (float)(BFloat16)(float)x,
-        _ => (float)x,
-    };
-
-    public static void Forward(StickBreakingAttention attention, string backend, Storage storage, LayoutKind kind, AttentionShape s,
+    public static void Forward(StickBreakingAttention attention, string backend, StorageType storage, LayoutKind kind, AttentionShape s,
         bool attendCurrent, double fp32Tolerance)
     {
         var (q, k, v, _, _) = Inputs(s, storage, seed: 7 * s.Length + s.KeyValueHeads);
@@ -374,10 +355,10 @@ internal static class LayoutCheck
             s.HeadDim, 1.0 / Math.Sqrt(s.HeadDim), attendCurrent);
         double oError = Errors.MaxAbs(o, exact.O);
         double allowed = fp32Tolerance;
-        if (storage != Storage.Fp32)
+        if (storage != StorageType.Fp32)
         {
             double floor = exact.O.Max(e => Math.Abs(RoundTrip(e, storage) - e));
-            double ulp = Math.Pow(2, Math.Floor(Math.Log2(exact.O.Max(Math.Abs))) - (storage == Storage.Bf16 ? 7 : 10));
+            double ulp = Rounding.Ulp(exact.O.Max(Math.Abs), storage);
             allowed = Math.Max(2 * floor, 1.5 * ulp);
         }
         TestContext.Out.WriteLine($"{backend} {storage} {kind} {s}: o max error {oError:E2} (allowed {allowed:E2})");
@@ -389,7 +370,7 @@ internal static class LayoutCheck
         });
     }
 
-    public static void Backward(StickBreakingAttention attention, string backend, Storage storage, LayoutKind kind, AttentionShape s,
+    public static void Backward(StickBreakingAttention attention, string backend, StorageType storage, LayoutKind kind, AttentionShape s,
         bool attendCurrent, double fp32Tolerance)
     {
         var (q, k, v, dO, dRem) = Inputs(s, storage, seed: 11 * s.Length + s.KeyValueHeads);
@@ -399,7 +380,7 @@ internal static class LayoutCheck
             TestInputs.ToDouble(dRem), s.Batch, s.Heads, s.Length, s.HeadDim, 1.0 / Math.Sqrt(s.HeadDim), attendCurrent);
         var dkExact = Summed(exact.DK, s);
         var dvExact = Summed(exact.DV, s);
-        double Allowed(double[] e) => storage == Storage.Fp32
+        double Allowed(double[] e) => storage == StorageType.Fp32
             ? fp32Tolerance
             : 2 * Errors.RelativeRms(e.Select(x => (float)RoundTrip(x, storage)).ToArray(), e);
         double dqError = Errors.RelativeRms(dq, exact.DQ), dkError = Errors.RelativeRms(dk, dkExact), dvError = Errors.RelativeRms(dv, dvExact);
@@ -414,7 +395,7 @@ internal static class LayoutCheck
     }
 
     /// <summary>Every layout's forward and backward give the bits of the contiguous call on the same values.</summary>
-    public static void SameBitsAsContiguous(StickBreakingAttention attention, Storage storage, AttentionShape s)
+    public static void SameBitsAsContiguous(StickBreakingAttention attention, StorageType storage, AttentionShape s)
     {
         var (q, k, v, dO, dRem) = Inputs(s, storage, seed: 3 * s.HeadDim);
         var plain = new StickBreakingOptions();
@@ -440,7 +421,7 @@ internal static class LayoutCheck
     /// The device level with q, k, v in one fused buffer and dq, dk, dv in another (the realistic training call) gives
     /// the host level's bits.
     /// </summary>
-    public static void DeviceFused(StickBreakingAttention attention, Accelerator acc, Storage storage, AttentionShape s)
+    public static void DeviceFused(StickBreakingAttention attention, Accelerator acc, StorageType storage, AttentionShape s)
     {
         var (q, k, v, dO, dRem) = Inputs(s, storage, seed: 5);
         var options = new StickBreakingOptions { Layout = AttentionLayout.FusedQkv(s) };
@@ -452,7 +433,7 @@ internal static class LayoutCheck
         Place(k, packed, kAt, r.K, s.Batch, s.KeyValueHeads, s.Length, s.HeadDim);
         Place(v, packed, vAt, r.V, s.Batch, s.KeyValueHeads, s.Length, s.HeadDim);
         var dOPacked = Packed(dO, r.DO, r.QuerySpan(r.DO), s.Heads, s);
-        float[] grads = storage == Storage.Fp32
+        float[] grads = storage == StorageType.Fp32
             ? Device(packed, dOPacked, x => x)
             : Device(ToBf16(packed), ToBf16(dOPacked), x => (float)x);
         float[] dq = Take(grads, r.DQ, s.Batch, s.Heads, s.Length, s.HeadDim);

@@ -149,16 +149,8 @@ public sealed class MaskRuleTests
     }
 }
 
-/// <summary>How a scenario's tensors are stored: fp32, or 16-bit through the public fp16/bf16 API.</summary>
-public enum MaskStorage
-{
-    Fp32,
-    Bf16,
-    Fp16,
-}
-
 /// <summary>One poisoned run: the shape, the visibility, the poisoned input elements and the storage type.</summary>
-public sealed record MaskScenario(string Name, AttentionShape Shape, bool AttendCurrent, Poison[] Poisons, MaskStorage Storage = MaskStorage.Fp32)
+public sealed record MaskScenario(string Name, AttentionShape Shape, bool AttendCurrent, Poison[] Poisons, StorageType Storage = StorageType.Fp32)
 {
     public override string ToString() => Name;
 }
@@ -167,7 +159,7 @@ public sealed record MaskScenario(string Name, AttentionShape Shape, bool Attend
 internal static class MaskRun
 {
     /// <summary>All outputs of one forward and backward, in <see cref="MaskOutput"/> order (16-bit ones widened to fp32).</summary>
-    internal sealed record Outputs(float[][] All, MaskStorage Storage);
+    internal sealed record Outputs(float[][] All, StorageType Storage);
 
     private static readonly float[] Values = [float.NaN, float.PositiveInfinity, float.NegativeInfinity];
 
@@ -203,7 +195,7 @@ internal static class MaskRun
         foreach (var data in Generate(alternate: true))
         {
             var s = (MaskScenario)data.Arguments[0]!;
-            var storage = n++ % 2 == 0 ? MaskStorage.Bf16 : MaskStorage.Fp16;
+            var storage = n++ % 2 == 0 ? StorageType.Bf16 : StorageType.Fp16;
             var wide = s with
             {
                 Shape = new AttentionShape(s.Shape.Batch, s.Shape.Heads, s.Shape.Length, 64), Storage = storage,
@@ -229,7 +221,7 @@ internal static class MaskRun
         int n = 0;
         foreach (bool attendCurrent in new[] { false, true })
         {
-            var storage = attendCurrent ? MaskStorage.Fp16 : MaskStorage.Bf16;
+            var storage = attendCurrent ? StorageType.Fp16 : StorageType.Bf16;
             Poison[] poisons =
             [
                 new(MaskInput.K, 1, 66, 2, Value(n)), new(MaskInput.V, 1, 66, 9, Value(n + 1)),
@@ -439,9 +431,9 @@ internal static class MaskRun
     }
 
     private static Outputs Run(Accelerator accelerator, StickBreakingAttention attention, AttentionShape shape,
-        AttentionInputs x, StickBreakingOptions options, MaskStorage storage)
+        AttentionInputs x, StickBreakingOptions options, StorageType storage)
     {
-        if (storage == MaskStorage.Bf16)
+        if (storage == StorageType.Bf16)
         {
             BFloat16[] B(float[] a) => a.Select(f => (BFloat16)f).ToArray();
             float[] F(BFloat16[] a) => a.Select(b => (float)b).ToArray();
@@ -449,7 +441,7 @@ internal static class MaskRun
             var g = attention.Backward(B(x.Q), B(x.K), B(x.V), B(x.DO), x.DRem, shape, options);
             return new Outputs([F(y.O), y.Rem, y.LogRem, F(g.DQ), F(g.DK), F(g.DV)], storage);
         }
-        if (storage == MaskStorage.Fp16)
+        if (storage == StorageType.Fp16)
         {
             System.Half[] H(float[] a) => a.Select(f => (System.Half)f).ToArray();
             float[] F(System.Half[] a) => a.Select(h => (float)h).ToArray();

@@ -9,6 +9,8 @@ using StickBreaking.ILGPU.Kernels.Portable;
 using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Rounding;
+using static StickBreaking.ILGPU.Tests.Infrastructure.Errors;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -62,7 +64,7 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
         int batch = 1, heads = kind == InputKind.Standard ? 1 : 2;
         var shape = new AttentionShape(batch, heads, length, headDim);
         var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 11 * length + headDim + (bf16 ? 1 : 0));
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         float[] dRem = zeroDRem ? new float[x.DRem.Length] : x.DRem;
         double scale = 1.0 / Math.Sqrt(headDim);
         var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, batch, heads, length, headDim, scale, attendCurrent);
@@ -105,7 +107,7 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
     {
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 3 * length + headDim);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var first = Run16(bf16, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, attendCurrent, sliced);
         var second = Run16(bf16, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, attendCurrent, sliced);
@@ -141,7 +143,7 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
         int length = 40, headDim = 16;
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 41);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         int last = length - 1;
         for (int d = 0; d < headDim; d++)
         {
@@ -233,36 +235,4 @@ public sealed class Portable16Tests(string backend) : BackendFixture(backend)
     private static (double Error, double Floor) GradientError(ushort[] actual, double[] exact, bool bf16) =>
         (RelativeRms(actual.Select(b => ToDouble(b, bf16)).ToArray(), exact),
          RelativeRms(exact.Select(e => ToDouble(FromDouble(e, bf16), bf16)).ToArray(), exact));
-
-    private static double RelativeRms(double[] actual, double[] expected)
-    {
-        double diff = 0, norm = 0;
-        for (int i = 0; i < actual.Length; i++)
-        {
-            double e = actual[i] - expected[i];
-            diff += e * e;
-            norm += expected[i] * expected[i];
-        }
-        if (double.IsNaN(diff))
-            return double.PositiveInfinity;
-        return norm == 0 ? Math.Sqrt(diff) : Math.Sqrt(diff / norm);
-    }
-
-    private static (ushort[] Bits, double[] Values) Round(float[] x, bool bf16)
-    {
-        var bits = x.Select(f => FromDouble(f, bf16)).ToArray();
-        return (bits, bits.Select(b => ToDouble(b, bf16)).ToArray());
-    }
-
-    private static float[] Floats(ushort[] bits, bool bf16) => bits.Select(b => (float)ToDouble(b, bf16)).ToArray();
-
-    private static ushort FromDouble(double x, bool bf16) =>
-        bf16 ? ((BFloat16)(float)x).Bits : BitConverter.HalfToUInt16Bits((System.Half)x);
-
-    private static double ToDouble(ushort bits, bool bf16) =>
-        bf16 ? (float)BFloat16.FromBits(bits) : (double)BitConverter.UInt16BitsToHalf(bits);
-
-    /// <summary>The spacing of the storage type's values at magnitude x (normal range).</summary>
-    private static double Ulp(double x, bool bf16) =>
-        x == 0 ? 0 : Math.Pow(2, Math.Floor(Math.Log2(x)) - (bf16 ? 7 : 10));
 }

@@ -8,6 +8,8 @@ using StickBreaking.ILGPU.Kernels.Portable;
 using StickBreaking.ILGPU.Kernels.TensorCore;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Rounding;
+using static StickBreaking.ILGPU.Tests.Infrastructure.Errors;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -41,9 +43,9 @@ public sealed class TensorCoreBackwardKeyLayoutTests(string backend) : TensorCor
         var shape = new AttentionShape(batch, heads, length, headDim) { KeyValueHeads = keyValueHeads };
         var x = TestInputs.Create(InputKind.Standard, batch, heads, length, headDim, seed: 7 * length + heads);
         int group = heads / keyValueHeads;
-        var q = Round(x.Q, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var dO = RoundBits(x.DO, bf16);
         // k and v of key/value head g: those of query head g * group of the inputs.
-        var k = Round(KeyHeads(x.K, shape), bf16); var v = Round(KeyHeads(x.V, shape), bf16);
+        var k = RoundBits(KeyHeads(x.K, shape), bf16); var v = RoundBits(KeyHeads(x.V, shape), bf16);
         double scale = 1.0 / Math.Sqrt(headDim);
         var exact = Float64Reference.Backward(q.Values, Repeat(k.Values, shape), Repeat(v.Values, shape), dO.Values,
             TestInputs.ToDouble(x.DRem), batch, heads, length, headDim, scale, attendCurrent);
@@ -71,7 +73,7 @@ public sealed class TensorCoreBackwardKeyLayoutTests(string backend) : TensorCor
         const int batch = 1, heads = 2, length = 65, headDim = 64;
         var shape = new AttentionShape(batch, heads, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, batch, heads, length, headDim, seed: 17);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var contiguous = Run(bf16, split, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, true, strided: false);
         var strided = Run(bf16, split, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, true, strided: true);
@@ -277,30 +279,4 @@ public sealed class TensorCoreBackwardKeyLayoutTests(string backend) : TensorCor
     private static (double Error, double Floor) GradientError(ushort[] actual, double[] exact, bool bf16) =>
         (RelativeRms(actual.Select(b => ToDouble(b, bf16)).ToArray(), exact),
          RelativeRms(exact.Select(e => ToDouble(FromDouble(e, bf16), bf16)).ToArray(), exact));
-
-    private static double RelativeRms(double[] actual, double[] expected)
-    {
-        double diff = 0, norm = 0;
-        for (int i = 0; i < actual.Length; i++)
-        {
-            double e = actual[i] - expected[i];
-            diff += e * e;
-            norm += expected[i] * expected[i];
-        }
-        if (double.IsNaN(diff))
-            return double.PositiveInfinity;
-        return norm == 0 ? Math.Sqrt(diff) : Math.Sqrt(diff / norm);
-    }
-
-    private static (ushort[] Bits, double[] Values) Round(float[] x, bool bf16)
-    {
-        var bits = x.Select(f => FromDouble(f, bf16)).ToArray();
-        return (bits, bits.Select(b => ToDouble(b, bf16)).ToArray());
-    }
-
-    private static ushort FromDouble(double x, bool bf16) =>
-        bf16 ? ((BFloat16)(float)x).Bits : BitConverter.HalfToUInt16Bits((System.Half)x);
-
-    private static double ToDouble(ushort bits, bool bf16) =>
-        bf16 ? (float)BFloat16.FromBits(bits) : (double)BitConverter.UInt16BitsToHalf(bits);
 }

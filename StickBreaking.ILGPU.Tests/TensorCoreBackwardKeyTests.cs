@@ -15,6 +15,8 @@ using StickBreaking.ILGPU.Kernels.TensorCore;
 using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Rounding;
+using static StickBreaking.ILGPU.Tests.Infrastructure.Errors;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -71,7 +73,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
         int batch = 1, heads = kind == InputKind.Standard ? 1 : 2;
         var shape = new AttentionShape(batch, heads, length, headDim);
         var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 13 * length + headDim + (bf16 ? 1 : 0));
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         float[] dRem = zeroDRem ? new float[x.DRem.Length] : x.DRem;
         double scale = 1.0 / Math.Sqrt(headDim);
         var gradients = Float64Reference.Backward(q.Values, k.Values, v.Values, dO.Values, TestInputs.ToDouble(dRem),
@@ -101,7 +103,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
             Assert.Ignore(Backends.EmulatedMmaSkip);
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 5 * length + headDim);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var first = Run(bf16, split, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, attendCurrent);
         var second = Run(bf16, split, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, attendCurrent);
@@ -157,7 +159,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
         const int length = 70, heads = 2;
         var shape = new AttentionShape(1, heads, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, heads, length, headDim, seed: 31 + headDim);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var clean = Run(bf16, false, shape, q.Bits, k.Bits, v.Bits, dO.Bits, x.DRem, scale, attendCurrent);
         ushort[] qp = (ushort[])q.Bits.Clone(), kp = (ushort[])k.Bits.Clone(), vp = (ushort[])v.Bits.Clone(), dOp = (ushort[])dO.Bits.Clone();
@@ -219,7 +221,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
             Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 2, length, headDim, seed: 29);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16); var dO = Round(x.DO, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16); var dO = RoundBits(x.DO, bf16);
         double scale = 1.0 / Math.Sqrt(headDim);
         var gradients = Float64Reference.Backward(q.Values, k.Values, v.Values, dO.Values, TestInputs.ToDouble(x.DRem),
             1, 2, length, headDim, scale, false);
@@ -426,30 +428,4 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
     private static (double Error, double Floor) GradientError(ushort[] actual, double[] exact, bool bf16) =>
         (RelativeRms(actual.Select(b => ToDouble(b, bf16)).ToArray(), exact),
          RelativeRms(exact.Select(e => ToDouble(FromDouble(e, bf16), bf16)).ToArray(), exact));
-
-    private static double RelativeRms(double[] actual, double[] expected)
-    {
-        double diff = 0, norm = 0;
-        for (int i = 0; i < actual.Length; i++)
-        {
-            double e = actual[i] - expected[i];
-            diff += e * e;
-            norm += expected[i] * expected[i];
-        }
-        if (double.IsNaN(diff))
-            return double.PositiveInfinity;
-        return norm == 0 ? Math.Sqrt(diff) : Math.Sqrt(diff / norm);
-    }
-
-    private static (ushort[] Bits, double[] Values) Round(float[] x, bool bf16)
-    {
-        var bits = x.Select(f => FromDouble(f, bf16)).ToArray();
-        return (bits, bits.Select(b => ToDouble(b, bf16)).ToArray());
-    }
-
-    private static ushort FromDouble(double x, bool bf16) =>
-        bf16 ? ((BFloat16)(float)x).Bits : BitConverter.HalfToUInt16Bits((System.Half)x);
-
-    private static double ToDouble(ushort bits, bool bf16) =>
-        bf16 ? (float)BFloat16.FromBits(bits) : (double)BitConverter.UInt16BitsToHalf(bits);
 }

@@ -15,6 +15,8 @@ using StickBreaking.ILGPU.Kernels.TensorCore;
 using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Rounding;
+using static StickBreaking.ILGPU.Tests.Infrastructure.Errors;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -338,7 +340,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
         (ushort[] Bits, double[] Values) V, (ushort[] Bits, double[] Values) DO)
     {
         public static Inputs Rounded(AttentionInputs x, bool bf16) =>
-            new(Round(x.Q, bf16), Round(x.K, bf16), Round(x.V, bf16), Round(x.DO, bf16));
+            new(RoundBits(x.Q, bf16), RoundBits(x.K, bf16), RoundBits(x.V, bf16), RoundBits(x.DO, bf16));
     }
 
     private sealed record Result(ushort[] DQ, float[] Prefix);
@@ -440,30 +442,4 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
     private static (double Error, double Floor) GradientError(ushort[] actual, double[] exact, bool bf16) =>
         (RelativeRms(actual.Select(b => ToDouble(b, bf16)).ToArray(), exact),
          RelativeRms(exact.Select(e => ToDouble(FromDouble(e, bf16), bf16)).ToArray(), exact));
-
-    private static double RelativeRms(double[] actual, double[] expected)
-    {
-        double diff = 0, norm = 0;
-        for (int i = 0; i < actual.Length; i++)
-        {
-            double e = actual[i] - expected[i];
-            diff += e * e;
-            norm += expected[i] * expected[i];
-        }
-        if (double.IsNaN(diff))
-            return double.PositiveInfinity;
-        return norm == 0 ? Math.Sqrt(diff) : Math.Sqrt(diff / norm);
-    }
-
-    private static (ushort[] Bits, double[] Values) Round(float[] x, bool bf16)
-    {
-        var bits = x.Select(f => FromDouble(f, bf16)).ToArray();
-        return (bits, bits.Select(b => ToDouble(b, bf16)).ToArray());
-    }
-
-    private static ushort FromDouble(double x, bool bf16) =>
-        bf16 ? ((BFloat16)(float)x).Bits : BitConverter.HalfToUInt16Bits((System.Half)x);
-
-    private static double ToDouble(ushort bits, bool bf16) =>
-        bf16 ? (float)BFloat16.FromBits(bits) : (double)BitConverter.UInt16BitsToHalf(bits);
 }

@@ -8,6 +8,8 @@ using StickBreaking.ILGPU.Kernels.TensorCore;
 using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Rounding;
+using static StickBreaking.ILGPU.Tests.Infrastructure.Errors;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -52,7 +54,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         var shape = new AttentionShape(batch, heads, length, headDim);
         var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 7 * length + headDim + (bf16 ? 1 : 0));
         double scale = 1.0 / Math.Sqrt(headDim);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, batch, heads, length, headDim, scale, attendCurrent);
         double floor = 0, oMax = 0;
         foreach (double e in expected.O)
@@ -92,7 +94,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
     {
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.LongRange, 1, 1, length, headDim, seed: 19 + length);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var first = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true);
         var second = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true);
@@ -142,7 +144,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
             Assert.Ignore("CUDA only: the plans share their code; on the CPU accelerator (an emulated mma) they would take minutes");
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 31 + length);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         v.Bits[70 * headDim + 3] = FromDouble(double.NaN, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var library = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16);
@@ -167,7 +169,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         int length = 70, headDim = 64;
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 3);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         // Without AttendCurrent no row sees the last key: poison its k and v.
         int last = length - 1;
         if (!attendCurrent)
@@ -196,7 +198,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         int length = 100, headDim = 64;
         var shape = new AttentionShape(1, 1, length, headDim);
         var x = TestInputs.Create(InputKind.Standard, 1, 1, length, headDim, seed: 23);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         for (int d = 0; d < headDim; d += 3)
         {
             v.Bits[badKey * headDim + d] = FromDouble(d % 2 == 0 ? double.PositiveInfinity : double.NaN, bf16);
@@ -236,7 +238,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
             Assert.Ignore("CUDA only: the CPU accelerator would take minutes");
         var shape = new AttentionShape(1, 2, length, headDim);
         var x = TestInputs.Create(kind, 1, 2, length, headDim, seed: 29);
-        var q = Round(x.Q, bf16); var k = Round(x.K, bf16); var v = Round(x.V, bf16);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         double scale = 1.0 / Math.Sqrt(headDim);
         var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 2, length, headDim, scale, false);
         double floor = expected.O.Max(e => Math.Abs(ToDouble(FromDouble(e, bf16), bf16) - e));
@@ -388,20 +390,4 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         acc.Synchronize();
         return new Result(ob.GetAsArray1D(), rem.GetAsArray1D(), logRem.GetAsArray1D(), snaps.GetAsArray1D());
     }
-
-    private static (ushort[] Bits, double[] Values) Round(float[] x, bool bf16)
-    {
-        var bits = x.Select(f => FromDouble(f, bf16)).ToArray();
-        return (bits, bits.Select(b => ToDouble(b, bf16)).ToArray());
-    }
-
-    private static ushort FromDouble(double x, bool bf16) =>
-        bf16 ? ((BFloat16)(float)x).Bits : BitConverter.HalfToUInt16Bits((System.Half)x);
-
-    private static double ToDouble(ushort bits, bool bf16) =>
-        bf16 ? (float)BFloat16.FromBits(bits) : (double)BitConverter.UInt16BitsToHalf(bits);
-
-    /// <summary>The spacing of the storage type's values at magnitude x (normal range).</summary>
-    private static double Ulp(double x, bool bf16) =>
-        x == 0 ? 0 : Math.Pow(2, Math.Floor(Math.Log2(x)) - (bf16 ? 7 : 10));
 }

@@ -20,8 +20,11 @@ internal static class Errors
         return max;
     }
 
-    /// <summary>||actual - expected||_2 / ||expected||_2 (absolute when the reference is all zero).</summary>
-    public static double RelativeRms(float[] actual, double[] expected)
+    /// <summary>||actual - expected||_2 / ||expected||_2 (absolute when the reference is all zero); infinity for a NaN.</summary>
+    public static double RelativeRms(float[] actual, double[] expected) => RelativeRms(Array.ConvertAll(actual, f => (double)f), expected);
+
+    /// <inheritdoc cref="RelativeRms(float[], double[])"/>
+    public static double RelativeRms(double[] actual, double[] expected)
     {
         if (actual.Length != expected.Length)
             throw new ArgumentException($"lengths differ: {actual.Length} vs {expected.Length}");
