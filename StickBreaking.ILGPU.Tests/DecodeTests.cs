@@ -546,14 +546,6 @@ public sealed class DecodeReferenceTests
 /// <summary>The decode and merge kernels compile to PTX for SM_90 without a GPU, with no local memory.</summary>
 public sealed class DecodePtxTests
 {
-    private global::ILGPU.Context context = null!;
-
-    [OneTimeSetUp]
-    public void CreateContext() => context = global::ILGPU.Context.Create(b => b.Cuda().EnableAlgorithms());
-
-    [OneTimeTearDown]
-    public void DisposeContext() => context.Dispose();
-
     [TestCase(typeof(float), typeof(StickBreaking.ILGPU.Kernels.Common.Fp32Element))]
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage))]
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage))]
@@ -591,19 +583,16 @@ public sealed class DecodePtxTests
         _ = Check(typeof(StickBreaking.ILGPU.Kernels.Decode.MergeKernel).GetMethod("Kernel")!.MakeGenericMethod(typeof(float),
             typeof(StickBreaking.ILGPU.Kernels.Common.Fp32Element), stored, element), $"merge.{element.Name}");
 
-    private string Check(System.Reflection.MethodInfo kernel, string name)
+    private static string Check(System.Reflection.MethodInfo kernel, string name)
     {
         string ptx = Compile(kernel, name);
         Assert.That(System.Text.RegularExpressions.Regex.Matches(ptx, @"\.local\b"), Is.Empty, "local memory");
         return ptx;
     }
 
-    private string Compile(System.Reflection.MethodInfo kernel, string name)
+    private static string Compile(System.Reflection.MethodInfo kernel, string name)
     {
-        var backend = new global::ILGPU.Backends.PTX.PTXBackend(context, new global::ILGPU.Runtime.Cuda.CudaCapabilityContext(global::ILGPU.Runtime.Cuda.CudaArchitecture.SM_90),
-            global::ILGPU.Runtime.Cuda.CudaArchitecture.SM_90, global::ILGPU.Runtime.Cuda.CudaInstructionSet.ISA_88, null);
-        var entry = global::ILGPU.Backends.EntryPoints.EntryPointDescription.FromExplicitlyGroupedKernel(kernel);
-        string ptx = ((global::ILGPU.Backends.PTX.PTXCompiledKernel)backend.Compile(entry, global::ILGPU.Runtime.KernelSpecialization.Empty)).PTXAssembly;
+        string ptx = Ptx.Compile(kernel);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"{name}.ptx"), ptx);
         Assert.That(ptx, Does.Contain(".entry"));

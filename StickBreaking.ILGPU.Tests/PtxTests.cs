@@ -2,11 +2,10 @@ using System;
 using System.Reflection;
 using System.Text.RegularExpressions;
 using ILGPU;
-using ILGPU.Backends.EntryPoints;
-using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using NUnit.Framework;
+using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Kernels.Common;
 using StickBreaking.ILGPU.Kernels.Portable;
 
@@ -20,14 +19,6 @@ namespace StickBreaking.ILGPU.Tests;
 [TestFixture]
 public sealed class PtxTests
 {
-    private Context context = null!;
-
-    [OneTimeSetUp]
-    public void CreateContext() => context = Context.Create(b => b.Cuda().EnableAlgorithms());
-
-    [OneTimeTearDown]
-    public void DisposeContext() => context.Dispose();
-
     public static readonly object[] Kernels =
     [
         new object[] { typeof(ForwardKernel), nameof(ForwardKernel.Kernel), typeof(Fp32Element) },
@@ -215,12 +206,5 @@ public sealed class PtxTests
         x[global::ILGPU.Group.IdxX] = scratch[global::ILGPU.Group.IdxX % 64];
     }
 
-    private string CompileForSm90(MethodInfo kernel)
-    {
-        var backend = new PTXBackend(context, new CudaCapabilityContext(CudaArchitecture.SM_90),
-            CudaArchitecture.SM_90, CudaInstructionSet.ISA_88, null);
-        var entry = EntryPointDescription.FromExplicitlyGroupedKernel(kernel);
-        var compiled = (PTXCompiledKernel)backend.Compile(entry, KernelSpecialization.Empty);
-        return compiled.PTXAssembly;
-    }
+    private static string CompileForSm90(MethodInfo kernel) => Ptx.Compile(kernel);
 }

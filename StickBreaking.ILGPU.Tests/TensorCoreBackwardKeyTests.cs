@@ -4,8 +4,6 @@ using System.Linq;
 using System.Reflection;
 using System.Text.RegularExpressions;
 using ILGPU;
-using ILGPU.Backends.EntryPoints;
-using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using NUnit.Framework;
@@ -327,15 +325,10 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
     {
         if (Backend != Backends.Cpu)
             Assert.Ignore("the PTX is compiled without a device: once, in the CPU fixture");
-        using var ptxContext = Context.Create(b => b.Cuda().EnableAlgorithms());
         var kernel = typeof(TensorCoreBackwardKeyKernel)
             .GetMethod(nameof(TensorCoreBackwardKeyKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
             .MakeGenericMethod(storage, split ? typeof(SplitWeights) : typeof(RoundedWeights));
-        var ptxBackend = new PTXBackend(ptxContext, new CudaCapabilityContext(CudaArchitecture.SM_90),
-            CudaArchitecture.SM_90, CudaInstructionSet.ISA_88, null);
-        var compiled = (PTXCompiledKernel)ptxBackend.Compile(EntryPointDescription.FromExplicitlyGroupedKernel(kernel),
-            KernelSpecialization.Empty);
-        string ptx = compiled.PTXAssembly;
+        string ptx = Ptx.Compile(kernel);
         bool promotes = PtxOperandSlots.TryPromote(ptx, out string promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreBackwardKey.{storage.Name}.{(split ? "Split" : "Rounded")}.ptx"), promoted);

@@ -4,8 +4,6 @@ using System.Linq;
 using System.Reflection;
 using System.Text.RegularExpressions;
 using ILGPU;
-using ILGPU.Backends.EntryPoints;
-using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.Cuda;
 using NUnit.Framework;
@@ -299,15 +297,8 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
         var kernel = typeof(TensorCoreBackwardQueryKernel)
             .GetMethod(nameof(TensorCoreBackwardQueryKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
             .MakeGenericMethod(storage, split ? typeof(SplitWeights) : typeof(RoundedWeights));
-        string ptx;
-        using (var cuda = Context.Create(b => b.Cuda().EnableAlgorithms()))
-        {
-            var ptxBackend = new PTXBackend(cuda, new CudaCapabilityContext(CudaArchitecture.SM_90),
-                CudaArchitecture.SM_90, CudaInstructionSet.ISA_88, null);
-            var compiled = (PTXCompiledKernel)ptxBackend.Compile(EntryPointDescription.FromExplicitlyGroupedKernel(kernel),
-                new KernelSpecialization(TensorCoreBackwardQueryKernel.GroupSize, TensorCoreBackwardQueryKernel.MinGroupsPerMultiprocessor));
-            ptx = compiled.PTXAssembly;
-        }
+        string ptx = Ptx.Compile(kernel,
+            new KernelSpecialization(TensorCoreBackwardQueryKernel.GroupSize, TensorCoreBackwardQueryKernel.MinGroupsPerMultiprocessor));
         bool promotes = PtxOperandSlots.TryPromote(ptx, out string promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreBackwardQuery.{storage.Name}.{(split ? "Split" : "Rounded")}.ptx"), promoted);

@@ -1,7 +1,10 @@
-using System;
+using System.Reflection;
 using ILGPU;
+using ILGPU.Backends.EntryPoints;
+using ILGPU.Backends.PTX;
 using ILGPU.Runtime;
 using ILGPU.Runtime.CPU;
+using ILGPU.Runtime.Cuda;
 using NUnit.Framework;
 
 namespace StickBreaking.ILGPU.Tests.Infrastructure;
@@ -55,10 +58,53 @@ internal static class CudaCodeOnCpu
     }
 }
 
-/// <summary>Disposes the shared accelerators after the last test of the assembly.</summary>
+/// <summary>
+/// The one CUDA context and PTX backend (SM_90, PTX ISA 8.8, no device needed) through which the PTX tests compile
+/// kernels: ILGPU's context keeps the IR of every method it has read, so the kernels' shared helpers are read once per
+/// run rather than once per test. Compiled at the default optimization level, as the library's CUDA kernels are.
+/// </summary>
+internal static class Ptx
+{
+    private static readonly object Gate = new();
+    private static Context? context;
+    private static PTXBackend? backend;
+
+    /// <summary>The PTX of explicitly grouped <paramref name="kernel"/>, for <paramref name="specialization"/> (none by default).</summary>
+    public static string Compile(MethodInfo kernel, KernelSpecialization? specialization = null)
+    {
+        lock (Gate)
+        {
+            if (backend is null)
+            {
+                context = Context.Create(b => b.Cuda().EnableAlgorithms());
+                backend = new PTXBackend(context, new CudaCapabilityContext(CudaArchitecture.SM_90), CudaArchitecture.SM_90,
+                    CudaInstructionSet.ISA_88, null);
+            }
+            var entry = EntryPointDescription.FromExplicitlyGroupedKernel(kernel);
+            return ((PTXCompiledKernel)backend.Compile(entry, specialization ?? KernelSpecialization.Empty)).PTXAssembly;
+        }
+    }
+
+    internal static void Dispose()
+    {
+        lock (Gate)
+        {
+            backend?.Dispose();
+            context?.Dispose();
+            backend = null;
+            context = null;
+        }
+    }
+}
+
+/// <summary>Disposes the shared accelerators and the PTX compiler after the last test of the assembly.</summary>
 [SetUpFixture]
 public sealed class SharedAcceleratorsTeardown
 {
     [OneTimeTearDown]
-    public void DisposeShared() => CudaCodeOnCpu.Dispose();
+    public void DisposeShared()
+    {
+        CudaCodeOnCpu.Dispose();
+        Ptx.Dispose();
+    }
 }
