@@ -13,8 +13,10 @@ namespace StickBreaking.ILGPU.Kernels.Decode;
 /// without shared-memory staging or group barriers: a decode reads each cache element once and does little arithmetic on
 /// it, so what decides its speed is how many loads are in flight, and a warp that never waits on other warps keeps its own.
 /// <para>
-/// Each lane owns D / 32 consecutive dimensions (2 or 4) of q, of every key and value row, and of the four rows' o. The
-/// warp walks its chunk from the nearest key to the farthest, <see cref="Steps"/> keys per round:
+/// fp32: each lane owns D / 32 consecutive dimensions (2 or 4) of q, of every key and value row, and of the four rows' o.
+/// fp16 and bf16: each lane loads 16 bytes at a time, as the mma's fragments for q and the keys, and 8 dimensions of a value
+/// row (<see cref="ValuesWide{T, TLane}"/>; D / 8 lanes a row, so a load holds 2 or 4 keys' values). The warp walks its
+/// chunk from the nearest key to the farthest, <see cref="Steps"/> keys per round:
 /// 1. q . k, leaving lane l = 4 s + r with z of step s, row r. fp32: every lane loads its piece of the round's keys
 ///    (coalesced rows) and multiplies them with its piece of the four rows' q; a butterfly over the warp sums the pieces.
 ///    fp16 and bf16: on the tensor cores (<see cref="QueryKeyMma"/>), the keys loaded as the mma's B fragments (16 bytes a
@@ -23,7 +25,8 @@ namespace StickBreaking.ILGPU.Kernels.Decode;
 ///    the sum of lb over the nearer keys of the round by a scan over the lanes of the row (shuffles up by 4, 8, 16 lanes);
 ///    A = exp(log(beta) + acc + that sum), 0 where not seen; acc += the round's sum.
 /// 3. o += A v: the weights go through 32 floats of shared memory (one 16-byte read per step gives a key's four rows), and
-///    each lane loads its piece of the round's values.
+///    each lane loads its piece of the round's values; the 16-bit lanes sum their own keys' terms and add the lanes that
+///    share their dimensions once, at the end of the chunk.
 /// One chunk writes o, rem and LogRem; several write fp32 partials that <see cref="MergeKernel"/> combines nearest first.
 /// Only slots below a sequence's length are read; terms a row does not see are selected away, never multiplied by zero.
 /// </para>
