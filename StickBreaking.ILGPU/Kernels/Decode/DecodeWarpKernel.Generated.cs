@@ -9,12 +9,12 @@ internal static partial class DecodeWarpKernel
     /// <summary>
     /// Issues every load of a round at once: this lane's piece of the keys and values of steps 0 to Steps - 1 (key
     /// roundEnd - 1 - s; nothing for a key below <paramref name="lo"/>, which stays zero), as stored, so that the
-    /// values' loads are in flight while q . k and the stick are computed. <paramref name="keys"/> and <paramref name="values"/>
-    /// say which of the two to load (the tensor-core q . k loads its keys in its own pieces, <see cref="KeyPieces"/>).
+    /// values' loads are in flight while q . k and the stick are computed (the fp32 lane; the 16-bit lanes load their
+    /// keys and values 16 bytes a lane, <see cref="KeyPieces"/> and <see cref="ValuesWide{T, TLane}"/>).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Round Fetch<T, TLane>(ArrayView<T> k, ArrayView<T> v, long kAt, long vAt, long token, int unitsPerRow,
-        int roundEnd, int lo, int dims, bool keys, bool values)
+        int roundEnd, int lo, int dims)
         where T : unmanaged
         where TLane : struct, ILane<T>
     {
@@ -25,95 +25,63 @@ internal static partial class DecodeWarpKernel
             // A whole round: views at its farthest key, each step a constant number of rows from it (no 64-bit index per load).
             var kRound = k.SubView(kAt + (roundEnd - 8) * token);
             var vRound = v.SubView(vAt + (roundEnd - 8) * token);
-            if (keys)
-                round.K0 = loader.FetchUnit(kRound, 7 * unitsPerRow, dims);
-            if (values)
-                round.V0 = loader.FetchUnit(vRound, 7 * unitsPerRow, dims);
-            if (keys)
-                round.K1 = loader.FetchUnit(kRound, 6 * unitsPerRow, dims);
-            if (values)
-                round.V1 = loader.FetchUnit(vRound, 6 * unitsPerRow, dims);
-            if (keys)
-                round.K2 = loader.FetchUnit(kRound, 5 * unitsPerRow, dims);
-            if (values)
-                round.V2 = loader.FetchUnit(vRound, 5 * unitsPerRow, dims);
-            if (keys)
-                round.K3 = loader.FetchUnit(kRound, 4 * unitsPerRow, dims);
-            if (values)
-                round.V3 = loader.FetchUnit(vRound, 4 * unitsPerRow, dims);
-            if (keys)
-                round.K4 = loader.FetchUnit(kRound, 3 * unitsPerRow, dims);
-            if (values)
-                round.V4 = loader.FetchUnit(vRound, 3 * unitsPerRow, dims);
-            if (keys)
-                round.K5 = loader.FetchUnit(kRound, 2 * unitsPerRow, dims);
-            if (values)
-                round.V5 = loader.FetchUnit(vRound, 2 * unitsPerRow, dims);
-            if (keys)
-                round.K6 = loader.FetchUnit(kRound, 1 * unitsPerRow, dims);
-            if (values)
-                round.V6 = loader.FetchUnit(vRound, 1 * unitsPerRow, dims);
-            if (keys)
-                round.K7 = loader.FetchUnit(kRound, 0 * unitsPerRow, dims);
-            if (values)
-                round.V7 = loader.FetchUnit(vRound, 0 * unitsPerRow, dims);
+            round.K0 = loader.FetchUnit(kRound, 7 * unitsPerRow, dims);
+            round.V0 = loader.FetchUnit(vRound, 7 * unitsPerRow, dims);
+            round.K1 = loader.FetchUnit(kRound, 6 * unitsPerRow, dims);
+            round.V1 = loader.FetchUnit(vRound, 6 * unitsPerRow, dims);
+            round.K2 = loader.FetchUnit(kRound, 5 * unitsPerRow, dims);
+            round.V2 = loader.FetchUnit(vRound, 5 * unitsPerRow, dims);
+            round.K3 = loader.FetchUnit(kRound, 4 * unitsPerRow, dims);
+            round.V3 = loader.FetchUnit(vRound, 4 * unitsPerRow, dims);
+            round.K4 = loader.FetchUnit(kRound, 3 * unitsPerRow, dims);
+            round.V4 = loader.FetchUnit(vRound, 3 * unitsPerRow, dims);
+            round.K5 = loader.FetchUnit(kRound, 2 * unitsPerRow, dims);
+            round.V5 = loader.FetchUnit(vRound, 2 * unitsPerRow, dims);
+            round.K6 = loader.FetchUnit(kRound, 1 * unitsPerRow, dims);
+            round.V6 = loader.FetchUnit(vRound, 1 * unitsPerRow, dims);
+            round.K7 = loader.FetchUnit(kRound, 0 * unitsPerRow, dims);
+            round.V7 = loader.FetchUnit(vRound, 0 * unitsPerRow, dims);
             return round;
         }
         if (roundEnd - 1 >= lo)
         {
-            if (keys)
-                round.K0 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 1) * token), 0, dims);
-            if (values)
-                round.V0 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 1) * token), 0, dims);
+            round.K0 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 1) * token), 0, dims);
+            round.V0 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 1) * token), 0, dims);
         }
         if (roundEnd - 2 >= lo)
         {
-            if (keys)
-                round.K1 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 2) * token), 0, dims);
-            if (values)
-                round.V1 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 2) * token), 0, dims);
+            round.K1 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 2) * token), 0, dims);
+            round.V1 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 2) * token), 0, dims);
         }
         if (roundEnd - 3 >= lo)
         {
-            if (keys)
-                round.K2 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 3) * token), 0, dims);
-            if (values)
-                round.V2 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 3) * token), 0, dims);
+            round.K2 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 3) * token), 0, dims);
+            round.V2 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 3) * token), 0, dims);
         }
         if (roundEnd - 4 >= lo)
         {
-            if (keys)
-                round.K3 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 4) * token), 0, dims);
-            if (values)
-                round.V3 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 4) * token), 0, dims);
+            round.K3 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 4) * token), 0, dims);
+            round.V3 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 4) * token), 0, dims);
         }
         if (roundEnd - 5 >= lo)
         {
-            if (keys)
-                round.K4 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 5) * token), 0, dims);
-            if (values)
-                round.V4 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 5) * token), 0, dims);
+            round.K4 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 5) * token), 0, dims);
+            round.V4 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 5) * token), 0, dims);
         }
         if (roundEnd - 6 >= lo)
         {
-            if (keys)
-                round.K5 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 6) * token), 0, dims);
-            if (values)
-                round.V5 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 6) * token), 0, dims);
+            round.K5 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 6) * token), 0, dims);
+            round.V5 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 6) * token), 0, dims);
         }
         if (roundEnd - 7 >= lo)
         {
-            if (keys)
-                round.K6 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 7) * token), 0, dims);
-            if (values)
-                round.V6 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 7) * token), 0, dims);
+            round.K6 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 7) * token), 0, dims);
+            round.V6 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 7) * token), 0, dims);
         }
         if (roundEnd - 8 >= lo)
         {
-            if (keys)
-                round.K7 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 8) * token), 0, dims);
-            if (values)
-                round.V7 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 8) * token), 0, dims);
+            round.K7 = loader.FetchUnit(k.SubView(kAt + (roundEnd - 8) * token), 0, dims);
+            round.V7 = loader.FetchUnit(v.SubView(vAt + (roundEnd - 8) * token), 0, dims);
         }
         return round;
     }

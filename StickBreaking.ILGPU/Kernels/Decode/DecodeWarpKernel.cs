@@ -115,7 +115,7 @@ internal static partial class DecodeWarpKernel
             var round = mma
                 ? KeyPieces<T, TLane>(ValuesWide<T, TLane>(a.V, vBase + widePiece, token, roundEnd, lo, keysPerLoad, part),
                     a.K, kBase, token, roundEnd, lo, lane, D / 32)
-                : Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims, true, true);
+                : Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims);
             float dot = mma
                 ? QueryKeyMma<T, TLane>(round, qFragments, lane, D / 32, mmaScratch)
                 : QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
@@ -215,15 +215,27 @@ internal static partial class DecodeWarpKernel
         if (r >= rows)
             return q;
         int flat = row0 + r, g = flat / n, i = flat - g * n;
-        var row = a.Q.SubView(layout.QueryRow(b, kvHead * perKv + g, i));
-        q.K0 = loader.FetchWide(row, c);
-        q.K1 = loader.FetchWide(row, 4 + c);
+        return RowPieces<T, TLane>(q, a.Q.SubView(layout.QueryRow(b, kvHead * perKv + g, i)), c, pieces);
+    }
+
+    /// <summary>
+    /// <paramref name="round"/> with K0 .. K<paramref name="pieces"/> - 1 the pieces of 8 consecutive dimensions 4 i + c of
+    /// <paramref name="row"/>, one 16-byte load each: q's A fragments (<see cref="QueryFragments"/>) and a key's B fragments
+    /// (<see cref="KeyPieces"/>) hold the same dimensions.
+    /// </summary>
+    private static Round RowPieces<T, TLane>(Round round, ArrayView<T> row, int c, int pieces)
+        where T : unmanaged
+        where TLane : struct, ILane<T>
+    {
+        var loader = default(TLane);
+        round.K0 = loader.FetchWide(row, c);
+        round.K1 = loader.FetchWide(row, 4 + c);
         if (pieces == 4)
         {
-            q.K2 = loader.FetchWide(row, 8 + c);
-            q.K3 = loader.FetchWide(row, 12 + c);
+            round.K2 = loader.FetchWide(row, 8 + c);
+            round.K3 = loader.FetchWide(row, 12 + c);
         }
-        return q;
+        return round;
     }
 
     /// <summary>
@@ -281,19 +293,8 @@ internal static partial class DecodeWarpKernel
         where T : unmanaged
         where TLane : struct, ILane<T>
     {
-        var loader = default(TLane);
-        int key = roundEnd - 1 - (lane >> 2), c = lane & 3;
-        if (key < lo)
-            return round;
-        var row = k.SubView(kBase + key * token);
-        round.K0 = loader.FetchWide(row, c);
-        round.K1 = loader.FetchWide(row, 4 + c);
-        if (pieces == 4)
-        {
-            round.K2 = loader.FetchWide(row, 8 + c);
-            round.K3 = loader.FetchWide(row, 12 + c);
-        }
-        return round;
+        int key = roundEnd - 1 - (lane >> 2);
+        return key < lo ? round : RowPieces<T, TLane>(round, k.SubView(kBase + key * token), lane & 3, pieces);
     }
 
     /// <summary>
