@@ -84,10 +84,8 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
         var options = new StickBreakingOptions { AttendCurrent = true };
         var host = Run(Attention, bf16, x, x.DRem, shape, options);
         var device = bf16
-            ? DeviceRun(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(), x.V.Select(f => (BFloat16)f).ToArray(),
-                x.DO.Select(f => (BFloat16)f).ToArray(), x.DRem, shape, options, b => (float)b)
-            : DeviceRun(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(), x.V.Select(f => (Half)f).ToArray(),
-                x.DO.Select(f => (Half)f).ToArray(), x.DRem, shape, options, h => (float)h);
+            ? DeviceRun(ToBf16(x.Q), ToBf16(x.K), ToBf16(x.V), ToBf16(x.DO), x.DRem, shape, options, b => (float)b)
+            : DeviceRun(ToHalf(x.Q), ToHalf(x.K), ToHalf(x.V), ToHalf(x.DO), x.DRem, shape, options, h => (float)h);
         Assert.Multiple(() =>
         {
             Assert.That(Bits(device.DQ), Is.EqualTo(Bits(host.DQ)), "dq");
@@ -133,13 +131,11 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
     {
         if (bf16)
         {
-            var g = attention.Backward(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(),
-                x.V.Select(f => (BFloat16)f).ToArray(), x.DO.Select(f => (BFloat16)f).ToArray(), dRem, shape, options);
-            return (g.DQ.Select(b => (float)b).ToArray(), g.DK.Select(b => (float)b).ToArray(), g.DV.Select(b => (float)b).ToArray());
+            var g = attention.Backward(ToBf16(x.Q), ToBf16(x.K), ToBf16(x.V), ToBf16(x.DO), dRem, shape, options);
+            return (Widen(g.DQ), Widen(g.DK), Widen(g.DV));
         }
-        var y = attention.Backward(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(),
-            x.V.Select(f => (Half)f).ToArray(), x.DO.Select(f => (Half)f).ToArray(), dRem, shape, options);
-        return (y.DQ.Select(h => (float)h).ToArray(), y.DK.Select(h => (float)h).ToArray(), y.DV.Select(h => (float)h).ToArray());
+        var y = attention.Backward(ToHalf(x.Q), ToHalf(x.K), ToHalf(x.V), ToHalf(x.DO), dRem, shape, options);
+        return (Widen(y.DQ), Widen(y.DK), Widen(y.DV));
     }
 
     /// <summary>The device-level training forward then backward on one stream, one workspace.</summary>

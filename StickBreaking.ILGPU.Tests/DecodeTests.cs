@@ -80,12 +80,12 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
                 (fo, frem, flog) = (y.O, y.Rem, y.LogRem);
                 break;
             case StorageType.Fp16:
-                var yh = Attention.Forward(qWhole.Select(f => (Half)f).ToArray(), k.Select(f => (Half)f).ToArray(), v.Select(f => (Half)f).ToArray(), shape, options);
-                (fo, frem, flog) = (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
+                var yh = Attention.Forward(ToHalf(qWhole), ToHalf(k), ToHalf(v), shape, options);
+                (fo, frem, flog) = (Widen(yh.O), yh.Rem, yh.LogRem);
                 break;
             default:
-                var yb = Attention.Forward(qWhole.Select(f => (BFloat16)f).ToArray(), k.Select(f => (BFloat16)f).ToArray(), v.Select(f => (BFloat16)f).ToArray(), shape, options);
-                (fo, frem, flog) = (yb.O.Select(h => (float)h).ToArray(), yb.Rem, yb.LogRem);
+                var yb = Attention.Forward(ToBf16(qWhole), ToBf16(k), ToBf16(v), shape, options);
+                (fo, frem, flog) = (Widen(yb.O), yb.Rem, yb.LogRem);
                 break;
         }
         var exact = Float64Reference.Forward(ToDouble(qWhole), ToDouble(k), ToDouble(v), 1, H, L, D, 1.0 / Math.Sqrt(D), attendCurrent);
@@ -225,9 +225,9 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
         var x = Make(c, StorageType.Bf16, seed: 23);
         var host = Run(Attention, c, StorageType.Bf16, x);
         var acc = Accelerator;
-        using var q = acc.Allocate1D(x.Q.Select(f => (BFloat16)f).ToArray());
-        using var k = acc.Allocate1D(x.K.Select(f => (BFloat16)f).ToArray());
-        using var v = acc.Allocate1D(x.V.Select(f => (BFloat16)f).ToArray());
+        using var q = acc.Allocate1D(ToBf16(x.Q));
+        using var k = acc.Allocate1D(ToBf16(x.K));
+        using var v = acc.Allocate1D(ToBf16(x.V));
         using var lengths = acc.Allocate1D(c.Lengths);
         using var o = acc.Allocate1D<BFloat16>(c.Shape.QueryLength);
         using var rem = acc.Allocate1D<float>(c.Shape.RowCount);
@@ -447,13 +447,13 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
                 var y = attention.Decode(x.Q, x.K, x.V, c.Lengths, c.Shape, options, keysAfter);
                 return (y.O, y.Rem, y.LogRem);
             case StorageType.Fp16:
-                var yh = attention.Decode(x.Q.Select(f => (Half)f).ToArray(), x.K.Select(f => (Half)f).ToArray(),
-                    x.V.Select(f => (Half)f).ToArray(), c.Lengths, c.Shape, options, keysAfter);
-                return (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
+                var yh = attention.Decode(ToHalf(x.Q), ToHalf(x.K),
+                    ToHalf(x.V), c.Lengths, c.Shape, options, keysAfter);
+                return (Widen(yh.O), yh.Rem, yh.LogRem);
             default:
-                var yb = attention.Decode(x.Q.Select(f => (BFloat16)f).ToArray(), x.K.Select(f => (BFloat16)f).ToArray(),
-                    x.V.Select(f => (BFloat16)f).ToArray(), c.Lengths, c.Shape, options, keysAfter);
-                return (yb.O.Select(h => (float)h).ToArray(), yb.Rem, yb.LogRem);
+                var yb = attention.Decode(ToBf16(x.Q), ToBf16(x.K),
+                    ToBf16(x.V), c.Lengths, c.Shape, options, keysAfter);
+                return (Widen(yb.O), yb.Rem, yb.LogRem);
         }
     }
 
@@ -466,11 +466,11 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
                 var y = Attention.Merge(near.O, near.LogRem, far.O, far.LogRem, headDim);
                 return (y.O, y.Rem, y.LogRem);
             case StorageType.Fp16:
-                var yh = Attention.Merge(near.O.Select(f => (Half)f).ToArray(), near.LogRem, far.O.Select(f => (Half)f).ToArray(), far.LogRem, headDim);
-                return (yh.O.Select(h => (float)h).ToArray(), yh.Rem, yh.LogRem);
+                var yh = Attention.Merge(ToHalf(near.O), near.LogRem, ToHalf(far.O), far.LogRem, headDim);
+                return (Widen(yh.O), yh.Rem, yh.LogRem);
             default:
-                var yb = Attention.Merge(near.O.Select(f => (BFloat16)f).ToArray(), near.LogRem, far.O.Select(f => (BFloat16)f).ToArray(), far.LogRem, headDim);
-                return (yb.O.Select(h => (float)h).ToArray(), yb.Rem, yb.LogRem);
+                var yb = Attention.Merge(ToBf16(near.O), near.LogRem, ToBf16(far.O), far.LogRem, headDim);
+                return (Widen(yb.O), yb.Rem, yb.LogRem);
         }
     }
 
@@ -509,8 +509,6 @@ public sealed class DecodeTests(string backend) : BackendFixture(backend)
     }
 
     private static double MaxAbs(float[] a, float[] b) => MaxAbs(a, b.Select(f => (double)f).ToArray());
-
-    internal static double Ulp(double magnitude, StorageType storage) => Rounding.Ulp(magnitude, storage);
 
     internal static double[] ToDouble(float[] x) => x.Select(f => (double)f).ToArray();
 

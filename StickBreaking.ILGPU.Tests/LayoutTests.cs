@@ -341,10 +341,6 @@ internal static class LayoutCheck
             Take(dv, r.DV, s.Batch, s.KeyValueHeads, s.Length, s.HeadDim));
     }
 
-    public static Half[] ToHalf(float[] x) => Rounding.ToHalf(x);
-
-    public static BFloat16[] ToBf16(float[] x) => Rounding.ToBf16(x);
-
     public static void Forward(StickBreakingAttention attention, string backend, StorageType storage, LayoutKind kind, AttentionShape s,
         bool attendCurrent, double fp32Tolerance)
     {

@@ -9,6 +9,7 @@ using NUnit.Framework;
 using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
+using static StickBreaking.ILGPU.Tests.Rounding;
 
 namespace StickBreaking.ILGPU.Tests;
 
@@ -435,19 +436,15 @@ internal static class MaskRun
     {
         if (storage == StorageType.Bf16)
         {
-            BFloat16[] B(float[] a) => a.Select(f => (BFloat16)f).ToArray();
-            float[] F(BFloat16[] a) => a.Select(b => (float)b).ToArray();
-            var y = attention.Forward(B(x.Q), B(x.K), B(x.V), shape, options);
-            var g = attention.Backward(B(x.Q), B(x.K), B(x.V), B(x.DO), x.DRem, shape, options);
-            return new Outputs([F(y.O), y.Rem, y.LogRem, F(g.DQ), F(g.DK), F(g.DV)], storage);
+            var y = attention.Forward(ToBf16(x.Q), ToBf16(x.K), ToBf16(x.V), shape, options);
+            var g = attention.Backward(ToBf16(x.Q), ToBf16(x.K), ToBf16(x.V), ToBf16(x.DO), x.DRem, shape, options);
+            return new Outputs([Widen(y.O), y.Rem, y.LogRem, Widen(g.DQ), Widen(g.DK), Widen(g.DV)], storage);
         }
         if (storage == StorageType.Fp16)
         {
-            System.Half[] H(float[] a) => a.Select(f => (System.Half)f).ToArray();
-            float[] F(System.Half[] a) => a.Select(h => (float)h).ToArray();
-            var y = attention.Forward(H(x.Q), H(x.K), H(x.V), shape, options);
-            var g = attention.Backward(H(x.Q), H(x.K), H(x.V), H(x.DO), x.DRem, shape, options);
-            return new Outputs([F(y.O), y.Rem, y.LogRem, F(g.DQ), F(g.DK), F(g.DV)], storage);
+            var y = attention.Forward(ToHalf(x.Q), ToHalf(x.K), ToHalf(x.V), shape, options);
+            var g = attention.Backward(ToHalf(x.Q), ToHalf(x.K), ToHalf(x.V), ToHalf(x.DO), x.DRem, shape, options);
+            return new Outputs([Widen(y.O), y.Rem, y.LogRem, Widen(g.DQ), Widen(g.DK), Widen(g.DV)], storage);
         }
         using var tensors = new DeviceTensors(accelerator, shape, x);
         var stream = accelerator.DefaultStream;
