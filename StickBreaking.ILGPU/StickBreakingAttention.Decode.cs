@@ -28,6 +28,9 @@ public sealed partial class StickBreakingAttention
     /// </summary>
     internal int? DecodeGroupSizeOverride { get; set; }
 
+    /// <summary>Tests and benchmarks only: rounds of keys the warp decode prefetches into L2 on CUDA, in place of <see cref="DecodeWarpKernel.PrefetchRounds"/> (0: none).</summary>
+    internal int? DecodePrefetchRoundsOverride { get; set; }
+
     /// <summary>The name of the kernel the last decode call ran (tests and benchmarks).</summary>
     internal string? LastDecodeKernel { get; private set; }
 
@@ -513,6 +516,13 @@ public sealed partial class StickBreakingAttention
             PackedRows = packedRows ? 1 : 0,
             Chunks = chunks, ChunkKeys = chunkKeys, KeyTile = DecodeKernel.KeyTileFor(D), Scale = options.ScaleFor(D), RowBlocks = rowBlocks,
         };
+        // The L2 prefetch takes the caches' device addresses, which only a CUDA accelerator's views have.
+        if (kernel.Family != KernelFamily.Portable && accelerator.AcceleratorType == AcceleratorType.Cuda)
+        {
+            args.PrefetchRounds = DecodePrefetchRoundsOverride ?? DecodeWarpKernel.PrefetchRounds(D, Marshal.SizeOf<T>());
+            args.KeyAddress = kCache.LoadEffectiveAddressAsPtr().ToInt64();
+            args.ValueAddress = vCache.LoadEffectiveAddressAsPtr().ToInt64();
+        }
         launcher.LaunchGroups(kernel, stream, shape.Batch * shape.KeyValueHeads, rowBlocks * chunks, args,
             kernel.Family == KernelFamily.Portable ? DecodeGroupSizeOverride ?? 0 : kernel.GroupSize);
         if (chunks > 1)
