@@ -39,6 +39,21 @@ public sealed class ShapeArithmeticTests
         Assert.That(ex!.Message, Does.Contain("2147483647").And.Contain("MaxTensorLength"));
     }
 
+    /// <summary>
+    /// The tensor-core kernels address a head's rows with 32-bit offsets in 16-byte pieces: a fused [B, T, 3, H, D] layout of
+    /// 32 heads of 128 at T = 131072 passes; a token stride that spans more than 2^31 pieces per head (a view over 32 GiB) is refused,
+    /// naming the argument.
+    /// </summary>
+    [Test]
+    public void HeadOffsetsBeyond32BitsAreRefusedNamingTheArgument()
+    {
+        Assert.DoesNotThrow(() => Guards.HeadOffsets(new TensorLayout(0, 128, 3 * 32 * 128), 131072, 2, "k"));
+        var ex = Assert.Throws<ArgumentException>(() => Guards.HeadOffsets(new TensorLayout(0, 128, 1L << 20), 1 << 15, 2, "k"));
+        Assert.That(ex!.ParamName, Is.EqualTo("k"));
+        Assert.That(ex.Message, Does.Contain("32-bit offsets"));
+        Assert.DoesNotThrow(() => Guards.HeadOffsets(new TensorLayout(0, 128, 1L << 20), (1 << 14) - 65, 2, "k"));
+    }
+
     [TestCase(1, 1, AttentionShape.MaxLength, 1)]
     [TestCase(int.MaxValue, 1, 1, 1)]
     [TestCase(1, 15, 1 << 20, 128)]

@@ -403,10 +403,10 @@ public sealed partial class StickBreakingAttention : IDisposable
             CheckWorkspace(workspace, shape);
         if (kernels.TensorCoreForward16(shape.HeadDim, bf16) is not null)
         {
-            TensorCoreAligned(q, layout.Q, 16, nameof(q));
-            TensorCoreAligned(k, layout.K, 16, nameof(k));
-            TensorCoreAligned(v, layout.V, 16, nameof(v));
-            TensorCoreAligned(o, layout.O, 4, nameof(o));
+            TensorCoreAligned(q, layout.Q, 16, nameof(q), layout.Shape.Length);
+            TensorCoreAligned(k, layout.K, 16, nameof(k), layout.Shape.Length);
+            TensorCoreAligned(v, layout.V, 16, nameof(v), layout.Shape.Length);
+            TensorCoreAligned(o, layout.O, 4, nameof(o), layout.Shape.Length);
         }
         EnqueueForward16(stream, layout, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), o.Cast<ushort>(), rem, logRem,
             options, workspace, bf16);
@@ -515,13 +515,13 @@ public sealed partial class StickBreakingAttention : IDisposable
         CheckTrainingWorkspace(workspace, shape);
         if (kernels.TensorCoreBackward16(shape.HeadDim, bf16) is not null)
         {
-            TensorCoreAligned(q, layout.Q, 16, nameof(q));
-            TensorCoreAligned(k, layout.K, 16, nameof(k));
-            TensorCoreAligned(v, layout.V, 16, nameof(v));
-            TensorCoreAligned(dO, layout.DO, 16, nameof(dO));
-            TensorCoreAligned(dq, layout.DQ, 4, nameof(dq));
-            TensorCoreAligned(dk, layout.DK, 4, nameof(dk));
-            TensorCoreAligned(dv, layout.DV, 4, nameof(dv));
+            TensorCoreAligned(q, layout.Q, 16, nameof(q), layout.Shape.Length);
+            TensorCoreAligned(k, layout.K, 16, nameof(k), layout.Shape.Length);
+            TensorCoreAligned(v, layout.V, 16, nameof(v), layout.Shape.Length);
+            TensorCoreAligned(dO, layout.DO, 16, nameof(dO), layout.Shape.Length);
+            TensorCoreAligned(dq, layout.DQ, 4, nameof(dq), layout.Shape.Length);
+            TensorCoreAligned(dk, layout.DK, 4, nameof(dk), layout.Shape.Length);
+            TensorCoreAligned(dv, layout.DV, 4, nameof(dv), layout.Shape.Length);
         }
         EnqueueBackward16(stream, layout, q.Cast<ushort>(), k.Cast<ushort>(), v.Cast<ushort>(), dO.Cast<ushort>(), dRem, logRem,
             workspace, dq.Cast<ushort>(), dk.Cast<ushort>(), dv.Cast<ushort>(), bf16);
@@ -801,12 +801,17 @@ public sealed partial class StickBreakingAttention : IDisposable
              Guards.Arg.Of(dRem, nameof(dRem)), Guards.Arg.Of(logRem, nameof(logRem))]);
     }
 
-    /// <summary>A view and layout the tensor-core kernels can move in <paramref name="bytes"/>-byte pieces.</summary>
-    private static void TensorCoreAligned<T>(ArrayView<T> view, TensorLayout layout, int bytes, string name)
+    /// <summary>
+    /// A view and layout the tensor-core kernels can move in <paramref name="bytes"/>-byte pieces; those they read in
+    /// 16-byte pieces (q, k, v, dO) also within 32-bit offsets per head over <paramref name="length"/> rows.
+    /// </summary>
+    private static void TensorCoreAligned<T>(ArrayView<T> view, TensorLayout layout, int bytes, string name, int length)
         where T : unmanaged
     {
         Guards.Aligned(view, bytes, name);
         Guards.AlignedStrides(layout, 2, bytes, name);
+        if (bytes == 16)
+            Guards.HeadOffsets(layout, length, 2, name);
     }
 
     /// <summary>Bytes a host-level Forward allocates: q, k, v, o (their layouts' spans) and rem, LogRem.</summary>

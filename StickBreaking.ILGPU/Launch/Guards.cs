@@ -166,6 +166,20 @@ internal static class Guards
                 $"to be a multiple of {elements} elements (any [B, T, H, D] or fused layout of D = 64 or 128 is).", name);
     }
 
+    /// <summary>
+    /// A layout whose rows of one head the tensor-core kernels can address with 32-bit offsets in 16-byte pieces from the
+    /// head's row 0 (they compute offsets up to 64 rows past the last, never reading those): (T + 64) times the token
+    /// stride, in pieces, within 2^31 - 1.
+    /// </summary>
+    public static void HeadOffsets(TensorLayout layout, int length, int elementBytes, string name)
+    {
+        long pieces = layout.TokenStride * elementBytes / 16;
+        if ((length + 64L) * pieces > int.MaxValue)
+            throw new ArgumentException(
+                $"{name}'s layout has {layout}: {length} rows {layout.TokenStride} elements apart span more than the tensor-core " +
+                $"kernel addresses within one head (2^31 16-byte pieces, 32-bit offsets from the head's first row).", name);
+    }
+
     /// <summary>A view whose first element sits at a multiple of <paramref name="bytes"/> (a kernel reads it in pieces that wide).</summary>
     public static void Aligned<T>(ArrayView<T> view, int bytes, string name)
         where T : unmanaged

@@ -195,10 +195,12 @@ internal static partial class TensorCoreBackwardKeyKernel
             shared[EndHeadOffset] = (uint)(head + a.Rows.GroupSize);
         do
         {
-            // 16-byte piece `warp` of row 0 of the head in q and dO (16-byte aligned rows).
-            long qPiece = (a.Rows.QueryBase(a.Rows.Q, head) >> 3) + warp, dOPiece = (a.Rows.QueryBase(a.Rows.DO, head) >> 3) + warp;
+            // The head's q and dO as views at 16-byte piece `warp` of row 0 (16-byte aligned rows), their rows addressed by
+            // 32-bit offsets from there.
+            var qHead = a.Q.Cast<U4>().SubView((a.Rows.QueryBase(a.Rows.Q, head) >> 3) + warp);
+            var dOHead = a.DO.Cast<U4>().SubView((a.Rows.QueryBase(a.Rows.DO, head) >> 3) + warp);
             Group.Barrier();                              // the flags are zero, the last head's phase B is done
-            StageDiagonal(a, qPiece, dOPiece, key0, shared, block & 1, D, warp, lane, exponentMask);
+            StageDiagonal(a, qHead, dOHead, key0, shared, block & 1, D, warp, lane, exponentMask);
             Group.Barrier();
             // The snapshots and statistics of the thread's two rows, loaded one row block ahead (during phase B).
             var inputsLo = LoadRow(a, head, key0 + 16 * ws + 2 * g, tileFirst, snapshotTile);
@@ -235,7 +237,7 @@ internal static partial class TensorCoreBackwardKeyKernel
 
                 // The next row block's pieces, loaded during phase B and stored after it (into the other Q^T / dO^T buffer).
                 int next = rowBlock + 1;
-                var pieces = LoadRowPairs(a, qPiece, dOPiece, next * BlockRows, next < rowBlocks ? T : 0, D, lane);
+                var pieces = LoadRowPairs(a, qHead, dOHead, next * BlockRows, next < rowBlocks ? T : 0, D, lane);
                 inputsLo = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g, tileFirst, snapshotTile);
                 inputsHi = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
                 int buffer = (rowBlock & 1) * (TransposedWords / 4);
@@ -384,27 +386,26 @@ internal static partial class TensorCoreBackwardKeyKernel
     /// <summary>
     /// Loads this thread's share of a block of 64 rows of Q and dO: lane P takes rows 2P and 2P+1, warp w the 16-byte
     /// column pieces c = w (and w + 8 at D = 128) of Q, then of dO: P0, P1 (rows 2P, 2P+1 of Q piece w), P2, P3
-    /// (Q piece w + 8, or dO piece w at D = 64), P4 .. P7 (dO pieces w, w + 8). <paramref name="qPiece"/> and
-    /// <paramref name="dOPiece"/> index piece w of the head's row 0 in 16-byte units; rows are <c>Rows.Q.Token</c>,
-    /// <c>Rows.DO.Token</c> elements apart (multiples of 8). Rows at or past <paramref name="limit"/> are zeros.
+    /// (Q piece w + 8, or dO piece w at D = 64), P4 .. P7 (dO pieces w, w + 8). <paramref name="qHead"/> and
+    /// <paramref name="dOHead"/> are views at piece w of the head's row 0; rows are <c>Rows.Q.Token</c>,
+    /// <c>Rows.DO.Token</c> elements apart (multiples of 8), addressed by 32-bit offsets. Rows at or past
+    /// <paramref name="limit"/> are zeros.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRowPairs(in BackwardArgs<ushort> a, long qPiece, long dOPiece, int row0, int limit, int D,
-        int lane)
+    private static Pieces8 LoadRowPairs(in BackwardArgs<ushort> a, ArrayView<U4> qHead, ArrayView<U4> dOHead, int row0, int limit,
+        int D, int lane)
     {
         bool wide = D > 64;
-        long qToken = a.Rows.Q.Token >> 3, dOToken = a.Rows.DO.Token >> 3;
+        int qToken = a.Rows.Q.TokenPieces, dOToken = a.Rows.DO.TokenPieces;
         int row = row0 + 2 * lane;
         bool lo = row < limit, hi = row + 1 < limit;
         // Views of the two rows (of row 0 where a row is past the limit, never read: views stay inside the tensor),
         // so that the column offsets are constants of the loads.
-        uint rowLo = lo ? (uint)row : 0u, rowHi = hi ? (uint)row + 1 : 0u;
-        var q = a.Q.Cast<U4>();
-        var dO = a.DO.Cast<U4>();
-        var qLo = q.SubView(qPiece + rowLo * qToken);
-        var qHi = q.SubView(qPiece + rowHi * qToken);
-        var dOLo = dO.SubView(dOPiece + rowLo * dOToken);
-        var dOHi = dO.SubView(dOPiece + rowHi * dOToken);
+        int rowLo = lo ? row : 0, rowHi = hi ? row + 1 : 0;
+        var qLo = qHead.SubView(rowLo * qToken);
+        var qHi = qHead.SubView(rowHi * qToken);
+        var dOLo = dOHead.SubView(rowLo * dOToken);
+        var dOHi = dOHead.SubView(rowHi * dOToken);
         Pieces8 p;
         p.P0 = Piece(qLo, 0, lo);
         p.P1 = Piece(qHi, 0, hi);
@@ -434,21 +435,21 @@ internal static partial class TensorCoreBackwardKeyKernel
     /// <see cref="StorePieces"/> do, screened (<see cref="StorePair"/>), one column piece at a time: once per query
     /// head, with dk and dv held in registers, so that it holds few values at once.
     /// </summary>
-    private static void StageDiagonal(in BackwardArgs<ushort> a, long qPiece, long dOPiece, int key0, ArrayView<uint> shared,
+    private static void StageDiagonal(in BackwardArgs<ushort> a, ArrayView<U4> qHead, ArrayView<U4> dOHead, int key0, ArrayView<uint> shared,
         int buffer, int D, int warp, int lane, uint exponentMask)
     {
         int T = a.Length, pairs = D >> 5;                 // column pieces per thread: Q w (, w + 8), then dO
         int row = key0 + 2 * lane;
         bool lo = row < T, hi = row + 1 < T;
-        uint rowLo = lo ? (uint)row : 0u, rowHi = hi ? (uint)row + 1 : 0u;
+        int rowLo = lo ? row : 0, rowHi = hi ? row + 1 : 0;
         for (int j = 0; j < pairs; j++)
         {
             bool isDO = 2 * j >= pairs;
             int c = warp + 8 * (j & (pairs >> 2));        // + 8 for the second piece of each tensor at D = 128
-            var x = (isDO ? a.DO : a.Q).Cast<U4>();
-            long at = (isDO ? dOPiece : qPiece) + (c - warp), token = (isDO ? a.Rows.DO.Token : a.Rows.Q.Token) >> 3;
-            U4 pieceLo = Piece(x.SubView(at + rowLo * token), 0, lo);
-            U4 pieceHi = Piece(x.SubView(at + rowHi * token), 0, hi);
+            var x = isDO ? dOHead : qHead;
+            int token = isDO ? a.Rows.DO.TokenPieces : a.Rows.Q.TokenPieces;
+            U4 pieceLo = Piece(x, c - warp + rowLo * token, lo);
+            U4 pieceHi = Piece(x, c - warp + rowHi * token, hi);
             StorePair(pieceLo, pieceHi, shared, isDO ? DOFragmentOffset : QFragmentOffset, isDO ? DOtOffset : QtOffset,
                 buffer, c, lane, true, exponentMask, isDO ? MaxHeadDim : 0);
         }

@@ -129,10 +129,12 @@ internal static partial class TensorCoreBackwardQueryKernel
         int T = a.Length, D = a.HeadDim;
         bool wide = D > 64;
         int row0 = rowBlock * BlockRows;
-        // Element 0 of row 0 of the key/value head this query head reads (grouped-query heads share one); rows lie
-        // Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads").
+        // The key/value head this query head reads (grouped-query heads share one) as views at row 0, rows Rows.X.Token
+        // elements apart (docs/math.md, "Layouts and grouped heads"), addressed by 32-bit offsets in 16-byte pieces.
         var rows = a.Rows;
-        long kBase = rows.KeyBaseOfQuery(rows.K, head), vBase = rows.KeyBaseOfQuery(rows.V, head);
+        var kHead = a.K.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.K, head) >> 3);
+        var vHead = a.V.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.V, head) >> 3);
+        int kToken = rows.K.TokenPieces, vToken = rows.V.TokenPieces;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
         int emu = SharedUints + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
@@ -185,8 +187,8 @@ internal static partial class TensorCoreBackwardQueryKernel
             // Every warp is past the previous tile's second barrier, so done with its K and V rows. (No register
             // prefetch of the next tile during the dq product: its 64 registers on top of dq and the dz fragments made
             // ptxas spill; the other group on the SM runs while this one waits for the loads.)
-            var kRows = LoadRows(a.K, kBase, rows.K.Token, key0 + r, c, stageLimit, D);
-            var vRows = LoadRows(a.V, vBase, rows.V.Token, key0 + r, c, stageLimit, D);
+            var kRows = LoadRows(kHead, kToken, key0 + r, c, stageLimit, D);
+            var vRows = LoadRows(vHead, vToken, key0 + r, c, stageLimit, D);
             StoreRows(kRows, vectors, KOffset / 4, D, tid);
             StoreRows(vRows, vectors, VOffset / 4, D, tid);
             Group.Barrier();
@@ -286,33 +288,29 @@ internal static partial class TensorCoreBackwardQueryKernel
     }
 
     /// <summary>
-    /// Loads this thread's share of the 64 rows of a key tile of a head (row i at element <paramref name="headBase"/>
-    /// + i <paramref name="token"/>, both multiples of 8) in 16-byte pieces, for <see cref="StoreRows"/>: piece
+    /// Loads this thread's share of the 64 rows of a key tile of a head (<paramref name="head"/>: a view at row 0, rows
+    /// <paramref name="token"/> 16-byte pieces apart) in 16-byte pieces, for <see cref="StoreRows"/>: piece
     /// <paramref name="c"/> = tid % (D / 8) of rows <paramref name="row"/> = first + tid / (D / 8) and on by step i
     /// (step = 128 / (D / 8), D / 16 passes); the caller computes both once for K and V. Rows at or past
-    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 64-bit indices into the tensor,
-    /// each the previous one plus the pass stride (step rows): ptxas keeps no per-piece offset across the loop (a
-    /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions).
+    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 32-bit offsets from the head's row
+    /// 0, each the previous one plus the pass stride (step rows), as in the forward.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, long token, int row, int c, int limit, int D)
+    private static Pieces8 LoadRows(ArrayView<U4> head, int token, int row, int c, int limit, int D)
     {
         bool wide = D > 64;
         int step = wide ? 8 : 16;                        // GroupSize / (D / 8) rows per pass (D = 128 or 64)
-        long tokenU4 = token >> 3, pass = step * tokenU4;
-        var source = x.Cast<U4>();
-        // Each piece's 64-bit index from the previous one's: a chain of adds (nothing loop-invariant per piece for
-        // ptxas to keep); only the pieces of rows before the limit are read.
-        long at = (headBase >> 3) + c + row * tokenU4;
+        int pass = step * token;
+        int at = c + row * token;
         Pieces8 p;
-        p.P0 = TensorCoreForwardKernel.PieceAt(source, at, row < limit);
-        p.P1 = TensorCoreForwardKernel.PieceAt(source, at += pass, row + step < limit);
-        p.P2 = TensorCoreForwardKernel.PieceAt(source, at += pass, row + 2 * step < limit);
-        p.P3 = TensorCoreForwardKernel.PieceAt(source, at += pass, row + 3 * step < limit);
-        p.P4 = TensorCoreForwardKernel.PieceAt(source, at += pass, wide && row + 4 * step < limit);
-        p.P5 = TensorCoreForwardKernel.PieceAt(source, at += pass, wide && row + 5 * step < limit);
-        p.P6 = TensorCoreForwardKernel.PieceAt(source, at += pass, wide && row + 6 * step < limit);
-        p.P7 = TensorCoreForwardKernel.PieceAt(source, at + pass, wide && row + 7 * step < limit);
+        p.P0 = TensorCoreForwardKernel.PieceAt(head, at, row < limit);
+        p.P1 = TensorCoreForwardKernel.PieceAt(head, at += pass, row + step < limit);
+        p.P2 = TensorCoreForwardKernel.PieceAt(head, at += pass, row + 2 * step < limit);
+        p.P3 = TensorCoreForwardKernel.PieceAt(head, at += pass, row + 3 * step < limit);
+        p.P4 = TensorCoreForwardKernel.PieceAt(head, at += pass, wide && row + 4 * step < limit);
+        p.P5 = TensorCoreForwardKernel.PieceAt(head, at += pass, wide && row + 5 * step < limit);
+        p.P6 = TensorCoreForwardKernel.PieceAt(head, at += pass, wide && row + 6 * step < limit);
+        p.P7 = TensorCoreForwardKernel.PieceAt(head, at + pass, wide && row + 7 * step < limit);
         return p;
     }
 

@@ -128,10 +128,13 @@ internal static partial class TensorCoreForwardKernel
         int T = a.Length, D = a.HeadDim;
         bool wide = D > 64;
         int row0 = rowBlock * BlockRows;
-        // Element 0 of row 0 of this query head's q and of the key/value head it reads (grouped-query heads share
-        // one); rows lie Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads").
+        // This query head's q, and the key/value head it reads as views at row 0 (grouped-query heads share one), rows
+        // Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads"), addressed by 32-bit offsets in 16-byte
+        // pieces from there.
         var rows = a.Rows;
-        long kBase = rows.KeyBaseOfQuery(rows.K, head), vBase = rows.KeyBaseOfQuery(rows.V, head);
+        var kHead = a.K.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.K, head) >> 3);
+        var vHead = a.V.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.V, head) >> 3);
+        int kToken = rows.K.TokenPieces, vToken = rows.V.TokenPieces;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
         int emu = SharedUints(doubleBuffered) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
@@ -163,8 +166,8 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        var kPieces = LoadRows(a.K, kBase, rows.K.Token, tile * KeyTile, stageLimit, D, tid);
-        var vPieces = LoadKeyPairs(a.V, vBase, rows.V.Token, tile * KeyTile, stageLimit, D, tid);
+        var kPieces = LoadRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid);
+        var vPieces = LoadKeyPairs(vHead, vToken, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
         // reads that pair any more, and one barrier per tile suffices: a warp stores into pair (i - 1) % 2 only
@@ -204,8 +207,8 @@ internal static partial class TensorCoreForwardKernel
             int nextLimit = tile > 0 ? stageLimit : int.MinValue;
             if (prefetch)
             {
-                kPieces = LoadRows(a.K, kBase, rows.K.Token, key0 - KeyTile, nextLimit, D, tid);
-                vPieces = LoadKeyPairs(a.V, vBase, rows.V.Token, key0 - KeyTile, nextLimit, D, tid);
+                kPieces = LoadRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid);
+                vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
             }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
@@ -217,8 +220,8 @@ internal static partial class TensorCoreForwardKernel
                     Group.Barrier();
                 if (!prefetch)
                 {
-                    kPieces = LoadRows(a.K, kBase, rows.K.Token, key0 - KeyTile, nextLimit, D, tid);
-                    vPieces = LoadKeyPairs(a.V, vBase, rows.V.Token, key0 - KeyTile, nextLimit, D, tid);
+                    kPieces = LoadRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid);
+                    vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
                 }
                 StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
                 StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
@@ -287,40 +290,39 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// Loads this thread's share of 64 rows first .. first+63 of a head (row i at element <paramref name="headBase"/>
-    /// + i <paramref name="token"/>, both multiples of 8) in 16-byte pieces: piece c = tid % (D / 8) of rows
-    /// tid / (D / 8) + step i (step = 128 / (D / 8), D / 16 passes), for <see cref="StoreRows"/>. Rows at or past
-    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 64-bit indices into the tensor,
+    /// Loads this thread's share of 64 rows first .. first+63 of a head (<paramref name="head"/>: a view at row 0, rows
+    /// <paramref name="token"/> 16-byte pieces apart) in 16-byte pieces: piece c = tid % (D / 8) of rows tid / (D / 8)
+    /// + step i (step = 128 / (D / 8), D / 16 passes), for <see cref="StoreRows"/>. Rows at or past
+    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 32-bit offsets from the head's row 0,
     /// each the previous one plus the pass stride (step rows): ptxas keeps no per-piece offset across the loop (a
-    /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions).
+    /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions), and
+    /// each address is one multiply-add from the head's.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<ushort> x, long headBase, long token, int first, int limit, int D, int tid)
+    private static Pieces8 LoadRows(ArrayView<U4> head, int token, int first, int limit, int D, int tid)
     {
         bool wide = D > 64;
         int chunks = D >> 3;
         int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
         int row = first + r;
-        long tokenU4 = token >> 3, pass = step * tokenU4;
-        var source = x.Cast<U4>();
-        // Each piece's 64-bit index from the previous one's: a chain of adds (nothing loop-invariant per piece for
-        // ptxas to keep); only the pieces of rows before the limit are read.
-        long at = (headBase >> 3) + c + row * tokenU4;
+        int pass = step * token;
+        // Each piece's offset from the previous one's; only the pieces of rows before the limit are read.
+        int at = c + row * token;
         Pieces8 p;
-        p.P0 = PieceAt(source, at, row < limit);
-        p.P1 = PieceAt(source, at += pass, row + step < limit);
-        p.P2 = PieceAt(source, at += pass, row + 2 * step < limit);
-        p.P3 = PieceAt(source, at += pass, row + 3 * step < limit);
-        p.P4 = PieceAt(source, at += pass, wide && row + 4 * step < limit);
-        p.P5 = PieceAt(source, at += pass, wide && row + 5 * step < limit);
-        p.P6 = PieceAt(source, at += pass, wide && row + 6 * step < limit);
-        p.P7 = PieceAt(source, at + pass, wide && row + 7 * step < limit);
+        p.P0 = PieceAt(head, at, row < limit);
+        p.P1 = PieceAt(head, at += pass, row + step < limit);
+        p.P2 = PieceAt(head, at += pass, row + 2 * step < limit);
+        p.P3 = PieceAt(head, at += pass, row + 3 * step < limit);
+        p.P4 = PieceAt(head, at += pass, wide && row + 4 * step < limit);
+        p.P5 = PieceAt(head, at += pass, wide && row + 5 * step < limit);
+        p.P6 = PieceAt(head, at += pass, wide && row + 6 * step < limit);
+        p.P7 = PieceAt(head, at + pass, wide && row + 7 * step < limit);
         return p;
     }
 
-    /// <summary>The 16-byte piece at the 64-bit <paramref name="index"/> when <paramref name="active"/>, else zeros.</summary>
+    /// <summary>The 16-byte piece at <paramref name="index"/> (an offset within a head) when <paramref name="active"/>, else zeros.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static U4 PieceAt(ArrayView<U4> source, long index, bool active)
+    internal static U4 PieceAt(ArrayView<U4> source, int index, bool active)
     {
         U4 value = default;
         if (active)
@@ -353,20 +355,19 @@ internal static partial class TensorCoreForwardKernel
     /// Loads this thread's share of a V tile for <see cref="StoreTransposed"/>: the 32 lanes of a warp take the 32
     /// key pairs (2j, 2j+1), warp w the 16-byte pieces c = w + 4i of the head dimension (D / 32 of them), two
     /// pieces each (keys 2j and 2j+1: P0, P1 for c, P2, P3 for c + 4, ...). Keys at or past
-    /// <paramref name="limit"/> are zeros. Key i of the head starts at element <paramref name="headBase"/> + i
-    /// <paramref name="token"/> (both multiples of 8).
+    /// <paramref name="limit"/> are zeros. Key i of the head starts <paramref name="token"/> i 16-byte pieces into
+    /// <paramref name="head"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadKeyPairs(ArrayView<ushort> x, long headBase, long token, int key0, int limit, int D, int tid)
+    private static Pieces8 LoadKeyPairs(ArrayView<U4> head, int token, int key0, int limit, int D, int tid)
     {
         bool wide = D > 64;
         int j = tid & 31, c = tid >> 5;
         int key = key0 + 2 * j;
         bool lo = key < limit, hi = key + 1 < limit;
-        // Rows 2j and 2j + 1 as sub-views (at the head where not loaded, so in bounds), the pieces at constant indices.
-        long tokenU4 = token >> 3;
-        var loRow = x.Cast<U4>().SubView((headBase >> 3) + c + (lo ? key : 0) * tokenU4);
-        var hiRow = x.Cast<U4>().SubView((headBase >> 3) + c + (hi ? key + 1 : 0) * tokenU4);
+        // Rows 2j and 2j + 1 as sub-views (at row 0 where not loaded, so in bounds), the pieces at constant indices.
+        var loRow = head.SubView(c + (lo ? key : 0) * token);
+        var hiRow = head.SubView(c + (hi ? key + 1 : 0) * token);
         Pieces8 p;
         p.P0 = Piece(loRow, 0, lo);
         p.P1 = Piece(hiRow, 0, hi);
