@@ -11,7 +11,7 @@ using StickBreaking.ILGPU.Tests.Infrastructure;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--decode BACKEND B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N] [--portable] [--groups-per-sm N] [--prefetch ROUNDS] [--groups-per-sm N]</c> (--portable: the portable kernel where the warp kernel would serve; --groups-per-sm: a launch bound in place of the kernel's own): queries behind a key/value cache of L
+/// <c>--decode BACKEND B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N] [--portable] [--groups-per-sm N] [--groups-per-sm N]</c> (--portable: the portable kernel where the warp kernel would serve; --groups-per-sm: a launch bound in place of the kernel's own): queries behind a key/value cache of L
 /// keys per sequence (all B at length L, capacity L), one JSON line: the median ms of the public device-level call (which
 /// reads the lengths back before it enqueues) and of the kernels alone, the K + V bytes read per ms as TB/s, and the key
 /// chunks the split chose. Inputs are random values in [-0.25, 0.25] filled on the device. (Wire it in Program.cs:
@@ -37,7 +37,7 @@ internal static class DecodeBench
         }
         if (args.Length < 6 || dtype is not ("bf16" or "fp16" or "fp32"))
         {
-            Console.Error.WriteLine("usage: --decode Cuda|OpenCL|Cpu B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N] [--portable] [--groups-per-sm N] [--prefetch ROUNDS]");
+            Console.Error.WriteLine("usage: --decode Cuda|OpenCL|Cpu B Hq Hkv D L [n] [--dtype bf16|fp16|fp32] [--chunks N] [--portable] [--groups-per-sm N]");
             return 2;
         }
         int? groupsPerSm = null;
@@ -45,13 +45,6 @@ internal static class DecodeBench
         if (flag > 0 && flag + 1 < args.Length)
         {
             groupsPerSm = int.Parse(args[flag + 1], CultureInfo.InvariantCulture);
-            args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
-        }
-        int? prefetch = null;
-        flag = Array.IndexOf(args, "--prefetch");
-        if (flag > 0 && flag + 1 < args.Length)
-        {
-            prefetch = int.Parse(args[flag + 1], CultureInfo.InvariantCulture);
             args = args[..flag].Concat(args[(flag + 2)..]).ToArray();
         }
         bool portable = args.Contains("--portable");
@@ -66,7 +59,7 @@ internal static class DecodeBench
         }
         using (context)
         using (accelerator)
-        using (var attention = new StickBreakingAttention(accelerator) { DecodeChunksOverride = chunks, UseWarpDecode = !portable, CudaGroupsPerMultiprocessorOverride = groupsPerSm, DecodePrefetchRoundsOverride = prefetch })
+        using (var attention = new StickBreakingAttention(accelerator) { DecodeChunksOverride = chunks, UseWarpDecode = !portable, CudaGroupsPerMultiprocessorOverride = groupsPerSm })
         {
             var (publicMs, kernelMs) = dtype switch
             {
@@ -80,7 +73,7 @@ internal static class DecodeBench
             {
                 project = "StickBreaking.ILGPU", mode = "decode", backend = args[0], device = accelerator.Name, dtype,
                 B = shape.Batch, Hq = shape.QueryHeads, Hkv = shape.KeyValueHeads, n = shape.Queries, L = shape.Capacity, D = shape.HeadDim,
-                chunks = attention.LastDecodeChunks, prefetch_rounds = prefetch, kernel = attention.LastDecodeKernel, public_ms = publicMs, kernels_ms = kernelMs,
+                chunks = attention.LastDecodeChunks, kernel = attention.LastDecodeKernel, public_ms = publicMs, kernels_ms = kernelMs,
                 public_tbs = bytes / publicMs / 1e9, kernels_tbs = bytes / kernelMs / 1e9,
             }));
         }

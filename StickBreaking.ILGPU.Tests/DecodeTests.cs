@@ -553,7 +553,7 @@ public sealed class DecodePtxTests
     /// <summary>
     /// The warp decode: no local memory; the 16-bit lanes' q . k on the tensor cores (mma.sync of their type, and none of
     /// the other), with no local memory once the loader's rewrite (PtxOperandSlots) made the inline PTX's operand slots
-    /// registers; the fp32 lane without any mma. Every lane asks L2 for the rounds ahead (prefetch.global.L2).
+    /// registers, and their staging ring (declared in the PTX, filled by cp.async); the fp32 lane without any mma or ring.
     /// </summary>
     [TestCase(typeof(float), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp32Lane), null)]
     [TestCase(typeof(ushort), typeof(StickBreaking.ILGPU.Kernels.Decode.Fp16Lane), "f16")]
@@ -565,7 +565,7 @@ public sealed class DecodePtxTests
         {
             string ptx = Check(kernel, $"warpdecode.{lane.Name}");
             Assert.That(ptx, Does.Not.Contain("mma.sync"));
-            Assert.That(ptx, Does.Contain("prefetch.global.L2 ["));
+            Assert.That(ptx, Does.Not.Contain("sbDecodeRing"), "the fp32 lanes load into registers, no ring");
             return;
         }
         string raw = Compile(kernel, $"warpdecode.{lane.Name}");
@@ -574,7 +574,12 @@ public sealed class DecodePtxTests
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"warpdecode.{lane.Name}.promoted.ptx"), promoted);
         Assert.That(promoted, Does.Contain($"mma.sync.aligned.m16n8k16.row.col.f32.{mmaType}.{mmaType}.f32"));
         Assert.That(promoted, Does.Not.Contain(mmaType == "f16" ? ".bf16.bf16" : ".f16.f16"));
-        Assert.That(promoted, Does.Contain("prefetch.global.L2 ["));
+        // The staging ring: declared once in the PTX, its size the emulation's, filled by cp.async.
+        Assert.That(System.Text.RegularExpressions.Regex.Matches(promoted, @"\.shared \.align 16 \.b8 sbDecodeRing\[(\d+)\];")
+            .Select(m => int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture)),
+            Is.EqualTo(new[] { StickBreaking.ILGPU.Kernels.Decode.DecodeRing.EmulatedBytes }), "one ring declaration of the ring's size");
+        Assert.That(promoted, Does.Contain("cp.async.cg.shared.global [sbS]"));
+        Assert.That(promoted, Does.Contain("cp.async.wait_group"));
         Assert.That(System.Text.RegularExpressions.Regex.Matches(promoted, @"\.local\b"), Is.Empty, "local memory");
     }
 

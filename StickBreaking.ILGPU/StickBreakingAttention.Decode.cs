@@ -28,9 +28,6 @@ public sealed partial class StickBreakingAttention
     /// </summary>
     internal int? DecodeGroupSizeOverride { get; set; }
 
-    /// <summary>Tests and benchmarks only: rounds of keys the warp decode prefetches into L2 on CUDA, in place of <see cref="DecodeWarpKernel.PrefetchRounds"/> (0: none).</summary>
-    internal int? DecodePrefetchRoundsOverride { get; set; }
-
     /// <summary>The name of the kernel the last decode call ran (tests and benchmarks).</summary>
     internal string? LastDecodeKernel { get; private set; }
 
@@ -516,10 +513,10 @@ public sealed partial class StickBreakingAttention
             PackedRows = packedRows ? 1 : 0,
             Chunks = chunks, ChunkKeys = chunkKeys, KeyTile = DecodeKernel.KeyTileFor(D), Scale = options.ScaleFor(D), RowBlocks = rowBlocks,
         };
-        // The L2 prefetch takes the caches' device addresses, which only a CUDA accelerator's views have.
-        if (kernel.Family != KernelFamily.Portable && accelerator.AcceleratorType == AcceleratorType.Cuda)
+        // The staging ring's cp.async takes the caches' device addresses, which a kernel cannot read from a view in ILGPU
+        // 1.5.3 (the host can: the buffer's device pointer plus the view's offset).
+        if (kernel.Family == KernelFamily.TensorCore && accelerator.AcceleratorType == AcceleratorType.Cuda)
         {
-            args.PrefetchRounds = DecodePrefetchRoundsOverride ?? DecodeWarpKernel.PrefetchRounds(D, Marshal.SizeOf<T>());
             args.KeyAddress = kCache.LoadEffectiveAddressAsPtr().ToInt64();
             args.ValueAddress = vCache.LoadEffectiveAddressAsPtr().ToInt64();
         }

@@ -20,6 +20,7 @@ namespace StickBreaking.ILGPU.Launch;
 internal static class CudaDriver
 {
     private const int MaxDynamicSharedSizeBytes = 8;   // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    private const int PreferredSharedMemoryCarveout = 9;   // CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (percent)
     private const int NumRegs = 4;                     // CU_FUNC_ATTRIBUTE_NUM_REGS
     private const int LocalSizeBytes = 3;              // CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
 
@@ -53,6 +54,11 @@ internal static class CudaDriver
         if (status != 0)
             throw new InvalidOperationException(
                 $"cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {sharedBytes}) failed with CUDA error {status} on '{accelerator.Name}'.");
+        // The tensor-core kernels live on shared memory (the warp decode's ring is static, declared in PTX, 12 KB for each
+        // of 16 groups): ask for the largest shared-memory carveout, so that the launch bound's groups fit beside L1.
+        if (promoteOperandSlots && (status = CuFuncSetAttribute(compiled.FunctionPtr, PreferredSharedMemoryCarveout, 100)) != 0)
+            throw new InvalidOperationException(
+                $"cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT, 100) failed with CUDA error {status} on '{accelerator.Name}'.");
         if (Driver.FuncGetAttribute(out int registers, NumRegs, compiled.FunctionPtr) != 0)
             registers = -1;
         if (Driver.FuncGetAttribute(out int localBytes, LocalSizeBytes, compiled.FunctionPtr) != 0)

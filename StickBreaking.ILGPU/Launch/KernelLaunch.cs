@@ -61,7 +61,10 @@ internal sealed class KernelLaunch<TArgs>
     /// <summary>Fixed dynamic shared memory per group, in bytes (register-tile kernels).</summary>
     public int SharedBytes { get; init; }
 
-    /// <summary>Tensor-core kernels: shared memory per group their emulated mma adds where there are no tensor cores.</summary>
+    /// <summary>
+    /// Tensor-core kernels: shared memory per group their emulated mma adds where there are no tensor cores (the warp decode:
+    /// also its staging ring, which CUDA declares in PTX). LaunchGroups requests it as dynamic shared memory off CUDA only.
+    /// </summary>
     public int EmulationSharedBytes { get; init; }
 
     /// <summary>Head dimensions it serves besides <see cref="MaxHeadDim"/> (null: every D up to it).</summary>

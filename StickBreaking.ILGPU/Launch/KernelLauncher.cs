@@ -71,7 +71,11 @@ internal sealed class KernelLauncher
         int groupSize = 0)
         where TArgs : struct, IGridArgs<TArgs>
     {
-        var config = new KernelConfig(new Index3D(groupsX, groupsY, 1), new Index3D(groupSize > 0 ? groupSize : Plan.GroupSize, 1, 1));
+        // Dynamic shared memory only for what an emulated kernel keeps there (the warp decode's ring and mma scratch).
+        int dynamicBytes = accelerator is CudaAccelerator ? 0 : kernel.EmulationSharedBytes;
+        var grid = new Index3D(groupsX, groupsY, 1);
+        var group = new Index3D(groupSize > 0 ? groupSize : Plan.GroupSize, 1, 1);
+        var config = dynamicBytes > 0 ? new KernelConfig(grid, group, SharedMemoryConfig.RequestDynamic<byte>(dynamicBytes)) : new KernelConfig(grid, group);
         Compiled(kernel)(stream, config, args);
     }
 

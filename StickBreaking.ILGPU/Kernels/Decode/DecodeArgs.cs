@@ -64,11 +64,10 @@ internal struct DecodeArgs<T> : IGridArgs<DecodeArgs<T>>
     /// <summary>Blocks of <see cref="DecodeKernel.BlockRows"/> rows (query head, query) per key/value head.</summary>
     public int RowBlocks;
     /// <summary>
-    /// The warp decode on CUDA: device addresses of element 0 of <see cref="K"/> and <see cref="V"/>, and how many rounds
-    /// ahead of its loads a warp asks L2 for its keys and values (0: never; the addresses are then unused).
+    /// The fp16/bf16 warp decode on CUDA: device addresses of element 0 of <see cref="K"/> and <see cref="V"/>, which its
+    /// staging ring copies from (<see cref="DecodeRing"/>); 0 elsewhere.
     /// </summary>
     public long KeyAddress, ValueAddress;
-    public int PrefetchRounds;
 
     /// <inheritdoc />
     public readonly DecodeArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) => this with { RowBlocks = rowBlocks };

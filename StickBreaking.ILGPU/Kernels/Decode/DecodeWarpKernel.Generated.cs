@@ -10,7 +10,7 @@ internal static partial class DecodeWarpKernel
     /// Issues every load of a round at once: this lane's piece of the keys and values of steps 0 to Steps - 1 (key
     /// roundEnd - 1 - s; nothing for a key below <paramref name="lo"/>, which stays zero), as stored, so that the
     /// values' loads are in flight while q . k and the stick are computed (the fp32 lane; the 16-bit lanes load their
-    /// keys and values 16 bytes a lane, <see cref="KeyPieces"/> and <see cref="ValuesWide{T, TLane}"/>).
+    /// keys and values 16 bytes a lane, <see cref="DecodeRing"/>).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Round Fetch<T, TLane>(ArrayView<T> k, ArrayView<T> v, long kAt, long vAt, long token, int unitsPerRow,
@@ -297,7 +297,7 @@ internal static partial class DecodeWarpKernel
 
     /// <summary>
     /// o_r += A[s, r] v_s as <see cref="ValueRound{T, TLane}"/>, for the lanes that load 16 bytes of a value row each
-    /// (<see cref="ValuesWide{T, TLane}"/>): the round's values in Steps / keysPerLoad loads, load j giving this lane step
+    /// (<see cref="DecodeRing.ReadValues"/>): the round's values in Steps / keysPerLoad loads, load j giving this lane step
     /// j keysPerLoad + <paramref name="part"/>; 8 dimensions per lane, 4 in o_r and the next 4 in u_r. The lanes of each part
     /// sum their keys' terms; the parts are added once, at the end of the chunk.
     /// </summary>

@@ -11,13 +11,15 @@ namespace StickBreaking.ILGPU.Kernels.Decode;
 /// Queries behind a cache, one warp per (sequence b, key/value head, block of <see cref="DecodeKernel.BlockRows"/> rows,
 /// chunk of keys), for head dimensions 64 and 128 on CUDA devices (its code also runs on the CPU accelerator with 32-thread
 /// warps). It computes what <see cref="DecodeKernel"/> computes (docs/math.md, "Queries behind a cache", "Split and merge")
-/// without shared-memory staging or group barriers: a decode reads each cache element once and does little arithmetic on
-/// it, so what decides its speed is how many loads are in flight, and a warp that never waits on other warps keeps its own.
+/// with no barrier across warps: a decode reads each cache element once and does little arithmetic on it, so what decides
+/// its speed is how many bytes are on their way from memory, and a warp that never waits on other warps keeps its own.
 /// <para>
-/// fp32: each lane owns D / 32 consecutive dimensions (2 or 4) of q, of every key and value row, and of the four rows' o.
-/// fp16 and bf16: each lane loads 16 bytes at a time, as the mma's fragments for q and the keys, and 8 dimensions of a value
-/// row (<see cref="ValuesWide{T, TLane}"/>; D / 8 lanes a row, so a load holds 2 or 4 keys' values). The warp walks its
-/// chunk from the nearest key to the farthest, <see cref="Steps"/> keys per round:
+/// fp32: each lane owns D / 32 consecutive dimensions (2 or 4) of q, of every key and value row, and of the four rows' o,
+/// loaded into registers a round at a time. fp16 and bf16: the warp's staging ring (<see cref="DecodeRing"/>) holds three
+/// rounds of keys and values in shared memory, each copied (cp.async on CUDA) two rounds before it is used; each lane reads
+/// 16 bytes at a time from it, as the mma's fragments for the keys, and 8 dimensions of a value row (D / 8 lanes a row, so
+/// a read holds 2 or 4 keys' values). The warp walks its chunk from the nearest key to the farthest, <see cref="Steps"/>
+/// keys per round:
 /// 1. q . k, leaving lane l = 4 s + r with z of step s, row r. fp32: every lane loads its piece of the round's keys
 ///    (coalesced rows) and multiplies them with its piece of the four rows' q; a butterfly over the warp sums the pieces.
 ///    fp16 and bf16: on the tensor cores (<see cref="QueryKeyMma"/>), the keys loaded as the mma's B fragments (16 bytes a
@@ -26,7 +28,7 @@ namespace StickBreaking.ILGPU.Kernels.Decode;
 ///    the sum of lb over the nearer keys of the round by a scan over the lanes of the row (shuffles up by 4, 8, 16 lanes);
 ///    A = exp(log(beta) + acc + that sum), 0 where not seen; acc += the round's sum.
 /// 3. o += A v: the weights go through 32 floats of shared memory (one 16-byte read per step gives a key's four rows), and
-///    each lane loads its piece of the round's values; the 16-bit lanes sum their own keys' terms and add the lanes that
+///    each lane takes its piece of the round's values; the 16-bit lanes sum their own keys' terms and add the lanes that
 ///    share their dimensions once, at the end of the chunk.
 /// One chunk writes o, rem and LogRem; several write fp32 partials that <see cref="MergeKernel"/> combines nearest first.
 /// Only slots below a sequence's length are read; terms a row does not see are selected away, never multiplied by zero.
@@ -39,14 +41,6 @@ internal static partial class DecodeWarpKernel
     /// <summary>Threads per group: one warp.</summary>
     public const int GroupSize = 32;
 
-    /// <summary>
-    /// Rounds ahead of its loads that a warp asks L2 for the keys and values of a round, on CUDA (<see cref="PrefetchRound{T}"/>):
-    /// one where a round's rows are at most 1 KB a cache (16-bit storage at D = 64), else none. Measured on an H200 (bench
-    /// --decode --prefetch, B = 32, Hq = 32, Hkv = 8, L = 32768): bf16 D = 64 took 0.667 to 0.672 ms with one round ahead
-    /// and 0.734 without; bf16 D = 128 gained at most 2 % (1.11 to 1.13 ms against 1.13 to 1.14) and lost 2 % at B = 8;
-    /// fp32 D = 128 lost 23 % (2.38 against 1.94 ms); two or more rounds ahead lost everywhere (up to 1.76 ms at four).
-    /// </summary>
-    public static int PrefetchRounds(int headDim, int elementBytes) => Steps * headDim * elementBytes <= 1024 ? 1 : 0;
 
     /// <summary>Whether it serves head dimension <paramref name="headDim"/> (two or four dimensions per lane).</summary>
     public static bool Serves(int headDim) => headDim == 64 || headDim == 128;
@@ -64,6 +58,7 @@ internal static partial class DecodeWarpKernel
     {
         Name = name, Body = Kernel<T, TLane>, Family = family, RowsPerGroup = DecodeKernel.BlockRows,
         GroupSize = GroupSize, WarpSize = 32, MaxHeadDim = 128, HeadDims = Serves, MinGroupsPerMultiprocessor = 16,
+        EmulationSharedBytes = family == KernelFamily.TensorCore ? DecodeRing.EmulatedBytes + 4 * Mma.ScratchUintsPerWarp : 0,
     };
 
     public static void Kernel<T, TLane>(DecodeArgs<T> a)
@@ -108,27 +103,51 @@ internal static partial class DecodeWarpKernel
             q3 = QueryPiece(a, loader, layout, b, kvHead, perKv, row0, 3, rows, n, piece, dims);
         }
         Lane4 o0 = default, o1 = default, o2 = default, o3 = default;
-        // The 16-bit lanes read values 16 bytes a lane too (ValuesWide): 8 dimensions, the upper 4 in u_r; keysPerLoad keys
+        // The 16-bit lanes read values 16 bytes a lane too (DecodeRing.ReadValues): 8 dimensions, the upper 4 in u_r; keysPerLoad keys
         // per load, this lane's part of them.
         Lane4 u0 = default, u1 = default, u2 = default, u3 = default;
         int lanesPerKey = D / 8, keysPerLoad = 32 / lanesPerKey, part = lane / lanesPerKey;
         long widePiece = (long)(lane - part * lanesPerKey) * 8;
         float acc = 0f;   // this lane's row's sum of lb over the keys already visited
 
+        // Where there is no PTX: the ring and the mma emulation's scratch in dynamic shared memory, which a CUDA launch does
+        // not request. The ring first: its PTX declaration precedes every use.
+        var emulated = SharedMemory.GetDynamic<uint>();
+        var ring = mma ? DecodeRing.Allocate(emulated.Cast<Raw16>()) : default;
+        var mmaScratch = mma ? emulated.SubView(DecodeRing.Pieces * 4, Mma.ScratchUintsPerWarp) : default;
         var weights = SharedMemory.Allocate<float>(GroupSize);
-        var mmaScratch = SharedMemory.Allocate<uint>(Mma.ScratchUintsPerWarp);   // used only where the mma is emulated
         long kBase = layout.CacheRow(b, kvHead, 0), vBase = kBase, token = D;
         int unitsPerRow = D / dims;   // a row in pieces of dims elements
-        int ahead = a.PrefetchRounds * Steps;
+        // fp16 / bf16: the ring's first Stages - 1 rounds on their way before the loop; one more each round, each round a
+        // copy group (possibly empty) so that waiting for all but the newest Stages - 1 groups waits for this round's.
+        int stage = 0, fillStage = DecodeRing.Stages - 1;
+        if (mma)
+        {
+            for (int s = 0; s < DecodeRing.Stages - 1; s++)
+            {
+                if (hi - s * Steps > lo)
+                    DecodeRing.Fill(ring, a.K.Cast<ushort>(), a.V.Cast<ushort>(), a.KeyAddress, a.ValueAddress, kBase, hi - s * Steps, lo, s, lane, D);
+                DecodeRing.Commit();
+            }
+        }
         for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
         {
-            if (ahead > 0)
-                PrefetchRound<T>(a.KeyAddress, a.ValueAddress, kBase, roundEnd - ahead, lo, lane, D);
-            // Every load of the round at once (the values' are in flight while q . k and the stick are computed).
-            var round = mma
-                ? KeyPieces<T, TLane>(ValuesWide<T, TLane>(a.V, vBase + widePiece, token, roundEnd, lo, keysPerLoad, part),
-                    a.K, kBase, token, roundEnd, lo, lane, D / 32)
-                : Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims);
+            Round round = default;
+            if (mma)
+            {
+                int fillEnd = roundEnd - (DecodeRing.Stages - 1) * Steps;
+                if (fillEnd > lo)
+                    DecodeRing.Fill(ring, a.K.Cast<ushort>(), a.V.Cast<ushort>(), a.KeyAddress, a.ValueAddress, kBase, fillEnd, lo, fillStage, lane, D);
+                DecodeRing.Commit();
+                DecodeRing.WaitForOldest();
+                Group.Barrier();                       // every lane's copies of this round are in the ring
+                round = DecodeRing.ReadKeys(round, ring, stage, roundEnd, lo, lane, D);
+            }
+            else
+            {
+                // Every load of the round at once (the values' are in flight while q . k and the stick are computed).
+                round = Fetch<T, TLane>(a.K, a.V, kBase + piece, vBase + piece, token, unitsPerRow, roundEnd, lo, dims);
+            }
             float dot = mma
                 ? QueryKeyMma<T, TLane>(round, qFragments, lane, D / 32, mmaScratch)
                 : QueryKeyRound<T, TLane>(round, lane, dims, q0, q1, q2, q3);
@@ -153,8 +172,13 @@ internal static partial class DecodeWarpKernel
             Group.Barrier();
             bool allSeen = roundEnd - Steps >= lo && roundEnd - 1 < seenByAll;
             if (mma)
+            {
+                round = DecodeRing.ReadValues(round, ring, stage, roundEnd, lo, lane, D, keysPerLoad, part);
                 ValueRoundWide<T, TLane>(round, roundEnd, lo, keysPerLoad, part, weights.Cast<Lane4>(), allSeen,
                     limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3, ref u0, ref u1, ref u2, ref u3);
+                stage = stage == DecodeRing.Stages - 1 ? 0 : stage + 1;
+                fillStage = fillStage == DecodeRing.Stages - 1 ? 0 : fillStage + 1;
+            }
             else
                 ValueRound<T, TLane>(round, roundEnd, lo, dims, weights.Cast<Lane4>(), allSeen,
                     limit0, limit1, limit2, limit3, ref o0, ref o1, ref o2, ref o3);
@@ -213,28 +237,9 @@ internal static partial class DecodeWarpKernel
     }
 
     /// <summary>
-    /// Asks L2 for the keys and values of the round that ends at <paramref name="roundEnd"/> (when it lies whole in the chunk,
-    /// which starts at <paramref name="lo"/>): its Steps rows of each cache are one range of bytes, one 128-byte line a lane
-    /// (<c>prefetch.global.L2</c>, which waits for nothing and changes no register). The loads of that round, issued rounds
-    /// later, then wait on L2 rather than on device memory, so a warp has more bytes on their way than its registers hold.
-    /// CUDA only: <paramref name="keyAddress"/> and <paramref name="valueAddress"/> are the caches' device addresses, which
-    /// the host reads from the views (a kernel cannot take a view's address in ILGPU 1.5.3).
-    /// </summary>
-    private static void PrefetchRound<T>(long keyAddress, long valueAddress, long rowBase, int roundEnd, int lo, int lane, int D)
-        where T : unmanaged
-    {
-        int first = roundEnd - Steps, bytes = Interop.SizeOf<T>();
-        if (!CudaAsm.IsSupported || first < lo || lane * 128 >= Steps * D * bytes)
-            return;
-        long offset = (rowBase + (long)first * D) * bytes + lane * 128;
-        CudaAsm.Emit("prefetch.global.L2 [%0];", keyAddress + offset);
-        CudaAsm.Emit("prefetch.global.L2 [%0];", valueAddress + offset);
-    }
-
-    /// <summary>
     /// This lane's A fragments of q for <see cref="QueryKeyMma"/>: lane 4 g + c holds, of row g of the block (zero for g past
     /// the block's rows, which leaves rows 4 to 15 of the mma's A zero), the <paramref name="pieces"/> pieces of 8
-    /// consecutive dimensions 4 i + c (i = 0 .. pieces - 1), as stored: the same dimensions <see cref="KeyPieces"/> gives
+    /// consecutive dimensions 4 i + c (i = 0 .. pieces - 1), as stored: the same dimensions <see cref="DecodeRing.ReadKeys"/> gives
     /// lanes c of the keys.
     /// </summary>
     private static Round QueryFragments<T, TLane>(DecodeArgs<T> a, TLane loader, DecodeLayout layout, int b, int kvHead,
@@ -253,7 +258,7 @@ internal static partial class DecodeWarpKernel
     /// <summary>
     /// <paramref name="round"/> with K0 .. K<paramref name="pieces"/> - 1 the pieces of 8 consecutive dimensions 4 i + c of
     /// <paramref name="row"/>, one 16-byte load each: q's A fragments (<see cref="QueryFragments"/>) and a key's B fragments
-    /// (<see cref="KeyPieces"/>) hold the same dimensions.
+    /// (<see cref="DecodeRing.ReadKeys"/>) hold the same dimensions.
     /// </summary>
     private static Round RowPieces<T, TLane>(Round round, ArrayView<T> row, int c, int pieces)
         where T : unmanaged
@@ -270,70 +275,15 @@ internal static partial class DecodeWarpKernel
         return round;
     }
 
-    /// <summary>
-    /// The round's values 16 bytes a lane, into V0 .. V3 of a new round: load j gives lane l, of the key of step
-    /// j keysPerLoad + part (part = l / (D / 8); nothing below <paramref name="lo"/>, which stays zero), the 8 dimensions
-    /// at <paramref name="vAt"/> (this lane's: 8 (l - part D / 8)) past the row's start; Steps / keysPerLoad loads.
-    /// </summary>
-    private static Round ValuesWide<T, TLane>(ArrayView<T> v, long vAt, long token, int roundEnd, int lo, int keysPerLoad, int part)
-        where T : unmanaged
-        where TLane : struct, ILane<T>
-    {
-        var loader = default(TLane);
-        Round round = default;
-        if (roundEnd - Steps >= lo)
-        {
-            // A whole round: one view at its farthest key, each load a constant number of rows from it.
-            int rowUnits = (int)(token / 8);
-            var far = v.SubView(vAt + (roundEnd - Steps) * token);
-            round.V0 = loader.FetchWide(far, (Steps - 1 - part) * rowUnits);
-            round.V1 = loader.FetchWide(far, (Steps - 1 - keysPerLoad - part) * rowUnits);
-            if (keysPerLoad == 2)
-            {
-                round.V2 = loader.FetchWide(far, (Steps - 1 - 2 * keysPerLoad - part) * rowUnits);
-                round.V3 = loader.FetchWide(far, (Steps - 1 - 3 * keysPerLoad - part) * rowUnits);
-            }
-            return round;
-        }
-        int key = roundEnd - 1 - part;
-        if (key >= lo)
-            round.V0 = loader.FetchWide(v.SubView(vAt + key * token), 0);
-        key -= keysPerLoad;
-        if (key >= lo)
-            round.V1 = loader.FetchWide(v.SubView(vAt + key * token), 0);
-        key -= keysPerLoad;
-        if (keysPerLoad == 2 && key >= lo)
-            round.V2 = loader.FetchWide(v.SubView(vAt + key * token), 0);
-        key -= keysPerLoad;
-        if (keysPerLoad == 2 && key >= lo)
-            round.V3 = loader.FetchWide(v.SubView(vAt + key * token), 0);
-        return round;
-    }
-
     private static Lane4 ShuffleXor(Lane4 x, int mask) => new()
     {
         X = Warp.ShuffleXor(x.X, mask), Y = Warp.ShuffleXor(x.Y, mask), Z = Warp.ShuffleXor(x.Z, mask), W = Warp.ShuffleXor(x.W, mask),
     };
 
     /// <summary>
-    /// The round's keys for <see cref="QueryKeyMma"/>, into K0 .. K3 of <paramref name="round"/>: lane 4 s + c loads, of the
-    /// key of step s (roundEnd - 1 - s; nothing below <paramref name="lo"/>, which stays zero), the pieces of 8 consecutive
-    /// dimensions 4 i + c, one 16-byte load each; the four lanes of a key read 64 contiguous bytes per load.
-    /// </summary>
-    private static Round KeyPieces<T, TLane>(Round round, ArrayView<T> k, long kBase, long token, int roundEnd, int lo,
-        int lane, int pieces)
-        where T : unmanaged
-        where TLane : struct, ILane<T>
-    {
-        int key = roundEnd - 1 - (lane >> 2);
-        return key < lo ? round : RowPieces<T, TLane>(round, k.SubView(kBase + key * token), lane & 3, pieces);
-    }
-
-
-    /// <summary>
     /// q . k of the round's keys on the tensor cores: S = Q K^T as m16n8k16 mmas with fp32 accumulation, rows of A the
     /// block's query rows (4 used of 16), columns of B the round's 8 steps, and k running over the head dimensions in the
-    /// order the lanes hold them (<see cref="QueryFragments"/>, <see cref="KeyPieces"/>; a dot product does not depend on
+    /// order the lanes hold them (<see cref="QueryFragments"/>, <see cref="DecodeRing.ReadKeys"/>; a dot product does not depend on
     /// the order of its terms, only each dimension of q must meet the same one of k). The accumulator leaves lane 4 r + c
     /// with z of row r at steps 2 c and 2 c + 1; two shuffles hand lane l = 4 s + r its own pair, as
     /// <see cref="QueryKeyRound"/> does.
