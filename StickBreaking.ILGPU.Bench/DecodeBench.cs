@@ -91,7 +91,12 @@ internal static class DecodeBench
         x[i] = (byte)(i.X % 2 == 0 ? h & 0xFF : 0x3C | (h & 0x80));   // high byte: exponent near 2^-3 (fp16 0x3C.., bf16 0x3C..)
     }
 
-    private static (double PublicMs, double KernelMs) Time<T>(StickBreakingAttention attention, DecodeShape shape)
+    /// <summary>
+    /// Median ms per decode of <paramref name="shape"/> (every cache full): through the public device-level call (which
+    /// reads the lengths back), and of its kernels alone; 5 batches of <paramref name="runs"/> calls each (null: 20 for
+    /// caches of 2^28 elements and more, else 200).
+    /// </summary>
+    internal static (double PublicMs, double KernelMs) Time<T>(StickBreakingAttention attention, DecodeShape shape, int? runs = null)
         where T : unmanaged
     {
         var acc = attention.Accelerator;
@@ -124,8 +129,8 @@ internal static class DecodeBench
                 attention.Decode(acc.DefaultStream, shape, qv.Cast<BFloat16>(), kv.Cast<BFloat16>(), vv.Cast<BFloat16>(), lengths.View, ov.Cast<BFloat16>(), rem.View, logRem.View);
         }
         void Kernels() => attention.DecodeUnchecked(acc.DefaultStream, shape, qv, kv, vv, lengths.View, shape.Capacity, ov, rem.View, logRem.View);
-        int runs = shape.CacheLength >= 1L << 28 ? 20 : 200;
-        return (Median(acc, Public, runs), Median(acc, Kernels, runs));
+        int calls = runs ?? (shape.CacheLength >= 1L << 28 ? 20 : 200);
+        return (Median(acc, Public, calls), Median(acc, Kernels, calls));
     }
 
     /// <summary>Median over 5 batches of <paramref name="runs"/> back-to-back calls, ms per call.</summary>

@@ -15,9 +15,13 @@ internal static class MainJob
 {
     private static readonly AttentionShape VerifyShape = new(1, 2, 100, 64);
 
+    /// <summary>The decode checked against float64: 4 query heads per key/value head, caches of 300 and 257 keys.</summary>
+    private static readonly DecodeShape DecodeVerifyShape = new(2, 8, 2, 1, 300, 128);
+
     public static int Run()
     {
         var rows = new List<string[]>();
+        var decodeRows = new List<string[]>();
         bool allGood = true;
         var ran = new List<string>();
         foreach (string backend in Backends.All)
@@ -72,9 +76,31 @@ internal static class MainJob
                             $"{grads16:0.00}x floor", VerifyShape.ToString(), grads16 <= 2 ? "ok" : "FAIL"]);
                     }
                 }
+
+                // Decode: one query per sequence and head against a full cache. CUDA: 1 GB of bf16 K and V (the peers'
+                // heads and length at B = 8); elsewhere a cache the simulators read in seconds.
+                var (decodeError, decodeRatio) = VerifyDecode(attention);
+                bool decodeGood = decodeError <= 2e-5 && decodeRatio <= 2;
+                allGood &= decodeGood;
+                var decodeShape = accelerator.AcceleratorType == AcceleratorType.Cuda
+                    ? new DecodeShape(8, 32, 8, 1, 32768, 128)
+                    : new DecodeShape(1, 4, 2, 1, 512, 64);
+                int? decodeRuns = accelerator.AcceleratorType == AcceleratorType.Cuda ? null : 1;
+                foreach (string dtype in new[] { "fp32", "bf16" })
+                {
+                    var (callMs, kernelMs) = dtype == "fp32"
+                        ? DecodeBench.Time<float>(attention, decodeShape, decodeRuns)
+                        : DecodeBench.Time<BFloat16>(attention, decodeShape, decodeRuns);
+                    double bytes = 2.0 * decodeShape.CacheLength * (dtype == "fp32" ? 4 : 2);
+                    decodeRows.Add([backend, $"B={decodeShape.Batch} Hq={decodeShape.QueryHeads} Hkv={decodeShape.KeyValueHeads} L={decodeShape.Capacity} D={decodeShape.HeadDim}",
+                        dtype, attention.LastDecodeKernel ?? "", $"{callMs:F4}", $"{kernelMs:F4}", Gflops(bytes / 1e3, kernelMs),
+                        dtype == "fp32" ? $"{decodeError:0.0E+0}" : $"{decodeRatio:0.00}x floor", decodeGood ? "ok" : "FAIL"]);
+                }
             }
         }
         Print(["backend", "timed shape", "pass", "ms", "GFLOP/s", "max error", "error measured at", "verified"], rows);
+        Console.WriteLine();
+        Print(["backend", "decode shape", "storage", "kernel", "ms per call", "ms of kernels", "GB/s of K, V", "max error", "verified"], decodeRows);
         Console.WriteLine("ms: median of 10 runs on CUDA, 3 elsewhere, after a warm-up. GFLOP/s: 2 T^2 D per (batch, head) for the");
         Console.WriteLine("  causal forward, 2.5 times that for the backward (1 TFLOP/s = 1000 GFLOP/s).");
         Console.WriteLine($"max error, against float64 at the shape in 'error measured at' (a smaller one than the timed shape): forward,");
@@ -83,6 +109,10 @@ internal static class MainJob
         Console.WriteLine("  floor no 16-bit output can beat (the error of rounding the exact o to the storage type); at most 2x, and");
         Console.WriteLine("  rem and LogRem (fp32) within 2e-5. fp16/bf16 backward: the largest relative RMS error of dq, dk, dv as a");
         Console.WriteLine("  multiple of its floor (the relative RMS of rounding the exact gradient); at most 2x.");
+        Console.WriteLine($"decode: ms per call is the public device-level Decode (it reads the cache lengths back), ms of kernels the");
+        Console.WriteLine($"  decode and merge kernels alone (median of 5 batches of 20 calls on CUDA, of 1 elsewhere). max error, at {DecodeVerifyShape}: fp32,");
+        Console.WriteLine("  the max abs error of o and rem against float64 (2e-5); bf16, o's max abs error against float64 on the same");
+        Console.WriteLine("  rounded inputs as a multiple of its rounding floor (at most 2x), rem and LogRem within 2e-5.");
         Console.WriteLine(allGood
             ? $"verified on every backend present: {string.Join(", ", ran)}."
             : "FAILED: a backend's error is above the tolerance.");
@@ -163,6 +193,40 @@ internal static class MainJob
         double Ratio(float[] actual, double[] e) =>
             Errors.RelativeRms(actual, e) / Errors.RelativeRms(e.Select(d => (float)Round((float)d)).ToArray(), e);
         return (oRatio, new[] { Ratio(dq, exact.DQ), Ratio(dk, exact.DK), Ratio(dv, exact.DV) }.Max());
+    }
+
+    /// <summary>
+    /// The decode at <see cref="DecodeVerifyShape"/> against the float64 reference (docs/math.md, "Queries behind a cache"):
+    /// fp32's max abs error of o and rem, and bf16's max abs error of o as a multiple of its rounding floor (infinite when
+    /// rem or LogRem is off by more than 2e-5).
+    /// </summary>
+    private static (double Fp32, double Bf16) VerifyDecode(StickBreakingAttention attention)
+    {
+        var s = DecodeVerifyShape;
+        int[] lengths = [s.Capacity, 257];
+        float[] q = TestInputs.Standard(s.Batch, s.QueryHeads, s.Queries, s.HeadDim, seed: 7).Q;
+        var cache = TestInputs.Standard(s.Batch, s.KeyValueHeads, s.Capacity, s.HeadDim, seed: 8);
+        double scale = StickBreakingOptions.Default.ScaleFor(s.HeadDim);
+        double[] Exact(Func<float, double> round, out double[] rem, out double[] logRem)
+        {
+            var e = DecodeReference.Forward(q.Select(round).ToArray(), cache.K.Select(round).ToArray(), cache.V.Select(round).ToArray(),
+                lengths, null, s.Batch, s.QueryHeads, s.KeyValueHeads, s.Queries, s.Capacity, s.HeadDim, scale, false);
+            (rem, logRem) = (e.Rem, e.LogRem);
+            return e.O;
+        }
+        var expected = Exact(f => f, out double[] expectedRem, out _);
+        var fp32 = attention.Decode(q, cache.K, cache.V, lengths, s);
+        double fp32Error = Math.Max(Errors.MaxAbs(fp32.O, expected), Errors.MaxAbs(fp32.Rem, expectedRem));
+
+        static double Round(float f) => (float)(BFloat16)f;
+        var rounded = Exact(Round, out double[] roundedRem, out double[] roundedLogRem);
+        static BFloat16[] Bf16(float[] x) => x.Select(f => (BFloat16)f).ToArray();
+        var bf16 = attention.Decode(Bf16(q), Bf16(cache.K), Bf16(cache.V), lengths, s);
+        double floor = rounded.Max(e => Math.Abs(Round((float)e) - e));
+        double ratio = Errors.MaxAbs(bf16.Rem, roundedRem) > 2e-5 || Errors.MaxAbs(bf16.LogRem, roundedLogRem) > 2e-5
+            ? double.PositiveInfinity
+            : Errors.MaxAbs(bf16.O.Select(b => (float)b).ToArray(), rounded) / floor;
+        return (fp32Error, ratio);
     }
 
     private static void Print(string[] header, List<string[]> rows)
