@@ -12,6 +12,7 @@ public sealed partial class StickBreakingAttention
 {
     private MemoryBuffer1D<float, Stride1D.Dense>? decodeScratch;
     private int[] decodeLengths = [], decodeKeysAfter = [];
+    private string? decodeUnsupported;   // why this accelerator cannot run the decode kernels ("" when it can), asked once
 
     /// <summary>
     /// Tests and benchmarks only: the number of key chunks every decode call splits each sequence into, in place of the
@@ -431,6 +432,9 @@ public sealed partial class StickBreakingAttention
                 $"shape {shape}: the decode grid needs {heads} groups along X (B * Hkv) and {rowBlocks} along Y ((Hq / Hkv) * n / " +
                 $"{DecodeKernel.BlockRows}); {Guards.Describe(accelerator)} allows ({max.X}, {max.Y}): use fewer sequences or queries per call.");
         MergeGroups(shape.RowCount, shape.HeadDim);
+        decodeUnsupported ??= DecodeGuards.PoclCannotCompileDecode(accelerator) ?? "";
+        if (decodeUnsupported.Length > 0)
+            throw new NotSupportedException($"Decode on {Guards.Describe(accelerator)}: {decodeUnsupported}");
         if (accelerator.MaxSharedMemoryPerGroup < DecodeKernel.StaticSharedBytes(sizeof(float)))
             throw new InvalidOperationException(
                 $"The decode kernel needs {DecodeKernel.StaticSharedBytes(sizeof(float))} bytes of shared memory per group; {Guards.Describe(accelerator)} offers {accelerator.MaxSharedMemoryPerGroup}.");

@@ -1,6 +1,9 @@
 using System;
+using System.Globalization;
+using System.Text.RegularExpressions;
 using ILGPU;
 using ILGPU.Runtime;
+using ILGPU.Runtime.OpenCL;
 
 namespace StickBreaking.ILGPU.Launch;
 
@@ -35,6 +38,23 @@ internal static class DecodeGuards
                 $"{name} is a view on {Guards.Describe(buffer.Accelerator)}, not on {Guards.Describe(accelerator)} that this instance runs on.", name);
         if (view.Length != expected)
             throw new ArgumentException($"{name} has {view.Length} {Unit<T>()}; {Describe(shape)} needs {expected}.", name);
+    }
+
+    /// <summary>
+    /// Why <paramref name="accelerator"/> cannot run the portable decode kernel, or null: PoCL before 6 (measured with PoCL
+    /// 5.0 on an H200 host's CPU device) aborts the whole process in its kernel compiler on it (an assertion in its
+    /// work-group loop formation, `region_entry_barrier != NULL`), which no caller could catch; PoCL 6 runs it (CI).
+    /// </summary>
+    public static string? PoclCannotCompileDecode(Accelerator accelerator)
+    {
+        if (accelerator is not CLAccelerator cl || !cl.PlatformName.Contains("Portable Computing Language", StringComparison.Ordinal))
+            return null;
+        string version = CLAPI.CurrentAPI.GetPlatformInfo(cl.PlatformId, CLPlatformInfoType.CL_PLATFORM_VERSION);
+        var pocl = Regex.Match(version, @"PoCL (\d+)\.");
+        if (!pocl.Success || int.Parse(pocl.Groups[1].Value, CultureInfo.InvariantCulture) >= 6)
+            return null;
+        return $"its platform is {version.Trim()}, whose kernel compiler aborts the process on the decode kernel (an assertion " +
+            "in PoCL 5's work-group loop formation); PoCL 6 or later runs it";
     }
 
     /// <summary>Whether <paramref name="view"/> starts at a multiple of 16 bytes of its buffer.</summary>
