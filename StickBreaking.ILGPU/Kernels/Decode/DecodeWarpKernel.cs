@@ -41,7 +41,6 @@ internal static partial class DecodeWarpKernel
     /// <summary>Threads per group: one warp.</summary>
     public const int GroupSize = 32;
 
-
     /// <summary>Whether it serves head dimension <paramref name="headDim"/> (two or four dimensions per lane).</summary>
     public static bool Serves(int headDim) => headDim == 64 || headDim == 128;
 
