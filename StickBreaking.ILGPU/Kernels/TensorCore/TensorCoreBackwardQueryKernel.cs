@@ -303,14 +303,14 @@ internal static partial class TensorCoreBackwardQueryKernel
         int pass = step * token;
         int at = c + row * token;
         Pieces8 p;
-        p.P0 = TensorCoreForwardKernel.PieceAt(head, at, row < limit);
-        p.P1 = TensorCoreForwardKernel.PieceAt(head, at += pass, row + step < limit);
-        p.P2 = TensorCoreForwardKernel.PieceAt(head, at += pass, row + 2 * step < limit);
-        p.P3 = TensorCoreForwardKernel.PieceAt(head, at += pass, row + 3 * step < limit);
-        p.P4 = TensorCoreForwardKernel.PieceAt(head, at += pass, wide && row + 4 * step < limit);
-        p.P5 = TensorCoreForwardKernel.PieceAt(head, at += pass, wide && row + 5 * step < limit);
-        p.P6 = TensorCoreForwardKernel.PieceAt(head, at += pass, wide && row + 6 * step < limit);
-        p.P7 = TensorCoreForwardKernel.PieceAt(head, at + pass, wide && row + 7 * step < limit);
+        p.P0 = Piece(head, at, row < limit);
+        p.P1 = Piece(head, at += pass, row + step < limit);
+        p.P2 = Piece(head, at += pass, row + 2 * step < limit);
+        p.P3 = Piece(head, at += pass, row + 3 * step < limit);
+        p.P4 = Piece(head, at += pass, wide && row + 4 * step < limit);
+        p.P5 = Piece(head, at += pass, wide && row + 5 * step < limit);
+        p.P6 = Piece(head, at += pass, wide && row + 6 * step < limit);
+        p.P7 = Piece(head, at + pass, wide && row + 7 * step < limit);
         return p;
     }
 

@@ -309,25 +309,15 @@ internal static partial class TensorCoreForwardKernel
         // Each piece's offset from the previous one's; only the pieces of rows before the limit are read.
         int at = c + row * token;
         Pieces8 p;
-        p.P0 = PieceAt(head, at, row < limit);
-        p.P1 = PieceAt(head, at += pass, row + step < limit);
-        p.P2 = PieceAt(head, at += pass, row + 2 * step < limit);
-        p.P3 = PieceAt(head, at += pass, row + 3 * step < limit);
-        p.P4 = PieceAt(head, at += pass, wide && row + 4 * step < limit);
-        p.P5 = PieceAt(head, at += pass, wide && row + 5 * step < limit);
-        p.P6 = PieceAt(head, at += pass, wide && row + 6 * step < limit);
-        p.P7 = PieceAt(head, at + pass, wide && row + 7 * step < limit);
+        p.P0 = Piece(head, at, row < limit);
+        p.P1 = Piece(head, at += pass, row + step < limit);
+        p.P2 = Piece(head, at += pass, row + 2 * step < limit);
+        p.P3 = Piece(head, at += pass, row + 3 * step < limit);
+        p.P4 = Piece(head, at += pass, wide && row + 4 * step < limit);
+        p.P5 = Piece(head, at += pass, wide && row + 5 * step < limit);
+        p.P6 = Piece(head, at += pass, wide && row + 6 * step < limit);
+        p.P7 = Piece(head, at + pass, wide && row + 7 * step < limit);
         return p;
-    }
-
-    /// <summary>The 16-byte piece at <paramref name="index"/> (an offset within a head) when <paramref name="active"/>, else zeros.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static U4 PieceAt(ArrayView<U4> source, int index, bool active)
-    {
-        U4 value = default;
-        if (active)
-            value = source[index];
-        return value;
     }
 
     /// <summary>Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>).</summary>
