@@ -182,10 +182,7 @@ internal static class MainJob
             var y = attention.Forward(x.Q.Select(f => (System.Half)f).ToArray(), x.K.Select(f => (System.Half)f).ToArray(), x.V.Select(f => (System.Half)f).ToArray(), s);
             (o, rem, logRem) = (y.O.Select(h => (float)h).ToArray(), y.Rem, y.LogRem);
         }
-        double floor = expected.O.Max(e => Math.Abs(Round((float)e) - e));
-        double oRatio = Errors.MaxAbs(rem, expected.Rem) > 2e-5 || Errors.MaxAbs(logRem, expected.LogRem) > 2e-5
-            ? double.PositiveInfinity
-            : Errors.MaxAbs(o, expected.O) / floor;
+        double oRatio = OverRoundingFloor(o, rem, logRem, expected, Round);
 
         var exact = Float64Reference.Backward(q, k, v, x.DO.Select(Round).ToArray(), TestInputs.ToDouble(x.DRem),
             s.Batch, s.Heads, s.Length, s.HeadDim, StickBreakingOptions.Default.ScaleFor(s.HeadDim), false);
@@ -219,26 +216,30 @@ internal static class MainJob
         float[] q = TestInputs.Standard(s.Batch, s.QueryHeads, s.Queries, s.HeadDim, seed: 7).Q;
         var cache = TestInputs.Standard(s.Batch, s.KeyValueHeads, s.Capacity, s.HeadDim, seed: 8);
         double scale = StickBreakingOptions.Default.ScaleFor(s.HeadDim);
-        double[] Exact(Func<float, double> round, out double[] rem, out double[] logRem)
-        {
-            var e = DecodeReference.Forward(q.Select(round).ToArray(), cache.K.Select(round).ToArray(), cache.V.Select(round).ToArray(),
+        ReferenceForward Exact(Func<float, double> round) =>
+            DecodeReference.Forward(q.Select(round).ToArray(), cache.K.Select(round).ToArray(), cache.V.Select(round).ToArray(),
                 lengths, null, s.Batch, s.QueryHeads, s.KeyValueHeads, s.Queries, s.Capacity, s.HeadDim, scale, false);
-            (rem, logRem) = (e.Rem, e.LogRem);
-            return e.O;
-        }
-        var expected = Exact(f => f, out double[] expectedRem, out _);
+        var expected = Exact(f => f);
         var fp32 = attention.Decode(q, cache.K, cache.V, lengths, s);
-        double fp32Error = Math.Max(Errors.MaxAbs(fp32.O, expected), Errors.MaxAbs(fp32.Rem, expectedRem));
+        double fp32Error = Math.Max(Errors.MaxAbs(fp32.O, expected.O), Errors.MaxAbs(fp32.Rem, expected.Rem));
 
         static double Round(float f) => (float)(BFloat16)f;
-        var rounded = Exact(Round, out double[] roundedRem, out double[] roundedLogRem);
         static BFloat16[] Bf16(float[] x) => x.Select(f => (BFloat16)f).ToArray();
         var bf16 = attention.Decode(Bf16(q), Bf16(cache.K), Bf16(cache.V), lengths, s);
-        double floor = rounded.Max(e => Math.Abs(Round((float)e) - e));
-        double ratio = Errors.MaxAbs(bf16.Rem, roundedRem) > 2e-5 || Errors.MaxAbs(bf16.LogRem, roundedLogRem) > 2e-5
-            ? double.PositiveInfinity
-            : Errors.MaxAbs(bf16.O.Select(b => (float)b).ToArray(), rounded) / floor;
-        return (fp32Error, ratio);
+        return (fp32Error, OverRoundingFloor(bf16.O.Select(b => (float)b).ToArray(), bf16.Rem, bf16.LogRem, Exact(Round), Round));
+    }
+
+    /// <summary>
+    /// A 16-bit output's max abs error of o against <paramref name="expected"/> (float64 on the same rounded inputs), as a
+    /// multiple of the floor no 16-bit output can beat (rounding the exact o with <paramref name="round"/>); infinite when
+    /// rem or LogRem is off by more than 2e-5.
+    /// </summary>
+    private static double OverRoundingFloor(float[] o, float[] rem, float[] logRem, ReferenceForward expected, Func<float, double> round)
+    {
+        if (Errors.MaxAbs(rem, expected.Rem) > 2e-5 || Errors.MaxAbs(logRem, expected.LogRem) > 2e-5)
+            return double.PositiveInfinity;
+        double floor = expected.O.Max(e => Math.Abs(round((float)e) - e));
+        return Errors.MaxAbs(o, expected.O) / floor;
     }
 
     private static void Print(string[] header, List<string[]> rows)
