@@ -40,9 +40,11 @@ internal static class CudaDriver
     /// <param name="sharedBytes">Dynamic shared memory per group.</param>
     /// <param name="promoteOperandSlots">Rewrites the PTX so that the operand slots of inline PTX are registers
     /// (<see cref="PtxOperandSlots"/>): for kernels with many inline instructions, where ptxas keeps them in memory.</param>
+    /// <param name="largestSharedCarveout">Asks the driver for the largest shared-memory carveout (at L1's expense): for
+    /// kernels whose launch bound needs more shared memory per SM than the default split leaves.</param>
     public static Action<AcceleratorStream, KernelConfig, TArgs> Load<TArgs>(
         CudaAccelerator accelerator, Action<TArgs> kernel, int groupSize, int minGroupsPerMultiprocessor, int sharedBytes,
-        bool promoteOperandSlots = false)
+        bool promoteOperandSlots = false, bool largestSharedCarveout = false)
         where TArgs : struct
     {
         var specialization = new KernelSpecialization(groupSize, minGroupsPerMultiprocessor);
@@ -54,9 +56,7 @@ internal static class CudaDriver
         if (status != 0)
             throw new InvalidOperationException(
                 $"cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {sharedBytes}) failed with CUDA error {status} on '{accelerator.Name}'.");
-        // The tensor-core kernels live on shared memory (the warp decode's ring is static, declared in PTX, 12 KB for each
-        // of 16 groups): ask for the largest shared-memory carveout, so that the launch bound's groups fit beside L1.
-        if (promoteOperandSlots && (status = CuFuncSetAttribute(compiled.FunctionPtr, PreferredSharedMemoryCarveout, 100)) != 0)
+        if (largestSharedCarveout && (status = CuFuncSetAttribute(compiled.FunctionPtr, PreferredSharedMemoryCarveout, 100)) != 0)
             throw new InvalidOperationException(
                 $"cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT, 100) failed with CUDA error {status} on '{accelerator.Name}'.");
         if (Driver.FuncGetAttribute(out int registers, NumRegs, compiled.FunctionPtr) != 0)

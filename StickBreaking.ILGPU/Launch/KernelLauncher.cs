@@ -53,17 +53,17 @@ internal sealed class KernelLauncher
             columns = D;
             slices = 1;
             groupSize = kernel.GroupSize;
-            int bytes = kernel.SharedBytes + (accelerator is CudaAccelerator ? 0 : kernel.EmulationSharedBytes);
-            dynamicFloats = (bytes + sizeof(float) - 1) / sizeof(float);
+            dynamicFloats = (DynamicSharedBytes(kernel) + sizeof(float) - 1) / sizeof(float);
         }
         var config = Plan.GridConfig(kernel.Name, kernel.PerKeyValueHead ? shape.KeyValueHeadCount : shape.HeadCount, blocks, slices, groupSize, dynamicFloats);
         Compiled(kernel)(stream, config, args.WithGrid(blocks, columns));
     }
 
     /// <summary>
-    /// Enqueues a portable kernel whose grid is not the (heads, row blocks, column slices) of an attention shape (the
-    /// decode and merge kernels): <paramref name="groupsX"/> x <paramref name="groupsY"/> groups of
-    /// <see cref="LaunchPlan.GroupSize"/> threads with static shared memory only, its arguments passed as given. The
+    /// Enqueues a kernel whose grid is not the (heads, row blocks, column slices) of an attention shape (the decode and
+    /// merge kernels): <paramref name="groupsX"/> x <paramref name="groupsY"/> groups of
+    /// <see cref="LaunchPlan.GroupSize"/> threads, static shared memory and the kernel's dynamic shared memory
+    /// (<see cref="DynamicSharedBytes"/>: none for the portable ones), its arguments passed as given. The
     /// caller checks the grid against the accelerator's limits before anything is enqueued. <paramref name="groupSize"/>: threads
     /// per group in place of the plan's (tests run a GPU's group size on the CPU accelerator); 0 for the plan's.
     /// </summary>
@@ -71,13 +71,21 @@ internal sealed class KernelLauncher
         int groupSize = 0)
         where TArgs : struct, IGridArgs<TArgs>
     {
-        // Dynamic shared memory only for what an emulated kernel keeps there (the warp decode's ring and mma scratch).
-        int dynamicBytes = accelerator is CudaAccelerator ? 0 : kernel.EmulationSharedBytes;
+        // Dynamic shared memory only where the kernel asks for some (the warp decode: its ring and mma scratch, off CUDA).
+        int dynamicBytes = DynamicSharedBytes(kernel);
         var grid = new Index3D(groupsX, groupsY, 1);
         var group = new Index3D(groupSize > 0 ? groupSize : Plan.GroupSize, 1, 1);
         var config = dynamicBytes > 0 ? new KernelConfig(grid, group, SharedMemoryConfig.RequestDynamic<byte>(dynamicBytes)) : new KernelConfig(grid, group);
         Compiled(kernel)(stream, config, args);
     }
+
+    /// <summary>
+    /// Dynamic shared memory per group of a fixed-group kernel: its own, plus what its emulated mma (and the warp decode's
+    /// ring) keeps there where there is no PTX.
+    /// </summary>
+    private int DynamicSharedBytes<TArgs>(KernelLaunch<TArgs> kernel)
+        where TArgs : struct, IGridArgs<TArgs> =>
+        kernel.SharedBytes + (accelerator is CudaAccelerator ? 0 : kernel.EmulationSharedBytes);
 
     private Action<AcceleratorStream, KernelConfig, TArgs> Compiled<TArgs>(KernelLaunch<TArgs> kernel)
         where TArgs : struct, IGridArgs<TArgs>
@@ -97,7 +105,10 @@ internal sealed class KernelLauncher
             if (kernel.Family != KernelFamily.Portable && accelerator is CudaAccelerator cuda)
                 return CudaDriver.Load(cuda, kernel.Body, kernel.GroupSize,
                     GroupsPerMultiprocessorOverride ?? kernel.MinGroupsPerMultiprocessor, kernel.SharedBytes,
-                    promoteOperandSlots: kernel.Family == KernelFamily.TensorCore);   // inline-PTX operand slots as registers
+                    // Inline-PTX operand slots as registers; and the tensor-core kernels live on shared memory (the warp
+                    // decode's ring is static, declared in PTX, 12 KB for each of 16 groups), so the largest carveout.
+                    promoteOperandSlots: kernel.Family == KernelFamily.TensorCore,
+                    largestSharedCarveout: kernel.Family == KernelFamily.TensorCore);
             return accelerator.LoadKernel(kernel.Body);
         }
         catch (Exception ex) when (ex is not OutOfMemoryException and not InvalidOperationException)
