@@ -257,7 +257,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
                 Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = length, HeadDim = headDim, Scale = (float)(1.0 / Math.Sqrt(headDim)),
             };
             Launcher.Launch(ForwardFor(bf16), acc.DefaultStream, shape, forwardArgs);
-            var args = Args(qb.View, kb.View, vb.View, dOb.View, dRem.View, logRem.View, accSnapshots.View,
+            var args = Args(acc, qb.View, kb.View, vb.View, dOb.View, dRem.View, logRem.View, accSnapshots.View,
                 prefixSnapshots.View, dqb.View, shape, tiles, (float)(1.0 / Math.Sqrt(headDim)), false);
             foreach (bool split in new[] { false, true })
             {
@@ -367,7 +367,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
             Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, Scale = scale,
         };
         Launcher.Launch(ForwardFor(bf16), acc.DefaultStream, shape, forwardArgs);
-        var args = Args(qb.View, kb.View, vb.View, dOb.View, dRem.View, logRem.View, accSnapshots.View, prefixSnapshots.View,
+        var args = Args(acc, qb.View, kb.View, vb.View, dOb.View, dRem.View, logRem.View, accSnapshots.View, prefixSnapshots.View,
             dqb.View, shape, tiles, scale, attendCurrent);
         var pass = portable ? (bf16 ? BackwardQueryKernel.LaunchBf16 : BackwardQueryKernel.LaunchFp16) : KernelFor(bf16, split);
         Launcher.Launch(pass, acc.DefaultStream, shape, args);
@@ -375,17 +375,17 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
         return new Result(dqb.GetAsArray1D(), prefixSnapshots.GetAsArray1D());
     }
 
-    private static BackwardArgs<ushort> Args(ArrayView<ushort> q, ArrayView<ushort> k, ArrayView<ushort> v,
+    private static BackwardArgs<ushort> Args(Accelerator accelerator, ArrayView<ushort> q, ArrayView<ushort> k, ArrayView<ushort> v,
         ArrayView<ushort> dO, ArrayView<float> dRem, ArrayView<float> logRem, ArrayView<float> accSnapshots,
         ArrayView<float> prefixSnapshots, ArrayView<ushort> dq, AttentionShape shape, int tiles, float scale,
-        bool attendCurrent) => new()
+        bool attendCurrent) => new BackwardArgs<ushort>
     {
         Q = q, K = k, V = v, DO = dO, DRem = dRem, LogRem = logRem,
         AccSnapshots = accSnapshots, PrefixSnapshots = prefixSnapshots,
         DQ = dq, DK = ArrayView<ushort>.Empty, DV = ArrayView<ushort>.Empty, AccumulatorScratch = ArrayView<float>.Empty,
         Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
         Scale = scale,
-    };
+    }.WithDeviceAddresses(accelerator);
 
     /// <summary>The launch description of one specialization: the tests launch it through the library's own launch layer.</summary>
     private static KernelLaunch<BackwardArgs<ushort>> KernelFor(bool bf16, bool split) =>

@@ -1,4 +1,5 @@
 using ILGPU;
+using ILGPU.Runtime;
 using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Common;
@@ -36,6 +37,14 @@ internal struct BackwardArgs<T> : IGridArgs<BackwardArgs<T>>
     /// <summary>Blocks of query rows in the grid's y dimension (launched heaviest first).</summary>
     public int RowBlocks;
     public float Scale;
+    /// <summary>CUDA: the device addresses of element 0 of <see cref="K"/> and <see cref="V"/> (the tensor-core dq pass copies their tiles by cp.async); 0 elsewhere.</summary>
+    public long KeyAddress, ValueAddress;
+
+    /// <summary>A copy with <see cref="KeyAddress"/> and <see cref="ValueAddress"/> set on CUDA (the views' device addresses, read on the host); unchanged elsewhere.</summary>
+    public readonly BackwardArgs<T> WithDeviceAddresses(Accelerator accelerator) =>
+        accelerator.AcceleratorType == AcceleratorType.Cuda
+            ? this with { KeyAddress = K.LoadEffectiveAddressAsPtr().ToInt64(), ValueAddress = V.LoadEffectiveAddressAsPtr().ToInt64() }
+            : this;
 
     /// <inheritdoc />
     public readonly BackwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) =>

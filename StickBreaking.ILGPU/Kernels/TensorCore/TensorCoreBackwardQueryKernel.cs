@@ -2,6 +2,7 @@ using System;
 using System.Runtime.CompilerServices;
 using ILGPU;
 using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
 using StickBreaking.ILGPU.Kernels.Common;
 using static StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreOps;
 
@@ -171,6 +172,9 @@ internal static partial class TensorCoreBackwardQueryKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
+        // Tile 0's K and V rows (stored at once); each later tile's are copied during the previous tile's dq product.
+        StoreRows(LoadRows(kHead, kToken, r, c, stageLimit, D), vectors, KOffset / 4, D, tid);
+        StoreRows(LoadRows(vHead, vToken, r, c, stageLimit, D), vectors, VOffset / 4, D, tid);
         for (int tile = 0; tile <= lastTile; tile++)
         {
             int key0 = tile * KeyTile;
@@ -184,13 +188,11 @@ internal static partial class TensorCoreBackwardQueryKernel
             float accLo = seesLo ? a.AccSnapshots[Snapshots.Index(head, rowLo, snapTile, T, a.SnapshotTiles)] : 0f;
             float accHi = seesHi ? a.AccSnapshots[Snapshots.Index(head, rowHi, snapTile, T, a.SnapshotTiles)] : 0f;
 
-            // Every warp is past the previous tile's second barrier, so done with its K and V rows. (No register
-            // prefetch of the next tile during the dq product: its 64 registers on top of dq and the dz fragments made
-            // ptxas spill; the other group on the SM runs while this one waits for the loads.)
-            var kRows = LoadRows(kHead, kToken, key0 + r, c, stageLimit, D);
-            var vRows = LoadRows(vHead, vToken, key0 + r, c, stageLimit, D);
-            StoreRows(kRows, vectors, KOffset / 4, D, tid);
-            StoreRows(vRows, vectors, VOffset / 4, D, tid);
+            // This tile's K and V rows, copied since the previous tile's second barrier (cp.async on CUDA: no registers,
+            // while the previous tile's dq product ran; a register prefetch there made ptxas spill): this thread's copies
+            // are in, and the barrier makes every thread's visible.
+            if (CudaAsm.IsSupported)
+                CudaAsm.Emit("cp.async.wait_group 0;");
             Group.Barrier();
             // K^T from the K rows just stored (every warp is past the previous tile's dq product, which read K^T).
             Transpose(vectors, shared, D, tid, tile, diagonal, exponentMask);
@@ -235,6 +237,10 @@ internal static partial class TensorCoreBackwardQueryKernel
             }
 
             Group.Barrier();
+            // Every warp is past this tile's products, the last readers of its K and V rows: the next tile's are copied
+            // while the dq product (which reads K^T) runs.
+            if (tile < lastTile)
+                CopyRows(a, kHead, vHead, kToken, vToken, head, key0 + KeyTile, r, c, stageLimit, D, vectors);
             // The K^T fragment view (row d = g, keys 16t ...) from the lane index read here: computed once before the
             // loop, ptxas kept it across the loop and spilled it at the 255-register bound.
             int laneNow = Warp.LaneIdx;
@@ -313,6 +319,57 @@ internal static partial class TensorCoreBackwardQueryKernel
         p.P7 = Piece(head, at + pass, wide && row + 7 * step < limit);
         return p;
     }
+
+    /// <summary>
+    /// The K and V rows of the key tile at <paramref name="key0"/> into their row-major buffers, this thread's pieces as
+    /// <see cref="LoadRows"/> and <see cref="StoreRows"/> take them (rows at or past <paramref name="limit"/> zeros). On
+    /// CUDA by <c>cp.async</c> into ILGPU's dynamic shared memory (<c>__dyn_shared_alloca</c>, ILGPU 1.5.3's name for it)
+    /// from the device addresses the host passes, one copy group that the next tile waits for; elsewhere loaded and
+    /// stored at once.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CopyRows(in BackwardArgs<ushort> a, ArrayView<U4> kHead, ArrayView<U4> vHead, int kToken, int vToken,
+        int head, int key0, int r, int c, int limit, int D, ArrayView<U4> vectors)
+    {
+        int tid = Group.IdxX;
+        if (!CudaAsm.IsSupported)
+        {
+            StoreRows(LoadRows(kHead, kToken, key0 + r, c, limit, D), vectors, KOffset / 4, D, tid);
+            StoreRows(LoadRows(vHead, vToken, key0 + r, c, limit, D), vectors, VOffset / 4, D, tid);
+            return;
+        }
+        var rows = a.Rows;
+        CopyTile(a.KeyAddress + 2 * rows.KeyBaseOfQuery(rows.K, head), kToken, key0 + r, c, limit, D, 16 * (KOffset / 4 + r * RowStrideU4 + c));
+        CopyTile(a.ValueAddress + 2 * rows.KeyBaseOfQuery(rows.V, head), vToken, key0 + r, c, limit, D, 16 * (VOffset / 4 + r * RowStrideU4 + c));
+        CudaAsm.Emit("cp.async.commit_group;");
+    }
+
+    /// <summary>This thread's pieces of one tile (row <paramref name="row"/> and on by 128 / (D / 8), piece c), from the head at <paramref name="head"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CopyTile(long head, int token, int row, int c, int limit, int D, int to)
+    {
+        bool wide = D > 64;
+        int step = wide ? 8 : 16;
+        long at = head + 16L * (row * token + c), pass = 16L * step * token;
+        int toPass = 16 * step * RowStrideU4;
+        CopyPiece(head, at, row < limit, to);
+        CopyPiece(head, at += pass, row + step < limit, to += toPass);
+        CopyPiece(head, at += pass, row + 2 * step < limit, to += toPass);
+        CopyPiece(head, at += pass, row + 3 * step < limit, to += toPass);
+        if (wide)
+        {
+            CopyPiece(head, at += pass, row + 4 * step < limit, to += toPass);
+            CopyPiece(head, at += pass, row + 5 * step < limit, to += toPass);
+            CopyPiece(head, at += pass, row + 6 * step < limit, to += toPass);
+            CopyPiece(head, at + pass, row + 7 * step < limit, to + toPass);
+        }
+    }
+
+    /// <summary>16 bytes from device address <paramref name="at"/> to byte <paramref name="to"/> of dynamic shared memory; zeros where not <paramref name="active"/> (cp.async's ignore-src: nothing is read there).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CopyPiece(long head, long at, bool active, int to) =>
+        CudaAsm.Emit("{ .reg .b32 sbD; .reg .pred sbI; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; setp.eq.u32 sbI, %2, 0; cp.async.cg.shared.global [sbD], [%1], 16, sbI; }",
+            to, at, active ? 1 : 0);
 
     /// <summary>
     /// Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>), with the
