@@ -172,9 +172,11 @@ internal static partial class TensorCoreBackwardQueryKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
-        // Tile 0's K and V rows (stored at once); each later tile's are copied during the previous tile's dq product.
-        StoreRows(LoadRows(kHead, kToken, r, c, stageLimit, D), vectors, KOffset / 4, D, tid);
-        StoreRows(LoadRows(vHead, vToken, r, c, stageLimit, D), vectors, VOffset / 4, D, tid);
+        // Tile 0's K and V rows on their way; each later tile's are copied during the previous tile's dq product. On
+        // CUDA from the device addresses of this head's row 0 (computed once: their divisions by the head counts would
+        // otherwise be repeated per tile), where the views go unused.
+        long kAddress = a.KeyAddress + 2 * rows.KeyBaseOfQuery(rows.K, head), vAddress = a.ValueAddress + 2 * rows.KeyBaseOfQuery(rows.V, head);
+        CopyRows(kAddress, vAddress, kHead, vHead, kToken, vToken, 0, r, c, stageLimit, D, vectors);
         for (int tile = 0; tile <= lastTile; tile++)
         {
             int key0 = tile * KeyTile;
@@ -240,7 +242,7 @@ internal static partial class TensorCoreBackwardQueryKernel
             // Every warp is past this tile's products, the last readers of its K and V rows: the next tile's are copied
             // while the dq product (which reads K^T) runs.
             if (tile < lastTile)
-                CopyRows(a, kHead, vHead, kToken, vToken, head, key0 + KeyTile, r, c, stageLimit, D, vectors);
+                CopyRows(kAddress, vAddress, kHead, vHead, kToken, vToken, key0 + KeyTile, r, c, stageLimit, D, vectors);
             // The K^T fragment view (row d = g, keys 16t ...) from the lane index read here: computed once before the
             // loop, ptxas kept it across the loop and spilled it at the 255-register bound.
             int laneNow = Warp.LaneIdx;
@@ -324,12 +326,13 @@ internal static partial class TensorCoreBackwardQueryKernel
     /// The K and V rows of the key tile at <paramref name="key0"/> into their row-major buffers, this thread's pieces as
     /// <see cref="LoadRows"/> and <see cref="StoreRows"/> take them (rows at or past <paramref name="limit"/> zeros). On
     /// CUDA by <c>cp.async</c> into ILGPU's dynamic shared memory (<c>__dyn_shared_alloca</c>, ILGPU 1.5.3's name for it)
-    /// from the device addresses the host passes, one copy group that the next tile waits for; elsewhere loaded and
-    /// stored at once.
+    /// from <paramref name="kAddress"/> and <paramref name="vAddress"/> (the device addresses of the head's row 0, from the
+    /// addresses the host passes), one copy group that the next tile waits for; elsewhere loaded from the views and stored
+    /// at once.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void CopyRows(in BackwardArgs<ushort> a, ArrayView<U4> kHead, ArrayView<U4> vHead, int kToken, int vToken,
-        int head, int key0, int r, int c, int limit, int D, ArrayView<U4> vectors)
+    private static void CopyRows(long kAddress, long vAddress, ArrayView<U4> kHead, ArrayView<U4> vHead, int kToken, int vToken,
+        int key0, int r, int c, int limit, int D, ArrayView<U4> vectors)
     {
         int tid = Group.IdxX;
         if (!CudaAsm.IsSupported)
@@ -338,9 +341,8 @@ internal static partial class TensorCoreBackwardQueryKernel
             StoreRows(LoadRows(vHead, vToken, key0 + r, c, limit, D), vectors, VOffset / 4, D, tid);
             return;
         }
-        var rows = a.Rows;
-        CopyTile(a.KeyAddress + 2 * rows.KeyBaseOfQuery(rows.K, head), kToken, key0 + r, c, limit, D, 16 * (KOffset / 4 + r * RowStrideU4 + c));
-        CopyTile(a.ValueAddress + 2 * rows.KeyBaseOfQuery(rows.V, head), vToken, key0 + r, c, limit, D, 16 * (VOffset / 4 + r * RowStrideU4 + c));
+        CopyTile(kAddress, kToken, key0 + r, c, limit, D, 16 * (KOffset / 4 + r * RowStrideU4 + c));
+        CopyTile(vAddress, vToken, key0 + r, c, limit, D, 16 * (VOffset / 4 + r * RowStrideU4 + c));
         CudaAsm.Emit("cp.async.commit_group;");
     }
 
