@@ -415,13 +415,13 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
             {
                 int limit = row + (attendCurrent ? 1 : 0);
                 int seen = Math.Min(tiles, (limit + Snapshots.KeyTile - 1) / Snapshots.KeyTile);
-                long at = ((long)head * length + row) * tiles;
                 double max = 0;
                 for (int tile = 0; tile < seen; tile++)
-                    max = Math.Max(max, Math.Abs(expected[at + tile]));
+                    max = Math.Max(max, Math.Abs(expected[Snapshots.Index(head, row, tile, length, tiles)]));
                 for (int tile = 0; tile < seen; tile++)
                 {
-                    double excess = Math.Abs(actual[at + tile] - expected[at + tile]) - (1e-5 * max + 1e-6);
+                    long at = Snapshots.Index(head, row, tile, length, tiles);
+                    double excess = Math.Abs(actual[at] - expected[at]) - (1e-5 * max + 1e-6);
                     worst = Math.Max(worst, double.IsNaN(excess) ? double.PositiveInfinity : excess);
                 }
             }

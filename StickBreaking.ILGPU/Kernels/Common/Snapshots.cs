@@ -13,7 +13,11 @@ internal static class Snapshots
     /// <summary>Number of key tiles for a sequence of <paramref name="length"/> tokens.</summary>
     public static int TileCount(int length) => (length + KeyTile - 1) / KeyTile;
 
-    /// <summary>Index of snapshot (row, tile) of head <paramref name="head"/>.</summary>
+    /// <summary>
+    /// Index of snapshot (row, tile) of head <paramref name="head"/>: tile-major within a head ([head][tile][row]), so
+    /// that the rows a warp holds at one tile are adjacent (coalesced stores in the forward and the first backward
+    /// pass, coalesced loads in the second: a row-major [row][tile] layout cost the training forward 5-6 %).
+    /// </summary>
     public static long Index(int head, int row, int tile, int length, int tiles) =>
-        ((long)head * length + row) * tiles + tile;
+        ((long)head * tiles + tile) * length + row;
 }
