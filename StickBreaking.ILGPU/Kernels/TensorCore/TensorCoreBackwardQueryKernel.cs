@@ -60,17 +60,18 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// <para>
 /// Shared memory: 16 KB each of Q and dO fragments, 20 KB each of K and V (row stride 320 bytes: conflict-free 16-byte
 /// fragment loads), 18 KB of K^T (row stride 144 bytes): 90 KB, so two groups fit on an SM (their register budget of
-/// 255 per thread holds dq, S and dOV). One buffer and two barriers per tile: the K and V rows are stored (every warp
-/// is past the previous tile's second barrier, so done with S and dOV), barrier, K^T is built from the K rows in
-/// shared memory (no second global load of K; lane-rotated pieces, conflict-free both ways), S, dOV and the
-/// elementwise work, barrier, dq += dz K. The K and V rows are not prefetched into registers during dq += dz K as
-/// the forward does: 64 more registers there made ptxas spill; the other resident group hides the load latency.
+/// 255 per thread holds dq, S and dOV). One buffer and two barriers per tile: the tile's K and V rows are in (copied
+/// during the previous tile's dq product), barrier, K^T is built from the K rows in shared memory (no second global
+/// load of K; lane-rotated pieces, conflict-free both ways), S, dOV and the elementwise work, barrier (every warp is
+/// past S and dOV, the last readers of the K and V rows), the next tile's K and V rows copied by <c>cp.async</c>
+/// (no registers; on CUDA from the device addresses the host passes, <see cref="BackwardArgs{T}.WithDeviceAddresses"/>)
+/// while dq += dz K runs. A register prefetch there made ptxas spill (64 more registers on top of dq and the dz
+/// fragments); loading after the barrier and waiting cost 12 % of the pass.
 /// </para>
 /// <para>
-/// Measured (H200, B=4 H=12 T=4096 D=128): 1.77 ms bf16 and fp16 with rounded dz (175 TFLOP/s counting the three
-/// GEMMs, 6 T^2 D / 2 per head), 1.92 ms bf16 and 2.40 ms fp16 with split dz (the fp16 residuals go through the
-/// integer fp16 decoding of <see cref="TensorCoreOps.Residuals{TStorage}"/>); D = 64, H = 16: 1.68 ms rounded.
-/// dq is at 1.3x to 1.6x the rounding floor with rounded dz, 1.00x with split dz.
+/// Measured (H200, B=4 H=12 T=4096 D=128): 1.51-1.56 ms bf16 and fp16 with rounded dz (the register loads before
+/// cp.async: 1.75), 5.77-5.88 ms at T = 8192; D = 64, H = 16: 1.42-1.45 ms. dq is at 1.3x to 1.6x the rounding
+/// floor with rounded dz, 1.00x with split dz.
 /// </para>
 /// </summary>
 internal static partial class TensorCoreBackwardQueryKernel
