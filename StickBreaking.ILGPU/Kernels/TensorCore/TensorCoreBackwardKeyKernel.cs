@@ -76,14 +76,16 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// 256 threads per SM, up to 255 registers each (<see cref="MinGroupsPerMultiprocessor"/> = 1).
 /// </para>
 /// <para>
-/// Measured (H200, commit 8fac53e: before the look-ahead of the snapshots, the unmasked path and the fragment-order
-/// scratch, which took 137 of 342 IMAD per iteration out of the SASS): B=4 H=12 T=4096 D=128 4.60 ms rounded (bf16
-/// and fp16), 4.93 / 5.82 ms split (bf16 / fp16); B=4 H=16 T=4096 D=64 4.44 ms rounded, 4.81 / 6.05 ms split;
-/// 232 registers, no local memory. That is about 12,000 cycles per (key block, row block) step per SM against about
-/// 1,800 issued warp instructions per warp per step (1,450 at D = 64 takes 8,700 cycles): the pass is latency-bound,
-/// with 2 warps per scheduler, phase A (MUFU and FMA chains) and phase B (mma) separated by barriers rather than
-/// overlapped. The next steps: two groups per SM (128 registers: dk and dv accumulators split over more warps, or
-/// 16 warps per group), or phase A of the next row block issued under phase B of this one (warp specialization).
+/// Measured (H200, eighth session; kernel alone, snapshots row-major then): B=4 H=12 T=4096 D=128 3.99 ms rounded
+/// (bf16; fp16 3.98), 4.38 / 5.32 ms split (bf16 / fp16); B=4 H=16 T=4096 D=64 3.52 ms rounded, 3.96 / 5.17 ms split.
+/// In the backward with tile-major snapshots: 3.83-3.89 ms at D = 128 (bf16 rounded). ptxas 11.8: 244 registers, no
+/// local memory, 3298 SASS instructions. That is about 9,500 cycles per (key block, row block) step per SM (756 steps
+/// per SM at T = 4096) against about 3,600 issue cycles per scheduler (2 warps of about 1,800 instructions): the pass
+/// is latency-bound, D = 64 costing two thirds of D = 128 per head.
+/// Tried and slower (18-22 %): phase A of the next row block and phase B of this one in one barrier interval (two
+/// scratch buffers, 201 KB), the dk and dv warps of a scheduler taking the phases in opposite order. The next steps
+/// left: two groups per SM (128 registers: dk and dv accumulators split over more warps, or 16 warps per group), or
+/// Hopper's wgmma (a warpgroup's B operand read once from shared memory, accumulators beside the elementwise warps).
 /// </para>
 /// </summary>
 internal static partial class TensorCoreBackwardKeyKernel
