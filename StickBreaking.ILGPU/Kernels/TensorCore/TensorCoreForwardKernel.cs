@@ -34,7 +34,10 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// registers, so that three groups share an SM and hide each other's waits; after a tile's P V a barrier ends its
 /// reads, the next tile is loaded and stored, and a second barrier ends the stores. The others (two buffer pairs
 /// with the next tile loaded into registers during P V, two groups per SM; or one pair with that prefetch) were
-/// measured slower and stay for comparison (TensorCoreForwardTests.TimingOnCuda).
+/// measured slower and stay for comparison (TensorCoreForwardTests.TimingOnCuda; eighth session, kernel alone, bf16
+/// rounded at B=4 H=12 T=4096 D=128: 1.451 ms against 1.484 and 1.501). A plan that copies the next K tile by
+/// <c>cp.async</c> right after S measured the same with rounded weights (1.446) and slower with split ones (1.682
+/// against 1.617), and is not kept (branch <c>next/forward-async-keys</c>).
 /// </para>
 /// <para>
 /// The elementwise work (docs/math.md, steps 1 to 3) of a thread's two rows g and g + 8 is generated as one
