@@ -168,7 +168,7 @@ internal static partial class TensorCoreBackwardQueryKernel
         int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
         int vAt = VOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
 
-        // This thread's rows of a key tile (r and on by 128 / (D / 8)) and its 16-byte piece c of them, for LoadRows.
+        // This thread's rows of a key tile (r and on by 128 / (D / 8)) and its 16-byte piece c of them, as LoadTileRows takes them.
         int r = tid / (D >> 3), c = tid & ((D >> 3) - 1);
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
@@ -297,35 +297,8 @@ internal static partial class TensorCoreBackwardQueryKernel
     }
 
     /// <summary>
-    /// Loads this thread's share of the 64 rows of a key tile of a head (<paramref name="head"/>: a view at row 0, rows
-    /// <paramref name="token"/> 16-byte pieces apart) in 16-byte pieces, for <see cref="StoreRows"/>: piece
-    /// <paramref name="c"/> = tid % (D / 8) of rows <paramref name="row"/> = first + tid / (D / 8) and on by step i
-    /// (step = 128 / (D / 8), D / 16 passes); the caller computes both once for K and V. Rows at or past
-    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 32-bit offsets from the head's row
-    /// 0, each the previous one plus the pass stride (step rows), as in the forward.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<U4> head, int token, int row, int c, int limit, int D)
-    {
-        bool wide = D > 64;
-        int step = wide ? 8 : 16;                        // GroupSize / (D / 8) rows per pass (D = 128 or 64)
-        int pass = step * token;
-        int at = c + row * token;
-        Pieces8 p;
-        p.P0 = Piece(head, at, row < limit);
-        p.P1 = Piece(head, at += pass, row + step < limit);
-        p.P2 = Piece(head, at += pass, row + 2 * step < limit);
-        p.P3 = Piece(head, at += pass, row + 3 * step < limit);
-        p.P4 = Piece(head, at += pass, wide && row + 4 * step < limit);
-        p.P5 = Piece(head, at += pass, wide && row + 5 * step < limit);
-        p.P6 = Piece(head, at += pass, wide && row + 6 * step < limit);
-        p.P7 = Piece(head, at + pass, wide && row + 7 * step < limit);
-        return p;
-    }
-
-    /// <summary>
     /// The K and V rows of the key tile at <paramref name="key0"/> into their row-major buffers, this thread's pieces as
-    /// <see cref="LoadRows"/> and <see cref="StoreRows"/> take them (rows at or past <paramref name="limit"/> zeros). On
+    /// <see cref="TensorCoreOps.LoadTileRows"/> and <see cref="TensorCoreOps.StoreTileRows"/> take them (rows at or past <paramref name="limit"/> zeros). On
     /// CUDA by <c>cp.async</c> into ILGPU's dynamic shared memory (<c>__dyn_shared_alloca</c>, ILGPU 1.5.3's name for it)
     /// from <paramref name="kAddress"/> and <paramref name="vAddress"/> (the device addresses of the head's row 0, from the
     /// addresses the host passes), one copy group that the next tile waits for; elsewhere loaded from the views and stored
@@ -338,8 +311,8 @@ internal static partial class TensorCoreBackwardQueryKernel
         int tid = Group.IdxX;
         if (!CudaAsm.IsSupported)
         {
-            StoreRows(LoadRows(kHead, kToken, key0 + r, c, limit, D), vectors, KOffset / 4, D, tid);
-            StoreRows(LoadRows(vHead, vToken, key0 + r, c, limit, D), vectors, VOffset / 4, D, tid);
+            StoreTileRows(LoadTileRows(kHead, kToken, key0, limit, D, tid, GroupSize), vectors, KOffset / 4, D, tid, GroupSize, RowStrideU4);
+            StoreTileRows(LoadTileRows(vHead, vToken, key0, limit, D, tid, GroupSize), vectors, VOffset / 4, D, tid, GroupSize, RowStrideU4);
             return;
         }
         CopyTile(kAddress, kToken, key0 + r, c, limit, D, 16 * (KOffset / 4 + r * RowStrideU4 + c));
@@ -373,36 +346,6 @@ internal static partial class TensorCoreBackwardQueryKernel
     private static void CopyPiece(long head, long at, bool active, int to) =>
         CudaAsm.Emit("{ .reg .b32 sbD; .reg .pred sbI; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; setp.eq.u32 sbI, %2, 0; cp.async.cg.shared.global [sbD], [%1], 16, sbI; }",
             to, at, active ? 1 : 0);
-
-    /// <summary>
-    /// Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>), with the
-    /// offsets of the passes as constants of each head dimension (a runtime step would make 16 offsets that ptxas keeps
-    /// across the loop, and spills).
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreRows(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid)
-    {
-        if (D > 64)
-        {
-            var to = vectors.SubView(at + (tid >> 4) * RowStrideU4 + (tid & 15));
-            to[0] = p.P0;
-            to[8 * RowStrideU4] = p.P1;
-            to[16 * RowStrideU4] = p.P2;
-            to[24 * RowStrideU4] = p.P3;
-            to[32 * RowStrideU4] = p.P4;
-            to[40 * RowStrideU4] = p.P5;
-            to[48 * RowStrideU4] = p.P6;
-            to[56 * RowStrideU4] = p.P7;
-        }
-        else
-        {
-            var to = vectors.SubView(at + (tid >> 3) * RowStrideU4 + (tid & 7));
-            to[0] = p.P0;
-            to[16 * RowStrideU4] = p.P1;
-            to[32 * RowStrideU4] = p.P2;
-            to[48 * RowStrideU4] = p.P3;
-        }
-    }
 
     /// <summary>
     /// Writes K^T [d][key] (row stride <see cref="KtStride"/>) from the row-major K tile in shared memory: lane j of

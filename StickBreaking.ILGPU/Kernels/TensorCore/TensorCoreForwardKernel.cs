@@ -169,7 +169,7 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        var kPieces = LoadRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid);
+        var kPieces = LoadTileRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, GroupSize);
         var vPieces = LoadKeyPairs(vHead, vToken, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
@@ -177,7 +177,7 @@ internal static partial class TensorCoreForwardKernel
         // after the barrier that ended tile i + 1, the last reader of that pair. With one buffer pair, a barrier
         // ends the tile's reads before the next tile is stored, and another ends the stores.
         int buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
-        StoreRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid);
+        StoreTileRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid, GroupSize, RowStrideU4);
         StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
         Group.Barrier();
         int diagonalKey0 = tile * KeyTile;
@@ -210,7 +210,7 @@ internal static partial class TensorCoreForwardKernel
             int nextLimit = tile > 0 ? stageLimit : int.MinValue;
             if (prefetch)
             {
-                kPieces = LoadRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid);
+                kPieces = LoadTileRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, GroupSize);
                 vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
             }
             AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
@@ -223,10 +223,10 @@ internal static partial class TensorCoreForwardKernel
                     Group.Barrier();
                 if (!prefetch)
                 {
-                    kPieces = LoadRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid);
+                    kPieces = LoadTileRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, GroupSize);
                     vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
                 }
-                StoreRows(kPieces, vectors, (KOffset + next) / 4, D, tid);
+                StoreTileRows(kPieces, vectors, (KOffset + next) / 4, D, tid, GroupSize, RowStrideU4);
                 StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
                 Group.Barrier();
             }
@@ -289,58 +289,6 @@ internal static partial class TensorCoreForwardKernel
             to[160] = Fragment(l2.X2, h2.X2, l2.X3, h2.X3);
             to[192] = Fragment(l3.X0, h3.X0, l3.X1, h3.X1);
             to[224] = Fragment(l3.X2, h3.X2, l3.X3, h3.X3);
-        }
-    }
-
-    /// <summary>
-    /// Loads this thread's share of 64 rows first .. first+63 of a head (<paramref name="head"/>: a view at row 0, rows
-    /// <paramref name="token"/> 16-byte pieces apart) in 16-byte pieces: piece c = tid % (D / 8) of rows tid / (D / 8)
-    /// + step i (step = 128 / (D / 8), D / 16 passes), for <see cref="StoreRows"/>. Rows at or past
-    /// <paramref name="limit"/> are zeros (never read). The pieces are addressed by 32-bit offsets from the head's row 0,
-    /// each the previous one plus the pass stride (step rows): ptxas keeps no per-piece offset across the loop (a
-    /// sub-view per row, or the selects that keep it in bounds on the CPU accelerator, measured more instructions), and
-    /// each address is one multiply-add from the head's.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadRows(ArrayView<U4> head, int token, int first, int limit, int D, int tid)
-    {
-        bool wide = D > 64;
-        int chunks = D >> 3;
-        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        int row = first + r;
-        int pass = step * token;
-        // Each piece's offset from the previous one's; only the pieces of rows before the limit are read.
-        int at = c + row * token;
-        Pieces8 p;
-        p.P0 = Piece(head, at, row < limit);
-        p.P1 = Piece(head, at += pass, row + step < limit);
-        p.P2 = Piece(head, at += pass, row + 2 * step < limit);
-        p.P3 = Piece(head, at += pass, row + 3 * step < limit);
-        p.P4 = Piece(head, at += pass, wide && row + 4 * step < limit);
-        p.P5 = Piece(head, at += pass, wide && row + 5 * step < limit);
-        p.P6 = Piece(head, at += pass, wide && row + 6 * step < limit);
-        p.P7 = Piece(head, at + pass, wide && row + 7 * step < limit);
-        return p;
-    }
-
-    /// <summary>Stores the pieces of <see cref="LoadRows"/> in shared memory (row stride <see cref="RowStride"/>).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreRows(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid)
-    {
-        bool wide = D > 64;
-        int chunks = D >> 3;
-        int c = tid & (chunks - 1), r = tid / chunks, step = GroupSize / chunks;
-        var to = vectors.SubView(at + r * RowStrideU4 + c);
-        to[0] = p.P0;
-        to[step * RowStrideU4] = p.P1;
-        to[2 * step * RowStrideU4] = p.P2;
-        to[3 * step * RowStrideU4] = p.P3;
-        if (wide)
-        {
-            to[4 * step * RowStrideU4] = p.P4;
-            to[5 * step * RowStrideU4] = p.P5;
-            to[6 * step * RowStrideU4] = p.P6;
-            to[7 * step * RowStrideU4] = p.P7;
         }
     }
 

@@ -175,4 +175,56 @@ internal static class TensorCoreOps
         }
         return default(TStorage).Store(lo) | ((uint)default(TStorage).Store(hi) << 16);
     }
+
+    /// <summary>
+    /// Loads this thread's share of 64 rows first .. first+63 of a head (<paramref name="head"/>: a view at row 0, rows
+    /// <paramref name="token"/> 16-byte pieces apart) in 16-byte pieces, as the forward and the dq pass stage their K
+    /// (and V) tiles: piece c = tid % (D / 8) of rows tid / (D / 8) + step i (step = <paramref name="groupSize"/> / (D / 8),
+    /// D / 16 passes), for <see cref="StoreTileRows"/>. Rows at or past <paramref name="limit"/> are zeros (never read).
+    /// The pieces are addressed by 32-bit offsets from the head's row 0, each the previous one plus the pass stride (step
+    /// rows): ptxas keeps no per-piece offset across the loop (a sub-view per row, or the selects that keep it in bounds
+    /// on the CPU accelerator, measured more instructions), and each address is one multiply-add from the head's.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Pieces8 LoadTileRows(ArrayView<U4> head, int token, int first, int limit, int D, int tid, int groupSize)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks, step = groupSize / chunks;
+        int row = first + r;
+        int pass = step * token;
+        // Each piece's offset from the previous one's; only the pieces of rows before the limit are read.
+        int at = c + row * token;
+        Pieces8 p;
+        p.P0 = Piece(head, at, row < limit);
+        p.P1 = Piece(head, at += pass, row + step < limit);
+        p.P2 = Piece(head, at += pass, row + 2 * step < limit);
+        p.P3 = Piece(head, at += pass, row + 3 * step < limit);
+        p.P4 = Piece(head, at += pass, wide && row + 4 * step < limit);
+        p.P5 = Piece(head, at += pass, wide && row + 5 * step < limit);
+        p.P6 = Piece(head, at += pass, wide && row + 6 * step < limit);
+        p.P7 = Piece(head, at + pass, wide && row + 7 * step < limit);
+        return p;
+    }
+
+    /// <summary>Stores the pieces of <see cref="LoadTileRows"/> row-major in shared memory from vector <paramref name="at"/> (row stride <paramref name="rowStrideU4"/> 16-byte vectors).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void StoreTileRows(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid, int groupSize, int rowStrideU4)
+    {
+        bool wide = D > 64;
+        int chunks = D >> 3;
+        int c = tid & (chunks - 1), r = tid / chunks, step = groupSize / chunks;
+        var to = vectors.SubView(at + r * rowStrideU4 + c);
+        to[0] = p.P0;
+        to[step * rowStrideU4] = p.P1;
+        to[2 * step * rowStrideU4] = p.P2;
+        to[3 * step * rowStrideU4] = p.P3;
+        if (wide)
+        {
+            to[4 * step * rowStrideU4] = p.P4;
+            to[5 * step * rowStrideU4] = p.P5;
+            to[6 * step * rowStrideU4] = p.P6;
+            to[7 * step * rowStrideU4] = p.P7;
+        }
+    }
 }
