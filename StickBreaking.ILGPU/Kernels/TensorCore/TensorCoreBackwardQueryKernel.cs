@@ -134,8 +134,9 @@ internal static partial class TensorCoreBackwardQueryKernel
         // The key/value head this query head reads (grouped-query heads share one) as views at row 0, rows Rows.X.Token
         // elements apart (docs/math.md, "Layouts and grouped heads"), addressed by 32-bit offsets in 16-byte pieces.
         var rows = a.Rows;
-        var kHead = a.K.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.K, head) >> 3);
-        var vHead = a.V.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.V, head) >> 3);
+        long kBase = rows.KeyBaseOfQuery(rows.K, head), vBase = rows.KeyBaseOfQuery(rows.V, head);
+        var kHead = a.K.Cast<U4>().SubView(kBase >> 3);
+        var vHead = a.V.Cast<U4>().SubView(vBase >> 3);
         int kToken = rows.K.TokenPieces, vToken = rows.V.TokenPieces;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
@@ -174,9 +175,8 @@ internal static partial class TensorCoreBackwardQueryKernel
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int lastTile = lastKey / KeyTile;                 // = rowBlock: the diagonal tile
         // Tile 0's K and V rows on their way; each later tile's are copied during the previous tile's dq product. On
-        // CUDA from the device addresses of this head's row 0 (computed once: their divisions by the head counts would
-        // otherwise be repeated per tile), where the views go unused.
-        long kAddress = a.KeyAddress + 2 * rows.KeyBaseOfQuery(rows.K, head), vAddress = a.ValueAddress + 2 * rows.KeyBaseOfQuery(rows.V, head);
+        // CUDA from the device addresses of this head's row 0 (once, not per tile), where the views go unused.
+        long kAddress = a.KeyAddress + 2 * kBase, vAddress = a.ValueAddress + 2 * vBase;
         CopyRows(kAddress, vAddress, kHead, vHead, kToken, vToken, 0, r, c, stageLimit, D, vectors);
         for (int tile = 0; tile <= lastTile; tile++)
         {
@@ -328,22 +328,22 @@ internal static partial class TensorCoreBackwardQueryKernel
         int step = wide ? 8 : 16;
         long at = head + 16L * (row * token + c), pass = 16L * step * token;
         int toPass = 16 * step * RowStrideU4;
-        CopyPiece(head, at, row < limit, to);
-        CopyPiece(head, at += pass, row + step < limit, to += toPass);
-        CopyPiece(head, at += pass, row + 2 * step < limit, to += toPass);
-        CopyPiece(head, at += pass, row + 3 * step < limit, to += toPass);
+        CopyPiece(at, row < limit, to);
+        CopyPiece(at += pass, row + step < limit, to += toPass);
+        CopyPiece(at += pass, row + 2 * step < limit, to += toPass);
+        CopyPiece(at += pass, row + 3 * step < limit, to += toPass);
         if (wide)
         {
-            CopyPiece(head, at += pass, row + 4 * step < limit, to += toPass);
-            CopyPiece(head, at += pass, row + 5 * step < limit, to += toPass);
-            CopyPiece(head, at += pass, row + 6 * step < limit, to += toPass);
-            CopyPiece(head, at + pass, row + 7 * step < limit, to + toPass);
+            CopyPiece(at += pass, row + 4 * step < limit, to += toPass);
+            CopyPiece(at += pass, row + 5 * step < limit, to += toPass);
+            CopyPiece(at += pass, row + 6 * step < limit, to += toPass);
+            CopyPiece(at + pass, row + 7 * step < limit, to + toPass);
         }
     }
 
     /// <summary>16 bytes from device address <paramref name="at"/> to byte <paramref name="to"/> of dynamic shared memory; zeros where not <paramref name="active"/> (cp.async's ignore-src: nothing is read there).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void CopyPiece(long head, long at, bool active, int to) =>
+    private static void CopyPiece(long at, bool active, int to) =>
         CudaAsm.Emit("{ .reg .b32 sbD; .reg .pred sbI; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; setp.eq.u32 sbI, %2, 0; cp.async.cg.shared.global [sbD], [%1], 16, sbI; }",
             to, at, active ? 1 : 0);
 
