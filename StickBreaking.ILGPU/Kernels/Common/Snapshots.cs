@@ -16,7 +16,7 @@ internal static class Snapshots
     /// <summary>
     /// Index of snapshot (row, tile) of head <paramref name="head"/>: tile-major within a head ([head][tile][row]), so
     /// that the rows a warp holds at one tile are adjacent (coalesced stores in the forward and the first backward
-    /// pass, coalesced loads in the second: a row-major [row][tile] layout cost the training forward 5-6 %).
+    /// pass, coalesced loads in the second: a row-major [row][tile] layout cost the training forward about 3 % at T = 4096).
     /// </summary>
     public static long Index(int head, int row, int tile, int length, int tiles) =>
         ((long)head * tiles + tile) * length + row;
