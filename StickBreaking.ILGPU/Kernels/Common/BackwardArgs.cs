@@ -39,11 +39,17 @@ internal struct BackwardArgs<T> : IGridArgs<BackwardArgs<T>>
     public float Scale;
     /// <summary>CUDA: the device addresses of element 0 of <see cref="K"/> and <see cref="V"/> (the tensor-core dq pass copies their tiles by cp.async); 0 elsewhere.</summary>
     public long KeyAddress, ValueAddress;
+    /// <summary>CUDA: the device addresses of element 0 of <see cref="Q"/> and <see cref="DO"/> (the tensor-core dk/dv pass copies their row blocks by cp.async); 0 elsewhere.</summary>
+    public long QueryAddress, OutputGradientAddress;
 
-    /// <summary>A copy with <see cref="KeyAddress"/> and <see cref="ValueAddress"/> set on CUDA (the views' device addresses, read on the host); unchanged elsewhere.</summary>
+    /// <summary>A copy with the device addresses of q, k, v and dO set on CUDA (the views' device addresses, read on the host); unchanged elsewhere.</summary>
     public readonly BackwardArgs<T> WithDeviceAddresses(Accelerator accelerator) =>
         accelerator.AcceleratorType == AcceleratorType.Cuda
-            ? this with { KeyAddress = K.LoadEffectiveAddressAsPtr().ToInt64(), ValueAddress = V.LoadEffectiveAddressAsPtr().ToInt64() }
+            ? this with
+            {
+                KeyAddress = K.LoadEffectiveAddressAsPtr().ToInt64(), ValueAddress = V.LoadEffectiveAddressAsPtr().ToInt64(),
+                QueryAddress = Q.LoadEffectiveAddressAsPtr().ToInt64(), OutputGradientAddress = DO.LoadEffectiveAddressAsPtr().ToInt64(),
+            }
             : this;
 
     /// <inheritdoc />

@@ -46,9 +46,9 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// swizzle by bit 4 of the key). The
 /// staging of a row block (Q and dO as phase-A fragments, Q^T and dO^T) is done by row pairs: lane P of each warp
 /// loads rows 2P and 2P+1 of one 16-byte column piece and writes both layouts from them (conflict-free: the fragment
-/// slot of thread (g, t) is permuted as 4g + ((t + g / 2) &amp; 3)). The next row block's pieces are loaded from
-/// global memory during this block's phase B and stored after it (Q^T and dO^T are double-buffered): two barriers
-/// per row block.
+/// slot of thread (g, t) is permuted as 4g + ((t + g / 2) &amp; 3)). The next row block's pieces are copied from
+/// global memory by cp.async during this block's phase B (into each thread's own raw slots: no registers held over
+/// the products) and stored after it (Q^T and dO^T are double-buffered): two barriers per row block.
 /// </para>
 /// <para>
 /// Masks select, never multiply by zero: a key a row does not see gets lb = A = a = dz = 0 by selection, and the
@@ -72,7 +72,8 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// </para>
 /// <para>
 /// Shared memory: K and V 40 KB (padded rows), the Q and dO fragments 32 KB, Q^T and dO^T 64 KB (two buffers),
-/// the scratch 32 KB (A^T, dz^T and their residuals), the flags and the group's end, 169 KB in all: one group of
+/// the scratch 32 KB (A^T, dz^T and their residuals), the flags and the group's end, the raw pieces 32 KB, 201 KB
+/// in all: one group of
 /// 256 threads per SM, up to 255 registers each (<see cref="MinGroupsPerMultiprocessor"/> = 1).
 /// </para>
 /// <para>
@@ -128,11 +129,16 @@ internal static partial class TensorCoreBackwardKeyKernel
     private const int LowScratch = 2 * DzScratch;
     /// <summary>Per column of Q (then of dO): 1 + the last diagonal-block row holding a non-finite value there, 0 if none.</summary>
     private const int FlagOffset = ScratchOffset + 4 * DzScratch;
-    /// <summary>One past the last query head of the group (one word; 4 keep the emulation's scratch 16-byte aligned).</summary>
+    /// <summary>One past the last query head of the group (one word; 4 keep what follows 16-byte aligned).</summary>
     private const int EndHeadOffset = FlagOffset + 2 * MaxHeadDim;
-    private const int SharedUints = EndHeadOffset + 4;
+    /// <summary>
+    /// The next row block's raw Q and dO pieces, each thread's own (piece j of thread tid at vector j * GroupSize + tid):
+    /// copied there by cp.async during phase B, read back by the same thread after it (32 KB).
+    /// </summary>
+    private const int RawOffset = EndHeadOffset + 4;
+    private const int SharedUints = RawOffset + 8 * GroupSize * 4;
 
-    /// <summary>Dynamic shared memory per group on CUDA, in bytes (169 KB: the loader raises the limit).</summary>
+    /// <summary>Dynamic shared memory per group on CUDA, in bytes (201 KB: the loader raises the limit).</summary>
     public const int SharedBytes = 4 * SharedUints;
     /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
     public const int EmulatedSharedBytes = SharedBytes + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
@@ -201,6 +207,9 @@ internal static partial class TensorCoreBackwardKeyKernel
             // 32-bit offsets from there.
             var qHead = a.Q.Cast<U4>().SubView((a.Rows.QueryBase(a.Rows.Q, head) >> 3) + warp);
             var dOHead = a.DO.Cast<U4>().SubView((a.Rows.QueryBase(a.Rows.DO, head) >> 3) + warp);
+            // The same on CUDA as device addresses (bytes), for the cp.async copies.
+            long qAddress = a.QueryAddress + 2 * a.Rows.QueryBase(a.Rows.Q, head) + 16 * warp;
+            long dOAddress = a.OutputGradientAddress + 2 * a.Rows.QueryBase(a.Rows.DO, head) + 16 * warp;
             Group.Barrier();                              // the flags are zero, the last head's phase B is done
             StageDiagonal(a, qHead, dOHead, key0, shared, block & 1, D, warp, lane, exponentMask);
             Group.Barrier();
@@ -237,9 +246,10 @@ internal static partial class TensorCoreBackwardKeyKernel
                 StoreScratch<TStorage>(s, d, split, evenKeys, oddKeys);
                 Group.Barrier();
 
-                // The next row block's pieces, loaded during phase B and stored after it (into the other Q^T / dO^T buffer).
+                // The next row block's pieces, copied during phase B (cp.async: no registers held over the products) and
+                // stored after it (into the other Q^T / dO^T buffer).
                 int next = rowBlock + 1;
-                var pieces = LoadRowPairs(a, qHead, dOHead, next * BlockRows, next < rowBlocks ? T : 0, D, lane);
+                CopyRowPairs(a, qAddress, dOAddress, qHead, dOHead, next * BlockRows, next < rowBlocks ? T : 0, D, lane, tid, vectors);
                 inputsLo = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g, tileFirst, snapshotTile);
                 inputsHi = LoadRow(a, head, next * BlockRows + 16 * ws + 2 * g + 1, tileFirst, snapshotTile);
                 int buffer = (rowBlock & 1) * (TransposedWords / 4);
@@ -255,7 +265,10 @@ internal static partial class TensorCoreBackwardKeyKernel
                 Accumulate<TStorage>(ref acc, f0, f1, f2, f3, split, l0, l1, l2, l3,
                     vectors.SubView(columnAt0 + buffer), vectors.SubView(columnAt1 + buffer), wide, shared, emu);
                 if (next < rowBlocks)
+                {
+                    var pieces = ReadRowPairs(vectors, D, tid);
                     StorePieces(ref pieces, shared, next & 1, false, D, warp, lane, exponentMask);
+                }
                 Group.Barrier();
             }
             head++;
@@ -428,6 +441,83 @@ internal static partial class TensorCoreBackwardKeyKernel
             p.P5 = default;
             p.P6 = default;
             p.P7 = default;
+        }
+        return p;
+    }
+
+    /// <summary>
+    /// <see cref="LoadRowPairs"/>'s pieces into this thread's raw slots (<see cref="RawOffset"/>): on CUDA by cp.async
+    /// (16 bytes each, zeros past the limit: ignore-src) from <paramref name="qAddress"/> / <paramref name="dOAddress"/>
+    /// (the device addresses of piece `warp` of the head's row 0), one copy group that <see cref="ReadRowPairs"/> waits
+    /// for; elsewhere loaded and stored at once.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CopyRowPairs(in BackwardArgs<ushort> a, long qAddress, long dOAddress, ArrayView<U4> qHead,
+        ArrayView<U4> dOHead, int row0, int limit, int D, int lane, int tid, ArrayView<U4> vectors)
+    {
+        int slot = RawOffset / 4 + tid;
+        if (!CudaAsm.IsSupported)
+        {
+            var p = LoadRowPairs(a, qHead, dOHead, row0, limit, D, lane);
+            vectors[slot] = p.P0;
+            vectors[slot + GroupSize] = p.P1;
+            vectors[slot + 2 * GroupSize] = p.P2;
+            vectors[slot + 3 * GroupSize] = p.P3;
+            if (D > 64)
+            {
+                vectors[slot + 4 * GroupSize] = p.P4;
+                vectors[slot + 5 * GroupSize] = p.P5;
+                vectors[slot + 6 * GroupSize] = p.P6;
+                vectors[slot + 7 * GroupSize] = p.P7;
+            }
+            return;
+        }
+        int row = row0 + 2 * lane;
+        bool lo = row < limit, hi = row + 1 < limit;
+        long qLo = qAddress + 16L * row * a.Rows.Q.TokenPieces, qHi = qLo + 16L * a.Rows.Q.TokenPieces;
+        long dOLo = dOAddress + 16L * row * a.Rows.DO.TokenPieces, dOHi = dOLo + 16L * a.Rows.DO.TokenPieces;
+        int to = 16 * slot, step = 16 * GroupSize;
+        CopyPiece(qLo, lo, to);
+        CopyPiece(qHi, hi, to + step);
+        if (D > 64)
+        {
+            CopyPiece(qLo + 128, lo, to + 2 * step);
+            CopyPiece(qHi + 128, hi, to + 3 * step);
+            CopyPiece(dOLo, lo, to + 4 * step);
+            CopyPiece(dOHi, hi, to + 5 * step);
+            CopyPiece(dOLo + 128, lo, to + 6 * step);
+            CopyPiece(dOHi + 128, hi, to + 7 * step);
+        }
+        else
+        {
+            CopyPiece(dOLo, lo, to + 2 * step);
+            CopyPiece(dOHi, hi, to + 3 * step);
+        }
+        CudaAsm.Emit("cp.async.commit_group;");
+    }
+
+    /// <summary>This thread's pieces from its raw slots, once its copies (<see cref="CopyRowPairs"/>) are in.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Pieces8 ReadRowPairs(ArrayView<U4> vectors, int D, int tid)
+    {
+        if (CudaAsm.IsSupported)
+            CudaAsm.Emit("cp.async.wait_group 0;");
+        int slot = RawOffset / 4 + tid;
+        Pieces8 p;
+        p.P0 = vectors[slot];
+        p.P1 = vectors[slot + GroupSize];
+        p.P2 = vectors[slot + 2 * GroupSize];
+        p.P3 = vectors[slot + 3 * GroupSize];
+        p.P4 = default;
+        p.P5 = default;
+        p.P6 = default;
+        p.P7 = default;
+        if (D > 64)
+        {
+            p.P4 = vectors[slot + 4 * GroupSize];
+            p.P5 = vectors[slot + 5 * GroupSize];
+            p.P6 = vectors[slot + 6 * GroupSize];
+            p.P7 = vectors[slot + 7 * GroupSize];
         }
         return p;
     }

@@ -341,12 +341,6 @@ internal static partial class TensorCoreBackwardQueryKernel
         }
     }
 
-    /// <summary>16 bytes from device address <paramref name="at"/> to byte <paramref name="to"/> of dynamic shared memory; zeros where not <paramref name="active"/> (cp.async's ignore-src: nothing is read there).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void CopyPiece(long at, bool active, int to) =>
-        CudaAsm.Emit("{ .reg .b32 sbD; .reg .pred sbI; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; setp.eq.u32 sbI, %2, 0; cp.async.cg.shared.global [sbD], [%1], 16, sbI; }",
-            to, at, active ? 1 : 0);
-
     /// <summary>
     /// Writes K^T [d][key] (row stride <see cref="KtStride"/>) from the row-major K tile in shared memory: lane j of
     /// warp c takes the key pair (2j, 2j+1) and the 16-byte pieces (8 dimensions) cc = (c + 4i + j) mod (D / 8), D / 32

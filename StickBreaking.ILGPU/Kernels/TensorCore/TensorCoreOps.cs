@@ -227,4 +227,10 @@ internal static class TensorCoreOps
             to[7 * step * rowStrideU4] = p.P7;
         }
     }
+
+    /// <summary>16 bytes from device address <paramref name="at"/> to byte <paramref name="to"/> of dynamic shared memory; zeros where not <paramref name="active"/> (cp.async's ignore-src: nothing is read there).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void CopyPiece(long at, bool active, int to) =>
+        CudaAsm.Emit("{ .reg .b32 sbD; .reg .pred sbI; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; setp.eq.u32 sbI, %2, 0; cp.async.cg.shared.global [sbD], [%1], 16, sbI; }",
+            to, at, active ? 1 : 0);
 }
