@@ -341,7 +341,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
             $"ex2 {Count(@"ex2\.approx")}, rcp {Count(@"rcp\.approx")}, bar.sync {Count(@"bar\.sync")}, lines {ptx.Split('\n').Length}");
         Assert.Multiple(() =>
         {
-            Assert.That(mma, Is.EqualTo(16 + (split ? 128 : 64)), "mma.sync of the storage type");
+            Assert.That(mma, Is.EqualTo(4 * 16 + (split ? 128 : 64)), "mma.sync of the storage type: phase A's four head-dimension slices, phase B");
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
             Assert.That(localDeclarations, Is.EqualTo(slots), "every local declaration is a 4-byte operand slot");
             Assert.That(promotes, Is.True, "the loader's rewrite applies (PtxOperandSlots)");

@@ -313,7 +313,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
             $"ld.shared.v4 {Count(@"ld\.shared\.v4\.b32")}, shfl {Count(@"shfl\.")}, lines {ptx.Split('\n').Length}");
         Assert.Multiple(() =>
         {
-            Assert.That(mma, Is.EqualTo(2 * 16 + (split ? 128 : 64)), "mma.sync of the storage type");
+            Assert.That(mma, Is.EqualTo(4 * 2 * 16 + (split ? 128 : 64)), "mma.sync of the storage type: S and dO V^T over four head-dimension slices, dq");
             Assert.That(ptx, Does.Not.Contain("." + otherType + "."), "no mma of the other type");
             Assert.That(packs, Is.EqualTo(2 * (split ? 32 : 16) + 2 * 16), "pair conversions: 16 A fragments of dz (and 16 of its residuals) in the masked and the unmasked code, 2 rows x 16 n-tiles of dq");
             Assert.That(approx, Is.EqualTo(2 * 2 * 32 + 2), "per score ex2 and rcp once, 32 scores per thread, in the masked and the unmasked code; 2^acc per row");

@@ -222,10 +222,18 @@ internal static partial class TensorCoreBackwardKeyKernel
                 int row0 = rowBlock * BlockRows;
                 var s = new Tile4();
                 var d = new Tile4();
-                for (int m = 0; m < D / 32; m++)
+                // The head-dimension slices unrolled by hand (2 at D = 64, 4 at D = 128), as the forward's AllScores: a loop over a
+                // runtime D kept each slice's loads behind the previous slice's mma.
+                Products<TStorage>(ref s, vectors.SubView(qAt + 0), vectors.SubView(kAt + 0), shared, emu);
+                Products<TStorage>(ref d, vectors.SubView(doAt + 0), vectors.SubView(vAt + 0), shared, emu);
+                Products<TStorage>(ref s, vectors.SubView(qAt + 64), vectors.SubView(kAt + 4), shared, emu);
+                Products<TStorage>(ref d, vectors.SubView(doAt + 64), vectors.SubView(vAt + 4), shared, emu);
+                if (D > 64)
                 {
-                    Products<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
-                    Products<TStorage>(ref d, vectors.SubView(doAt + 64 * m), vectors.SubView(vAt + 4 * m), shared, emu);
+                    Products<TStorage>(ref s, vectors.SubView(qAt + 128), vectors.SubView(kAt + 8), shared, emu);
+                    Products<TStorage>(ref d, vectors.SubView(doAt + 128), vectors.SubView(vAt + 8), shared, emu);
+                    Products<TStorage>(ref s, vectors.SubView(qAt + 192), vectors.SubView(kAt + 12), shared, emu);
+                    Products<TStorage>(ref d, vectors.SubView(doAt + 192), vectors.SubView(vAt + 12), shared, emu);
                 }
                 float accLo = inputsLo.Acc * Log2E, accHi = inputsHi.Acc * Log2E;
                 float dRemRemLo = inputsLo.DRem * MathF.Exp(inputsLo.LogRem), dRemRemHi = inputsHi.DRem * MathF.Exp(inputsHi.LogRem);

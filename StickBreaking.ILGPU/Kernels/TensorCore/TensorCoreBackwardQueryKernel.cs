@@ -202,10 +202,18 @@ internal static partial class TensorCoreBackwardQueryKernel
 
             var s = new Tile8();
             var dov = new Tile8();
-            for (int m = 0; m < D / 32; m++)
+            // The head-dimension slices unrolled by hand (2 at D = 64, 4 at D = 128), as the forward's AllScores: a loop over a
+            // runtime D kept each slice's loads behind the previous slice's mma.
+            Products<TStorage>(ref s, vectors.SubView(qAt + 0), vectors.SubView(kAt + 0), shared, emu);
+            Products<TStorage>(ref dov, vectors.SubView(dOAt + 0), vectors.SubView(vAt + 0), shared, emu);
+            Products<TStorage>(ref s, vectors.SubView(qAt + 64), vectors.SubView(kAt + 4), shared, emu);
+            Products<TStorage>(ref dov, vectors.SubView(dOAt + 64), vectors.SubView(vAt + 4), shared, emu);
+            if (D > 64)
             {
-                Products<TStorage>(ref s, vectors.SubView(qAt + 64 * m), vectors.SubView(kAt + 4 * m), shared, emu);
-                Products<TStorage>(ref dov, vectors.SubView(dOAt + 64 * m), vectors.SubView(vAt + 4 * m), shared, emu);
+                Products<TStorage>(ref s, vectors.SubView(qAt + 128), vectors.SubView(kAt + 8), shared, emu);
+                Products<TStorage>(ref dov, vectors.SubView(dOAt + 128), vectors.SubView(vAt + 8), shared, emu);
+                Products<TStorage>(ref s, vectors.SubView(qAt + 192), vectors.SubView(kAt + 12), shared, emu);
+                Products<TStorage>(ref dov, vectors.SubView(dOAt + 192), vectors.SubView(vAt + 12), shared, emu);
             }
 
             float startLo = Exp2(accLo * Log2E), startHi = Exp2(accHi * Log2E);
