@@ -42,15 +42,18 @@ internal static class CudaDriver
     /// (<see cref="PtxOperandSlots"/>): for kernels with many inline instructions, where ptxas keeps them in memory.</param>
     /// <param name="largestSharedCarveout">Asks the driver for the largest shared-memory carveout (at L1's expense): for
     /// kernels whose launch bound needs more shared memory per SM than the default split leaves.</param>
+    /// <param name="hopperTarget">Retargets the PTX from ILGPU's <c>sm_80</c> to <c>sm_90a</c> (<see cref="PtxTarget"/>), so
+    /// that Hopper-only inline instructions (<c>wgmma</c>) compile: only for kernels that run on an SM 9.0 device.</param>
     public static Action<AcceleratorStream, KernelConfig, TArgs> Load<TArgs>(
         CudaAccelerator accelerator, Action<TArgs> kernel, int groupSize, int minGroupsPerMultiprocessor, int sharedBytes,
-        bool promoteOperandSlots = false, bool largestSharedCarveout = false)
+        bool promoteOperandSlots = false, bool largestSharedCarveout = false, bool hopperTarget = false)
         where TArgs : struct
     {
         var specialization = new KernelSpecialization(groupSize, minGroupsPerMultiprocessor);
-        var compiled = promoteOperandSlots
-            ? (CudaKernel)accelerator.LoadKernel(PromoteOperandSlots(
-                accelerator.CompileKernel(EntryPointDescription.FromExplicitlyGroupedKernel(kernel.Method), specialization)))
+        var compiled = promoteOperandSlots || hopperTarget
+            ? (CudaKernel)accelerator.LoadKernel(Rewrite(
+                accelerator.CompileKernel(EntryPointDescription.FromExplicitlyGroupedKernel(kernel.Method), specialization),
+                promoteOperandSlots, hopperTarget))
             : (CudaKernel)accelerator.LoadKernel(kernel.Method, specialization);
         int status = CuFuncSetAttribute(compiled.FunctionPtr, MaxDynamicSharedSizeBytes, sharedBytes);
         if (status != 0)
@@ -71,21 +74,40 @@ internal static class CudaDriver
     }
 
     /// <summary>
-    /// The compiled kernel with its PTX rewritten by <see cref="PtxOperandSlots"/> (ILGPU 1.5.3 makes a
-    /// <see cref="PTXCompiledKernel"/> only internally: its constructor and the entry point are reached by
-    /// reflection); the kernel as it was when the rewrite does not apply or ILGPU's internals differ.
+    /// The compiled kernel with its PTX rewritten by <see cref="PtxOperandSlots"/> and/or <see cref="PtxTarget"/> (ILGPU
+    /// 1.5.3 makes a <see cref="PTXCompiledKernel"/> only internally: its constructor and the entry point are reached by
+    /// reflection); the kernel as it was when no rewrite applies. A Hopper retarget that cannot be applied throws: the
+    /// kernel's instructions would not compile for sm_80.
     /// </summary>
-    private static CompiledKernel PromoteOperandSlots(CompiledKernel compiled)
+    private static CompiledKernel Rewrite(CompiledKernel compiled, bool promoteOperandSlots, bool hopperTarget)
     {
-        if (compiled is not PTXCompiledKernel ptx || !PtxOperandSlots.TryPromote(ptx.PTXAssembly, out string promoted))
+        if (compiled is not PTXCompiledKernel ptx)
+            return compiled;
+        string text = ptx.PTXAssembly;
+        bool changed = false;
+        if (promoteOperandSlots && PtxOperandSlots.TryPromote(text, out string promoted))
+        {
+            text = promoted;
+            changed = true;
+        }
+        if (hopperTarget)
+        {
+            text = PtxTarget.Hopper(text);
+            changed = true;
+        }
+        if (!changed)
             return compiled;
         const BindingFlags Internal = BindingFlags.NonPublic | BindingFlags.Instance;
         object? entryPoint = typeof(CompiledKernel).GetProperty("EntryPoint", Internal | BindingFlags.Public)?.GetValue(compiled);
         var constructor = Array.Find(typeof(PTXCompiledKernel).GetConstructors(Internal | BindingFlags.Public),
             c => c.GetParameters().Length == 4 && c.GetParameters()[3].ParameterType == typeof(string));
         if (entryPoint is null || constructor is null)
+        {
+            if (hopperTarget)
+                throw new InvalidOperationException("This ILGPU version's PTXCompiledKernel cannot be rebuilt with retargeted PTX.");
             return compiled;
-        return (CompiledKernel)constructor.Invoke([ptx.Context, entryPoint, ptx.Info, promoted]);
+        }
+        return (CompiledKernel)constructor.Invoke([ptx.Context, entryPoint, ptx.Info, text]);
     }
 
     /// <summary>Opt-in dynamic shared memory per group this device allows (cudaDevAttrMaxSharedMemoryPerBlockOptin).</summary>
