@@ -190,6 +190,42 @@ public sealed class PtxTests
         });
     }
 
+    /// <summary>
+    /// The forward's Hopper plan (<see cref="StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan"/>), as the loader hands it
+    /// to the driver (operand slots promoted, retargeted to sm_90a): S as one block of 8 (D = 128) or 4 (D = 64) wgmma
+    /// of the storage type, P V as blocks of two (4 blocks of rounded weights, 8 of split ones, at D = 128; D = 64 runs the first half of them),
+    /// each block fenced and waited for; the shared-memory stores fenced for the async proxy; no local memory.
+    /// </summary>
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", false)]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", true)]
+    public void TensorCoreForwardWgmmaPlanPtx(Type storage, string type, bool split)
+    {
+        var kernel = typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)
+            .GetMethod(nameof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
+            .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
+                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights), typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan));
+        string ptx = CompileForSm90(kernel);
+        Assert.That(StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(ptx, out string promoted), Is.True, "the loader's rewrite applies");
+        promoted = StickBreaking.ILGPU.Launch.PtxTarget.Hopper(promoted);
+        if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.WgmmaPlan.ptx"), promoted);
+        int Count(string pattern) => Regex.Matches(promoted, pattern).Count;
+        int wgmma = Count(@"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\." + Regex.Escape(type) + @" ");
+        int blocks = Count(@"wgmma\.fence\.sync\.aligned");
+        TestContext.Out.WriteLine($"{storage.Name} {(split ? "split" : "rounded")}: wgmma {wgmma} in {blocks} blocks, waits {Count(@"wgmma\.wait_group\.sync\.aligned 0")}, " +
+            $"proxy fences {Count(@"fence\.proxy\.async\.shared::cta")}, lines {promoted.Split('\n').Length}");
+        int outputBlocks = split ? 8 : 4;     // 4 (2) at D = 128 per weight part, half under D = 64's branch
+        Assert.Multiple(() =>
+        {
+            Assert.That(wgmma, Is.EqualTo(8 + 4 + 2 * outputBlocks), "S: 8 + 4 wgmma; P V: two per block");
+            Assert.That(blocks, Is.EqualTo(2 + outputBlocks), "one fence per block");
+            Assert.That(Count(@"wgmma\.wait_group\.sync\.aligned 0"), Is.EqualTo(blocks), "every block waits for its wgmma");
+            Assert.That(Count(@"fence\.proxy\.async\.shared::cta"), Is.GreaterThanOrEqualTo(2), "stores fenced for the tensor cores (first and next tiles)");
+            Assert.That(promoted, Does.Contain("\n.target sm_90a\n"), "retargeted to sm_90a");
+            Assert.That(Regex.Matches(promoted, @"\.local\b|__local_depot"), Is.Empty, "no local memory once the slots are registers");
+        });
+    }
+
     /// <summary>The check itself: a kernel with a dynamically indexed local array does show <c>.local</c>.</summary>
     [Test]
     public void CheckSeesLocalMemoryWhereThereIsSome()

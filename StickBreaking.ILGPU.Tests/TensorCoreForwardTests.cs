@@ -48,6 +48,57 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
     public void MatchesReferenceOnRoundedInputs(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
         bool attendCurrent) => CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, plan: null);
 
+    /// <summary>
+    /// The Hopper plan (<see cref="WgmmaPlan"/>: both products on wgmma from the core-matrix layouts) against float64 with
+    /// the same tolerances; on the CPU accelerator its products run as the emulated mma on fragments read from those
+    /// layouts, so the layouts and the key permutation are checked without a GPU. Prints whether o equals the mma plan's
+    /// bitwise.
+    /// </summary>
+    [TestCase(true, InputKind.Standard, 1, 2, 130, 128, false)]
+    [TestCase(false, InputKind.Standard, 1, 1, 97, 64, true)]
+    [TestCase(true, InputKind.Saturated, 1, 1, 70, 64, false)]
+    [TestCase(false, InputKind.UsedUp, 1, 1, 130, 128, true)]
+    [TestCase(true, InputKind.LongRange, 1, 1, 200, 128, true)]
+    public void WgmmaPlanMatchesReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim, bool attendCurrent)
+    {
+        RequireWgmma();
+        CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, typeof(WgmmaPlan));
+        var shape = new AttentionShape(batch, heads, length, headDim);
+        var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 5 + length);
+        var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
+        float scale = (float)(1.0 / Math.Sqrt(headDim));
+        var mma = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16);
+        var wgmma = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16, typeof(WgmmaPlan));
+        var again = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true, split: bf16, typeof(WgmmaPlan));
+        TestContext.Out.WriteLine($"wgmma plan bitwise equal to the mma plan: o {wgmma.O.SequenceEqual(mma.O)}, rem {wgmma.Rem.SequenceEqual(mma.Rem)}, " +
+            $"snapshots {wgmma.Snapshots.SequenceEqual(mma.Snapshots)}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(again.O, Is.EqualTo(wgmma.O), "O repeats");
+            Assert.That(again.Rem, Is.EqualTo(wgmma.Rem), "Rem repeats");
+            Assert.That(again.Snapshots, Is.EqualTo(wgmma.Snapshots), "snapshots repeat");
+            // The scans are the same fp32 code on the same scores: rem and the snapshots agree with the mma plan's to
+            // rounding (the products' summation order inside the tensor cores may differ).
+            Assert.That(Errors.MaxAbs(wgmma.Rem, mma.Rem.Select(r => (double)r).ToArray()), Is.LessThanOrEqualTo(2e-5), "Rem against the mma plan");
+        });
+    }
+
+    /// <summary>A non-finite value in a diagonal tile reaches exactly the rows that see it with the Hopper plan too.</summary>
+    [TestCase(true, false, 5)]
+    [TestCase(false, true, 70)]
+    public void WgmmaPlanNonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
+    {
+        RequireWgmma();
+        NonFiniteValue(bf16, attendCurrent, badKey, typeof(WgmmaPlan));
+    }
+
+    /// <summary>The Hopper plan runs on the CPU accelerator (emulated) and on SM 9.0 CUDA devices; elsewhere an ignore with the reason.</summary>
+    private void RequireWgmma()
+    {
+        if (Accelerator is global::ILGPU.Runtime.Cuda.CudaAccelerator cuda && cuda.Architecture is not { Major: 9 })
+            Assert.Ignore($"the wgmma plan needs an SM 9.0 device; this one is {cuda.Architecture}");
+    }
+
     private void CheckAgainstReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim,
         bool attendCurrent, Type? plan)
     {
@@ -193,7 +244,10 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
     [TestCase(true, false, 5)]
     [TestCase(false, true, 70)]
     [TestCase(true, true, 70)]
-    public void NonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
+    public void NonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey) =>
+        NonFiniteValue(bf16, attendCurrent, badKey, plan: null);
+
+    private void NonFiniteValue(bool bf16, bool attendCurrent, int badKey, Type? plan)
     {
         int length = 100, headDim = 64;
         var shape = new AttentionShape(1, 1, length, headDim);
@@ -205,7 +259,7 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
             v.Values[badKey * headDim + d] = 0;
         }
         double scale = 0.125;
-        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false);
+        var run = Run(bf16, shape, q.Bits, k.Bits, v.Bits, (float)scale, attendCurrent, snapshots: false, plan: plan);
         var expected = Float64Reference.Forward(q.Values, k.Values, v.Values, 1, 1, length, headDim, scale, attendCurrent);
         double worst = 0;
         for (int row = 0; row < length; row++)
@@ -276,7 +330,10 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         if (Backend != Backends.Cuda)
             Assert.Ignore("CUDA only");
         int heads = headDim == 128 ? 12 : 16;
-        foreach (var plan in new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch) })
+        var plans = new[] { typeof(TwoGroupsPerSm), typeof(ThreeGroupsPerSm), typeof(ThreeGroupsPerSmNoPrefetch) };
+        if (Accelerator is global::ILGPU.Runtime.Cuda.CudaAccelerator { Architecture: { Major: 9 } })
+            plans = [.. plans, typeof(WgmmaPlan)];
+        foreach (var plan in plans)
         {
             foreach (bool bf16 in new[] { true, false })
             {

@@ -85,6 +85,12 @@ internal sealed class KernelLaunch<TArgs>
     /// <summary>Threads per warp its shuffles assume; 0 when it uses none.</summary>
     public int WarpSize { get; init; }
 
+    /// <summary>
+    /// Whether it uses Hopper's <c>wgmma</c>: its PTX is retargeted to <c>sm_90a</c> (<see cref="PtxTarget"/>), so on CUDA it
+    /// runs on SM 9.0 devices only (elsewhere its code runs with the products emulated, as every tensor-core kernel's).
+    /// </summary>
+    public bool Hopper { get; init; }
+
     /// <summary>Whether it serves head dimension <paramref name="headDim"/>.</summary>
     public bool ServesHeadDim(int headDim) => headDim <= MaxHeadDim && (HeadDims?.Invoke(headDim) ?? true);
 
@@ -102,6 +108,8 @@ internal sealed class KernelLaunch<TArgs>
         if (Family == KernelFamily.TensorCore && accelerator is CudaAccelerator cuda && cuda.Architecture is { } architecture
             && architecture < CudaArchitecture.SM_80)
             return $"the {Name} kernel uses mma.sync on fp16/bf16 (compute capability 8.0 or later); '{accelerator.Name}' is {architecture}";
+        if (Hopper && accelerator is CudaAccelerator hopper && hopper.Architecture is not { Major: 9 })
+            return $"the {Name} kernel uses wgmma (sm_90a, compute capability 9.0); '{accelerator.Name}' is {hopper.Architecture}";
         if (accelerator.MaxNumThreadsPerGroup < GroupSize)
             return $"the {Name} kernel needs {GroupSize} threads per group; '{accelerator.Name}' allows {accelerator.MaxNumThreadsPerGroup}";
         if (WarpSize != 0 && accelerator.WarpSize != WarpSize)

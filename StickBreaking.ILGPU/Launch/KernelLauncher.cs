@@ -108,7 +108,8 @@ internal sealed class KernelLauncher
                     // Inline-PTX operand slots as registers; and the tensor-core kernels live on shared memory (the warp
                     // decode's ring is static, declared in PTX, 12 KB for each of 16 groups), so the largest carveout.
                     promoteOperandSlots: kernel.Family == KernelFamily.TensorCore,
-                    largestSharedCarveout: kernel.Family == KernelFamily.TensorCore);
+                    largestSharedCarveout: kernel.Family == KernelFamily.TensorCore,
+                    hopperTarget: kernel.Hopper);
             return accelerator.LoadKernel(kernel.Body);
         }
         catch (Exception ex) when (ex is not OutOfMemoryException and not InvalidOperationException)

@@ -30,6 +30,8 @@ internal sealed class KernelSet
     private readonly KernelLaunch<BackwardArgs<float>>? fastBackwardQuery, fastBackwardKey;
     // Indexed [bf16 ? 1 : 0, exact ? 1 : 0]: rounded or split (exact) 16-bit products.
     private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForward = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
+    // The same with the Hopper plan (wgmma), on SM 9.0 devices only, for D = 128 (see TensorCoreForward16).
+    private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForwardWgmma = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
     private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)?[,] tensorCoreBackward =
         new (KernelLaunch<BackwardArgs<ushort>>, KernelLaunch<BackwardArgs<ushort>>)?[2, 2];
     private readonly KernelLaunch<DecodeArgs<float>>? warpDecode;
@@ -56,6 +58,13 @@ internal sealed class KernelSet
             tensorCoreForward[1, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
             tensorCoreForward[0, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
             tensorCoreForward[0, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, SplitWeights>(), accelerator, sharedBytes, choice);
+            if (accelerator is CudaAccelerator { Architecture: { Major: 9 } })
+            {
+                tensorCoreForwardWgmma[1, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, RoundedWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmma[1, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmma[0, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmma[0, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, SplitWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
+            }
             tensorCoreBackward[1, 0] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, RoundedWeights>(),
                 TensorCoreBackwardKeyKernel.LaunchFor<Bf16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
             tensorCoreBackward[1, 1] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, SplitWeights>(),
@@ -89,9 +98,14 @@ internal sealed class KernelSet
     /// <summary>Whether the tensor-core forward serves 16-bit storage for the head dimensions it covers.</summary>
     public bool TensorCoreForward => tensorCoreForward[1, 0] is not null;
 
-    /// <summary>The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves it.</summary>
+    /// <summary>
+    /// The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves
+    /// it: on an SM 9.0 device at D = 128 the Hopper plan (<see cref="WgmmaPlan"/>: measured 2-3 % faster there, 4 % slower
+    /// at D = 64; docs/performance.md, ninth session), otherwise the mma plan.
+    /// </summary>
     public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, bool bf16, bool exact = false) =>
-        tensorCoreForward[bf16 ? 1 : 0, exact ? 1 : 0] is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
+        headDim == TensorCoreForwardKernel.MaxHeadDim && tensorCoreForwardWgmma[bf16 ? 1 : 0, exact ? 1 : 0] is { } hopper ? hopper
+        : tensorCoreForward[bf16 ? 1 : 0, exact ? 1 : 0] is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
 
     /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>
     public (KernelLaunch<BackwardArgs<float>> Query, KernelLaunch<BackwardArgs<float>> Key) Backward(int headDim) =>

@@ -33,7 +33,7 @@ internal static partial class TensorCoreForwardKernel
     {
         public static readonly KernelLaunch<TensorCoreForwardArgs> Value = new()
         {
-            Name = $"tensor-core forward ({(default(TStorage).IsBFloat16 ? "bf16" : "fp16")})",
+            Name = $"tensor-core forward ({(default(TStorage).IsBFloat16 ? "bf16" : "fp16")}{(default(TPlan).Wgmma ? ", wgmma" : "")})",
             Body = Kernel<TStorage, TWeights, TPlan>,
             Family = KernelFamily.TensorCore,
             RowsPerGroup = BlockRows,
@@ -44,6 +44,7 @@ internal static partial class TensorCoreForwardKernel
             MaxHeadDim = MaxHeadDim,
             HeadDims = Supports,
             WarpSize = 32,
+            Hopper = default(TPlan).Wgmma,
         };
     }
 }

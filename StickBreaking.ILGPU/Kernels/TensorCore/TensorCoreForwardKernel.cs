@@ -123,6 +123,7 @@ internal static partial class TensorCoreForwardKernel
         bool split = default(TWeights).Split;
         bool doubleBuffered = default(TPlan).DoubleBuffered;
         bool prefetch = default(TPlan).Prefetch;
+        bool wgmma = default(TPlan).Wgmma;
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -141,12 +142,21 @@ internal static partial class TensorCoreForwardKernel
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
         int emu = SharedUints(doubleBuffered) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+        uint windowBase = wgmma ? SharedWindowBase() : 0u;                     // the wgmma descriptors' base
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
         int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
-        StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), rows.QueryBase(rows.Q, head),
-            rows.Q.Token, rowLo, T, D, t);
+        if (wgmma)
+        {
+            var qHead = a.Q.Cast<U4>().SubView(rows.QueryBase(rows.Q, head) >> 3);
+            StoreCore(LoadCoreRows(qHead, rows.Q.TokenPieces, row0, T, D, tid, false), vectors, QOffset / 4, D, tid);
+        }
+        else
+        {
+            StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), rows.QueryBase(rows.Q, head),
+                rows.Q.Token, rowLo, T, D, t);
+        }
         if (tid == 0)
             shared[flag] = KeyTile;                // ordered before the staging atomics by the barrier below
         if (tid < MaxHeadDim)
@@ -169,16 +179,28 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        var kPieces = LoadTileRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, GroupSize);
-        var vPieces = LoadKeyPairs(vHead, vToken, tile * KeyTile, stageLimit, D, tid);
+        var kPieces = wgmma ? LoadCoreRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, true)
+            : LoadTileRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, GroupSize);
+        var vPieces = wgmma ? LoadCoreValues(vHead, vToken, tile * KeyTile, stageLimit, D, tid)
+            : LoadKeyPairs(vHead, vToken, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
         // reads that pair any more, and one barrier per tile suffices: a warp stores into pair (i - 1) % 2 only
         // after the barrier that ended tile i + 1, the last reader of that pair. With one buffer pair, a barrier
         // ends the tile's reads before the next tile is stored, and another ends the stores.
         int buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
-        StoreTileRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid, GroupSize, RowStrideU4);
-        StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
+        if (wgmma)
+        {
+            StoreCore(kPieces, vectors, KOffset / 4, D, tid);
+            SanitizeCoreValues(ref vPieces, shared, D, tid, exponentMask, flag);
+            StoreCore(vPieces, vectors, VtOffset / 4, D, tid);
+            AsyncProxyFence();
+        }
+        else
+        {
+            StoreTileRows(kPieces, vectors, (KOffset + buffer) / 4, D, tid, GroupSize, RowStrideU4);
+            StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
+        }
         Group.Barrier();
         int diagonalKey0 = tile * KeyTile;
         for (; tile >= 0; tile--)
@@ -194,7 +216,10 @@ internal static partial class TensorCoreForwardKernel
             }
 
             var s = new Tile8();
-            AllScores<TStorage>(ref s, vectors.SubView(qAt), vectors.SubView(kAt + buffer / 4), wide, shared, emu);
+            if (wgmma)
+                WgmmaScores<TStorage>(ref s, windowBase, 4 * QOffset, 4 * KOffset, D, shared, emu);
+            else
+                AllScores<TStorage>(ref s, vectors.SubView(qAt), vectors.SubView(kAt + buffer / 4), wide, shared, emu);
 
             int firstKey = key0 + 16 * t;
             float accLoBefore = accLo, accHiBefore = accHi, nearerLo, nearerHi;
@@ -213,7 +238,10 @@ internal static partial class TensorCoreForwardKernel
                 kPieces = LoadTileRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, GroupSize);
                 vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
             }
-            AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
+            if (wgmma)
+                WgmmaOutput<TStorage>(ref o, p, split, residuals, windowBase, 4 * VtOffset, wide, shared, emu);
+            else
+                AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
             Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
             if (tile > 0)
@@ -221,13 +249,22 @@ internal static partial class TensorCoreForwardKernel
                 int next = doubleBuffered ? BufferWords - buffer : 0;
                 if (!doubleBuffered)
                     Group.Barrier();
-                if (!prefetch)
+                if (wgmma)
                 {
-                    kPieces = LoadTileRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, GroupSize);
-                    vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
+                    StoreCore(LoadCoreRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, true), vectors, KOffset / 4, D, tid);
+                    StoreCore(LoadCoreValues(vHead, vToken, key0 - KeyTile, nextLimit, D, tid), vectors, VtOffset / 4, D, tid);
+                    AsyncProxyFence();
                 }
-                StoreTileRows(kPieces, vectors, (KOffset + next) / 4, D, tid, GroupSize, RowStrideU4);
-                StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
+                else
+                {
+                    if (!prefetch)
+                    {
+                        kPieces = LoadTileRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, GroupSize);
+                        vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
+                    }
+                    StoreTileRows(kPieces, vectors, (KOffset + next) / 4, D, tid, GroupSize, RowStrideU4);
+                    StoreTransposed(ref vPieces, shared, VtOffset + next, D, tid, false, exponentMask, flag);
+                }
                 Group.Barrier();
             }
         }
@@ -483,6 +520,24 @@ internal interface IForwardPlan
 
     /// <summary>Launch bound: groups of 128 threads per SM the compiler must allow registers for (2: 255, 3: 168).</summary>
     int MinGroupsPerMultiprocessor { get; }
+
+    /// <summary>
+    /// Hopper's wgmma for both products, Q, K and V in the core-matrix layouts (TensorCoreForwardKernel.Wgmma.cs); the
+    /// PTX is retargeted to sm_90a, so the plan runs on SM 9.0 devices only (and emulated on the CPU accelerator).
+    /// </summary>
+    bool Wgmma { get; }
+}
+
+/// <summary>
+/// Hopper: S and P V on wgmma from shared memory, one K / V buffer pair loaded after the tile's last read, three groups
+/// per SM (168 registers, 54 KB).
+/// </summary>
+internal readonly struct WgmmaPlan : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public int MinGroupsPerMultiprocessor => 3;
+    public bool Wgmma => true;
 }
 
 /// <summary>Two groups per SM, double buffered, register prefetch (255 registers, 92 KB).</summary>
@@ -491,6 +546,7 @@ internal readonly struct TwoGroupsPerSm : IForwardPlan
     public bool DoubleBuffered => true;
     public bool Prefetch => true;
     public int MinGroupsPerMultiprocessor => 2;
+    public bool Wgmma => false;
 }
 
 /// <summary>Three groups per SM: one buffer pair, register prefetch (168 registers, 54 KB).</summary>
@@ -499,6 +555,7 @@ internal readonly struct ThreeGroupsPerSm : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => true;
     public int MinGroupsPerMultiprocessor => 3;
+    public bool Wgmma => false;
 }
 
 /// <summary>Three groups per SM: one buffer pair, the next tile loaded after this tile's last read (168 registers, 54 KB).</summary>
@@ -507,6 +564,7 @@ internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
     public bool DoubleBuffered => false;
     public bool Prefetch => false;
     public int MinGroupsPerMultiprocessor => 3;
+    public bool Wgmma => false;
 }
 
 /// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>
