@@ -62,6 +62,8 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
     public void WgmmaPlanMatchesReference(bool bf16, InputKind kind, int batch, int heads, int length, int headDim, bool attendCurrent)
     {
         RequireWgmma();
+        if (Backend == Backends.Cpu && kind != InputKind.Standard)
+            Assert.Ignore("CUDA only but for the two Standard cases (CI time: the emulated products take seconds a case)");
         CheckAgainstReference(bf16, kind, batch, heads, length, headDim, attendCurrent, typeof(WgmmaPlan));
         var shape = new AttentionShape(batch, heads, length, headDim);
         var x = TestInputs.Create(kind, batch, heads, length, headDim, seed: 5 + length);
@@ -89,6 +91,8 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
     public void WgmmaPlanNonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
     {
         RequireWgmma();
+        if (Backend == Backends.Cpu && badKey != 70)
+            Assert.Ignore("CUDA only but for the key-70 case (CI time)");
         NonFiniteValue(bf16, attendCurrent, badKey, typeof(WgmmaPlan));
     }
 
