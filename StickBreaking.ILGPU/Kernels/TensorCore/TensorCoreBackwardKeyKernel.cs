@@ -79,8 +79,9 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// <para>
 /// Measured (H200, eighth session; kernel alone, snapshots row-major then): B=4 H=12 T=4096 D=128 3.99 ms rounded
 /// (bf16; fp16 3.98), 4.38 / 5.32 ms split (bf16 / fp16); B=4 H=16 T=4096 D=64 3.52 ms rounded, 3.96 / 5.17 ms split.
-/// In the backward with tile-major snapshots: 3.83-3.89 ms at D = 128 (bf16 rounded). ptxas 11.8: 244 registers, no
-/// local memory, 3298 SASS instructions. That is about 9,500 cycles per (key block, row block) step per SM (756 steps
+/// In the backward with tile-major snapshots: 3.83-3.89 ms at D = 128 (bf16 rounded); with the next row block's pieces
+/// by cp.async and the products unrolled (ninth session) 3.63-3.68 ms. Before those, ptxas 11.8: 244
+/// registers, no local memory, 3298 SASS instructions. That is about 9,500 cycles per (key block, row block) step per SM (756 steps
 /// per SM at T = 4096) against about 3,600 issue cycles per scheduler (2 warps of about 1,800 instructions): the pass
 /// is latency-bound, D = 64 costing two thirds of D = 128 per head.
 /// Tried and slower (18-22 %): phase A of the next row block and phase B of this one in one barrier interval (two
