@@ -8,7 +8,7 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>
     /// How the launch layer runs the kernel for storage <typeparamref name="TStorage"/> and weights
     /// <typeparamref name="TWeights"/> with the library's plan (<see cref="ThreeGroupsPerSmNoPrefetch"/>: measured fastest, 1.36 against 1.46 and 1.48 ms at B=4 H=12 T=4096 D=128 in bf16 when chosen, 1.451 against 1.484
-    /// and 1.501 in the eighth session); see
+    /// and 1.501 in the eighth session; KernelSet prefers <see cref="WgmmaPlan"/> on SM 9.0 devices at D = 128); see
     /// <see cref="LaunchFor{TStorage, TWeights, TPlan}"/>.
     /// </summary>
     public static KernelLaunch<TensorCoreForwardArgs> LaunchFor<TStorage, TWeights>()
