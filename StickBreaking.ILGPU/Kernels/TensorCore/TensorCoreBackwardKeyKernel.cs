@@ -467,18 +467,7 @@ internal static partial class TensorCoreBackwardKeyKernel
         int slot = RawOffset / 4 + tid;
         if (!CudaAsm.IsSupported)
         {
-            var p = LoadRowPairs(a, qHead, dOHead, row0, limit, D, lane);
-            vectors[slot] = p.P0;
-            vectors[slot + GroupSize] = p.P1;
-            vectors[slot + 2 * GroupSize] = p.P2;
-            vectors[slot + 3 * GroupSize] = p.P3;
-            if (D > 64)
-            {
-                vectors[slot + 4 * GroupSize] = p.P4;
-                vectors[slot + 5 * GroupSize] = p.P5;
-                vectors[slot + 6 * GroupSize] = p.P6;
-                vectors[slot + 7 * GroupSize] = p.P7;
-            }
+            StoreStrided(LoadRowPairs(a, qHead, dOHead, row0, limit, D, lane), vectors.SubView(slot), GroupSize, D > 64);
             return;
         }
         int row = row0 + 2 * lane;
@@ -511,24 +500,7 @@ internal static partial class TensorCoreBackwardKeyKernel
     {
         if (CudaAsm.IsSupported)
             CudaAsm.Emit("cp.async.wait_group 0;");
-        int slot = RawOffset / 4 + tid;
-        Pieces8 p;
-        p.P0 = vectors[slot];
-        p.P1 = vectors[slot + GroupSize];
-        p.P2 = vectors[slot + 2 * GroupSize];
-        p.P3 = vectors[slot + 3 * GroupSize];
-        p.P4 = default;
-        p.P5 = default;
-        p.P6 = default;
-        p.P7 = default;
-        if (D > 64)
-        {
-            p.P4 = vectors[slot + 4 * GroupSize];
-            p.P5 = vectors[slot + 5 * GroupSize];
-            p.P6 = vectors[slot + 6 * GroupSize];
-            p.P7 = vectors[slot + 7 * GroupSize];
-        }
-        return p;
+        return LoadStrided(vectors.SubView(RawOffset / 4 + tid), GroupSize, D > 64);
     }
 
     /// <summary>

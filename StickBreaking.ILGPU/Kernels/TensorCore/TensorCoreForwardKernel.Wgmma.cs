@@ -79,70 +79,58 @@ internal static partial class TensorCoreForwardKernel
             CudaAsm.Emit("fence.proxy.async.shared::cta;");
     }
 
+    /// <summary>How a tile's pieces map to the core-matrix layouts (see <see cref="LoadCore"/>).</summary>
+    private const int QueryRows = 0, KeyRows = 1, ValueSlots = 2;
+
     /// <summary>
-    /// Loads this thread's pieces of 64 rows of a K-major tile: pass i (8 at D = 128, 4 at D = 64) takes piece
-    /// 128 i + tid, row slot n = 8 ((128 i + tid) / D) + tid % 8, dimensions 8c .. 8c+7 with c = ((128 i + tid) / 8) % (D / 8).
-    /// Slot n holds row <paramref name="first"/> + n, or with <paramref name="permuteKeys"/> key first + 16 ((n % 8) / 2) +
-    /// 2 (n / 8) + n % 2 (the key permutation); rows at or past <paramref name="limit"/> are zeros.
+    /// Loads this thread's pieces of a 64-row tile in a core-matrix layout: pass i (8 at D = 128, 4 at D = 64) takes piece
+    /// p = 128 i + tid (stored at byte 16 p by <see cref="StoreCore"/>). K-major (<paramref name="layout"/> QueryRows or
+    /// KeyRows): row slot n = 8 (p / D) + p % 8, dimensions 8c .. 8c+7 with c = (p / 8) % (D / 8); slot n holds row
+    /// <paramref name="first"/> + n, or for KeyRows key first + 16 ((n % 8) / 2) + 2 (n / 8) + n % 2 (the key permutation).
+    /// N-major (ValueSlots): key slot kk = p % 16 of k-step ks = p / (2 D), dimensions 8c .. 8c+7 with c = (p / 16) % (D / 8),
+    /// holding key first + <see cref="CoreValueKey"/>. Rows at or past <paramref name="limit"/> are zeros.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadCoreRows(ArrayView<U4> head, int token, int first, int limit, int D, int tid, bool permuteKeys)
+    private static Pieces8 LoadCore(ArrayView<U4> head, int token, int first, int limit, int D, int tid, int layout)
     {
         bool wide = D > 64;
         int chunkShift = wide ? 4 : 3;
         Pieces8 p;
-        p.P0 = CoreRowPiece(head, token, first, limit, 0 * 128 + tid, chunkShift, permuteKeys);
-        p.P1 = CoreRowPiece(head, token, first, limit, 1 * 128 + tid, chunkShift, permuteKeys);
-        p.P2 = CoreRowPiece(head, token, first, limit, 2 * 128 + tid, chunkShift, permuteKeys);
-        p.P3 = CoreRowPiece(head, token, first, limit, 3 * 128 + tid, chunkShift, permuteKeys);
+        p.P0 = CorePiece(head, token, first, limit, 0 * 128 + tid, chunkShift, layout);
+        p.P1 = CorePiece(head, token, first, limit, 1 * 128 + tid, chunkShift, layout);
+        p.P2 = CorePiece(head, token, first, limit, 2 * 128 + tid, chunkShift, layout);
+        p.P3 = CorePiece(head, token, first, limit, 3 * 128 + tid, chunkShift, layout);
         p.P4 = default; p.P5 = default; p.P6 = default; p.P7 = default;
         if (wide)
         {
-            p.P4 = CoreRowPiece(head, token, first, limit, 4 * 128 + tid, chunkShift, permuteKeys);
-            p.P5 = CoreRowPiece(head, token, first, limit, 5 * 128 + tid, chunkShift, permuteKeys);
-            p.P6 = CoreRowPiece(head, token, first, limit, 6 * 128 + tid, chunkShift, permuteKeys);
-            p.P7 = CoreRowPiece(head, token, first, limit, 7 * 128 + tid, chunkShift, permuteKeys);
+            p.P4 = CorePiece(head, token, first, limit, 4 * 128 + tid, chunkShift, layout);
+            p.P5 = CorePiece(head, token, first, limit, 5 * 128 + tid, chunkShift, layout);
+            p.P6 = CorePiece(head, token, first, limit, 6 * 128 + tid, chunkShift, layout);
+            p.P7 = CorePiece(head, token, first, limit, 7 * 128 + tid, chunkShift, layout);
         }
         return p;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static U4 CoreRowPiece(ArrayView<U4> head, int token, int first, int limit, int piece, int chunkShift, bool permuteKeys)
+    private static U4 CorePiece(ArrayView<U4> head, int token, int first, int limit, int piece, int chunkShift, int layout)
     {
-        int n = ((piece >> (3 + chunkShift)) << 3) + (piece & 7);
-        int c = (piece >> 3) & ((1 << chunkShift) - 1);
-        int row = first + (permuteKeys ? 16 * ((n & 7) >> 1) + 2 * (n >> 3) + (n & 1) : n);
+        int c, row;
+        if (layout == ValueSlots)
+        {
+            c = (piece >> 4) & ((1 << chunkShift) - 1);
+            row = first + CoreValueKey(piece, chunkShift);
+        }
+        else
+        {
+            int n = ((piece >> (3 + chunkShift)) << 3) + (piece & 7);
+            c = (piece >> 3) & ((1 << chunkShift) - 1);
+            row = first + (layout == KeyRows ? 16 * ((n & 7) >> 1) + 2 * (n >> 3) + (n & 1) : n);
+        }
         bool active = row < limit;
         return Piece(head, c + (active ? row : 0) * token, active);
     }
 
-    /// <summary>
-    /// Loads this thread's pieces of a V tile in the N-major layout: pass i takes piece p = 128 i + tid, key slot
-    /// kk = tid % 16 of k-step ks = p / (2 D), dimensions 8c .. 8c+7 with c = (p / 16) % (D / 8); the slot's key is
-    /// <paramref name="first"/> + 16 ((kk % 8) / 2) + 4 ks + kk % 2 + 2 (kk / 8). Keys at or past <paramref name="limit"/> are zeros.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Pieces8 LoadCoreValues(ArrayView<U4> head, int token, int first, int limit, int D, int tid)
-    {
-        bool wide = D > 64;
-        int chunkShift = wide ? 4 : 3;
-        Pieces8 p;
-        p.P0 = CoreValuePiece(head, token, first, limit, 0 * 128 + tid, chunkShift);
-        p.P1 = CoreValuePiece(head, token, first, limit, 1 * 128 + tid, chunkShift);
-        p.P2 = CoreValuePiece(head, token, first, limit, 2 * 128 + tid, chunkShift);
-        p.P3 = CoreValuePiece(head, token, first, limit, 3 * 128 + tid, chunkShift);
-        p.P4 = default; p.P5 = default; p.P6 = default; p.P7 = default;
-        if (wide)
-        {
-            p.P4 = CoreValuePiece(head, token, first, limit, 4 * 128 + tid, chunkShift);
-            p.P5 = CoreValuePiece(head, token, first, limit, 5 * 128 + tid, chunkShift);
-            p.P6 = CoreValuePiece(head, token, first, limit, 6 * 128 + tid, chunkShift);
-            p.P7 = CoreValuePiece(head, token, first, limit, 7 * 128 + tid, chunkShift);
-        }
-        return p;
-    }
-
-    /// <summary>The key of V piece <paramref name="piece"/> of a tile starting at key 0 (see <see cref="LoadCoreValues"/>).</summary>
+    /// <summary>The key of V piece <paramref name="piece"/> of a tile starting at key 0 (see <see cref="LoadCore"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static int CoreValueKey(int piece, int chunkShift)
     {
@@ -150,32 +138,10 @@ internal static partial class TensorCoreForwardKernel
         return 16 * ((kk & 7) >> 1) + 4 * ks + (kk & 1) + 2 * (kk >> 3);
     }
 
+    /// <summary>Stores the pieces of <see cref="LoadCore"/>: piece 128 i + tid at vector <paramref name="at"/> + 128 i + tid.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static U4 CoreValuePiece(ArrayView<U4> head, int token, int first, int limit, int piece, int chunkShift)
-    {
-        int c = (piece >> 4) & ((1 << chunkShift) - 1);
-        int key = first + CoreValueKey(piece, chunkShift);
-        bool active = key < limit;
-        return Piece(head, c + (active ? key : 0) * token, active);
-    }
-
-    /// <summary>Stores the pieces of <see cref="LoadCoreRows"/> or <see cref="LoadCoreValues"/>: piece 128 i + tid at vector <paramref name="at"/> + 128 i + tid.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreCore(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid)
-    {
-        var to = vectors.SubView(at + tid);
-        to[0] = p.P0;
-        to[128] = p.P1;
-        to[256] = p.P2;
-        to[384] = p.P3;
-        if (D > 64)
-        {
-            to[512] = p.P4;
-            to[640] = p.P5;
-            to[768] = p.P6;
-            to[896] = p.P7;
-        }
-    }
+    private static void StoreCore(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid) =>
+        StoreStrided(p, vectors.SubView(at + tid), 128, D > 64);
 
     /// <summary>
     /// In the diagonal tile, V's non-finite values become zeros and the first key holding one (relative
@@ -297,49 +263,50 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// O += P V for the whole tile (V in the N-major layout at <paramref name="vBytes"/>): rounded weights take k-steps
-    /// (0, 1) and (2, 3) in pairs, split ones each k-step's high and low parts as a pair; per half of D = 128.
+    /// O += P V for the whole tile (V in the N-major layout at <paramref name="vBytes"/>): <see cref="WgmmaOutputHalf"/>
+    /// for columns 0 .. 63 and, at D = 128, 64 .. 127 (2048 bytes further in each k-step).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void WgmmaOutput<TStorage>(ref Tile16 o, in Frag16 p, bool split, in Frag16 r, uint windowBase, int vBytes,
         bool wide, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
     {
         int step = wide ? 4096 : 2048;        // bytes per k-step (16 keys x D)
+        WgmmaOutputHalf<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            p, split, r, windowBase, vBytes, step, shared, emu);
+        if (wide)
+        {
+            WgmmaOutputHalf<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
+                p, split, r, windowBase, vBytes + 2048, step, shared, emu);
+        }
+    }
+
+    /// <summary>
+    /// One half of O += P V (n-tiles <paramref name="n0"/> .. n7, V's k-step ks at <paramref name="vBytes"/> + ks
+    /// <paramref name="step"/>): rounded weights take k-steps (0, 1) and (2, 3) in pairs, split ones each k-step's high
+    /// and low parts as a pair.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void WgmmaOutputHalf<TStorage>(ref Acc4 n0, ref Acc4 n1, ref Acc4 n2, ref Acc4 n3, ref Acc4 n4, ref Acc4 n5,
+        ref Acc4 n6, ref Acc4 n7, in Frag16 p, bool split, in Frag16 r, uint windowBase, int vBytes, int step,
+        ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
+    {
         if (split)
         {
-            WgmmaOutputPair<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
                 p.K0A0, p.K0A1, p.K0A2, p.K0A3, r.K0A0, r.K0A1, r.K0A2, r.K0A3, windowBase, vBytes, vBytes, shared, emu);
-            WgmmaOutputPair<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
                 p.K1A0, p.K1A1, p.K1A2, p.K1A3, r.K1A0, r.K1A1, r.K1A2, r.K1A3, windowBase, vBytes + step, vBytes + step, shared, emu);
-            WgmmaOutputPair<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
                 p.K2A0, p.K2A1, p.K2A2, p.K2A3, r.K2A0, r.K2A1, r.K2A2, r.K2A3, windowBase, vBytes + 2 * step, vBytes + 2 * step, shared, emu);
-            WgmmaOutputPair<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
                 p.K3A0, p.K3A1, p.K3A2, p.K3A3, r.K3A0, r.K3A1, r.K3A2, r.K3A3, windowBase, vBytes + 3 * step, vBytes + 3 * step, shared, emu);
-            if (wide)
-            {
-                WgmmaOutputPair<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                    p.K0A0, p.K0A1, p.K0A2, p.K0A3, r.K0A0, r.K0A1, r.K0A2, r.K0A3, windowBase, vBytes + 2048, vBytes + 2048, shared, emu);
-                WgmmaOutputPair<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                    p.K1A0, p.K1A1, p.K1A2, p.K1A3, r.K1A0, r.K1A1, r.K1A2, r.K1A3, windowBase, vBytes + step + 2048, vBytes + step + 2048, shared, emu);
-                WgmmaOutputPair<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                    p.K2A0, p.K2A1, p.K2A2, p.K2A3, r.K2A0, r.K2A1, r.K2A2, r.K2A3, windowBase, vBytes + 2 * step + 2048, vBytes + 2 * step + 2048, shared, emu);
-                WgmmaOutputPair<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                    p.K3A0, p.K3A1, p.K3A2, p.K3A3, r.K3A0, r.K3A1, r.K3A2, r.K3A3, windowBase, vBytes + 3 * step + 2048, vBytes + 3 * step + 2048, shared, emu);
-            }
         }
         else
         {
-            WgmmaOutputPair<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
                 p.K0A0, p.K0A1, p.K0A2, p.K0A3, p.K1A0, p.K1A1, p.K1A2, p.K1A3, windowBase, vBytes, vBytes + step, shared, emu);
-            WgmmaOutputPair<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
                 p.K2A0, p.K2A1, p.K2A2, p.K2A3, p.K3A0, p.K3A1, p.K3A2, p.K3A3, windowBase, vBytes + 2 * step, vBytes + 3 * step, shared, emu);
-            if (wide)
-            {
-                WgmmaOutputPair<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                    p.K0A0, p.K0A1, p.K0A2, p.K0A3, p.K1A0, p.K1A1, p.K1A2, p.K1A3, windowBase, vBytes + 2048, vBytes + step + 2048, shared, emu);
-                WgmmaOutputPair<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                    p.K2A0, p.K2A1, p.K2A2, p.K2A3, p.K3A0, p.K3A1, p.K3A2, p.K3A3, windowBase, vBytes + 2 * step + 2048, vBytes + 3 * step + 2048, shared, emu);
-            }
         }
     }
 

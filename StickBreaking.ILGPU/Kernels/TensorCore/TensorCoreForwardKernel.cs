@@ -152,7 +152,7 @@ internal static partial class TensorCoreForwardKernel
         if (wgmma)
         {
             var qHead = a.Q.Cast<U4>().SubView(rows.QueryBase(rows.Q, head) >> 3);
-            StoreCore(LoadCoreRows(qHead, rows.Q.TokenPieces, row0, T, D, tid, false), vectors, QOffset / 4, D, tid);
+            StoreCore(LoadCore(qHead, rows.Q.TokenPieces, row0, T, D, tid, QueryRows), vectors, QOffset / 4, D, tid);
         }
         else
         {
@@ -181,9 +181,9 @@ internal static partial class TensorCoreForwardKernel
 
         int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
         int tile = lastKey / KeyTile;
-        var kPieces = wgmma ? LoadCoreRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, true)
+        var kPieces = wgmma ? LoadCore(kHead, kToken, tile * KeyTile, stageLimit, D, tid, KeyRows)
             : LoadTileRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, GroupSize);
-        var vPieces = wgmma ? LoadCoreValues(vHead, vToken, tile * KeyTile, stageLimit, D, tid)
+        var vPieces = wgmma ? LoadCore(vHead, vToken, tile * KeyTile, stageLimit, D, tid, ValueSlots)
             : LoadKeyPairs(vHead, vToken, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
@@ -253,8 +253,8 @@ internal static partial class TensorCoreForwardKernel
                     Group.Barrier();
                 if (wgmma)
                 {
-                    StoreCore(LoadCoreRows(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, true), vectors, KOffset / 4, D, tid);
-                    StoreCore(LoadCoreValues(vHead, vToken, key0 - KeyTile, nextLimit, D, tid), vectors, VtOffset / 4, D, tid);
+                    StoreCore(LoadCore(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, KeyRows), vectors, KOffset / 4, D, tid);
+                    StoreCore(LoadCore(vHead, vToken, key0 - KeyTile, nextLimit, D, tid, ValueSlots), vectors, VtOffset / 4, D, tid);
                     AsyncProxyFence();
                 }
                 else

@@ -214,18 +214,47 @@ internal static class TensorCoreOps
         bool wide = D > 64;
         int chunks = D >> 3;
         int c = tid & (chunks - 1), r = tid / chunks, step = groupSize / chunks;
-        var to = vectors.SubView(at + r * rowStrideU4 + c);
+        StoreStrided(p, vectors.SubView(at + r * rowStrideU4 + c), step * rowStrideU4, wide);
+    }
+
+    /// <summary>Stores pieces P0 .. P3 (P0 .. P7 when <paramref name="wide"/>) at vectors 0, <paramref name="stride"/>, 2 stride, ... of <paramref name="to"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void StoreStrided(in Pieces8 p, ArrayView<U4> to, int stride, bool wide)
+    {
         to[0] = p.P0;
-        to[step * rowStrideU4] = p.P1;
-        to[2 * step * rowStrideU4] = p.P2;
-        to[3 * step * rowStrideU4] = p.P3;
+        to[stride] = p.P1;
+        to[2 * stride] = p.P2;
+        to[3 * stride] = p.P3;
         if (wide)
         {
-            to[4 * step * rowStrideU4] = p.P4;
-            to[5 * step * rowStrideU4] = p.P5;
-            to[6 * step * rowStrideU4] = p.P6;
-            to[7 * step * rowStrideU4] = p.P7;
+            to[4 * stride] = p.P4;
+            to[5 * stride] = p.P5;
+            to[6 * stride] = p.P6;
+            to[7 * stride] = p.P7;
         }
+    }
+
+    /// <summary>The pieces <see cref="StoreStrided"/> stored (P4 .. P7 zeros unless <paramref name="wide"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Pieces8 LoadStrided(ArrayView<U4> from, int stride, bool wide)
+    {
+        Pieces8 p;
+        p.P0 = from[0];
+        p.P1 = from[stride];
+        p.P2 = from[2 * stride];
+        p.P3 = from[3 * stride];
+        p.P4 = default;
+        p.P5 = default;
+        p.P6 = default;
+        p.P7 = default;
+        if (wide)
+        {
+            p.P4 = from[4 * stride];
+            p.P5 = from[5 * stride];
+            p.P6 = from[6 * stride];
+            p.P7 = from[7 * stride];
+        }
+        return p;
     }
 
     /// <summary>16 bytes from device address <paramref name="at"/> to byte <paramref name="to"/> of dynamic shared memory; zeros where not <paramref name="active"/> (cp.async's ignore-src: nothing is read there).</summary>
