@@ -190,9 +190,11 @@ public sealed class PtxTests
 
     /// <summary>
     /// The forward's Hopper plan (<see cref="StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan"/>), as the loader hands it
-    /// to the driver (operand slots promoted, retargeted to sm_90a): S as one block of 8 (D = 128) or 4 (D = 64) wgmma
-    /// of the storage type, P V as blocks of two (4 blocks of rounded weights, 8 of split ones, at D = 128; D = 64 runs the first half of them),
-    /// each block fenced and waited for; the shared-memory stores fenced for the async proxy; no local memory.
+    /// to the driver (operand slots promoted, retargeted to sm_90a): S issued as one block of 8 (D = 128) or 4 (D = 64)
+    /// m64n64 wgmma of the storage type and taken by a wait; P V as one block per tile of 4 wgmma (one per k-step;
+    /// m64n128 at D = 128, m64n64 at D = 64; twice that with split weights), waited for; O taken once after the loop (two
+    /// waits, one per half of D); every wgmma accumulating into the plan's own registers (sbS, sbO), which no ILGPU
+    /// register copy touches; the shared-memory stores fenced for the async proxy; no local memory.
     /// </summary>
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", true)]
     public void TensorCoreForwardWgmmaPlanPtx(Type storage, string type, bool split)
@@ -206,17 +208,26 @@ public sealed class PtxTests
         promoted = StickBreaking.ILGPU.Launch.PtxTarget.Hopper(promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
             System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.WgmmaPlan.ptx"), promoted);
+
         int Count(string pattern) => Regex.Matches(promoted, pattern).Count;
-        int wgmma = Count(@"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\." + Regex.Escape(type) + @" ");
+        int wgmma = Count(@"wgmma\.mma_async\.sync\.aligned\.m64n(?:64|128)k16\.f32\." + Regex.Escape(type) + @" ");
         int blocks = Count(@"wgmma\.fence\.sync\.aligned");
-        TestContext.Out.WriteLine($"{storage.Name} {(split ? "split" : "rounded")}: wgmma {wgmma} in {blocks} blocks, waits {Count(@"wgmma\.wait_group\.sync\.aligned 0")}, " +
+        int waits = Count(@"wgmma\.wait_group\.sync\.aligned 0");
+        var accumulators = Regex.Matches(promoted, @"wgmma\.mma_async\.sync\.aligned\.\S+ \{([^}]*)\}");
+        TestContext.Out.WriteLine($"{storage.Name} {(split ? "split" : "rounded")}: wgmma {wgmma} in {blocks} blocks, waits {waits}, " +
             $"proxy fences {Count(@"fence\.proxy\.async\.shared::cta")}, lines {promoted.Split('\n').Length}");
-        int outputBlocks = split ? 8 : 4;     // 4 (2) at D = 128 per weight part, half under D = 64's branch
+        int perOutputBlock = split ? 8 : 4;           // one wgmma per k-step, per weight part
         Assert.Multiple(() =>
         {
-            Assert.That(wgmma, Is.EqualTo(8 + 4 + 2 * outputBlocks), "S: 8 + 4 wgmma; P V: two per block");
-            Assert.That(blocks, Is.EqualTo(2 + outputBlocks), "one fence per block");
-            Assert.That(Count(@"wgmma\.wait_group\.sync\.aligned 0"), Is.EqualTo(blocks), "every block waits for its wgmma");
+            // Each product has a D = 128 and a D = 64 site (D is a run-time argument).
+            Assert.That(wgmma, Is.EqualTo(8 + 4 + 2 * perOutputBlock), "S: 8 + 4 wgmma; P V: 4 k-steps per weight part, per site");
+            Assert.That(blocks, Is.EqualTo(2 + 2), "one fence per block");
+            Assert.That(waits, Is.EqualTo(1 + 2 + 2), "S taken, P V waited for, O taken in two halves");
+            Assert.That(Count(@"cp\.async\.cg\.shared\.global"), Is.EqualTo(2 * (8 + 4)), "the next tile's K and V pieces by cp.async: one block each at D = 128 (8 pieces) and 64 (4)");
+            Assert.That(Count(@"cp\.async\.wait_group 0"), Is.EqualTo(1), "waited for once a tile");
+            Assert.That(accumulators.Count, Is.EqualTo(wgmma));
+            foreach (Match m in accumulators)
+                Assert.That(m.Groups[1].Value, Does.Match(@"^(?:sbS\d+,){31}sbS\d+$|^(?:sbO\d+,){31,63}sbO\d+$"), "accumulators only in the plan's registers");
             Assert.That(Count(@"fence\.proxy\.async\.shared::cta"), Is.GreaterThanOrEqualTo(2), "stores fenced for the tensor cores (first and next tiles)");
             Assert.That(promoted, Does.Contain("\n.target sm_90a\n"), "retargeted to sm_90a");
             Assert.That(Regex.Matches(promoted, @"\.local\b|__local_depot"), Is.Empty, "no local memory once the slots are registers");

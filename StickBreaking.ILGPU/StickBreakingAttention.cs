@@ -632,7 +632,6 @@ public sealed partial class StickBreakingAttention : IDisposable
             AccumulatorScratch = Scratch16(shape, floatsPerElement: 2),
             Rows = layout.Rows, Length = T, HeadDim = D, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = Snapshots.TileCount(T), Scale = scale,
         };
-        args = args.WithDeviceAddresses(accelerator);   // the tensor-core dq pass copies K and V tiles by cp.async from them
         var (query, key) = kernels.Backward16(D, bf16, exact);
         if ((BackwardPasses & 1) != 0)
             launcher.Launch(query, stream, shape, args);

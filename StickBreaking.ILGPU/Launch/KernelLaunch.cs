@@ -125,6 +125,9 @@ internal sealed class KernelLaunch<TArgs>
 internal interface IGridArgs<TSelf>
     where TSelf : struct
 {
-    /// <summary>A copy with the grid's blocks along T and the output columns each group owns.</summary>
-    TSelf WithGrid(int rowBlocks, int columnsPerGroup);
+    /// <summary>
+    /// A copy with the grid's blocks along T and the output columns each group owns, and whatever else the launch on
+    /// <paramref name="accelerator"/> needs (the device addresses that CUDA kernels copy from by cp.async).
+    /// </summary>
+    TSelf WithGrid(int rowBlocks, int columnsPerGroup, Accelerator accelerator);
 }

@@ -56,7 +56,7 @@ internal sealed class KernelLauncher
             dynamicFloats = (DynamicSharedBytes(kernel) + sizeof(float) - 1) / sizeof(float);
         }
         var config = Plan.GridConfig(kernel.Name, kernel.PerKeyValueHead ? shape.KeyValueHeadCount : shape.HeadCount, blocks, slices, groupSize, dynamicFloats);
-        Compiled(kernel)(stream, config, args.WithGrid(blocks, columns));
+        Compiled(kernel)(stream, config, args.WithGrid(blocks, columns, accelerator));
     }
 
     /// <summary>

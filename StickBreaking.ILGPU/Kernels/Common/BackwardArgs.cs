@@ -53,6 +53,6 @@ internal struct BackwardArgs<T> : IGridArgs<BackwardArgs<T>>
             : this;
 
     /// <inheritdoc />
-    public readonly BackwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) =>
-        this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup };
+    public readonly BackwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup, Accelerator accelerator) =>
+        (this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup }).WithDeviceAddresses(accelerator);
 }

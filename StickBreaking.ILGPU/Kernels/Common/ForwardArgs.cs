@@ -1,4 +1,5 @@
 using ILGPU;
+using ILGPU.Runtime;
 using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Common;
@@ -31,6 +32,6 @@ internal struct ForwardArgs<T> : IGridArgs<ForwardArgs<T>>
     public int RowBlocks;
 
     /// <inheritdoc />
-    public readonly ForwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) =>
+    public readonly ForwardArgs<T> WithGrid(int rowBlocks, int columnsPerGroup, Accelerator accelerator) =>
         this with { RowBlocks = rowBlocks, ColumnsPerGroup = columnsPerGroup };
 }

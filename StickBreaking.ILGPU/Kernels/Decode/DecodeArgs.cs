@@ -1,4 +1,5 @@
 using ILGPU;
+using ILGPU.Runtime;
 using StickBreaking.ILGPU.Launch;
 
 namespace StickBreaking.ILGPU.Kernels.Decode;
@@ -70,7 +71,7 @@ internal struct DecodeArgs<T> : IGridArgs<DecodeArgs<T>>
     public long KeyAddress, ValueAddress;
 
     /// <inheritdoc />
-    public readonly DecodeArgs<T> WithGrid(int rowBlocks, int columnsPerGroup) => this with { RowBlocks = rowBlocks };
+    public readonly DecodeArgs<T> WithGrid(int rowBlocks, int columnsPerGroup, Accelerator accelerator) => this with { RowBlocks = rowBlocks };
 }
 
 /// <summary>
@@ -93,5 +94,5 @@ internal struct MergeArgs<TPart, T> : IGridArgs<MergeArgs<TPart, T>>
     public int Parts, Rows, HeadDim, SeparateFar;
 
     /// <inheritdoc />
-    public readonly MergeArgs<TPart, T> WithGrid(int rowBlocks, int columnsPerGroup) => this;
+    public readonly MergeArgs<TPart, T> WithGrid(int rowBlocks, int columnsPerGroup, Accelerator accelerator) => this;
 }

@@ -1,4 +1,5 @@
 using ILGPU;
+using ILGPU.Runtime;
 using StickBreaking.ILGPU.Kernels.Common;
 using StickBreaking.ILGPU.Launch;
 
@@ -23,7 +24,16 @@ internal struct TensorCoreForwardArgs : IGridArgs<TensorCoreForwardArgs>
     public int RowBlocks;
     /// <summary>z = Scale * q.k (InvTemperature).</summary>
     public float Scale;
+    /// <summary>CUDA: the device addresses of element 0 of <see cref="K"/> and <see cref="V"/> (the wgmma plan copies their tiles by cp.async); 0 elsewhere. Set by the launch layer.</summary>
+    public long KeyAddress, ValueAddress;
 
     /// <inheritdoc />
-    public readonly TensorCoreForwardArgs WithGrid(int rowBlocks, int columnsPerGroup) => this with { RowBlocks = rowBlocks };
+    public readonly TensorCoreForwardArgs WithGrid(int rowBlocks, int columnsPerGroup, Accelerator accelerator) =>
+        accelerator.AcceleratorType == AcceleratorType.Cuda
+            ? this with
+            {
+                RowBlocks = rowBlocks,
+                KeyAddress = K.LoadEffectiveAddressAsPtr().ToInt64(), ValueAddress = V.LoadEffectiveAddressAsPtr().ToInt64(),
+            }
+            : this with { RowBlocks = rowBlocks };
 }

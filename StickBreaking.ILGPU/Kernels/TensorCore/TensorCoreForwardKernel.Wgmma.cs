@@ -27,31 +27,125 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// the weights' A fragments (k-step ks, slot kk: key 16 ((kk % 8) / 2) + 4 ks + kk % 2 + 2 (kk / 8)).
 /// </para>
 /// <para>
-/// Each product is one inline-PTX block (fence, the wgmma, commit, wait): S in one block (8 or 4 k-slices, both
-/// operands by descriptor, the descriptors advanced by 256 bytes a slice), P V in blocks of two wgmma (A from the
-/// weights' registers, m64n64: half of D = 128 each). Where there is no wgmma (the CPU accelerator) the same
-/// products run as m16n8k16 mma (<see cref="Mma"/>, emulated) on fragments read from the same layouts.
+/// The products accumulate in registers that only inline PTX names (<see cref="DeclareRegisters"/>): S is issued as one
+/// block (8 or 4 k-slices, both operands by descriptor, advanced by 256 bytes a slice) and taken out by a wait
+/// (<see cref="TakeScores"/>); P V is one block per tile (one wgmma per k-step of 16 keys, m64n128 at D = 128, A from the
+/// weights' registers, V by descriptor) into O's registers, which are taken out once after the last tile
+/// (<see cref="TakeOutput"/>). So no ILGPU register copy reads or writes an accumulator while the tensor cores run
+/// (ptxas 12.4, sm_90a: no serialization warning, 168 registers, no spill). Tenth session, bf16 B=4 H=12 D=128: with
+/// P V in blocks of two m64n64 wgmma, each waited for, and S and O copied through ILGPU's registers, 1.415 ms at
+/// T = 4096; with one block and private accumulators, 1.332.
+/// </para>
+/// <para>
+/// Staging: the diagonal (first) tile is loaded into registers, its V sanitized (non-finite values) and stored; every
+/// later tile is full (all keys exist and are seen) and copied by <c>cp.async</c> while the tile before it is worked on:
+/// its V into the second V buffer before this tile's S (<see cref="CoreValueOffset"/>: V alternates between two
+/// buffers), its K into the one K buffer after the barrier that ends every warp's S, both waited for at the tile's end
+/// (<see cref="StageCore"/>): 1.280 ms at T = 4096. Where the time goes (tenth session, T = 4096 / 8192, forward
+/// alone): without the copies of the later tiles 0.616 / 2.31 ms against 1.301 / 5.01; without the off-diagonal
+/// elementwise work 1.330 / 5.08; without the off-diagonal S 1.262 / 4.99. The staging of K and V (32 KB a tile for 64
+/// query rows) decides the speed, not the per-score work.
+/// </para>
+/// <para>
+/// Where there is no wgmma (the CPU accelerator) the same products run as m16n8k16 mma (<see cref="Mma"/>, emulated)
+/// on fragments read from the same layouts, and the tiles are loaded and stored at once.
 /// </para>
 /// </summary>
 internal static partial class TensorCoreForwardKernel
 {
-    private const string ScoresBf16Wide =
-        "{ .reg .b64 sbQ, sbK; .reg .pred sbZ, sbA; mov.b64 sbQ, {%32, %34}; mov.b64 sbK, {%33, %34}; setp.eq.b32 sbZ, %34, 0; setp.ne.b32 sbA, %34, 0; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbZ, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
 
-    private const string ScoresBf16 =
-        "{ .reg .b64 sbQ, sbK; .reg .pred sbZ, sbA; mov.b64 sbQ, {%32, %34}; mov.b64 sbK, {%33, %34}; setp.eq.b32 sbZ, %34, 0; setp.ne.b32 sbA, %34, 0; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbZ, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
 
-    private const string ScoresFp16Wide =
-        "{ .reg .b64 sbQ, sbK; .reg .pred sbZ, sbA; mov.b64 sbQ, {%32, %34}; mov.b64 sbK, {%33, %34}; setp.eq.b32 sbZ, %34, 0; setp.ne.b32 sbA, %34, 0; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbZ, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
 
-    private const string ScoresFp16 =
-        "{ .reg .b64 sbQ, sbK; .reg .pred sbZ, sbA; mov.b64 sbQ, {%32, %34}; mov.b64 sbK, {%33, %34}; setp.eq.b32 sbZ, %34, 0; setp.ne.b32 sbA, %34, 0; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbZ, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, sbQ, sbK, sbA, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+
+
+
+
+    /// <summary>
+    /// The accumulators of both products, declared once at the kernel's top (<see cref="DeclareWgmmaRegisters"/>) and named
+    /// only by inline PTX: the score registers sbS (S, 32 fp32 registers of the warpgroup's m64n64 tile), written by the
+    /// wgmma of S and copied out by <see cref="TakeScores"/> after its wait, and the output registers sbO (O, 64 at
+    /// D = 128), zeroed here, accumulated by the wgmma of P V over all tiles and copied out once by <see cref="TakeOutput"/>.
+    /// So no other instruction touches them while the tensor cores run (ptxas serializes the wgmma of a stage whose
+    /// accumulators are read before its wait, C7514), and the P V blocks need no accumulator operands (ILGPU's inline
+    /// PTX takes at most 44), nor copies in and out.
+    /// </summary>
+    private const string DeclareRegisters = ".reg .f32 sbS<32>; .reg .f32 sbO<64>; mov.f32 sbO0, 0f00000000; mov.f32 sbO1, 0f00000000; mov.f32 sbO2, 0f00000000; mov.f32 sbO3, 0f00000000; mov.f32 sbO4, 0f00000000; mov.f32 sbO5, 0f00000000; mov.f32 sbO6, 0f00000000; mov.f32 sbO7, 0f00000000; mov.f32 sbO8, 0f00000000; mov.f32 sbO9, 0f00000000; mov.f32 sbO10, 0f00000000; mov.f32 sbO11, 0f00000000; mov.f32 sbO12, 0f00000000; mov.f32 sbO13, 0f00000000; mov.f32 sbO14, 0f00000000; mov.f32 sbO15, 0f00000000; mov.f32 sbO16, 0f00000000; mov.f32 sbO17, 0f00000000; mov.f32 sbO18, 0f00000000; mov.f32 sbO19, 0f00000000; mov.f32 sbO20, 0f00000000; mov.f32 sbO21, 0f00000000; mov.f32 sbO22, 0f00000000; mov.f32 sbO23, 0f00000000; mov.f32 sbO24, 0f00000000; mov.f32 sbO25, 0f00000000; mov.f32 sbO26, 0f00000000; mov.f32 sbO27, 0f00000000; mov.f32 sbO28, 0f00000000; mov.f32 sbO29, 0f00000000; mov.f32 sbO30, 0f00000000; mov.f32 sbO31, 0f00000000; mov.f32 sbO32, 0f00000000; mov.f32 sbO33, 0f00000000; mov.f32 sbO34, 0f00000000; mov.f32 sbO35, 0f00000000; mov.f32 sbO36, 0f00000000; mov.f32 sbO37, 0f00000000; mov.f32 sbO38, 0f00000000; mov.f32 sbO39, 0f00000000; mov.f32 sbO40, 0f00000000; mov.f32 sbO41, 0f00000000; mov.f32 sbO42, 0f00000000; mov.f32 sbO43, 0f00000000; mov.f32 sbO44, 0f00000000; mov.f32 sbO45, 0f00000000; mov.f32 sbO46, 0f00000000; mov.f32 sbO47, 0f00000000; mov.f32 sbO48, 0f00000000; mov.f32 sbO49, 0f00000000; mov.f32 sbO50, 0f00000000; mov.f32 sbO51, 0f00000000; mov.f32 sbO52, 0f00000000; mov.f32 sbO53, 0f00000000; mov.f32 sbO54, 0f00000000; mov.f32 sbO55, 0f00000000; mov.f32 sbO56, 0f00000000; mov.f32 sbO57, 0f00000000; mov.f32 sbO58, 0f00000000; mov.f32 sbO59, 0f00000000; mov.f32 sbO60, 0f00000000; mov.f32 sbO61, 0f00000000; mov.f32 sbO62, 0f00000000; mov.f32 sbO63, 0f00000000;";
+
+    // S = Q K^T into the score registers, issued and committed, not waited for: %0 and %1 the Q and K descriptors' low
+    // words, %2 their high word (the stride byte offset). The first k-slice overwrites S (scale-d 0, an immediate: a
+    // predicate known only at run time makes ptxas treat the registers as read before their first write, and
+    // serialize, C7515), the others accumulate. 8 k-slices at D = 128, 4 at D = 64; bf16 or fp16 products.
+    private const string IssueScoresBf16Wide =
+        "{ .reg .b64 sbQ, sbK; mov.b64 sbQ, {%0, %2}; mov.b64 sbK, {%1, %2}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 0, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; }";
+
+    private const string IssueScoresBf16 =
+        "{ .reg .b64 sbQ, sbK; mov.b64 sbQ, {%0, %2}; mov.b64 sbK, {%1, %2}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 0, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; }";
+
+    private const string IssueScoresFp16Wide =
+        "{ .reg .b64 sbQ, sbK; mov.b64 sbQ, {%0, %2}; mov.b64 sbK, {%1, %2}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 0, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; }";
+
+    private const string IssueScoresFp16 =
+        "{ .reg .b64 sbQ, sbK; mov.b64 sbQ, {%0, %2}; mov.b64 sbK, {%1, %2}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 0, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; add.s64 sbQ, sbQ, 16; add.s64 sbK, sbK, 16; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbS0,sbS1,sbS2,sbS3,sbS4,sbS5,sbS6,sbS7,sbS8,sbS9,sbS10,sbS11,sbS12,sbS13,sbS14,sbS15,sbS16,sbS17,sbS18,sbS19,sbS20,sbS21,sbS22,sbS23,sbS24,sbS25,sbS26,sbS27,sbS28,sbS29,sbS30,sbS31}, sbQ, sbK, 1, 1, 1, 0, 0; wgmma.commit_group.sync.aligned; }";
+
+    // Waits for every committed wgmma of this warpgroup, then copies S out of the score registers.
+    private const string TakeScoresPtx =
+        "{ wgmma.wait_group.sync.aligned 0; mov.b32 %0, sbS0; mov.b32 %1, sbS1; mov.b32 %2, sbS2; mov.b32 %3, sbS3; mov.b32 %4, sbS4; mov.b32 %5, sbS5; mov.b32 %6, sbS6; mov.b32 %7, sbS7; mov.b32 %8, sbS8; mov.b32 %9, sbS9; mov.b32 %10, sbS10; mov.b32 %11, sbS11; mov.b32 %12, sbS12; mov.b32 %13, sbS13; mov.b32 %14, sbS14; mov.b32 %15, sbS15; mov.b32 %16, sbS16; mov.b32 %17, sbS17; mov.b32 %18, sbS18; mov.b32 %19, sbS19; mov.b32 %20, sbS20; mov.b32 %21, sbS21; mov.b32 %22, sbS22; mov.b32 %23, sbS23; mov.b32 %24, sbS24; mov.b32 %25, sbS25; mov.b32 %26, sbS26; mov.b32 %27, sbS27; mov.b32 %28, sbS28; mov.b32 %29, sbS29; mov.b32 %30, sbS30; mov.b32 %31, sbS31; }";
+
+
+
+    // O += P V for a whole tile into the output registers sbO (zeroed where they are declared; only wgmma touch them
+    // until TakeOutput): one wgmma per k-step of 16 keys (m64n128 at D = 128, m64n64 at D = 64), A from the weights'
+    // registers (%0 ..: k-step ks at 4 ks, or with split weights its high part at 8 ks and its low part at 8 ks + 4), V
+    // by descriptor (the last two operands: low and high word), advanced by one k-step (16 D bytes) each; one wait.
+    private const string OutputBf16Wide =
+        "{ .reg .b64 sbV; mov.b64 sbV, {%16, %17}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+    private const string OutputBf16WideSplit =
+        "{ .reg .b64 sbV; mov.b64 sbV, {%32, %33}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%16,%17,%18,%19}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%20,%21,%22,%23}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%24,%25,%26,%27}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%28,%29,%30,%31}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
 
     private const string OutputBf16 =
-        "{ .reg .b64 sbV, sbW; .reg .pred sbA; mov.b64 sbV, {%40, %42}; mov.b64 sbW, {%41, %42}; setp.ne.b32 sbA, %42, 0; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, sbV, sbA, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%36,%37,%38,%39}, sbW, sbA, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+        "{ .reg .b64 sbV; mov.b64 sbV, {%16, %17}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+    private const string OutputBf16Split =
+        "{ .reg .b64 sbV; mov.b64 sbV, {%32, %33}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%16,%17,%18,%19}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%20,%21,%22,%23}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%24,%25,%26,%27}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%28,%29,%30,%31}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+    private const string OutputFp16Wide =
+        "{ .reg .b64 sbV; mov.b64 sbV, {%16, %17}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+    private const string OutputFp16WideSplit =
+        "{ .reg .b64 sbV; mov.b64 sbV, {%32, %33}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%16,%17,%18,%19}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%20,%21,%22,%23}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 256; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%24,%25,%26,%27}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31,sbO32,sbO33,sbO34,sbO35,sbO36,sbO37,sbO38,sbO39,sbO40,sbO41,sbO42,sbO43,sbO44,sbO45,sbO46,sbO47,sbO48,sbO49,sbO50,sbO51,sbO52,sbO53,sbO54,sbO55,sbO56,sbO57,sbO58,sbO59,sbO60,sbO61,sbO62,sbO63}, {%28,%29,%30,%31}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
 
     private const string OutputFp16 =
-        "{ .reg .b64 sbV, sbW; .reg .pred sbA; mov.b64 sbV, {%40, %42}; mov.b64 sbW, {%41, %42}; setp.ne.b32 sbA, %42, 0; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, sbV, sbA, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%36,%37,%38,%39}, sbW, sbA, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+        "{ .reg .b64 sbV; mov.b64 sbV, {%16, %17}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+    private const string OutputFp16Split =
+        "{ .reg .b64 sbV; mov.b64 sbV, {%32, %33}; wgmma.fence.sync.aligned; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%0,%1,%2,%3}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%4,%5,%6,%7}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%8,%9,%10,%11}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%12,%13,%14,%15}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%16,%17,%18,%19}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%20,%21,%22,%23}, sbV, 1, 1, 1, 1; add.s64 sbV, sbV, 128; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%24,%25,%26,%27}, sbV, 1, 1, 1, 1; wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {sbO0,sbO1,sbO2,sbO3,sbO4,sbO5,sbO6,sbO7,sbO8,sbO9,sbO10,sbO11,sbO12,sbO13,sbO14,sbO15,sbO16,sbO17,sbO18,sbO19,sbO20,sbO21,sbO22,sbO23,sbO24,sbO25,sbO26,sbO27,sbO28,sbO29,sbO30,sbO31}, {%28,%29,%30,%31}, sbV, 1, 1, 1, 1; wgmma.commit_group.sync.aligned; wgmma.wait_group.sync.aligned 0; }";
+
+    // Waits for every committed wgmma, then copies columns 0 .. 63 of O out of the output registers.
+    private const string TakeOutputLow =
+        "{ wgmma.wait_group.sync.aligned 0; mov.b32 %0, sbO0; mov.b32 %1, sbO1; mov.b32 %2, sbO2; mov.b32 %3, sbO3; mov.b32 %4, sbO4; mov.b32 %5, sbO5; mov.b32 %6, sbO6; mov.b32 %7, sbO7; mov.b32 %8, sbO8; mov.b32 %9, sbO9; mov.b32 %10, sbO10; mov.b32 %11, sbO11; mov.b32 %12, sbO12; mov.b32 %13, sbO13; mov.b32 %14, sbO14; mov.b32 %15, sbO15; mov.b32 %16, sbO16; mov.b32 %17, sbO17; mov.b32 %18, sbO18; mov.b32 %19, sbO19; mov.b32 %20, sbO20; mov.b32 %21, sbO21; mov.b32 %22, sbO22; mov.b32 %23, sbO23; mov.b32 %24, sbO24; mov.b32 %25, sbO25; mov.b32 %26, sbO26; mov.b32 %27, sbO27; mov.b32 %28, sbO28; mov.b32 %29, sbO29; mov.b32 %30, sbO30; mov.b32 %31, sbO31; }";
+
+    // Waits for every committed wgmma, then copies columns 64 .. 127 of O out of the output registers.
+    private const string TakeOutputHigh =
+        "{ wgmma.wait_group.sync.aligned 0; mov.b32 %0, sbO32; mov.b32 %1, sbO33; mov.b32 %2, sbO34; mov.b32 %3, sbO35; mov.b32 %4, sbO36; mov.b32 %5, sbO37; mov.b32 %6, sbO38; mov.b32 %7, sbO39; mov.b32 %8, sbO40; mov.b32 %9, sbO41; mov.b32 %10, sbO42; mov.b32 %11, sbO43; mov.b32 %12, sbO44; mov.b32 %13, sbO45; mov.b32 %14, sbO46; mov.b32 %15, sbO47; mov.b32 %16, sbO48; mov.b32 %17, sbO49; mov.b32 %18, sbO50; mov.b32 %19, sbO51; mov.b32 %20, sbO52; mov.b32 %21, sbO53; mov.b32 %22, sbO54; mov.b32 %23, sbO55; mov.b32 %24, sbO56; mov.b32 %25, sbO57; mov.b32 %26, sbO58; mov.b32 %27, sbO59; mov.b32 %28, sbO60; mov.b32 %29, sbO61; mov.b32 %30, sbO62; mov.b32 %31, sbO63; }";
+
+    // A full tile's pieces 128 i + tid (i < 8 at D = 128, 4 at D = 64) of this thread by cp.async, 16 bytes each, from the
+    // device address {%1, %3} of piece 0 to byte %0 of dynamic shared memory and on by 2048 bytes a piece; %2 the row stride
+    // in 16-byte pieces. From one piece to the next the source moves by sbA (after even pieces) or sbB (after odd ones):
+    // K rows (the key permutation) 2 rows at D = 128, 4 at D = 64; V key slots at D = 128 alternately the next 8 columns
+    // (128 bytes) and 4 keys on, 8 columns back; at D = 64, 4 keys on (see LoadCore).
+    private const string CopyKeyRowsWide =
+        "{ .reg .b32 sbD; .reg .b64 sbG, sbA, sbB; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; mov.b64 sbG, {%1, %3}; mul.wide.u32 sbA, %2, 32; mov.b64 sbB, sbA; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; }";
+
+    private const string CopyKeyRows =
+        "{ .reg .b32 sbD; .reg .b64 sbG, sbA, sbB; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; mov.b64 sbG, {%1, %3}; mul.wide.u32 sbA, %2, 64; mov.b64 sbB, sbA; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; }";
+
+    private const string CopyValueSlotsWide =
+        "{ .reg .b32 sbD; .reg .b64 sbG, sbA, sbB; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; mov.b64 sbG, {%1, %3}; mov.b64 sbA, 128; mul.wide.u32 sbB, %2, 64; sub.s64 sbB, sbB, 128; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; }";
+
+    private const string CopyValueSlots =
+        "{ .reg .b32 sbD; .reg .b64 sbG, sbA, sbB; mov.u32 sbD, __dyn_shared_alloca; add.u32 sbD, sbD, %0; mov.b64 sbG, {%1, %3}; mul.wide.u32 sbA, %2, 64; mov.b64 sbB, sbA; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbB; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; add.s64 sbG, sbG, sbA; add.u32 sbD, sbD, 2048; cp.async.cg.shared.global [sbD], [sbG], 16; }";
 
     /// <summary>Bytes of one 8-row group of a K-major tile (Q or K): 16 D (the stride byte offset).</summary>
     private static int CoreRowGroupBytes(int D) => 2 * 8 * D;
@@ -114,7 +208,15 @@ internal static partial class TensorCoreForwardKernel
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static U4 CorePiece(ArrayView<U4> head, int token, int first, int limit, int piece, int chunkShift, int layout)
     {
-        int c, row;
+        CorePlace(first, piece, chunkShift, layout, out int row, out int c);
+        bool active = row < limit;
+        return Piece(head, c + (active ? row : 0) * token, active);
+    }
+
+    /// <summary>Where piece <paramref name="piece"/> of a tile at key <paramref name="first"/> comes from: its row and its 16-byte piece c of the row (see <see cref="LoadCore"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CorePlace(int first, int piece, int chunkShift, int layout, out int row, out int c)
+    {
         if (layout == ValueSlots)
         {
             c = (piece >> 4) & ((1 << chunkShift) - 1);
@@ -126,8 +228,6 @@ internal static partial class TensorCoreForwardKernel
             c = (piece >> 3) & ((1 << chunkShift) - 1);
             row = first + (layout == KeyRows ? 16 * ((n & 7) >> 1) + 2 * (n >> 3) + (n & 1) : n);
         }
-        bool active = row < limit;
-        return Piece(head, c + (active ? row : 0) * token, active);
     }
 
     /// <summary>The key of V piece <paramref name="piece"/> of a tile starting at key 0 (see <see cref="LoadCore"/>).</summary>
@@ -142,6 +242,62 @@ internal static partial class TensorCoreForwardKernel
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreCore(in Pieces8 p, ArrayView<U4> vectors, int at, int D, int tid) =>
         StoreStrided(p, vectors.SubView(at + tid), 128, D > 64);
+
+    /// <summary>
+    /// Stages a full tile (every key before the diagonal tile: all exist and are seen) at key <paramref name="first"/> in
+    /// a core-matrix layout at word <paramref name="words"/>: this thread's pieces as <see cref="LoadCore"/> takes them.
+    /// On CUDA by <c>cp.async</c> from the head's device address <paramref name="address"/>, one inline-PTX block that walks
+    /// the pieces from the first one's addresses (no registers held over the tile; committed by
+    /// <see cref="CommitCopies"/>, waited for by <see cref="WaitCopies"/>); elsewhere loaded from
+    /// <paramref name="head"/> and stored at once.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StageCore(ArrayView<U4> head, long address, int token, int first, int D, int tid, int layout, int words,
+        ArrayView<U4> vectors)
+    {
+        if (!CudaAsm.IsSupported)
+        {
+            StoreCore(LoadCore(head, token, first, int.MaxValue, D, tid, layout), vectors, words / 4, D, tid);
+            return;
+        }
+        int chunkShift = D > 64 ? 4 : 3;
+        CorePlace(first, tid, chunkShift, layout, out int row, out int c);
+        Input<uint> to = (uint)(4 * words + 16 * tid), pieces = (uint)token;
+        long at = address + 16L * (c + (long)row * token);
+        // The address as two 32-bit operands: ILGPU passes each operand through a local slot, and the loader turns only
+        // 4-byte slots into registers (PtxOperandSlots).
+        Input<uint> atLow = (uint)at, atHigh = (uint)(at >> 32);
+        if (layout == ValueSlots)
+        {
+            if (D > 64)
+                CudaAsm.EmitRef(CopyValueSlotsWide, ref to, ref atLow, ref pieces, ref atHigh);
+            else
+                CudaAsm.EmitRef(CopyValueSlots, ref to, ref atLow, ref pieces, ref atHigh);
+        }
+        else
+        {
+            if (D > 64)
+                CudaAsm.EmitRef(CopyKeyRowsWide, ref to, ref atLow, ref pieces, ref atHigh);
+            else
+                CudaAsm.EmitRef(CopyKeyRows, ref to, ref atLow, ref pieces, ref atHigh);
+        }
+    }
+
+    /// <summary>Commits this thread's cp.async copies as one group (CUDA; nothing elsewhere).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void CommitCopies()
+    {
+        if (CudaAsm.IsSupported)
+            CudaAsm.Emit("cp.async.commit_group;");
+    }
+
+    /// <summary>Waits for this thread's committed cp.async copies (CUDA; nothing elsewhere).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void WaitCopies()
+    {
+        if (CudaAsm.IsSupported)
+            CudaAsm.Emit("cp.async.wait_group 0;");
+    }
 
     /// <summary>
     /// In the diagonal tile, V's non-finite values become zeros and the first key holding one (relative
@@ -176,12 +332,23 @@ internal static partial class TensorCoreForwardKernel
         }
     }
 
+    /// <summary>Declares the accumulator registers (<see cref="DeclareRegisters"/>) on CUDA; once, at the kernel's top.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void DeclareWgmmaRegisters()
+    {
+        if (CudaAsm.IsSupported)
+            CudaAsm.Emit(DeclareRegisters);
+    }
+
     /// <summary>
-    /// S = Q K^T on the whole head dimension (<paramref name="qBytes"/>, <paramref name="kBytes"/>: the K-major Q and K
-    /// tiles' byte offsets in dynamic shared memory): one wgmma per 16-wide k-slice, or the emulated m16n8k16 mma.
+    /// Issues S = Q K^T on the whole head dimension (<paramref name="qBytes"/>, <paramref name="kBytes"/>: the K-major Q
+    /// and K tiles' byte offsets in dynamic shared memory), one wgmma per 16-wide k-slice into the score registers,
+    /// committed and not waited for: <see cref="TakeScores"/> completes it into <paramref name="s"/>. Where there is no
+    /// wgmma (the CPU accelerator) the emulated m16n8k16 mma computes <paramref name="s"/> here.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void WgmmaScores<TStorage>(ref Tile8 s, uint windowBase, int qBytes, int kBytes, int D, ArrayView<uint> shared, int emu)
+    private static void IssueScores<TStorage>(ref Tile8 s, uint windowBase, int qBytes, int kBytes, int D,
+        ArrayView<uint> shared, int emu)
         where TStorage : struct, IStorage
     {
         if (!CudaAsm.IsSupported)
@@ -189,30 +356,41 @@ internal static partial class TensorCoreForwardKernel
             EmulatedScores<TStorage>(ref s, qBytes, kBytes, D, shared, emu);
             return;
         }
-        Ref<float> d0 = s.N0.C0, d1 = s.N0.C1, d2 = s.N0.C2, d3 = s.N0.C3;
-        Ref<float> d4 = s.N1.C0, d5 = s.N1.C1, d6 = s.N1.C2, d7 = s.N1.C3;
-        Ref<float> d8 = s.N2.C0, d9 = s.N2.C1, d10 = s.N2.C2, d11 = s.N2.C3;
-        Ref<float> d12 = s.N3.C0, d13 = s.N3.C1, d14 = s.N3.C2, d15 = s.N3.C3;
-        Ref<float> d16 = s.N4.C0, d17 = s.N4.C1, d18 = s.N4.C2, d19 = s.N4.C3;
-        Ref<float> d20 = s.N5.C0, d21 = s.N5.C1, d22 = s.N5.C2, d23 = s.N5.C3;
-        Ref<float> d24 = s.N6.C0, d25 = s.N6.C1, d26 = s.N6.C2, d27 = s.N6.C3;
-        Ref<float> d28 = s.N7.C0, d29 = s.N7.C1, d30 = s.N7.C2, d31 = s.N7.C3;
         Input<uint> q = DescriptorLow(windowBase, qBytes), k = DescriptorLow(windowBase, kBytes), high = (uint)(CoreRowGroupBytes(D) >> 4);
-        bool bf16 = default(TStorage).IsBFloat16;
-        if (D > 64)
+        if (default(TStorage).IsBFloat16)
         {
-            if (bf16)
-                CudaAsm.EmitRef(ScoresBf16Wide, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31, ref q, ref k, ref high);
+            if (D > 64)
+                CudaAsm.EmitRef(IssueScoresBf16Wide, ref q, ref k, ref high);
             else
-                CudaAsm.EmitRef(ScoresFp16Wide, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31, ref q, ref k, ref high);
+                CudaAsm.EmitRef(IssueScoresBf16, ref q, ref k, ref high);
         }
         else
         {
-            if (bf16)
-                CudaAsm.EmitRef(ScoresBf16, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31, ref q, ref k, ref high);
+            if (D > 64)
+                CudaAsm.EmitRef(IssueScoresFp16Wide, ref q, ref k, ref high);
             else
-                CudaAsm.EmitRef(ScoresFp16, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31, ref q, ref k, ref high);
+                CudaAsm.EmitRef(IssueScoresFp16, ref q, ref k, ref high);
         }
+    }
+
+    /// <summary>
+    /// Waits for this warpgroup's committed wgmma (the issued S and any product issued after it) and copies S into
+    /// <paramref name="s"/>; nothing to do where the products are emulated (<see cref="IssueScores"/> wrote it).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TakeScores(ref Tile8 s)
+    {
+        if (!CudaAsm.IsSupported)
+            return;
+        Ref<float> d0 = 0f, d1 = 0f, d2 = 0f, d3 = 0f;
+        Ref<float> d4 = 0f, d5 = 0f, d6 = 0f, d7 = 0f;
+        Ref<float> d8 = 0f, d9 = 0f, d10 = 0f, d11 = 0f;
+        Ref<float> d12 = 0f, d13 = 0f, d14 = 0f, d15 = 0f;
+        Ref<float> d16 = 0f, d17 = 0f, d18 = 0f, d19 = 0f;
+        Ref<float> d20 = 0f, d21 = 0f, d22 = 0f, d23 = 0f;
+        Ref<float> d24 = 0f, d25 = 0f, d26 = 0f, d27 = 0f;
+        Ref<float> d28 = 0f, d29 = 0f, d30 = 0f, d31 = 0f;
+        CudaAsm.EmitRef(TakeScoresPtx, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31);
         s.N0.C0 = d0.Value; s.N0.C1 = d1.Value; s.N0.C2 = d2.Value; s.N0.C3 = d3.Value;
         s.N1.C0 = d4.Value; s.N1.C1 = d5.Value; s.N1.C2 = d6.Value; s.N1.C3 = d7.Value;
         s.N2.C0 = d8.Value; s.N2.C1 = d9.Value; s.N2.C2 = d10.Value; s.N2.C3 = d11.Value;
@@ -224,34 +402,105 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// O[:, 64 h .. 64 h + 63] (n-tiles <paramref name="n0"/> .. n7) += A1 V1 + A2 V2: two m64n64k16 wgmma, A from registers
-    /// (<see cref="Frag16"/> k-steps), V by descriptor at bytes <paramref name="v1Bytes"/> and <paramref name="v2Bytes"/>.
+    /// O += P V for the whole tile (V in the N-major layout at <paramref name="vBytes"/>; with <paramref name="split"/> the
+    /// weights' high parts <paramref name="p"/> and low parts <paramref name="r"/>): on CUDA one block of wgmma into the
+    /// output registers (O stays there until <see cref="TakeOutput"/>; <paramref name="o"/> is not touched), waited for;
+    /// where the products are emulated, m16n8k16 mma on <paramref name="o"/> for columns 0 .. 63 and, at D = 128,
+    /// 64 .. 127 (2048 bytes further in each k-step).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void WgmmaOutputPair<TStorage>(ref Acc4 n0, ref Acc4 n1, ref Acc4 n2, ref Acc4 n3, ref Acc4 n4, ref Acc4 n5,
-        ref Acc4 n6, ref Acc4 n7, uint a0, uint a1, uint a2, uint a3, uint b0, uint b1, uint b2, uint b3, uint windowBase,
-        int v1Bytes, int v2Bytes, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
+    private static void WgmmaOutput<TStorage>(ref Tile16 o, in Frag16 p, bool split, in Frag16 r, uint windowBase, int vBytes,
+        bool wide, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
     {
+        int step = wide ? 4096 : 2048;        // bytes per k-step (16 keys x D)
         if (!CudaAsm.IsSupported)
         {
-            EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, a0, a1, a2, a3, v1Bytes, shared, emu);
-            EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, b0, b1, b2, b3, v2Bytes, shared, emu);
+            EmulatedOutputHalf<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
+                p, split, r, vBytes, step, shared, emu);
+            if (wide)
+            {
+                EmulatedOutputHalf<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
+                    p, split, r, vBytes + 2048, step, shared, emu);
+            }
             return;
         }
-        Ref<float> d0 = n0.C0, d1 = n0.C1, d2 = n0.C2, d3 = n0.C3;
-        Ref<float> d4 = n1.C0, d5 = n1.C1, d6 = n1.C2, d7 = n1.C3;
-        Ref<float> d8 = n2.C0, d9 = n2.C1, d10 = n2.C2, d11 = n2.C3;
-        Ref<float> d12 = n3.C0, d13 = n3.C1, d14 = n3.C2, d15 = n3.C3;
-        Ref<float> d16 = n4.C0, d17 = n4.C1, d18 = n4.C2, d19 = n4.C3;
-        Ref<float> d20 = n5.C0, d21 = n5.C1, d22 = n5.C2, d23 = n5.C3;
-        Ref<float> d24 = n6.C0, d25 = n6.C1, d26 = n6.C2, d27 = n6.C3;
-        Ref<float> d28 = n7.C0, d29 = n7.C1, d30 = n7.C2, d31 = n7.C3;
-        Input<uint> x0 = a0, x1 = a1, x2 = a2, x3 = a3, y0 = b0, y1 = b1, y2 = b2, y3 = b3;
-        Input<uint> v1 = DescriptorLow(windowBase, v1Bytes), v2 = DescriptorLow(windowBase, v2Bytes), high = 256u >> 4;
+        Input<uint> a0 = p.K0A0, a1 = p.K0A1, a2 = p.K0A2, a3 = p.K0A3, a4 = p.K1A0, a5 = p.K1A1, a6 = p.K1A2, a7 = p.K1A3;
+        Input<uint> a8 = p.K2A0, a9 = p.K2A1, a10 = p.K2A2, a11 = p.K2A3, a12 = p.K3A0, a13 = p.K3A1, a14 = p.K3A2, a15 = p.K3A3;
+        Input<uint> v = DescriptorLow(windowBase, vBytes), high = 256u >> 4;
+        if (split)
+        {
+            // Operand order of the split blocks: k-step ks's high part, then its low part.
+            a0 = p.K0A0; a1 = p.K0A1; a2 = p.K0A2; a3 = p.K0A3; a4 = r.K0A0; a5 = r.K0A1; a6 = r.K0A2; a7 = r.K0A3;
+            a8 = p.K1A0; a9 = p.K1A1; a10 = p.K1A2; a11 = p.K1A3; a12 = r.K1A0; a13 = r.K1A1; a14 = r.K1A2; a15 = r.K1A3;
+        }
+        Input<uint> b0 = p.K2A0, b1 = p.K2A1, b2 = p.K2A2, b3 = p.K2A3, b4 = r.K2A0, b5 = r.K2A1, b6 = r.K2A2, b7 = r.K2A3;
+        Input<uint> b8 = p.K3A0, b9 = p.K3A1, b10 = p.K3A2, b11 = p.K3A3, b12 = r.K3A0, b13 = r.K3A1, b14 = r.K3A2, b15 = r.K3A3;
         if (default(TStorage).IsBFloat16)
-            CudaAsm.EmitRef(OutputBf16, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31, ref x0, ref x1, ref x2, ref x3, ref y0, ref y1, ref y2, ref y3, ref v1, ref v2, ref high);
+        {
+            if (wide)
+            {
+                if (split)
+                    CudaAsm.EmitRef(OutputBf16WideSplit, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref b0, ref b1, ref b2, ref b3, ref b4, ref b5, ref b6, ref b7, ref b8, ref b9, ref b10, ref b11, ref b12, ref b13, ref b14, ref b15, ref v, ref high);
+                else
+                    CudaAsm.EmitRef(OutputBf16Wide, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref v, ref high);
+            }
+            else
+            {
+                if (split)
+                    CudaAsm.EmitRef(OutputBf16Split, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref b0, ref b1, ref b2, ref b3, ref b4, ref b5, ref b6, ref b7, ref b8, ref b9, ref b10, ref b11, ref b12, ref b13, ref b14, ref b15, ref v, ref high);
+                else
+                    CudaAsm.EmitRef(OutputBf16, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref v, ref high);
+            }
+        }
         else
-            CudaAsm.EmitRef(OutputFp16, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31, ref x0, ref x1, ref x2, ref x3, ref y0, ref y1, ref y2, ref y3, ref v1, ref v2, ref high);
+        {
+            if (wide)
+            {
+                if (split)
+                    CudaAsm.EmitRef(OutputFp16WideSplit, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref b0, ref b1, ref b2, ref b3, ref b4, ref b5, ref b6, ref b7, ref b8, ref b9, ref b10, ref b11, ref b12, ref b13, ref b14, ref b15, ref v, ref high);
+                else
+                    CudaAsm.EmitRef(OutputFp16Wide, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref v, ref high);
+            }
+            else
+            {
+                if (split)
+                    CudaAsm.EmitRef(OutputFp16Split, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref b0, ref b1, ref b2, ref b3, ref b4, ref b5, ref b6, ref b7, ref b8, ref b9, ref b10, ref b11, ref b12, ref b13, ref b14, ref b15, ref v, ref high);
+                else
+                    CudaAsm.EmitRef(OutputFp16, ref a0, ref a1, ref a2, ref a3, ref a4, ref a5, ref a6, ref a7, ref a8, ref a9, ref a10, ref a11, ref a12, ref a13, ref a14, ref a15, ref v, ref high);
+            }
+        }
+    }
+
+    /// <summary>
+    /// After the last tile: waits for the products and copies O out of the output registers into <paramref name="o"/>
+    /// (columns 0 .. 63, and 64 .. 127 when <paramref name="wide"/>); nothing to do where the products are emulated.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TakeOutput(ref Tile16 o, bool wide)
+    {
+        if (!CudaAsm.IsSupported)
+            return;
+        TakeOutputHalf(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7, false);
+        if (wide)
+            TakeOutputHalf(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15, true);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TakeOutputHalf(ref Acc4 n0, ref Acc4 n1, ref Acc4 n2, ref Acc4 n3, ref Acc4 n4, ref Acc4 n5,
+        ref Acc4 n6, ref Acc4 n7, bool upper)
+    {
+        Ref<float> d0 = 0f, d1 = 0f, d2 = 0f, d3 = 0f;
+        Ref<float> d4 = 0f, d5 = 0f, d6 = 0f, d7 = 0f;
+        Ref<float> d8 = 0f, d9 = 0f, d10 = 0f, d11 = 0f;
+        Ref<float> d12 = 0f, d13 = 0f, d14 = 0f, d15 = 0f;
+        Ref<float> d16 = 0f, d17 = 0f, d18 = 0f, d19 = 0f;
+        Ref<float> d20 = 0f, d21 = 0f, d22 = 0f, d23 = 0f;
+        Ref<float> d24 = 0f, d25 = 0f, d26 = 0f, d27 = 0f;
+        Ref<float> d28 = 0f, d29 = 0f, d30 = 0f, d31 = 0f;
+        if (upper)
+            CudaAsm.EmitRef(TakeOutputHigh, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31);
+        else
+            CudaAsm.EmitRef(TakeOutputLow, ref d0, ref d1, ref d2, ref d3, ref d4, ref d5, ref d6, ref d7, ref d8, ref d9, ref d10, ref d11, ref d12, ref d13, ref d14, ref d15, ref d16, ref d17, ref d18, ref d19, ref d20, ref d21, ref d22, ref d23, ref d24, ref d25, ref d26, ref d27, ref d28, ref d29, ref d30, ref d31);
         n0.C0 = d0.Value; n0.C1 = d1.Value; n0.C2 = d2.Value; n0.C3 = d3.Value;
         n1.C0 = d4.Value; n1.C1 = d5.Value; n1.C2 = d6.Value; n1.C3 = d7.Value;
         n2.C0 = d8.Value; n2.C1 = d9.Value; n2.C2 = d10.Value; n2.C3 = d11.Value;
@@ -263,51 +512,27 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// O += P V for the whole tile (V in the N-major layout at <paramref name="vBytes"/>): <see cref="WgmmaOutputHalf"/>
-    /// for columns 0 .. 63 and, at D = 128, 64 .. 127 (2048 bytes further in each k-step).
+    /// Emulated O[:, 64 h ..] += P V for one half of the head dimension (n-tiles <paramref name="n0"/> .. n7, V's k-step
+    /// ks at <paramref name="vBytes"/> + ks <paramref name="step"/>), k-step by k-step (with split weights the high part,
+    /// then the low part), as the wgmma block does it.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void WgmmaOutput<TStorage>(ref Tile16 o, in Frag16 p, bool split, in Frag16 r, uint windowBase, int vBytes,
-        bool wide, ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
+    private static void EmulatedOutputHalf<TStorage>(ref Acc4 n0, ref Acc4 n1, ref Acc4 n2, ref Acc4 n3, ref Acc4 n4, ref Acc4 n5,
+        ref Acc4 n6, ref Acc4 n7, in Frag16 p, bool split, in Frag16 r, int vBytes, int step, ArrayView<uint> shared, int emu)
+        where TStorage : struct, IStorage
     {
-        int step = wide ? 4096 : 2048;        // bytes per k-step (16 keys x D)
-        WgmmaOutputHalf<TStorage>(ref o.N0, ref o.N1, ref o.N2, ref o.N3, ref o.N4, ref o.N5, ref o.N6, ref o.N7,
-            p, split, r, windowBase, vBytes, step, shared, emu);
-        if (wide)
-        {
-            WgmmaOutputHalf<TStorage>(ref o.N8, ref o.N9, ref o.N10, ref o.N11, ref o.N12, ref o.N13, ref o.N14, ref o.N15,
-                p, split, r, windowBase, vBytes + 2048, step, shared, emu);
-        }
-    }
-
-    /// <summary>
-    /// One half of O += P V (n-tiles <paramref name="n0"/> .. n7, V's k-step ks at <paramref name="vBytes"/> + ks
-    /// <paramref name="step"/>): rounded weights take k-steps (0, 1) and (2, 3) in pairs, split ones each k-step's high
-    /// and low parts as a pair.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void WgmmaOutputHalf<TStorage>(ref Acc4 n0, ref Acc4 n1, ref Acc4 n2, ref Acc4 n3, ref Acc4 n4, ref Acc4 n5,
-        ref Acc4 n6, ref Acc4 n7, in Frag16 p, bool split, in Frag16 r, uint windowBase, int vBytes, int step,
-        ArrayView<uint> shared, int emu) where TStorage : struct, IStorage
-    {
+        EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, p.K0A0, p.K0A1, p.K0A2, p.K0A3, vBytes, shared, emu);
         if (split)
-        {
-            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
-                p.K0A0, p.K0A1, p.K0A2, p.K0A3, r.K0A0, r.K0A1, r.K0A2, r.K0A3, windowBase, vBytes, vBytes, shared, emu);
-            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
-                p.K1A0, p.K1A1, p.K1A2, p.K1A3, r.K1A0, r.K1A1, r.K1A2, r.K1A3, windowBase, vBytes + step, vBytes + step, shared, emu);
-            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
-                p.K2A0, p.K2A1, p.K2A2, p.K2A3, r.K2A0, r.K2A1, r.K2A2, r.K2A3, windowBase, vBytes + 2 * step, vBytes + 2 * step, shared, emu);
-            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
-                p.K3A0, p.K3A1, p.K3A2, p.K3A3, r.K3A0, r.K3A1, r.K3A2, r.K3A3, windowBase, vBytes + 3 * step, vBytes + 3 * step, shared, emu);
-        }
-        else
-        {
-            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
-                p.K0A0, p.K0A1, p.K0A2, p.K0A3, p.K1A0, p.K1A1, p.K1A2, p.K1A3, windowBase, vBytes, vBytes + step, shared, emu);
-            WgmmaOutputPair<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7,
-                p.K2A0, p.K2A1, p.K2A2, p.K2A3, p.K3A0, p.K3A1, p.K3A2, p.K3A3, windowBase, vBytes + 2 * step, vBytes + 3 * step, shared, emu);
-        }
+            EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, r.K0A0, r.K0A1, r.K0A2, r.K0A3, vBytes, shared, emu);
+        EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, p.K1A0, p.K1A1, p.K1A2, p.K1A3, vBytes + step, shared, emu);
+        if (split)
+            EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, r.K1A0, r.K1A1, r.K1A2, r.K1A3, vBytes + step, shared, emu);
+        EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, p.K2A0, p.K2A1, p.K2A2, p.K2A3, vBytes + 2 * step, shared, emu);
+        if (split)
+            EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, r.K2A0, r.K2A1, r.K2A2, r.K2A3, vBytes + 2 * step, shared, emu);
+        EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, p.K3A0, p.K3A1, p.K3A2, p.K3A3, vBytes + 3 * step, shared, emu);
+        if (split)
+            EmulatedOutput<TStorage>(ref n0, ref n1, ref n2, ref n3, ref n4, ref n5, ref n6, ref n7, r.K3A0, r.K3A1, r.K3A2, r.K3A3, vBytes + 3 * step, shared, emu);
     }
 
     /// <summary>The 32-bit word holding elements k, k + 1 of row <paramref name="row"/> of a K-major tile at <paramref name="bytes"/>.</summary>

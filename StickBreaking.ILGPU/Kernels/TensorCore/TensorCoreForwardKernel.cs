@@ -37,9 +37,12 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// measured slower and stay for comparison (TensorCoreForwardTests.TimingOnCuda; eighth session, kernel alone, bf16
 /// rounded at B=4 H=12 T=4096 D=128: 1.451 ms against 1.484 and 1.501). A plan that copies the next K tile by
 /// <c>cp.async</c> right after S measured the same with rounded weights (1.446) and slower with split ones (1.682
-/// against 1.617), and is not kept (branch <c>next/forward-async-keys</c>). On SM 9.0 devices at D = 128 the library
-/// runs <see cref="WgmmaPlan"/> instead (both products on wgmma from shared memory, TensorCoreForwardKernel.Wgmma.cs;
-/// ninth session, bf16 at T=4096: 1.443 ms against this plan's 1.468, and 4 % slower at D = 64).
+/// against 1.617), and is not kept (branch <c>next/forward-async-keys</c>). On SM 9.0 devices the library runs
+/// <see cref="WgmmaPlan"/> instead (both products on wgmma from shared memory, the later tiles copied by cp.async,
+/// TensorCoreForwardKernel.Wgmma.cs; tenth session, bf16 B=4: 1.280 ms against this plan's 1.415 at H=12 D=128
+/// T=4096, 0.901 against 1.204 at H=16 D=64). A Hopper plan that issued the next tile's S before this tile's
+/// elementwise work (two buffer pairs, two groups per SM) measured slower (1.573 ms against 1.338 for the same code
+/// at three groups per SM) and is not kept (branch <c>next/wgmma-async</c>).
 /// </para>
 /// <para>
 /// The elementwise work (docs/math.md, steps 1 to 3) of a thread's two rows g and g + 8 is generated as one
@@ -103,16 +106,26 @@ internal static partial class TensorCoreForwardKernel
     /// <summary>Per column d, the diagonal tile's first key (relative) whose v[key, d] is non-finite; <see cref="KeyTile"/> when none.</summary>
     private static int BadKeyOffset(bool doubleBuffered) => FlagOffset(doubleBuffered) + 4;
 
-    private static int SharedUints(bool doubleBuffered) => BadKeyOffset(doubleBuffered) + MaxHeadDim;
+    /// <summary>Words of a V tile in the wgmma plan's core-matrix layout (64 keys x <see cref="MaxHeadDim"/> 16-bit values).</summary>
+    private const int CoreValueWords = KeyTile * MaxHeadDim / 2;
+
+    /// <summary>
+    /// The wgmma plan's V buffer of tile <paramref name="tile"/> (words): V^T's place in the buffer pair for even tiles,
+    /// a second buffer after the flags for odd ones, so that the next tile's V is copied while this tile's P V reads its own.
+    /// </summary>
+    private static int CoreValueOffset(int tile) => (tile & 1) == 0 ? VtOffset : BadKeyOffset(false) + MaxHeadDim;
+
+    private static int SharedUints(bool doubleBuffered, bool wgmma) => BadKeyOffset(doubleBuffered) + MaxHeadDim + (wgmma ? CoreValueWords : 0);
 
     /// <summary>
     /// Dynamic shared memory per group on CUDA, in bytes: 92 KB double buffered (two groups per SM fit), 55 KB with one
-    /// buffer pair (three fit); both above the default 48 KB, so the loader raises the limit.
+    /// buffer pair (three fit), 71 KB for the wgmma plan (one pair and a second V buffer; three fit); all above the
+    /// default 48 KB, so the loader raises the limit.
     /// </summary>
-    public static int SharedBytes(bool doubleBuffered) => 4 * SharedUints(doubleBuffered);
+    public static int SharedBytes(bool doubleBuffered, bool wgmma) => 4 * SharedUints(doubleBuffered, wgmma);
 
     /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
-    public static int EmulatedSharedBytes(bool doubleBuffered) => SharedBytes(doubleBuffered) + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
+    public static int EmulatedSharedBytes(bool doubleBuffered, bool wgmma) => SharedBytes(doubleBuffered, wgmma) + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
 
     /// <summary>Whether the kernel serves this head dimension (others fall back to the portable kernels).</summary>
     public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
@@ -143,8 +156,13 @@ internal static partial class TensorCoreForwardKernel
         int kToken = rows.K.TokenPieces, vToken = rows.V.TokenPieces;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
-        int emu = SharedUints(doubleBuffered) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+        int emu = SharedUints(doubleBuffered, wgmma) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
         uint windowBase = wgmma ? SharedWindowBase() : 0u;                     // the wgmma descriptors' base
+        if (wgmma)
+            DeclareWgmmaRegisters();
+        // The device addresses of the K / V heads' row 0 (CUDA: the wgmma plan copies tiles by cp.async from them).
+        long kAddress = a.KeyAddress + 2 * rows.KeyBaseOfQuery(rows.K, head);
+        long vAddress = a.ValueAddress + 2 * rows.KeyBaseOfQuery(rows.V, head);
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
@@ -195,7 +213,7 @@ internal static partial class TensorCoreForwardKernel
         {
             StoreCore(kPieces, vectors, KOffset / 4, D, tid);
             SanitizeCoreValues(ref vPieces, shared, D, tid, exponentMask, flag);
-            StoreCore(vPieces, vectors, VtOffset / 4, D, tid);
+            StoreCore(vPieces, vectors, CoreValueOffset(tile) / 4, D, tid);
             AsyncProxyFence();
         }
         else
@@ -219,7 +237,21 @@ internal static partial class TensorCoreForwardKernel
 
             var s = new Tile8();
             if (wgmma)
-                WgmmaScores<TStorage>(ref s, windowBase, 4 * QOffset, 4 * KOffset, D, shared, emu);
+            {
+                // The next tile's V into the other V buffer (its last reader, the P V two tiles back, ended before the
+                // previous tile's last barrier); S; then, once every warp's S is done, the next tile's K into the K
+                // buffer. Both copies run during this tile's elementwise work and P V (cp.async on CUDA).
+                if (tile > 0)
+                    StageCore(vHead, vAddress, vToken, key0 - KeyTile, D, tid, ValueSlots, CoreValueOffset(tile - 1), vectors);
+                IssueScores<TStorage>(ref s, windowBase, 4 * QOffset, 4 * KOffset, D, shared, emu);
+                TakeScores(ref s);
+                if (tile > 0)
+                {
+                    Group.Barrier();
+                    StageCore(kHead, kAddress, kToken, key0 - KeyTile, D, tid, KeyRows, KOffset, vectors);
+                    CommitCopies();
+                }
+            }
             else
                 AllScores<TStorage>(ref s, vectors.SubView(qAt), vectors.SubView(kAt + buffer / 4), wide, shared, emu);
 
@@ -241,23 +273,24 @@ internal static partial class TensorCoreForwardKernel
                 vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
             }
             if (wgmma)
-                WgmmaOutput<TStorage>(ref o, p, split, residuals, windowBase, 4 * VtOffset, wide, shared, emu);
+                WgmmaOutput<TStorage>(ref o, p, split, residuals, windowBase, 4 * CoreValueOffset(tile), wide, shared, emu);
             else
                 AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
             Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
             Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
-            if (tile > 0)
+            if (tile > 0 && wgmma)
+            {
+                // This thread's copies of the next tile are in; the fence orders them before the tensor cores' reads
+                // and the barrier makes every thread's visible.
+                WaitCopies();
+                AsyncProxyFence();
+                Group.Barrier();
+            }
+            else if (tile > 0)
             {
                 int next = doubleBuffered ? BufferWords - buffer : 0;
                 if (!doubleBuffered)
                     Group.Barrier();
-                if (wgmma)
-                {
-                    StoreCore(LoadCore(kHead, kToken, key0 - KeyTile, nextLimit, D, tid, KeyRows), vectors, KOffset / 4, D, tid);
-                    StoreCore(LoadCore(vHead, vToken, key0 - KeyTile, nextLimit, D, tid, ValueSlots), vectors, VtOffset / 4, D, tid);
-                    AsyncProxyFence();
-                }
-                else
                 {
                     if (!prefetch)
                     {
@@ -271,6 +304,8 @@ internal static partial class TensorCoreForwardKernel
             }
         }
 
+        if (wgmma)
+            TakeOutput(ref o, wide);
         // o in 4-byte words (its start and strides are even numbers of elements).
         var words = a.O.Cast<uint>();
         long oBase = rows.QueryBase(rows.O, head);
@@ -531,8 +566,8 @@ internal interface IForwardPlan
 }
 
 /// <summary>
-/// Hopper: S and P V on wgmma from shared memory, one K / V buffer pair loaded after the tile's last read, three groups
-/// per SM (168 registers, 54 KB).
+/// Hopper: S and P V on wgmma from shared memory, one K buffer and two V buffers filled by cp.async during the tile
+/// before, three groups per SM (168 registers, 71 KB).
 /// </summary>
 internal readonly struct WgmmaPlan : IForwardPlan
 {
