@@ -8,12 +8,12 @@ using StickBreaking.ILGPU.Tests.Reference;
 namespace StickBreaking.ILGPU.Bench;
 
 /// <summary>
-/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]] [--exact-products] [--layout head|token|fused] [--kv-heads N]</c>: one JSON object a line
+/// <c>--throughput BACKEND B H D T [T ...] [--groups-per-sm N] [--dtype fp32|bf16|fp16[,...]] [--exact-products] [--layout head|token|fused] [--kv-heads N] [--forward-only]</c>: one JSON object a line
 /// per length and storage type (forward, inference and training; backward, and each of its two passes alone), for the
 /// GPU machine, where <c>python3 scripts/peers.py B H D T ...</c> prints the peers in the same session. On CUDA each line
 /// also times the two backward passes alone, and a last line per CUDA kernel gives what the driver compiled
 /// (registers and spilled bytes per thread, groups per SM). <c>--groups-per-sm</c> replaces every kernel's own
-/// launch bound (a diagnostic).
+/// launch bound (a diagnostic). <c>--forward-only</c> times the 16-bit forwards alone (the backward fields are null).
 /// </summary>
 internal static class Throughput
 {
@@ -41,7 +41,8 @@ internal static class Throughput
         }
         // --exact-products: the 16-bit tensor-core kernels with split (exact) products (StickBreakingOptions.ExactProducts).
         bool exact = args.Contains("--exact-products");
-        args = args.Where(a => a != "--exact-products").ToArray();
+        bool forwardOnly = args.Contains("--forward-only");
+        args = args.Where(a => a is not "--exact-products" and not "--forward-only").ToArray();
         // --layout token|fused: [B, T, H, D] tensors, or q, k, v (and dq, dk, dv) as slices of one fused buffer (16-bit rows).
         string layoutName = "head";
         flag = Array.IndexOf(args, "--layout");
@@ -92,12 +93,16 @@ internal static class Throughput
                     int reps16 = t >= 8192 ? 10 : 20;
                     double fwd16 = MedianMs(attention, () => run16.Forward(training: false), reps16);
                     double fwdTrain16 = MedianMs(attention, () => run16.Forward(training: true), reps16);
-                    double bwd16 = MedianMs(attention, run16.Backward, reps16);
-                    attention.BackwardPasses = 1;
-                    double pass1of16 = MedianMs(attention, run16.Backward, reps16);
-                    attention.BackwardPasses = 2;
-                    double pass2of16 = MedianMs(attention, run16.Backward, reps16);
-                    attention.BackwardPasses = 3;
+                    double? bwd16 = null, pass1of16 = null, pass2of16 = null;
+                    if (!forwardOnly)
+                    {
+                        bwd16 = MedianMs(attention, run16.Backward, reps16);
+                        attention.BackwardPasses = 1;
+                        pass1of16 = MedianMs(attention, run16.Backward, reps16);
+                        attention.BackwardPasses = 2;
+                        pass2of16 = MedianMs(attention, run16.Backward, reps16);
+                        attention.BackwardPasses = 3;
+                    }
                     double flops = 4.0 * t * t * shape.HeadDim / 2 * shape.HeadCount;
                     Console.WriteLine(JsonSerializer.Serialize(new
                     {
