@@ -30,7 +30,7 @@ internal sealed class KernelSet
     private readonly KernelLaunch<BackwardArgs<float>>? fastBackwardQuery, fastBackwardKey;
     // Indexed [bf16 ? 1 : 0, exact ? 1 : 0]: rounded or split (exact) 16-bit products.
     private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForward = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
-    // The same with the Hopper plan (wgmma), on SM 9.0 devices only, for D = 128 (see TensorCoreForward16).
+    // The same with the Hopper plan (wgmma), on SM 9.0 devices only (see TensorCoreForward16).
     private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForwardWgmma = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
     private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)?[,] tensorCoreBackward =
         new (KernelLaunch<BackwardArgs<ushort>>, KernelLaunch<BackwardArgs<ushort>>)?[2, 2];
@@ -100,11 +100,11 @@ internal sealed class KernelSet
 
     /// <summary>
     /// The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves
-    /// it: on an SM 9.0 device at D = 128 the Hopper plan (<see cref="WgmmaPlan"/>: measured 2-3 % faster there, 4 % slower
-    /// at D = 64; docs/performance.md, ninth session), otherwise the mma plan.
+    /// it: on an SM 9.0 device the Hopper plan (<see cref="WgmmaPlan"/>; tenth session, bf16 B=4: 1.280 ms against the mma
+    /// plan's 1.415 at H=12 D=128 T=4096, 0.901 against 1.204 at H=16 D=64; docs/performance.md), otherwise the mma plan.
     /// </summary>
     public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, bool bf16, bool exact = false) =>
-        headDim == TensorCoreForwardKernel.MaxHeadDim && tensorCoreForwardWgmma[bf16 ? 1 : 0, exact ? 1 : 0] is { } hopper ? hopper
+        tensorCoreForwardWgmma[bf16 ? 1 : 0, exact ? 1 : 0] is { } hopper && hopper.ServesHeadDim(headDim) ? hopper
         : tensorCoreForward[bf16 ? 1 : 0, exact ? 1 : 0] is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
 
     /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>
