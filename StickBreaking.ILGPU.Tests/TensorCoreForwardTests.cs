@@ -143,12 +143,13 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
     /// The acc snapshots (per row and 32-key tile) are those the fp32 CUDA-code forward writes for the same
     /// (rounded) inputs, so that the backward can read them; and repeat runs are bitwise identical.
     /// </summary>
-    [TestCase(true, 130, 64, false)]
-    [TestCase(false, 97, 128, true)]
-    public void SnapshotsMatchTheFp32ForwardAndRunsRepeat(bool bf16, int length, int headDim, bool attendCurrent)
+    [TestCase(true, 1, 1, 130, 64, false)]
+    [TestCase(false, 1, 1, 97, 128, true)]
+    [TestCase(true, 2, 3, 70, 64, false)]    // 6 heads: the groups take the heads in chunks, the last one partial
+    public void SnapshotsMatchTheFp32ForwardAndRunsRepeat(bool bf16, int batch, int heads, int length, int headDim, bool attendCurrent)
     {
-        var shape = new AttentionShape(1, 1, length, headDim);
-        var x = TestInputs.Create(InputKind.LongRange, 1, 1, length, headDim, seed: 19 + length);
+        var shape = new AttentionShape(batch, heads, length, headDim);
+        var x = TestInputs.Create(InputKind.LongRange, batch, heads, length, headDim, seed: 19 + length);
         var q = RoundBits(x.Q, bf16); var k = RoundBits(x.K, bf16); var v = RoundBits(x.V, bf16);
         float scale = (float)(1.0 / Math.Sqrt(headDim));
         var first = Run(bf16, shape, q.Bits, k.Bits, v.Bits, scale, attendCurrent, snapshots: true);
@@ -167,12 +168,15 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         // they walk); the other slots are never written (nor read by the backward).
         int tiles = Snapshots.TileCount(length);
         double worst = 0;
-        for (int row = 0; row < length; row++)
+        for (int head = 0; head < shape.HeadCount; head++)
         {
-            for (int tile = 0; tile < Math.Min(tiles, 2 * (row / 64) + 2); tile++)
+            for (int row = 0; row < length; row++)
             {
-                long i = Snapshots.Index(0, row, tile, length, tiles);   // B = H = 1
-                worst = Math.Max(worst, Math.Abs(first.Snapshots[i] - expected[i]) - 1e-6 * Math.Abs(expected[i]));
+                for (int tile = 0; tile < Math.Min(tiles, 2 * (row / 64) + 2); tile++)
+                {
+                    long i = Snapshots.Index(head, row, tile, length, tiles);
+                    worst = Math.Max(worst, Math.Abs(first.Snapshots[i] - expected[i]) - 1e-6 * Math.Abs(expected[i]));
+                }
             }
         }
         TestContext.Out.WriteLine($"snapshots: worst excess over 1e-6 relative {worst:E2}");

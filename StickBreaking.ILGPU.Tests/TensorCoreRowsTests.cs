@@ -25,6 +25,7 @@ public sealed class TensorCoreRowsTests(string backend) : TensorCoreFixture(back
 
     [TestCase(true, 2, 4, 2, 70, 64, false)]
     [TestCase(false, 1, 3, 1, 20, 128, true)]
+    [TestCase(false, 2, 3, 3, 70, 128, false)]
     public void StridedGroupedRowsMatchContiguousBitwise(bool bf16, int batch, int heads, int keyValueHeads, int length,
         int headDim, bool attendCurrent)
     {

@@ -79,6 +79,8 @@ internal static partial class TensorCoreForwardKernel
     public const int BlockRows = 64;
     /// <summary>Keys per tile (two 32-key snapshot tiles).</summary>
     public const int KeyTile = 64;
+    /// <summary>Heads whose row blocks are launched together (see the kernel's first lines).</summary>
+    private const int HeadChunk = 4;
     /// <summary>The largest head dimension; <see cref="Supports"/> says which are served.</summary>
     public const int MaxHeadDim = 128;
 
@@ -142,8 +144,14 @@ internal static partial class TensorCoreForwardKernel
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-        int head = Grid.IdxX;
-        int rowBlock = a.RowBlocks - 1 - Grid.IdxY;
+        // Groups in launch order (x fastest) take (head, row block) in chunks of HeadChunk heads, heaviest row block first
+        // within a chunk: the groups that run at the same time read a few heads' K and V, which stay in L2.
+        int linear = Grid.IdxY * Grid.DimX + Grid.IdxX;
+        int chunkStart = linear / (HeadChunk * a.RowBlocks) * HeadChunk;
+        int chunkHeads = Math.Min(HeadChunk, Grid.DimX - chunkStart);
+        int within = linear - chunkStart * a.RowBlocks;
+        int head = chunkStart + within % chunkHeads;
+        int rowBlock = a.RowBlocks - 1 - within / chunkHeads;
         int T = a.Length, D = a.HeadDim;
         bool wide = D > 64;
         int row0 = rowBlock * BlockRows;
@@ -276,8 +284,8 @@ internal static partial class TensorCoreForwardKernel
                 WgmmaOutput<TStorage>(ref o, p, split, residuals, windowBase, 4 * CoreValueOffset(tile), wide, shared, emu);
             else
                 AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
-            Snapshot(a, rowLo, tile, t, accLoBefore, nearerLo);
-            Snapshot(a, rowHi, tile, t, accHiBefore, nearerHi);
+            Snapshot(a, head, rowLo, tile, t, accLoBefore, nearerLo);
+            Snapshot(a, head, rowHi, tile, t, accHiBefore, nearerHi);
             if (tile > 0 && wgmma)
             {
                 // This thread's copies of the next tile are in; the fence orders them before the tensor cores' reads
@@ -503,15 +511,15 @@ internal static partial class TensorCoreForwardKernel
     /// the kernel sums in base 2, the snapshots are natural logs like the fp32 forwards'.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Snapshot(in TensorCoreForwardArgs a, int row, int tile, int t, float rowAcc, float nearer)
+    private static void Snapshot(in TensorCoreForwardArgs a, int head, int row, int tile, int t, float rowAcc, float nearer)
     {
         if (a.WriteSnapshots == 0 || row >= a.Length)
             return;
         int half = 2 * tile;
         if (t == 1)
-            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half, a.Length, a.SnapshotTiles)] = (rowAcc + nearer) * Ln2;
+            a.AccSnapshots[Snapshots.Index(head, row, half, a.Length, a.SnapshotTiles)] = (rowAcc + nearer) * Ln2;
         if (t == 3 && half + 1 < a.SnapshotTiles)
-            a.AccSnapshots[Snapshots.Index(Grid.IdxX, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc * Ln2;
+            a.AccSnapshots[Snapshots.Index(head, row, half + 1, a.Length, a.SnapshotTiles)] = rowAcc * Ln2;
     }
 
 }
