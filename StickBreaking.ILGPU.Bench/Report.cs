@@ -85,7 +85,7 @@ internal static class Report
                 }).Trim());
             }
         }
-        if (ours16.Any(o => o.TryGetProperty("bwd_ms", out _)))
+        if (ours16.Any(o => Timed(o, "bwd_ms")))
         {
             // Training: the 16-bit training forward plus the backward, against the Triton kernel's and SDPA's fwd+bwd.
             md.AppendLine();
@@ -93,10 +93,10 @@ internal static class Report
             md.AppendLine();
             md.AppendLine("| B | H | T | D | ours bf16 fwd | bwd (pass 1 + pass 2) | fwd+bwd | Triton SB bf16 fwd+bwd | ours bf16 / Triton | ours fp16 fwd+bwd | Triton SB fp16 fwd+bwd | SDPA (softmax) bf16 fwd+bwd |");
             md.AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
-            foreach (var key in ours16.Where(o => o.TryGetProperty("bwd_ms", out _)).Select(o => (B: o.GetProperty("B").GetInt32(), H: o.GetProperty("H").GetInt32(),
+            foreach (var key in ours16.Where(o => Timed(o, "bwd_ms")).Select(o => (B: o.GetProperty("B").GetInt32(), H: o.GetProperty("H").GetInt32(),
                          T: o.GetProperty("T").GetInt32(), D: o.GetProperty("D").GetInt32())).Distinct().OrderBy(k => k.D).ThenBy(k => k.T))
             {
-                JsonElement? Ours(string dtype) => ours16.Where(o => DType(o) == dtype && o.TryGetProperty("bwd_ms", out _) && o.GetProperty("T").GetInt32() == key.T
+                JsonElement? Ours(string dtype) => ours16.Where(o => DType(o) == dtype && Timed(o, "bwd_ms") && o.GetProperty("T").GetInt32() == key.T
                     && o.GetProperty("D").GetInt32() == key.D && o.GetProperty("H").GetInt32() == key.H).Cast<JsonElement?>().FirstOrDefault();
                 string Cell(JsonElement? e, string field) => e is { } v ? F(v, field) : "n/a";
                 var bf = Ours("bfloat16");
@@ -141,7 +141,7 @@ internal static class Report
         foreach (var (dtype, label) in new[] { ("bfloat16", "StickBreaking.ILGPU bf16 forward (tensor cores)"), ("float16", "StickBreaking.ILGPU fp16 forward (tensor cores)") })
             AddSeries(plot, label, ours16.Where(o => DType(o) == dtype && o.GetProperty("D").GetInt32() == 128)
                 .Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwd_ms").GetDouble())));
-        AddSeries(plot, "StickBreaking.ILGPU bf16 fwd+bwd", ours16.Where(o => DType(o) == "bfloat16" && o.GetProperty("D").GetInt32() == 128 && o.TryGetProperty("fwdbwd_ms", out _))
+        AddSeries(plot, "StickBreaking.ILGPU bf16 fwd+bwd", ours16.Where(o => DType(o) == "bfloat16" && o.GetProperty("D").GetInt32() == 128 && Timed(o, "fwdbwd_ms"))
             .Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwdbwd_ms").GetDouble())));
         AddSeries(plot, "StickBreaking.ILGPU fp32 forward", ours.Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("fwd_ms").GetDouble())));
         AddSeries(plot, "StickBreaking.ILGPU fp32 backward", ours.Select(o => (T: o.GetProperty("T").GetInt32(), Ms: o.GetProperty("bwd_ms").GetDouble())));
@@ -193,7 +193,11 @@ internal static class Report
             .Select(l => JsonDocument.Parse(l).RootElement.Clone()).ToList();
 
     private static string F(JsonElement e, string field) =>
-        e.TryGetProperty(field, out var v) ? v.GetDouble().ToString("0.###", CultureInfo.InvariantCulture) : "";
+        Timed(e, field) ? e.GetProperty(field).GetDouble().ToString("0.###", CultureInfo.InvariantCulture) : "";
+
+    /// <summary>Whether the line holds a number for <paramref name="field"/> (--forward-only lines hold null for the backward's).</summary>
+    private static bool Timed(JsonElement e, string field) =>
+        e.TryGetProperty(field, out var v) && v.ValueKind == JsonValueKind.Number;
 
     private static string DType(JsonElement e) => e.TryGetProperty("dtype", out var d) ? d.GetString() ?? "" : "float32";
 
