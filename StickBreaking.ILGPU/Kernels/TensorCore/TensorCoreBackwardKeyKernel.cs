@@ -491,15 +491,14 @@ internal static partial class TensorCoreBackwardKeyKernel
             CopyPiece(dOLo, lo, to + 2 * step);
             CopyPiece(dOHi, hi, to + 3 * step);
         }
-        CudaAsm.Emit("cp.async.commit_group;");
+        CommitCopies();
     }
 
     /// <summary>This thread's pieces from its raw slots, once its copies (<see cref="CopyRowPairs"/>) are in.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Pieces8 ReadRowPairs(ArrayView<U4> vectors, int D, int tid)
     {
-        if (CudaAsm.IsSupported)
-            CudaAsm.Emit("cp.async.wait_group 0;");
+        WaitCopies();
         return LoadStrided(vectors.SubView(RawOffset / 4 + tid), GroupSize, D > 64);
     }
 

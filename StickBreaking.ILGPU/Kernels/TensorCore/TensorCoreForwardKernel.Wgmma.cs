@@ -292,22 +292,6 @@ internal static partial class TensorCoreForwardKernel
         }
     }
 
-    /// <summary>Commits this thread's cp.async copies as one group (CUDA; nothing elsewhere).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void CommitCopies()
-    {
-        if (CudaAsm.IsSupported)
-            CudaAsm.Emit("cp.async.commit_group;");
-    }
-
-    /// <summary>Waits for this thread's committed cp.async copies (CUDA; nothing elsewhere).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void WaitCopies()
-    {
-        if (CudaAsm.IsSupported)
-            CudaAsm.Emit("cp.async.wait_group 0;");
-    }
-
     /// <summary>
     /// In the diagonal tile, V's non-finite values become zeros and the first key holding one (relative
     /// to the tile) is noted at <paramref name="flag"/>, with each column's first bad key (as <see cref="StoreTransposed"/>).

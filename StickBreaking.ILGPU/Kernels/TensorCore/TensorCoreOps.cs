@@ -257,6 +257,22 @@ internal static class TensorCoreOps
         return p;
     }
 
+    /// <summary>Commits this thread's cp.async copies as one group (CUDA; nothing elsewhere).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void CommitCopies()
+    {
+        if (CudaAsm.IsSupported)
+            CudaAsm.Emit("cp.async.commit_group;");
+    }
+
+    /// <summary>Waits for this thread's committed cp.async copies (CUDA; nothing elsewhere).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void WaitCopies()
+    {
+        if (CudaAsm.IsSupported)
+            CudaAsm.Emit("cp.async.wait_group 0;");
+    }
+
     /// <summary>16 bytes from device address <paramref name="at"/> to byte <paramref name="to"/> of dynamic shared memory; zeros where not <paramref name="active"/> (cp.async's ignore-src: nothing is read there).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void CopyPiece(long at, bool active, int to) =>
