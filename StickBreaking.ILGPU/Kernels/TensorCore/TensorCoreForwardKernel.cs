@@ -162,8 +162,9 @@ internal static partial class TensorCoreForwardKernel
         // Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads"), addressed by 32-bit offsets in 16-byte
         // pieces from there.
         var rows = a.Rows;
-        var kHead = a.K.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.K, head) >> 3);
-        var vHead = a.V.Cast<U4>().SubView(rows.KeyBaseOfQuery(rows.V, head) >> 3);
+        long kBase = rows.KeyBaseOfQuery(rows.K, head), vBase = rows.KeyBaseOfQuery(rows.V, head);
+        var kHead = a.K.Cast<U4>().SubView(kBase >> 3);
+        var vHead = a.V.Cast<U4>().SubView(vBase >> 3);
         int kToken = rows.K.TokenPieces, vToken = rows.V.TokenPieces;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
@@ -172,8 +173,8 @@ internal static partial class TensorCoreForwardKernel
         if (wgmma)
             DeclareWgmmaRegisters();
         // The device addresses of the K / V heads' row 0 (CUDA: the wgmma plan copies tiles by cp.async from them).
-        long kAddress = a.KeyAddress + 2 * rows.KeyBaseOfQuery(rows.K, head);
-        long vAddress = a.ValueAddress + 2 * rows.KeyBaseOfQuery(rows.V, head);
+        long kAddress = a.KeyAddress + 2 * kBase;
+        long vAddress = a.ValueAddress + 2 * vBase;
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
         int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
