@@ -152,11 +152,7 @@ public sealed class PtxTests
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Fp16Storage), "f16.f16", "bf16.bf16", true, typeof(StickBreaking.ILGPU.Kernels.TensorCore.ThreeGroupsPerSmNoPrefetch))]
     public void TensorCoreForwardUsesMmaAndOnlyOperandSlots(Type storage, string type, string otherType, bool split, Type plan)
     {
-        var kernel = typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)
-            .GetMethod(nameof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
-            .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
-                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights), plan);
-        string ptx = CompileForSm90(kernel);
+        string ptx = CompileForSm90(TensorCoreForward(storage, split, plan));
         bool promotes = StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(ptx, out string promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
         {
@@ -199,11 +195,7 @@ public sealed class PtxTests
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", true)]
     public void TensorCoreForwardWgmmaPlanPtx(Type storage, string type, bool split)
     {
-        var kernel = typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)
-            .GetMethod(nameof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
-            .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
-                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights), typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan));
-        string ptx = CompileForSm90(kernel);
+        string ptx = CompileForSm90(TensorCoreForward(storage, split, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan)));
         Assert.That(StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(ptx, out string promoted), Is.True, "the loader's rewrite applies");
         promoted = StickBreaking.ILGPU.Launch.PtxTarget.Hopper(promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
@@ -251,4 +243,11 @@ public sealed class PtxTests
     }
 
     private static string CompileForSm90(MethodInfo kernel) => Ptx.Compile(kernel);
+
+    /// <summary>The tensor-core forward's specialization for a storage type, rounded or split weights, and a plan.</summary>
+    private static MethodInfo TensorCoreForward(Type storage, bool split, Type plan) =>
+        typeof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel)
+            .GetMethod(nameof(StickBreaking.ILGPU.Kernels.TensorCore.TensorCoreForwardKernel.Kernel), BindingFlags.Public | BindingFlags.Static)!
+            .MakeGenericMethod(storage, split ? typeof(StickBreaking.ILGPU.Kernels.TensorCore.SplitWeights)
+                : typeof(StickBreaking.ILGPU.Kernels.TensorCore.RoundedWeights), plan);
 }

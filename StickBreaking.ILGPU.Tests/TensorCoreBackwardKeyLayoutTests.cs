@@ -182,12 +182,12 @@ public sealed class TensorCoreBackwardKeyLayoutTests(string backend) : TensorCor
             K = pk.Strides, V = pv.Strides, DK = pdk.Strides, DV = pdv.Strides,
             Heads = H, KeyValueHeads = Hkv,
         };
-        var passArgs = (args with
+        var passArgs = args with
         {
             Q = From(qb, pq.Start), DO = From(dOb, pdO.Start), K = From(kb, pk.Start), V = From(vb ?? kb, pv.Start),
             DK = From(dkb, pdk.Start), DV = From(dvb ?? dkb, pdv.Start),
             DQ = ArrayView<ushort>.Empty, Rows = rows,
-        }).WithDeviceAddresses(Accelerator);
+        };
         var kernel = (bf16, split) switch
         {
             (true, false) => TensorCoreBackwardKeyKernel.LaunchFor<Bf16Storage, RoundedWeights>(),

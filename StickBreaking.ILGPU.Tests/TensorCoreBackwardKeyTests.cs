@@ -286,7 +286,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
                 AccSnapshots = accSnapshots.View, PrefixSnapshots = prefixSnapshots.View,
                 DQ = ArrayView<ushort>.Empty, DK = dk.View, DV = dv.View, AccumulatorScratch = ArrayView<float>.Empty,
                 Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = length, HeadDim = headDim, SnapshotTiles = tiles, Scale = (float)(1.0 / Math.Sqrt(headDim)),
-            }.WithDeviceAddresses(acc);
+            };
             foreach (bool split in new[] { false, true })
             {
                 var kernel = KernelFor(bf16, split);
@@ -408,7 +408,7 @@ public sealed class TensorCoreBackwardKeyTests(string backend) : TensorCoreFixtu
             DQ = dq.View, DK = dk.View, DV = dv.View, AccumulatorScratch = ArrayView<float>.Empty,
             Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
             Scale = scale,
-        }.WithDeviceAddresses(acc);
+        };
         Launcher.Launch(storage ? BackwardQueryKernel.LaunchBf16 : BackwardQueryKernel.LaunchFp16, stream, shape, args);
         Launcher.Launch(KernelFor(storage, split), stream, shape, args);
         stream.Synchronize();

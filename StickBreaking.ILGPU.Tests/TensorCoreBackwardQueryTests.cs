@@ -385,7 +385,7 @@ public sealed class TensorCoreBackwardQueryTests(string backend) : TensorCoreFix
         DQ = dq, DK = ArrayView<ushort>.Empty, DV = ArrayView<ushort>.Empty, AccumulatorScratch = ArrayView<float>.Empty,
         Rows = AttentionRows.Contiguous(shape.Heads, shape.KeyValueHeads, shape.Length, shape.HeadDim), Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0, SnapshotTiles = tiles,
         Scale = scale,
-    }.WithDeviceAddresses(accelerator);
+    };
 
     /// <summary>The launch description of one specialization: the tests launch it through the library's own launch layer.</summary>
     private static KernelLaunch<BackwardArgs<ushort>> KernelFor(bool bf16, bool split) =>

@@ -162,7 +162,7 @@ public sealed class TensorCoreRowsTests(string backend) : TensorCoreFixture(back
             AccumulatorScratch = ArrayView<float>.Empty,
             Rows = rows, Length = shape.Length, HeadDim = shape.HeadDim, AttendCurrent = attendCurrent ? 1 : 0,
             SnapshotTiles = tiles, Scale = scale,
-        }.WithDeviceAddresses(acc);
+        };
         Launcher.Launch(bf16 ? TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, RoundedWeights>()
             : TensorCoreBackwardQueryKernel.LaunchFor<Fp16Storage, RoundedWeights>(), acc.DefaultStream, shape, backward);
         acc.Synchronize();

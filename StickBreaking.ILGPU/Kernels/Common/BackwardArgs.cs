@@ -37,13 +37,13 @@ internal struct BackwardArgs<T> : IGridArgs<BackwardArgs<T>>
     /// <summary>Blocks of query rows in the grid's y dimension (launched heaviest first).</summary>
     public int RowBlocks;
     public float Scale;
-    /// <summary>CUDA: the device addresses of element 0 of <see cref="K"/> and <see cref="V"/> (the tensor-core dq pass copies their tiles by cp.async); 0 elsewhere.</summary>
+    /// <summary>CUDA: the device addresses of element 0 of <see cref="K"/> and <see cref="V"/> (the tensor-core dq pass copies their tiles by cp.async); 0 elsewhere. Set by the launch layer (<see cref="WithGrid"/>).</summary>
     public long KeyAddress, ValueAddress;
     /// <summary>CUDA: the device addresses of element 0 of <see cref="Q"/> and <see cref="DO"/> (the tensor-core dk/dv pass copies their row blocks by cp.async); 0 elsewhere.</summary>
     public long QueryAddress, OutputGradientAddress;
 
     /// <summary>A copy with the device addresses of q, k, v and dO set on CUDA (the views' device addresses, read on the host); unchanged elsewhere.</summary>
-    public readonly BackwardArgs<T> WithDeviceAddresses(Accelerator accelerator) =>
+    private readonly BackwardArgs<T> WithDeviceAddresses(Accelerator accelerator) =>
         accelerator.AcceleratorType == AcceleratorType.Cuda
             ? this with
             {

@@ -64,7 +64,7 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// during the previous tile's dq product), barrier, K^T is built from the K rows in shared memory (no second global
 /// load of K; lane-rotated pieces, conflict-free both ways), S, dOV and the elementwise work, barrier (every warp is
 /// past S and dOV, the last readers of the K and V rows), the next tile's K and V rows copied by <c>cp.async</c>
-/// (no registers; on CUDA from the device addresses the host passes, <see cref="BackwardArgs{T}.WithDeviceAddresses"/>)
+/// (no registers; on CUDA from the device addresses the launch layer sets, <see cref="BackwardArgs{T}.WithGrid"/>)
 /// while dq += dz K runs. A register prefetch there made ptxas spill (64 more registers on top of dq and the dz
 /// fragments); loading after the barrier and waiting cost 12 % of the pass.
 /// </para>
@@ -194,8 +194,7 @@ internal static partial class TensorCoreBackwardQueryKernel
             // This tile's K and V rows, copied since the previous tile's second barrier (cp.async on CUDA: no registers,
             // while the previous tile's dq product ran; a register prefetch there made ptxas spill): this thread's copies
             // are in, and the barrier makes every thread's visible.
-            if (CudaAsm.IsSupported)
-                CudaAsm.Emit("cp.async.wait_group 0;");
+            WaitCopies();
             Group.Barrier();
             // K^T from the K rows just stored (every warp is past the previous tile's dq product, which read K^T).
             Transpose(vectors, shared, D, tid, tile, diagonal, exponentMask);
@@ -325,7 +324,7 @@ internal static partial class TensorCoreBackwardQueryKernel
         }
         CopyTile(kAddress, kToken, key0 + r, c, limit, D, 16 * (KOffset / 4 + r * RowStrideU4 + c));
         CopyTile(vAddress, vToken, key0 + r, c, limit, D, 16 * (VOffset / 4 + r * RowStrideU4 + c));
-        CudaAsm.Emit("cp.async.commit_group;");
+        CommitCopies();
     }
 
     /// <summary>This thread's pieces of one tile (row <paramref name="row"/> and on by 128 / (D / 8), piece c), from the head at <paramref name="head"/>.</summary>
