@@ -3,6 +3,7 @@ using System.Linq;
 using ILGPU;
 using ILGPU.Runtime;
 using NUnit.Framework;
+using StickBreaking.ILGPU.Launch;
 using StickBreaking.ILGPU.Tests.Infrastructure;
 using StickBreaking.ILGPU.Tests.Reference;
 using Half = System.Half;
@@ -29,6 +30,19 @@ public sealed class Backward16ApiTests(string backend) : BackendFixture(backend)
     [TestCase(false, InputKind.UsedUp, 130, 16, true, true)]
     public void MatchesFloat64OnRoundedInputs(bool bf16, InputKind kind, int length, int headDim, bool attendCurrent, bool zeroDRem) =>
         CheckAgainstFloat64(Attention, Backend, bf16, kind, new AttentionShape(1, 2, length, headDim), attendCurrent, zeroDRem);
+
+    /// <summary>
+    /// CUDA only: training past <see cref="KernelSet.TwoWarpgroupsFromLength"/> at D = 128, where an SM 9.0 device's forward
+    /// (and the snapshots the backward reads) is the Hopper plan with two warpgroups a group.
+    /// </summary>
+    [Test]
+    public void MatchesFloat64PastTheTwoWarpgroupLength()
+    {
+        if (Backend != Backends.Cuda)
+            Assert.Ignore("CUDA only (the length selects a CUDA plan; the float64 reference and the portable kernels at this length cost CI minutes)");
+        CheckAgainstFloat64(Attention, Backend, true, InputKind.Standard, new AttentionShape(1, 2, KernelSet.TwoWarpgroupsFromLength + 37, 128),
+            attendCurrent: false, zeroDRem: false);
+    }
 
     /// <summary>
     /// The host-level 16-bit backward of <paramref name="attention"/> against float64 on the same rounded inputs: each

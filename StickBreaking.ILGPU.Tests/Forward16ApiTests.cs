@@ -126,4 +126,18 @@ public sealed class Forward16BackendTests(string backend) : BackendFixture(backe
     [TestCase(true, InputKind.UsedUp, 100, 128, false)]
     public void MatchesFloat64OnRoundedInputs(bool bf16, InputKind kind, int length, int headDim, bool attendCurrent) =>
         Forward16ApiTests.CheckAgainstFloat64(Attention, bf16, kind, new AttentionShape(1, 2, length, headDim), attendCurrent);
+
+    /// <summary>
+    /// CUDA only: a length past <see cref="KernelSet.TwoWarpgroupsFromLength"/> at D = 128, where an SM 9.0 device takes the
+    /// Hopper plan with two warpgroups a group (elsewhere the kernel the shorter cases take), its last block partly past T.
+    /// </summary>
+    [TestCase(true, false)]
+    [TestCase(false, true)]
+    public void MatchesFloat64PastTheTwoWarpgroupLength(bool bf16, bool attendCurrent)
+    {
+        if (Backend != Backends.Cuda)
+            Assert.Ignore("CUDA only (the length selects a CUDA plan; the float64 reference and the portable kernels at this length cost CI minutes)");
+        Forward16ApiTests.CheckAgainstFloat64(Attention, bf16, InputKind.Standard,
+            new AttentionShape(1, 2, KernelSet.TwoWarpgroupsFromLength + 37, 128), attendCurrent);
+    }
 }

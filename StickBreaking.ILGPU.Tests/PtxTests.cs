@@ -192,14 +192,15 @@ public sealed class PtxTests
     /// waits, one per half of D); every wgmma accumulating into the plan's own registers (sbS, sbO), which no ILGPU
     /// register copy touches; the shared-memory stores fenced for the async proxy; no local memory.
     /// </summary>
-    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", true)]
-    public void TensorCoreForwardWgmmaPlanPtx(Type storage, string type, bool split)
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", true, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaTwoWarpgroupsPlan))]
+    public void TensorCoreForwardWgmmaPlanPtx(Type storage, string type, bool split, Type plan)
     {
-        string ptx = CompileForSm90(TensorCoreForward(storage, split, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan)));
+        string ptx = CompileForSm90(TensorCoreForward(storage, split, plan));
         Assert.That(StickBreaking.ILGPU.Launch.PtxOperandSlots.TryPromote(ptx, out string promoted), Is.True, "the loader's rewrite applies");
         promoted = StickBreaking.ILGPU.Launch.PtxTarget.Hopper(promoted);
         if (Environment.GetEnvironmentVariable("STICKBREAKING_PTX_DIR") is { Length: > 0 } dir)
-            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.WgmmaPlan.ptx"), promoted);
+            System.IO.File.WriteAllText(System.IO.Path.Combine(dir, $"TensorCoreForward.{storage.Name}.{(split ? "Split" : "Rounded")}.{plan.Name}.ptx"), promoted);
 
         int Count(string pattern) => Regex.Matches(promoted, pattern).Count;
         int wgmma = Count(@"wgmma\.mma_async\.sync\.aligned\.m64n(?:64|128)k16\.f32\." + Regex.Escape(type) + @" ");

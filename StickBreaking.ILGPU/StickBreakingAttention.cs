@@ -401,7 +401,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         CheckForwardViews(layout, q, k, v, o, rem, logRem);
         if (workspace is not null)
             CheckWorkspace(workspace, shape);
-        if (kernels.TensorCoreForward16(shape.HeadDim, bf16) is not null)
+        if (kernels.TensorCoreForward16(shape.HeadDim, shape.Length, bf16) is not null)
         {
             TensorCoreAligned(q, layout.Q, 16, nameof(q), layout.Shape.Length);
             TensorCoreAligned(k, layout.K, 16, nameof(k), layout.Shape.Length);
@@ -569,7 +569,7 @@ public sealed partial class StickBreakingAttention : IDisposable
         int D = shape.HeadDim, T = shape.Length;
         float scale = options.ScaleFor(D);
         var snapshots = workspace?.AccFor(shape) ?? ArrayView<float>.Empty;
-        if (kernels.TensorCoreForward16(D, bf16, options.ExactProducts) is { } tensorCores)
+        if (kernels.TensorCoreForward16(D, T, bf16, options.ExactProducts) is { } tensorCores)
         {
             launcher.Launch(tensorCores, stream, shape, new TensorCoreForwardArgs
             {
@@ -705,7 +705,7 @@ public sealed partial class StickBreakingAttention : IDisposable
     }
 
     private void CheckForward16Grid(AttentionShape shape, bool bf16) =>
-        Guards.Grid(accelerator, shape, kernels.TensorCoreForward16(shape.HeadDim, bf16)?.RowsPerGroup ?? kernels.Forward16(shape.HeadDim, bf16).RowsPerGroup, "forward");
+        Guards.Grid(accelerator, shape, kernels.TensorCoreForward16(shape.HeadDim, shape.Length, bf16)?.RowsPerGroup ?? kernels.Forward16(shape.HeadDim, bf16).RowsPerGroup, "forward");
 
     private void CheckBackward16Grid(AttentionShape shape, bool bf16)
     {

@@ -30,8 +30,10 @@ internal sealed class KernelSet
     private readonly KernelLaunch<BackwardArgs<float>>? fastBackwardQuery, fastBackwardKey;
     // Indexed [bf16 ? 1 : 0, exact ? 1 : 0]: rounded or split (exact) 16-bit products.
     private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForward = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
-    // The same with the Hopper plan (wgmma), on SM 9.0 devices only (see TensorCoreForward16).
+    // The same with the Hopper plans (wgmma), on SM 9.0 devices only (see TensorCoreForward16): one warpgroup a group
+    // (D = 64) and two (D = 128).
     private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForwardWgmma = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
+    private readonly KernelLaunch<TensorCoreForwardArgs>?[,] tensorCoreForwardWgmmaWide = new KernelLaunch<TensorCoreForwardArgs>?[2, 2];
     private readonly (KernelLaunch<BackwardArgs<ushort>> Query, KernelLaunch<BackwardArgs<ushort>> Key)?[,] tensorCoreBackward =
         new (KernelLaunch<BackwardArgs<ushort>>, KernelLaunch<BackwardArgs<ushort>>)?[2, 2];
     private readonly KernelLaunch<DecodeArgs<float>>? warpDecode;
@@ -64,6 +66,10 @@ internal sealed class KernelSet
                 tensorCoreForwardWgmma[1, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
                 tensorCoreForwardWgmma[0, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
                 tensorCoreForwardWgmma[0, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, SplitWeights, WgmmaPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmmaWide[1, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, RoundedWeights, WgmmaTwoWarpgroupsPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmmaWide[1, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Bf16Storage, SplitWeights, WgmmaTwoWarpgroupsPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmmaWide[0, 0] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, RoundedWeights, WgmmaTwoWarpgroupsPlan>(), accelerator, sharedBytes, choice);
+                tensorCoreForwardWgmmaWide[0, 1] = Fit(TensorCoreForwardKernel.LaunchFor<Fp16Storage, SplitWeights, WgmmaTwoWarpgroupsPlan>(), accelerator, sharedBytes, choice);
             }
             tensorCoreBackward[1, 0] = FitPasses(TensorCoreBackwardQueryKernel.LaunchFor<Bf16Storage, RoundedWeights>(),
                 TensorCoreBackwardKeyKernel.LaunchFor<Bf16Storage, RoundedWeights>(), accelerator, sharedBytes, choice);
@@ -98,13 +104,23 @@ internal sealed class KernelSet
     /// <summary>Whether the tensor-core forward serves 16-bit storage for the head dimensions it covers.</summary>
     public bool TensorCoreForward => tensorCoreForward[1, 0] is not null;
 
+    /// <summary>Sequences at least this long take the Hopper plan with two warpgroups a group at D = 128 (see <see cref="TensorCoreForward16"/>).</summary>
+    public const int TwoWarpgroupsFromLength = 2048;
+
     /// <summary>
-    /// The tensor-core forward for 16-bit storage (bf16 or fp16) and head dimension <paramref name="headDim"/>, if one serves
-    /// it: on an SM 9.0 device the Hopper plan (<see cref="WgmmaPlan"/>; tenth session, bf16 B=4: 1.280 ms against the mma
-    /// plan's 1.415 at H=12 D=128 T=4096, 0.901 against 1.204 at H=16 D=64; docs/performance.md), otherwise the mma plan.
+    /// The tensor-core forward for 16-bit storage (bf16 or fp16), head dimension <paramref name="headDim"/> and sequence
+    /// length <paramref name="length"/>, if one serves it: on an SM 9.0 device a Hopper plan, otherwise the mma plan.
+    /// The Hopper plan with two warpgroups a group (<see cref="WgmmaTwoWarpgroupsPlan"/>: each K / V tile staged once for
+    /// 128 query rows, one group per SM) serves D = 128 from <see cref="TwoWarpgroupsFromLength"/> on, the one with one
+    /// warpgroup (<see cref="WgmmaPlan"/>: three groups per SM) the rest. Eleventh session, bf16 forward alone, B=4 H=12
+    /// D=128, one call: T = 1024 0.169 ms with two against 0.147 with one (a shorter grid fills the SMs worse); T = 4096,
+    /// 8192, 16384 1.169, 4.062, 15.39 against 1.303, 4.697, 18.14; B=4 H=16 D=64 T=4096 1.147 against 0.958
+    /// (docs/performance.md).
     /// </summary>
-    public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, bool bf16, bool exact = false) =>
-        tensorCoreForwardWgmma[bf16 ? 1 : 0, exact ? 1 : 0] is { } hopper && hopper.ServesHeadDim(headDim) ? hopper
+    public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, int length, bool bf16, bool exact = false) =>
+        headDim > 64 && length >= TwoWarpgroupsFromLength
+            && tensorCoreForwardWgmmaWide[bf16 ? 1 : 0, exact ? 1 : 0] is { } wide && wide.ServesHeadDim(headDim) ? wide
+        : tensorCoreForwardWgmma[bf16 ? 1 : 0, exact ? 1 : 0] is { } hopper && hopper.ServesHeadDim(headDim) ? hopper
         : tensorCoreForward[bf16 ? 1 : 0, exact ? 1 : 0] is { } kernel && kernel.ServesHeadDim(headDim) ? kernel : null;
 
     /// <summary>The two backward passes (dq and P snapshots; dk and dv) for head dimension <paramref name="headDim"/>.</summary>

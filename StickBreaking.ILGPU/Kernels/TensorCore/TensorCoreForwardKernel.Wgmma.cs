@@ -47,6 +47,20 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// query rows) decides the speed, not the per-score work.
 /// </para>
 /// <para>
+/// Two warpgroups a group (<see cref="WgmmaTwoWarpgroupsPlan"/>, the library's choice at D = 128 from
+/// <c>KernelSet.TwoWarpgroupsFromLength</c> on): warpgroup wg takes rows 64 wg .. 64 wg + 63 of a 128-row block and
+/// walks the tiles from its own diagonal one down; both read every K / V tile the first stages, so a tile staged once
+/// serves 128 rows (half the bytes a score). The block's top two tiles hold keys that some of its rows do not see: they
+/// are loaded through registers and sanitized, and the first-bad-key flags are relative to the block's first row.
+/// 256 threads, 246 registers (ptxas 12.4: 249, no spill), 87 KB, one group per SM. Eleventh session, bf16 B=4 H=12
+/// D=128, forward alone, one call: 1.169 / 4.062 / 15.39 ms against one warpgroup's 1.303 / 4.697 / 18.14 at T = 4096 /
+/// 8192 / 16384; at T = 1024 0.169 against 0.147, at D = 64 (H=16, T=4096) 1.147 against 0.958. Tried, not kept: three
+/// warpgroups (384 threads, 168 registers, 128 bytes of spill: 1.538 / 4.937 / 18.23 ms), a second K buffer so that K
+/// is copied with V before S (4.196 against 4.062 at T = 8192), launches in chunks of 2 or 8 heads
+/// rather than 4 (with the second K buffer: 4.209 / 4.190 against 4.196 and 4.205 ms at T = 8192, 16.01 / 16.04 against
+/// 15.85 and 15.89 at 16384).
+/// </para>
+/// <para>
 /// Where there is no wgmma (the CPU accelerator) the same products run as m16n8k16 mma (<see cref="Mma"/>, emulated)
 /// on fragments read from the same layouts, and the tiles are loaded and stored at once.
 /// </para>
@@ -293,33 +307,54 @@ internal static partial class TensorCoreForwardKernel
     }
 
     /// <summary>
-    /// In the diagonal tile, V's non-finite values become zeros and the first key holding one (relative
-    /// to the tile) is noted at <paramref name="flag"/>, with each column's first bad key (as <see cref="StoreTransposed"/>).
+    /// A top tile of a block of several warpgroups (keys that some of its rows do not see) through registers one piece at a
+    /// time (few registers: the group's O is live here), as <see cref="LoadCore"/> and <see cref="StoreCore"/> take them;
+    /// V (<paramref name="layout"/> ValueSlots) sanitized as <see cref="SanitizeCoreValues"/> does.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void SanitizeCoreValues(ref Pieces8 p, ArrayView<uint> shared, int D, int tid, uint exponentMask, int flag)
+    private static void StagePieces(ArrayView<U4> head, int token, int first, int limit, int D, int tid, int layout, int words,
+        ArrayView<U4> vectors, ArrayView<uint> shared, uint exponentMask, int flag, int keyBase)
     {
         int chunkShift = D > 64 ? 4 : 3;
-        SanitizeCoreValue(ref p.P0, shared, 0 * 128 + tid, chunkShift, exponentMask, flag);
-        SanitizeCoreValue(ref p.P1, shared, 1 * 128 + tid, chunkShift, exponentMask, flag);
-        SanitizeCoreValue(ref p.P2, shared, 2 * 128 + tid, chunkShift, exponentMask, flag);
-        SanitizeCoreValue(ref p.P3, shared, 3 * 128 + tid, chunkShift, exponentMask, flag);
+        int pieces = D > 64 ? 8 : 4;
+        for (int i = 0; i < pieces; i++)
+        {
+            var piece = CorePiece(head, token, first, limit, 128 * i + tid, chunkShift, layout);
+            if (layout == ValueSlots)
+                SanitizeCoreValue(ref piece, shared, 128 * i + tid, chunkShift, exponentMask, flag, keyBase);
+            vectors[words / 4 + 128 * i + tid] = piece;
+        }
+    }
+
+    /// <summary>
+    /// In the block's top tiles (the diagonal one of each warpgroup), V's non-finite values become zeros and the first key
+    /// holding one (relative to the block's first row: <paramref name="keyBase"/> is the tile's first key relative to it) is
+    /// noted at <paramref name="flag"/>, with each column's first bad key (as <see cref="StoreTransposed"/>).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void SanitizeCoreValues(ref Pieces8 p, ArrayView<uint> shared, int D, int tid, uint exponentMask, int flag, int keyBase)
+    {
+        int chunkShift = D > 64 ? 4 : 3;
+        SanitizeCoreValue(ref p.P0, shared, 0 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
+        SanitizeCoreValue(ref p.P1, shared, 1 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
+        SanitizeCoreValue(ref p.P2, shared, 2 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
+        SanitizeCoreValue(ref p.P3, shared, 3 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
         if (D > 64)
         {
-            SanitizeCoreValue(ref p.P4, shared, 4 * 128 + tid, chunkShift, exponentMask, flag);
-            SanitizeCoreValue(ref p.P5, shared, 5 * 128 + tid, chunkShift, exponentMask, flag);
-            SanitizeCoreValue(ref p.P6, shared, 6 * 128 + tid, chunkShift, exponentMask, flag);
-            SanitizeCoreValue(ref p.P7, shared, 7 * 128 + tid, chunkShift, exponentMask, flag);
+            SanitizeCoreValue(ref p.P4, shared, 4 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
+            SanitizeCoreValue(ref p.P5, shared, 5 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
+            SanitizeCoreValue(ref p.P6, shared, 6 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
+            SanitizeCoreValue(ref p.P7, shared, 7 * 128 + tid, chunkShift, exponentMask, flag, keyBase);
         }
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void SanitizeCoreValue(ref U4 piece, ArrayView<uint> shared, int index, int chunkShift, uint exponentMask, int flag)
+    private static void SanitizeCoreValue(ref U4 piece, ArrayView<uint> shared, int index, int chunkShift, uint exponentMask, int flag, int keyBase)
     {
         var original = piece;
         if (Sanitize(ref piece, exponentMask))
         {
-            int key = CoreValueKey(index, chunkShift);
+            int key = keyBase + CoreValueKey(index, chunkShift);
             Atomic.Min(ref shared[flag], (uint)key);
             NotePiece(shared, flag + 4, original, key, (index >> 4) & ((1 << chunkShift) - 1), exponentMask);
         }
@@ -537,7 +572,7 @@ internal static partial class TensorCoreForwardKernel
     private static void EmulatedScores<TStorage>(ref Tile8 s, int qBytes, int kBytes, int D, ArrayView<uint> shared, int emu)
         where TStorage : struct, IStorage
     {
-        int lane = Warp.LaneIdx, warp = Group.IdxX >> 5, g = lane >> 2, t = lane & 3;
+        int lane = Warp.LaneIdx, warp = (Group.IdxX >> 5) & 3, g = lane >> 2, t = lane & 3;
         int m = 16 * warp + g;
         s = default;
         for (int k = 0; k < D; k += 16)

@@ -120,17 +120,32 @@ internal static partial class TensorCoreForwardKernel
     /// </summary>
     private static int CoreValueOffset(int tile) => (tile & 1) == 0 ? VtOffset : BadKeyOffset(false) + MaxHeadDim;
 
-    private static int SharedUints(bool doubleBuffered, bool wgmma) => BadKeyOffset(doubleBuffered) + MaxHeadDim + (wgmma ? CoreValueWords : 0);
+    /// <summary>Words of a Q block of 64 rows in the core-matrix layout (<see cref="MaxHeadDim"/> 16-bit values a row).</summary>
+    private const int QueryCoreWords = BlockRows * MaxHeadDim / 2;
+
+    /// <summary>
+    /// The wgmma plans' Q block of warpgroup <paramref name="wg"/> (words): the first at <see cref="QOffset"/>, the others
+    /// after the second V buffer.
+    /// </summary>
+    private static int QueryOffset(int wg) => wg == 0 ? QOffset : BadKeyOffset(false) + MaxHeadDim + CoreValueWords + (wg - 1) * QueryCoreWords;
+
+    private static int SharedUints<TPlan>() where TPlan : struct, IForwardPlan
+    {
+        var plan = default(TPlan);
+        return BadKeyOffset(plan.DoubleBuffered) + MaxHeadDim
+            + (plan.Wgmma ? CoreValueWords + (plan.WarpGroups - 1) * QueryCoreWords : 0);
+    }
 
     /// <summary>
     /// Dynamic shared memory per group on CUDA, in bytes: 92 KB double buffered (two groups per SM fit), 55 KB with one
     /// buffer pair (three fit), 71 KB for the wgmma plan (one pair and a second V buffer; three fit); all above the
     /// default 48 KB, so the loader raises the limit.
     /// </summary>
-    public static int SharedBytes(bool doubleBuffered, bool wgmma) => 4 * SharedUints(doubleBuffered, wgmma);
+    public static int SharedBytes<TPlan>() where TPlan : struct, IForwardPlan => 4 * SharedUints<TPlan>();
 
     /// <summary>Dynamic shared memory per group where the mma is emulated (CPU accelerator): adds the emulation's scratch.</summary>
-    public static int EmulatedSharedBytes(bool doubleBuffered, bool wgmma) => SharedBytes(doubleBuffered, wgmma) + 4 * (GroupSize / 32) * Mma.ScratchUintsPerWarp;
+    public static int EmulatedSharedBytes<TPlan>() where TPlan : struct, IForwardPlan =>
+        SharedBytes<TPlan>() + 4 * (default(TPlan).WarpGroups * GroupSize / 32) * Mma.ScratchUintsPerWarp;
 
     /// <summary>Whether the kernel serves this head dimension (others fall back to the portable kernels).</summary>
     public static bool Supports(int headDim) => headDim == 64 || headDim == 128;
@@ -144,9 +159,13 @@ internal static partial class TensorCoreForwardKernel
         bool doubleBuffered = default(TPlan).DoubleBuffered;
         bool prefetch = default(TPlan).Prefetch;
         bool wgmma = default(TPlan).Wgmma;
+        int W = default(TPlan).WarpGroups;
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
-        int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+        // Warpgroup wg of the group (W of them: WgmmaTwoWarpgroupsPlan) takes rows 64 wg .. 64 wg + 63 of the block; warp
+        // and lt are within it.
+        int wg = tid >> 7, lt = tid & 127;
+        int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
         // Groups in launch order (x fastest) take (head, row block) in chunks of HeadChunk heads, heaviest row block first
         // within a chunk: the groups that run at the same time read a few heads' K and V, which stay in L2.
         int linear = Grid.IdxY * Grid.DimX + Grid.IdxX;
@@ -157,7 +176,8 @@ internal static partial class TensorCoreForwardKernel
         int rowBlock = a.RowBlocks - 1 - within / chunkHeads;
         int T = a.Length, D = a.HeadDim;
         bool wide = D > 64;
-        int row0 = rowBlock * BlockRows;
+        int row0 = rowBlock * BlockRows * W;
+        int rowWg0 = row0 + BlockRows * wg;              // this warpgroup's first row
         // This query head's q, and the key/value head it reads as views at row 0 (grouped-query heads share one), rows
         // Rows.X.Token elements apart (docs/math.md, "Layouts and grouped heads"), addressed by 32-bit offsets in 16-byte
         // pieces from there.
@@ -168,7 +188,7 @@ internal static partial class TensorCoreForwardKernel
         int kToken = rows.K.TokenPieces, vToken = rows.V.TokenPieces;
         var shared = SharedMemory.GetDynamic<uint>();
         var vectors = shared.Cast<U4>();
-        int emu = SharedUints(doubleBuffered, wgmma) + warp * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
+        int emu = SharedUints<TPlan>() + (tid >> 5) * Mma.ScratchUintsPerWarp;   // used only where the mma is emulated
         uint windowBase = wgmma ? SharedWindowBase() : 0u;                     // the wgmma descriptors' base
         if (wgmma)
             DeclareWgmmaRegisters();
@@ -177,24 +197,25 @@ internal static partial class TensorCoreForwardKernel
         long vAddress = a.ValueAddress + 2 * vBase;
 
         // Keys at or past stageLimit are seen by no row of this block (nor exist past T): staged as zeros.
-        int stageLimit = Math.Min(T, row0 + BlockRows) - 1 + a.AttendCurrent;
-        int rowLo = row0 + 16 * warp + g, rowHi = rowLo + 8;
+        int stageLimit = Math.Min(T, row0 + BlockRows * W) - 1 + a.AttendCurrent;
+        int rowLo = rowWg0 + 16 * warp + g, rowHi = rowLo + 8;
         if (wgmma)
         {
             var qHead = a.Q.Cast<U4>().SubView(rows.QueryBase(rows.Q, head) >> 3);
-            StoreCore(LoadCore(qHead, rows.Q.TokenPieces, row0, T, D, tid, QueryRows), vectors, QOffset / 4, D, tid);
+            StoreCore(LoadCore(qHead, rows.Q.TokenPieces, rowWg0, T, D, lt, QueryRows), vectors, QueryOffset(wg) / 4, D, lt);
         }
         else
         {
             StageQueryFragments(a.Q, vectors.SubView(QOffset / 4 + warp * QWarpVectors + lane), rows.QueryBase(rows.Q, head),
                 rows.Q.Token, rowLo, T, D, t);
         }
+        // The block's first non-finite V value, relative to row0 (BlockRows W when none), and per column the same.
         if (tid == 0)
-            shared[flag] = KeyTile;                // ordered before the staging atomics by the barrier below
+            shared[flag] = (uint)(BlockRows * W);  // ordered before the staging atomics by the barrier below
         if (tid < MaxHeadDim)
-            shared[BadKeyOffset(doubleBuffered) + tid] = KeyTile;
+            shared[BadKeyOffset(doubleBuffered) + tid] = (uint)(BlockRows * W);
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
-        bool poisonedLo = false, poisonedHi = false;
+        bool poisonedLo, poisonedHi;
 
         // Row i sees keys j < i (j <= i when attending to the current token); a row past T sees none.
         int limitLo = rowLo < T ? rowLo + a.AttendCurrent : 0;
@@ -209,11 +230,12 @@ internal static partial class TensorCoreForwardKernel
         int kAt = KOffset / 4 + (16 * (g >> 1) + (g & 1)) * RowStrideU4 + t;
         int vAt = VtOffset / 4 + g * VtStrideU4 + 2 * t;
 
-        int lastKey = Math.Min(T - 1, row0 + BlockRows - 1);
+        int lastKey = Math.Min(T - 1, row0 + BlockRows * W - 1);
         int tile = lastKey / KeyTile;
-        var kPieces = wgmma ? LoadCore(kHead, kToken, tile * KeyTile, stageLimit, D, tid, KeyRows)
+        // With several warpgroups the first warpgroup stages the tiles (lt = tid there).
+        var kPieces = wgmma ? LoadCore(kHead, kToken, tile * KeyTile, stageLimit, D, lt, KeyRows)
             : LoadTileRows(kHead, kToken, tile * KeyTile, stageLimit, D, tid, GroupSize);
-        var vPieces = wgmma ? LoadCore(vHead, vToken, tile * KeyTile, stageLimit, D, tid, ValueSlots)
+        var vPieces = wgmma ? LoadCore(vHead, vToken, tile * KeyTile, stageLimit, D, lt, ValueSlots)
             : LoadKeyPairs(vHead, vToken, tile * KeyTile, stageLimit, D, tid);
         Group.Barrier();
         // Double buffering: tile i lives in K / V^T buffer pair i % 2, so the next tile is stored while no warp
@@ -223,9 +245,12 @@ internal static partial class TensorCoreForwardKernel
         int buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
         if (wgmma)
         {
-            StoreCore(kPieces, vectors, KOffset / 4, D, tid);
-            SanitizeCoreValues(ref vPieces, shared, D, tid, exponentMask, flag);
-            StoreCore(vPieces, vectors, CoreValueOffset(tile) / 4, D, tid);
+            if (wg == 0)
+            {
+                StoreCore(kPieces, vectors, KOffset / 4, D, lt);
+                SanitizeCoreValues(ref vPieces, shared, D, lt, exponentMask, flag, tile * KeyTile - row0);
+                StoreCore(vPieces, vectors, CoreValueOffset(tile) / 4, D, lt);
+            }
             AsyncProxyFence();
         }
         else
@@ -234,45 +259,55 @@ internal static partial class TensorCoreForwardKernel
             StoreTransposed(ref vPieces, shared, VtOffset + buffer, D, tid, true, exponentMask, flag);
         }
         Group.Barrier();
-        int diagonalKey0 = tile * KeyTile;
         for (; tile >= 0; tile--)
         {
             int key0 = tile * KeyTile;
             buffer = doubleBuffered ? (tile & 1) * BufferWords : 0;
-            bool diagonal = key0 == row0;                // the first tile walked
-            if (diagonal)
-            {
-                int firstBad = key0 + (int)shared[flag];
-                poisonedLo = firstBad < limitLo;
-                poisonedHi = firstBad < limitHi;
-            }
+            bool diagonal = key0 == rowWg0;              // this warpgroup's first tile
+            // A warpgroup works on the tiles from its diagonal one down (with one warpgroup, every tile walked).
+            bool active = W == 1 || key0 <= rowWg0;
 
             var s = new Tile8();
             if (wgmma)
             {
                 // The next tile's V into the other V buffer (its last reader, the P V two tiles back, ended before the
                 // previous tile's last barrier); S; then, once every warp's S is done, the next tile's K into the K
-                // buffer. Both copies run during this tile's elementwise work and P V (cp.async on CUDA).
-                if (tile > 0)
-                    StageCore(vHead, vAddress, vToken, key0 - KeyTile, D, tid, ValueSlots, CoreValueOffset(tile - 1), vectors);
-                IssueScores<TStorage>(ref s, windowBase, 4 * QOffset, 4 * KOffset, D, shared, emu);
-                TakeScores(ref s);
+                // buffer. Both copies run during this tile's elementwise work and P V (cp.async on CUDA). The block's
+                // top tiles after the first (several warpgroups) hold keys that some of its rows do not see: loaded
+                // through registers and sanitized as the first, after this tile's P V. (Eleventh session: a second K
+                // buffer, so that K is copied with V before S and the barrier after S goes, measured slower with two
+                // warpgroups: 4.196 against 4.062 ms at T = 8192.)
+                bool nextTop = W > 1 && key0 - KeyTile >= row0;
+                bool copyNext = tile > 0 && !nextTop && wg == 0;
+                if (copyNext)
+                    StageCore(vHead, vAddress, vToken, key0 - KeyTile, D, lt, ValueSlots, CoreValueOffset(tile - 1), vectors);
+                if (active)
+                {
+                    IssueScores<TStorage>(ref s, windowBase, 4 * QueryOffset(wg), 4 * KOffset, D, shared, emu);
+                    TakeScores(ref s);
+                }
                 if (tile > 0)
                 {
                     Group.Barrier();
-                    StageCore(kHead, kAddress, kToken, key0 - KeyTile, D, tid, KeyRows, KOffset, vectors);
-                    CommitCopies();
+                    if (copyNext)
+                    {
+                        StageCore(kHead, kAddress, kToken, key0 - KeyTile, D, lt, KeyRows, KOffset, vectors);
+                        CommitCopies();
+                    }
                 }
             }
             else
                 AllScores<TStorage>(ref s, vectors.SubView(qAt), vectors.SubView(kAt + buffer / 4), wide, shared, emu);
 
             int firstKey = key0 + 16 * t;
-            float accLoBefore = accLo, accHiBefore = accHi, nearerLo, nearerHi;
-            if (diagonal)
-                Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
-            else
-                RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
+            float accLoBefore = accLo, accHiBefore = accHi, nearerLo = 0f, nearerHi = 0f;
+            if (active)
+            {
+                if (diagonal)
+                    Rows(ref s, scale2, limitLo - firstKey, limitHi - firstKey, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
+                else
+                    RowsUnmasked(ref s, scale2, ref accLo, ref accHi, lane, t, out nearerLo, out nearerHi);
+            }
             var p = PackWeights<TStorage>(s, split, out var residuals);
             // Register prefetch: the next tile's K and V pieces are loaded from global memory while this tile's
             // P V runs (they are dead through S and the elementwise work, where registers are scarcest), then
@@ -285,13 +320,25 @@ internal static partial class TensorCoreForwardKernel
                 vPieces = LoadKeyPairs(vHead, vToken, key0 - KeyTile, nextLimit, D, tid);
             }
             if (wgmma)
-                WgmmaOutput<TStorage>(ref o, p, split, residuals, windowBase, 4 * CoreValueOffset(tile), wide, shared, emu);
+            {
+                if (active)
+                    WgmmaOutput<TStorage>(ref o, p, split, residuals, windowBase, 4 * CoreValueOffset(tile), wide, shared, emu);
+            }
             else
                 AccumulateOutput<TStorage>(ref o, p, split, residuals, vectors.SubView(vAt + buffer / 4), wide, shared, emu);
-            Snapshot(a, head, rowLo, tile, t, accLoBefore, nearerLo);
-            Snapshot(a, head, rowHi, tile, t, accHiBefore, nearerHi);
+            if (active)
+            {
+                Snapshot(a, head, rowLo, tile, t, accLoBefore, nearerLo);
+                Snapshot(a, head, rowHi, tile, t, accHiBefore, nearerHi);
+            }
             if (tile > 0 && wgmma)
             {
+                if (W > 1 && key0 - KeyTile >= row0 && wg == 0)
+                {
+                    StagePieces(kHead, kToken, key0 - KeyTile, stageLimit, D, lt, KeyRows, KOffset, vectors, shared, 0u, flag, 0);
+                    StagePieces(vHead, vToken, key0 - KeyTile, stageLimit, D, lt, ValueSlots, CoreValueOffset(tile - 1), vectors,
+                        shared, exponentMask, flag, key0 - KeyTile - row0);
+                }
                 // This thread's copies of the next tile are in; the fence orders them before the tensor cores' reads
                 // and the barrier makes every thread's visible.
                 WaitCopies();
@@ -318,14 +365,19 @@ internal static partial class TensorCoreForwardKernel
 
         if (wgmma)
             TakeOutput(ref o, wide);
+        // A row that sees the block's first non-finite V value (a key of its sanitized top tiles) gets NaN in the columns
+        // that hold one (StoreRow); the flags are relative to row0.
+        int firstBad = row0 + (int)shared[flag];
+        poisonedLo = firstBad < limitLo;
+        poisonedHi = firstBad < limitHi;
         // o in 4-byte words (its start and strides are even numbers of elements).
         var words = a.O.Cast<uint>();
         long oBase = rows.QueryBase(rows.O, head);
         var badKey = shared.SubView(BadKeyOffset(doubleBuffered) + 2 * t);
         if (rowLo < T)
-            StoreRow<TStorage>(o, false, poisonedLo, badKey, limitLo - diagonalKey0, words.SubView(((oBase + rowLo * rows.O.Token) >> 1) + t), wide);
+            StoreRow<TStorage>(o, false, poisonedLo, badKey, limitLo - row0, words.SubView(((oBase + rowLo * rows.O.Token) >> 1) + t), wide);
         if (rowHi < T)
-            StoreRow<TStorage>(o, true, poisonedHi, badKey, limitHi - diagonalKey0, words.SubView(((oBase + rowHi * rows.O.Token) >> 1) + t), wide);
+            StoreRow<TStorage>(o, true, poisonedHi, badKey, limitHi - row0, words.SubView(((oBase + rowHi * rows.O.Token) >> 1) + t), wide);
         if (t == 0)
         {
             long stat = (long)head * T;
@@ -575,6 +627,12 @@ internal interface IForwardPlan
     /// PTX is retargeted to sm_90a, so the plan runs on SM 9.0 devices only (and emulated on the CPU accelerator).
     /// </summary>
     bool Wgmma { get; }
+
+    /// <summary>
+    /// Warpgroups a group (1, or with <see cref="Wgmma"/> 2): each takes 64 query rows of the block, and all share
+    /// the block's K / V tiles, so that a tile staged once serves 64 W rows.
+    /// </summary>
+    int WarpGroups { get; }
 }
 
 /// <summary>
@@ -587,6 +645,20 @@ internal readonly struct WgmmaPlan : IForwardPlan
     public bool Prefetch => false;
     public int MinGroupsPerMultiprocessor => 3;
     public bool Wgmma => true;
+    public int WarpGroups => 1;
+}
+
+/// <summary>
+/// Hopper, two warpgroups a group sharing each K / V tile (128 query rows, 256 threads, one group per SM, up to 255
+/// registers, 87 KB): half the staging per score, 8 warps per SM.
+/// </summary>
+internal readonly struct WgmmaTwoWarpgroupsPlan : IForwardPlan
+{
+    public bool DoubleBuffered => false;
+    public bool Prefetch => false;
+    public int MinGroupsPerMultiprocessor => 1;
+    public bool Wgmma => true;
+    public int WarpGroups => 2;
 }
 
 /// <summary>Two groups per SM, double buffered, register prefetch (255 registers, 92 KB).</summary>
@@ -596,6 +668,7 @@ internal readonly struct TwoGroupsPerSm : IForwardPlan
     public bool Prefetch => true;
     public int MinGroupsPerMultiprocessor => 2;
     public bool Wgmma => false;
+    public int WarpGroups => 1;
 }
 
 /// <summary>Three groups per SM: one buffer pair, register prefetch (168 registers, 54 KB).</summary>
@@ -605,6 +678,7 @@ internal readonly struct ThreeGroupsPerSm : IForwardPlan
     public bool Prefetch => true;
     public int MinGroupsPerMultiprocessor => 3;
     public bool Wgmma => false;
+    public int WarpGroups => 1;
 }
 
 /// <summary>Three groups per SM: one buffer pair, the next tile loaded after this tile's last read (168 registers, 54 KB).</summary>
@@ -614,6 +688,7 @@ internal readonly struct ThreeGroupsPerSmNoPrefetch : IForwardPlan
     public bool Prefetch => false;
     public int MinGroupsPerMultiprocessor => 3;
     public bool Wgmma => false;
+    public int WarpGroups => 1;
 }
 
 /// <summary>Eight 16-byte pieces of a K or V tile, loaded one tile ahead (register prefetch).</summary>
