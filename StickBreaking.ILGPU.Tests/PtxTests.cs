@@ -194,6 +194,7 @@ public sealed class PtxTests
     /// </summary>
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", true, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan))]
     [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaTwoWarpgroupsPlan))]
+    [TestCase(typeof(StickBreaking.ILGPU.Kernels.Common.Bf16Storage), "bf16.bf16", false, typeof(StickBreaking.ILGPU.Kernels.TensorCore.WgmmaPlan))]
     public void TensorCoreForwardWgmmaPlanPtx(Type storage, string type, bool split, Type plan)
     {
         string ptx = CompileForSm90(TensorCoreForward(storage, split, plan));

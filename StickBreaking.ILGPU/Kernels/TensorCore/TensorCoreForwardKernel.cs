@@ -163,9 +163,10 @@ internal static partial class TensorCoreForwardKernel
         int flag = FlagOffset(doubleBuffered);
         int tid = Group.IdxX;
         // Warpgroup wg of the group (W of them: WgmmaTwoWarpgroupsPlan) takes rows 64 wg .. 64 wg + 63 of the block; warp
-        // and lt are within it.
-        int wg = tid >> 7, lt = tid & 127;
-        int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+        // and lt are within it. With one warpgroup these fold to constants and tid (without the folding ptxas 12.4 gave
+        // the one-warpgroup plan 150 more IMAD and a 4-byte spill at 168 registers).
+        int wg = W == 1 ? 0 : tid >> 7, lt = W == 1 ? tid : tid & 127;
+        int warp = W == 1 ? tid >> 5 : (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
         // Groups in launch order (x fastest) take (head, row block) in chunks of HeadChunk heads, heaviest row block first
         // within a chunk: the groups that run at the same time read a few heads' K and V, which stay in L2.
         int linear = Grid.IdxY * Grid.DimX + Grid.IdxX;
