@@ -52,7 +52,7 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// walks the tiles from its own diagonal one down; both read every K / V tile the first stages, so a tile staged once
 /// serves 128 rows (half the bytes a score). The block's top two tiles hold keys that some of its rows do not see: they
 /// are loaded through registers and sanitized, and the first-bad-key flags are relative to the block's first row.
-/// 256 threads, 246 registers (ptxas 12.4: 249, no spill), 87 KB, one group per SM. Eleventh session, bf16 B=4 H=12
+/// 256 threads, 246 registers (the driver; ptxas 12.4: 254, no spill), 87 KB, one group per SM. Eleventh session, bf16 B=4 H=12
 /// D=128, forward alone, one call: 1.169 / 4.062 / 15.39 ms against one warpgroup's 1.303 / 4.697 / 18.14 at T = 4096 /
 /// 8192 / 16384; at T = 1024 0.169 against 0.147, at D = 64 (H=16, T=4096) 1.147 against 0.958. Tried, not kept: three
 /// warpgroups (384 threads, 168 registers, 128 bytes of spill: 1.538 / 4.937 / 18.23 ms), a second K buffer so that K
