@@ -45,7 +45,10 @@ namespace StickBreaking.ILGPU.Kernels.TensorCore;
 /// TensorCoreForwardKernel.Wgmma.cs; tenth session, bf16 B=4: 1.280 ms against this plan's 1.415 at H=12 D=128
 /// T=4096, 0.901 against 1.204 at H=16 D=64). A Hopper plan that issued the next tile's S before this tile's
 /// elementwise work (two buffer pairs, two groups per SM) measured slower (1.573 ms against 1.338 for the same code
-/// at three groups per SM) and is not kept (branch <c>next/wgmma-async</c>).
+/// at three groups per SM) and is not kept (branch <c>next/wgmma-async</c>). At D = 128 from T = 2048 on it runs
+/// <see cref="WgmmaTwoWarpgroupsPlan"/>: two warpgroups, 128 rows a group, sharing each staged K / V tile
+/// (<see cref="IForwardPlan.WarpGroups"/>; eleventh session: 1.169 / 4.062 / 15.39 ms against 1.303 / 4.697 / 18.14 at
+/// T = 4096 / 8192 / 16384).
 /// </para>
 /// <para>
 /// The elementwise work (docs/math.md, steps 1 to 3) of a thread's two rows g and g + 8 is generated as one
