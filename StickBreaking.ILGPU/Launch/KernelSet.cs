@@ -113,9 +113,9 @@ internal sealed class KernelSet
     /// The Hopper plan with two warpgroups a group (<see cref="WgmmaTwoWarpgroupsPlan"/>: each K / V tile staged once for
     /// 128 query rows, one group per SM) serves D = 128 from <see cref="TwoWarpgroupsFromLength"/> on, the one with one
     /// warpgroup (<see cref="WgmmaPlan"/>: three groups per SM) the rest. Eleventh session, bf16 forward alone, B=4 H=12
-    /// D=128, one call: T = 1024 0.169 ms with two against 0.147 with one (a shorter grid fills the SMs worse); T = 4096,
-    /// 8192, 16384 1.169, 4.062, 15.39 against 1.303, 4.697, 18.14; B=4 H=16 D=64 T=4096 1.147 against 0.958
-    /// (docs/performance.md).
+    /// D=128, one call: T = 1024 0.169 ms with two against 0.147 with one (fewer, larger groups; presumably a worse fill
+    /// of the SMs, not measured apart); T = 4096, 8192, 16384 1.169, 4.062, 15.39 against 1.303, 4.697, 18.14; B=4 H=16
+    /// D=64 T=4096 1.147 against 0.958. T = 2048 (another call): 0.391 with two against 0.387 (docs/performance.md).
     /// </summary>
     public KernelLaunch<TensorCoreForwardArgs>? TensorCoreForward16(int headDim, int length, bool bf16, bool exact = false) =>
         headDim > 64 && length >= TwoWarpgroupsFromLength
