@@ -100,14 +100,6 @@ internal static class DecodeRing
         }
     }
 
-    /// <summary>Closes this lane's copies since the last call into one group (CUDA; an empty group is allowed).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void Commit()
-    {
-        if (CudaAsm.IsSupported)
-            CudaAsm.Emit("cp.async.commit_group;");
-    }
-
     /// <summary>Waits until at most <see cref="Stages"/> - 1 of this lane's newest groups are still on their way (CUDA).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void WaitForOldest()

@@ -126,7 +126,7 @@ internal static partial class DecodeWarpKernel
             {
                 if (hi - s * Steps > lo)
                     DecodeRing.Fill(ring, a.K.Cast<ushort>(), a.V.Cast<ushort>(), a.KeyAddress, a.ValueAddress, kBase, hi - s * Steps, lo, s, lane, D);
-                DecodeRing.Commit();
+                TensorCoreOps.CommitCopies();
             }
         }
         for (int roundEnd = hi; roundEnd > lo; roundEnd -= Steps)
@@ -137,7 +137,7 @@ internal static partial class DecodeWarpKernel
                 int fillEnd = roundEnd - (DecodeRing.Stages - 1) * Steps;
                 if (fillEnd > lo)
                     DecodeRing.Fill(ring, a.K.Cast<ushort>(), a.V.Cast<ushort>(), a.KeyAddress, a.ValueAddress, kBase, fillEnd, lo, fillStage, lane, D);
-                DecodeRing.Commit();
+                TensorCoreOps.CommitCopies();
                 DecodeRing.WaitForOldest();
                 Group.Barrier();                       // every lane's copies of this round are in the ring
                 round = DecodeRing.ReadKeys(round, ring, stage, roundEnd, lo, lane, D);
