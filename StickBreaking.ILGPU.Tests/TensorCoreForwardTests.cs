@@ -85,15 +85,21 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
         });
     }
 
-    /// <summary>A non-finite value in a diagonal tile reaches exactly the rows that see it with the Hopper plan too.</summary>
-    [TestCase(true, false, 5)]
-    [TestCase(false, true, 70)]
-    public void WgmmaPlanNonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
+    /// <summary>
+    /// A non-finite value in a diagonal tile reaches exactly the rows that see it with the Hopper plans too; with two
+    /// warpgroups a group, in either warpgroup's diagonal tile (key 70: the second's; key 30: the first's, a full tile for
+    /// the second).
+    /// </summary>
+    [TestCase(true, false, 5, typeof(WgmmaPlan))]
+    [TestCase(false, true, 70, typeof(WgmmaPlan))]
+    [TestCase(true, false, 70, typeof(WgmmaTwoWarpgroupsPlan))]
+    [TestCase(false, true, 30, typeof(WgmmaTwoWarpgroupsPlan))]
+    public void WgmmaPlansNonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey, Type plan)
     {
         RequireWgmma();
         if (Backend == Backends.Cpu && badKey != 70)
-            Assert.Ignore("CUDA only but for the key-70 case (CI time)");
-        NonFiniteValue(bf16, attendCurrent, badKey, typeof(WgmmaPlan));
+            Assert.Ignore("CUDA only but for the key-70 cases (CI time)");
+        NonFiniteValue(bf16, attendCurrent, badKey, plan);
     }
 
     /// <summary>
@@ -123,17 +129,6 @@ public sealed class TensorCoreForwardTests(string backend) : TensorCoreFixture(b
             Assert.That(two.LogRem, Is.EqualTo(one.LogRem), "LogRem");
             Assert.That(two.Snapshots, Is.EqualTo(one.Snapshots), "snapshots");
         });
-    }
-
-    /// <summary>A non-finite value in the block's top tiles (key 70: the second warpgroup's diagonal tile; key 30: the first's, a full tile for the second) reaches exactly the rows that see it with two warpgroups a group.</summary>
-    [TestCase(true, false, 70)]
-    [TestCase(false, true, 30)]
-    public void WgmmaTwoWarpgroupsPlanNonFiniteValueReachesOnlyTheRowsThatSeeIt(bool bf16, bool attendCurrent, int badKey)
-    {
-        RequireWgmma();
-        if (Backend == Backends.Cpu && badKey != 70)
-            Assert.Ignore("CUDA only but for the key-70 case (CI time)");
-        NonFiniteValue(bf16, attendCurrent, badKey, typeof(WgmmaTwoWarpgroupsPlan));
     }
 
     /// <summary>The Hopper plan runs on the CPU accelerator (emulated) and on SM 9.0 CUDA devices; elsewhere an ignore with the reason.</summary>

@@ -219,7 +219,6 @@ internal static partial class TensorCoreForwardKernel
         if (tid < MaxHeadDim)
             shared[BadKeyOffset(doubleBuffered) + tid] = (uint)(BlockRows * W);
         uint exponentMask = default(TStorage).IsBFloat16 ? 0x7F80_7F80u : 0x7C00_7C00u;
-        bool poisonedLo, poisonedHi;
 
         // Row i sees keys j < i (j <= i when attending to the current token); a row past T sees none.
         int limitLo = rowLo < T ? rowLo + a.AttendCurrent : 0;
@@ -270,6 +269,8 @@ internal static partial class TensorCoreForwardKernel
             bool diagonal = key0 == rowWg0;              // this warpgroup's first tile
             // A warpgroup works on the tiles from its diagonal one down (with one warpgroup, every tile walked).
             bool active = W == 1 || key0 <= rowWg0;
+            // The next tile is one of the block's top tiles (several warpgroups): staged through registers, sanitized.
+            bool nextTop = W > 1 && key0 - KeyTile >= row0;
 
             var s = new Tile8();
             if (wgmma)
@@ -281,7 +282,6 @@ internal static partial class TensorCoreForwardKernel
                 // through registers and sanitized as the first, after this tile's P V. (Eleventh session: a second K
                 // buffer, so that K is copied with V before S and the barrier after S goes, measured slower with two
                 // warpgroups: 4.196 against 4.062 ms at T = 8192.)
-                bool nextTop = W > 1 && key0 - KeyTile >= row0;
                 bool copyNext = tile > 0 && !nextTop && wg == 0;
                 if (copyNext)
                     StageCore(vHead, vAddress, vToken, key0 - KeyTile, D, lt, ValueSlots, CoreValueOffset(tile - 1), vectors);
@@ -337,7 +337,7 @@ internal static partial class TensorCoreForwardKernel
             }
             if (tile > 0 && wgmma)
             {
-                if (W > 1 && key0 - KeyTile >= row0 && wg == 0)
+                if (nextTop && wg == 0)
                 {
                     StagePieces(kHead, kToken, key0 - KeyTile, stageLimit, D, lt, KeyRows, KOffset, vectors, shared, 0u, flag, 0);
                     StagePieces(vHead, vToken, key0 - KeyTile, stageLimit, D, lt, ValueSlots, CoreValueOffset(tile - 1), vectors,
@@ -372,8 +372,7 @@ internal static partial class TensorCoreForwardKernel
         // A row that sees the block's first non-finite V value (a key of its sanitized top tiles) gets NaN in the columns
         // that hold one (StoreRow); the flags are relative to row0.
         int firstBad = row0 + (int)shared[flag];
-        poisonedLo = firstBad < limitLo;
-        poisonedHi = firstBad < limitHi;
+        bool poisonedLo = firstBad < limitLo, poisonedHi = firstBad < limitHi;
         // o in 4-byte words (its start and strides are even numbers of elements).
         var words = a.O.Cast<uint>();
         long oBase = rows.QueryBase(rows.O, head);
